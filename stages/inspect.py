@@ -1,0 +1,99 @@
+"""``surpipe inspect STORE``: describe a feature store.
+
+    surpipe inspect runs/sample.zarr
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class InspectConfig:
+    store: str
+    json: bool = False
+
+
+def describe(store) -> dict:
+    """A JSON-ready description of ``store``: groups, arrays, completion and provenance."""
+    from surpipe.store import describe_codecs
+
+    root = store.root
+    out = {
+        "path": str(store.path),
+        "format": root.attrs.get("surpipe_format"),
+        "num_samples": store.num_samples,
+        "block_rows": store.block_rows,
+        "num_blocks": store.num_blocks,
+        "dataset_fingerprint": store.fingerprint,
+        "dataset_source": root.attrs.get("dataset_source"),
+        "groups": [],
+    }
+    for path in store.group_paths():
+        g = store.group(path)
+        arrays = []
+        for name in g.array_names:
+            a = g.array(name)
+            nbytes = int(a.nbytes_stored()) if hasattr(a, "nbytes_stored") else None
+            arrays.append({
+                "name": name, "shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
+                "codecs": describe_codecs(a), "bytes_stored": nbytes,
+                "ratio": round(a.nbytes / nbytes, 3) if nbytes else None,
+            })
+        mask = g.done_mask()
+        out["groups"].append({
+            "path": path,
+            "complete_blocks": int(mask.sum()),
+            "num_blocks": int(mask.size),
+            "incomplete_blocks": np.flatnonzero(~mask).tolist()[:50],
+            "settings": g.settings,
+            "provenance": g.attrs.get("provenance", {}),
+            "arrays": arrays,
+        })
+    return out
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def run(cfg: InspectConfig) -> dict:
+    from surpipe.store import FeatureStore
+
+    store = FeatureStore(cfg.store)
+    info = describe(store)
+    if cfg.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return info
+    print(f"store {info['path']}  (surpipe format {info['format']})")
+    print(f"  samples {info['num_samples']}  in {info['num_blocks']} blocks of {info['block_rows']} rows")
+    print(f"  dataset {info['dataset_source']}  fingerprint {info['dataset_fingerprint'][:16]}")
+    if not info["groups"]:
+        print("  no feature groups yet")
+    for g in info["groups"]:
+        state = "complete" if g["complete_blocks"] == g["num_blocks"] else "INCOMPLETE"
+        print(f"\n  {g['path']}: {g['complete_blocks']}/{g['num_blocks']} blocks done ({state})")
+        if g["incomplete_blocks"] and state != "complete":
+            print(f"    pending blocks: {g['incomplete_blocks']}")
+        for k, v in g["settings"].items():
+            print(f"    {k}: {json.dumps(v, ensure_ascii=False, default=str)}")
+        for a in g["arrays"]:
+            ratio = f"x{a['ratio']}" if a["ratio"] else ""
+            print(f"    - {a['name']:<24} {str(tuple(a['shape'])):<20} {a['dtype']:<8} chunks {tuple(a['chunks'])} "
+                  f"{a['codecs']} {_fmt_bytes(a['bytes_stored'])} {ratio}")
+        prov = g["provenance"]
+        if prov:
+            libs = prov.get("library_versions", {})
+            other = {k: v for k, v in prov.items() if k != "library_versions"}
+            for k, v in other.items():
+                print(f"    provenance {k}: {json.dumps(v, ensure_ascii=False, default=str)}")
+            print("    libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items()))
+    return info

@@ -1,0 +1,135 @@
+"""Typed configs: dataclasses that load from and save to JSON, with validation that reports
+every problem at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from surpipe.errors import SurpipeError
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a (nested) config dataclass."""
+
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return conv(cfg)
+
+
+def _coerce(tp, value, where: str, problems: list[str]):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            sub: list[str] = []
+            out = _coerce(a, value, where, sub)
+            if not sub:
+                return out
+        problems.append(f"{where}: {value!r} is not a valid {tp}")
+        return value
+    if origin is typing.Literal:
+        if value not in args:
+            problems.append(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return value
+        return _from_dict(tp, value, where, problems)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Path or tp is str and isinstance(value, Path):
+        return str(value) if tp is str else Path(value)
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        problems.append(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, where: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    for k in unknown:
+        problems.append(f"{where + '.' if where else ''}{k}: unknown option (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where + '.' if where else ''}{f.name}", problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where + '.' if where else ''}{f.name}: required option missing")
+    if problems:
+        return None
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Build config ``cls`` from a dict; raises SurpipeError listing every problem."""
+    problems: list[str] = []
+    cfg = _from_dict(cls, data, "", problems)
+    if problems:
+        raise SurpipeError(f"invalid {cls.__name__}:", problems)
+    return cfg
+
+
+def load(cls: type[T], path: str | os.PathLike, overrides: dict | None = None) -> T:
+    """Load config ``cls`` from a JSON file, then apply ``overrides`` (non-None values)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SurpipeError(f"config file not found: {p}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurpipeError(f"config file {p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SurpipeError(f"config file {p} must hold a JSON object")
+    data.pop("_surpipe", None)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    return from_dict(cls, data)
+
+
+def save(cfg: Any, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``cfg`` as JSON (atomically), so the same run can be repeated from the file."""
+    from surpipe import __version__
+
+    data = to_dict(cfg)
+    data["_surpipe"] = {"version": __version__, "config": type(cfg).__name__, **(extra or {})}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
