@@ -1,0 +1,170 @@
+"""Shared machinery of the stage-one commands (extract-llm, encode-latents): data-parallel ranks,
+a lock per writer, resumable block loops with a progress bar.
+
+Launchers (``torchrun``, ``accelerate launch``) set RANK / WORLD_SIZE / LOCAL_RANK; each rank then
+writes only the blocks b with b % world_size == rank, so no two processes share a chunk file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from surpipe.errors import SurpipeError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a data-parallel job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistEnv:
+    """Read the launcher's environment (torchrun / accelerate launch); single process otherwise."""
+
+    def _int(name, default):
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            raise SurpipeError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+    env = DistEnv(_int("RANK", 0), _int("WORLD_SIZE", 1), _int("LOCAL_RANK", 0))
+    if not 0 <= env.rank < env.world_size:
+        raise SurpipeError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}")
+    return env
+
+
+def init_distributed(env: DistEnv, device: str = "cpu") -> None:
+    """Join the launcher's process group (gloo on CPU, nccl on CUDA) when there is more than one rank."""
+    if env.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def resolve_device(device: str, env: DistEnv) -> str:
+    """``auto`` -> this rank's GPU when CUDA is available, else CPU; explicit names pass through."""
+    import torch
+
+    if device == "auto":
+        return f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SurpipeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+@contextlib.contextmanager
+def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
+    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused."""
+    lock_dir = Path(store_path) / ".locks"
+    lock_dir.mkdir(exist_ok=True)
+    lock_file = lock_dir / f"{group_path.replace('/', '__')}.rank{rank}.lock"
+    fh = open(lock_file, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise SurpipeError(
+                f"group {group_path} of store {store_path} is being written by {holder}; "
+                "wait for it to finish (or stop it) before starting another job on this group"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+@dataclass
+class BlockJobResult:
+    group_path: str
+    blocks_done_now: int
+    rows_done_now: int
+    already_complete: bool
+    seconds: float
+    extra: dict
+
+
+def run_block_job(
+    *,
+    store,
+    kind: str,
+    name: str,
+    settings: Mapping[str, Any],
+    arrays: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    overwrite: bool,
+    env: DistEnv,
+    compute_block: Callable[[int, int], Mapping[str, np.ndarray]],
+    unit: str = "row",
+    desc: str = "",
+    stats: Callable[[], Mapping[str, float]] | None = None,
+    progress: bool = True,
+) -> BlockJobResult:
+    """Compute and write every pending block this rank owns, resumably.
+
+    Rank 0 creates (or checks) the group while the others wait; then each rank computes its own
+    blocks with ``compute_block(start, stop) -> {array: values}`` and writes them whole. A group
+    that is already complete is left untouched. ``stats()`` may return running counters (e.g.
+    tokens) shown in the progress bar as rates.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if env.is_main:
+        group = store.require_group(kind, name, settings, arrays, provenance=provenance, overwrite=overwrite)
+    barrier(env)
+    if not env.is_main:
+        group = store.require_group(kind, name, settings, arrays, provenance=provenance, overwrite=False)
+    if group.is_complete():
+        return BlockJobResult(group.path, 0, 0, True, time.perf_counter() - t0, {})
+
+    with writer_lock(store.path, group.path, env.rank):
+        blocks = group.pending_blocks(env.rank, env.world_size)
+        total_rows = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in blocks)
+        done_rows = 0
+        bar = tqdm(total=total_rows, unit=unit, unit_scale=False, dynamic_ncols=True,
+                   desc=desc + (f" [rank {env.rank}/{env.world_size}]" if env.world_size > 1 else ""),
+                   disable=not progress)
+        t_compute = time.perf_counter()
+        for b in blocks:
+            start, stop = store.block_range(b)
+            group.write_block(b, compute_block(start, stop))
+            done_rows += stop - start
+            bar.update(stop - start)
+            if stats is not None:
+                el = max(time.perf_counter() - t_compute, 1e-9)
+                bar.set_postfix({k: f"{v / el:.1f}/s" for k, v in stats().items()}, refresh=False)
+        bar.close()
+    barrier(env)
+    return BlockJobResult(group.path, len(blocks), done_rows, False, time.perf_counter() - t0,
+                          dict(stats()) if stats else {})
