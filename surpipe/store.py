@@ -126,12 +126,14 @@ class FeatureGroup:
         return bool(self.done_mask().all())
 
     def pending_blocks(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Blocks not yet done that belong to ``rank``: round-robin over the pending ones.
+        """Blocks not yet done that belong to ``rank`` (block b belongs to rank b % world_size).
 
-        Ownership is decided from the pending list, so a resumed job may use another world size.
+        Ownership depends on the block index alone, never on timing, so ranks that list their
+        blocks at different moments still get disjoint sets; a resumed job may use another
+        world size.
         """
         pending = np.flatnonzero(~self.done_mask()).tolist()
-        return pending[rank::world_size]
+        return [b for b in pending if b % world_size == rank]
 
     def write_block(self, block: int, values: Mapping[str, np.ndarray]) -> None:
         """Write every array's rows of ``block`` (one chunk each), then mark the block done."""
