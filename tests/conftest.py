@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +18,46 @@ def tiny_models(tmp_path_factory) -> Path:
     from surpipe.tiny import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny_models") / "models", seed=0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sample_dir() -> Path:
+    """The bundled SURD-format sample (data/sample, made by data/make_sample.py)."""
+    return REPO / "data" / "sample"
+
+
+def png_bytes(size=(8, 8), color=(10, 200, 30), mode="RGB", fmt="PNG") -> bytes:
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new(mode, size, color).save(b, fmt)
+    return b.getvalue()
+
+
+@pytest.fixture
+def make_surd(tmp_path):
+    """make_surd(lines, files) -> a SURD imagefolder. ``lines``: dicts (written as JSON lines) or
+    raw str/bytes lines; ``files``: {relative path: bytes}. Returns the folder's Path."""
+    counter = {"n": 0}
+
+    def make(lines, files=None, name=None) -> Path:
+        counter["n"] += 1
+        root = tmp_path / (name or f"surd{counter['n']}")
+        root.mkdir(parents=True)
+        for rel, data in (files or {}).items():
+            p = root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        out = bytearray()
+        for ln in lines:
+            if isinstance(ln, dict):
+                ln = json.dumps(ln, ensure_ascii=False)
+            out += ln if isinstance(ln, bytes) else ln.encode("utf-8")
+            out += b"\n"
+        (root / "metadata.jsonl").write_bytes(bytes(out))
+        return root
+
+    return make

@@ -1,0 +1,29 @@
+"""SURD data: read an imagefolder or webdataset shards (:func:`open_dataset`), write shards.
+
+``Sample.simple`` is metadata ``text`` (the SIMPLE prompt); ``Sample.complex`` is metadata
+``prompt`` (the COMPLEX prompt).
+"""
+
+from surpipe.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb, to_rgb
+from surpipe.data.surd import Sample, ScanReport, SurdDataset, base_key, open_dataset
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "Sample",
+    "ScanReport",
+    "SurdDataset",
+    "base_key",
+    "decode_rgb",
+    "open_dataset",
+    "to_rgb",
+    "write_shards",
+]
+
+
+def __getattr__(name: str):
+    if name == "write_shards":  # imports webdataset, which is slower; only pack needs it
+        from surpipe.data.shards import write_shards
+
+        return write_shards
+    raise AttributeError(f"module 'surpipe.data' has no attribute {name!r}")
