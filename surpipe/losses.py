@@ -1,0 +1,232 @@
+"""SUR-adapter losses: the two KL alignment terms, the LLM projection, and the denoising loss.
+
+Authors' definitions (method notes), reproduced exactly:
+
+- ``D(x, y) = KL(softmax(y) || softmax(x))`` over the last (feature) dimension, computed as
+  ``F.kl_div(log_softmax(x), softmax(y), reduction="batchmean")``. torch's ``batchmean`` divides
+  the total sum by ``x.size(0)`` only: for [B, L, D] inputs the value is the sum of the per-token
+  KL divergences over all L tokens, divided by B (not by B * L). We keep that scale because the
+  authors' loss weights (1e-5) were tuned with it.
+- ``llm_loss = D(LLMResize(v_llm) broadcast to [B, 1, D], e)`` (``e``: the encoder output).
+- ``prompt_loss = D(CLIP(complex prompt), out)``. Note the order: the adapter output is the
+  *target* distribution ``softmax(out)``; gradients flow into it (``F.kl_div`` differentiates its
+  target).
+- ``total = denoise + llm_weight * llm_loss + prompt_weight * prompt_loss``.
+
+Half-precision inputs are upcast to float32 inside these losses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surpipe.errors import SurpipeError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# --------------------------------------------------------------------------- KL alignment
+def kl_align(x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The authors' ``D(x, y) = KL(softmax(y / T) || softmax(x / T))`` over the last dim.
+
+    ``F.kl_div(log_softmax(x / T), softmax(y / T), reduction="batchmean")``: the sum over every
+    element divided by ``x.size(0)`` (for [B, L, D]: summed over tokens, averaged over the batch).
+    ``temperature`` only divides the logits (no ``T**2`` rescaling); the authors used T = 1.
+    ``x`` and ``y`` must have the same shape (broadcast them first).
+    """
+    if temperature <= 0:
+        raise SurpipeError(f"temperature must be positive, got {temperature}")
+    if x.shape != y.shape:
+        raise ValueError(f"kl_align: shapes differ: {list(x.shape)} vs {list(y.shape)}")
+    x, y = _up(x), _up(y)
+    if temperature != 1.0:
+        x, y = x / temperature, y / temperature
+    return F.kl_div(F.log_softmax(x, dim=-1), F.softmax(y, dim=-1), reduction="batchmean")
+
+
+def llm_loss(projected_llm: torch.Tensor, e: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``D(projected_llm[:, None, :] broadcast to e's shape, e)``.
+
+    ``projected_llm``: [B, D] (``LLMProjection`` of the pooled LLM feature); ``e``: [B, L, D].
+    """
+    if projected_llm.dim() == 2:
+        projected_llm = projected_llm.unsqueeze(1)
+    if projected_llm.dim() != 3 or projected_llm.shape[0] != e.shape[0] or projected_llm.shape[-1] != e.shape[-1]:
+        raise ValueError(f"llm_loss: projection {list(projected_llm.shape)} does not fit e {list(e.shape)}")
+    return kl_align(projected_llm.expand_as(e), e, temperature)
+
+
+def prompt_loss(clip_complex: torch.Tensor, out: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``D(clip_complex, out)`` = KL(softmax(out) || softmax(clip_complex)), as the authors wrote it."""
+    return kl_align(clip_complex.to(out.device), out, temperature)
+
+
+# --------------------------------------------------------------------------- LLM projection
+class LLMProjection(nn.Module):
+    """The authors' ``LLMResize``: ``Linear(llm_size, width)`` applied to the pooled LLM feature.
+
+    Theirs was randomly initialised, frozen, never seeded and never saved. Here the weights come
+    from an explicit ``seed`` (a CPU ``torch.Generator``, so identical on every machine), with
+    torch's default ``nn.Linear`` distribution (U(-1/sqrt(llm_size), 1/sqrt(llm_size)) for weight and
+    bias); frozen unless ``learnable``; stored with :meth:`save` / :meth:`load`.
+    """
+
+    def __init__(self, llm_size: int, width: int, seed: int = 0, learnable: bool = False):
+        super().__init__()
+        if llm_size <= 0 or width <= 0:
+            raise SurpipeError(f"LLMProjection sizes must be positive, got llm_size={llm_size}, width={width}")
+        self.llm_size, self.width, self.seed, self.learnable = int(llm_size), int(width), int(seed), bool(learnable)
+        self.linear = nn.Linear(llm_size, width)
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        bound = 1.0 / llm_size ** 0.5
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.rand(width, llm_size, generator=g) * (2 * bound) - bound)
+            self.linear.bias.copy_(torch.rand(width, generator=g) * (2 * bound) - bound)
+        self.requires_grad_(self.learnable)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """[B, llm_size] -> [B, width] (input cast to the weights' dtype)."""
+        if v.shape[-1] != self.llm_size:
+            raise SurpipeError(f"LLM features have size {v.shape[-1]}, the projection expects {self.llm_size}")
+        return self.linear(v.to(self.linear.weight.dtype))
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the weights and settings to a safetensors file (atomically)."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        meta = {"class": "LLMProjection", "llm_size": str(self.llm_size), "width": str(self.width),
+                "seed": str(self.seed), "learnable": str(int(self.learnable))}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], learnable: Optional[bool] = None) -> "LLMProjection":
+        """Read a file written by :meth:`save` (``learnable`` overrides the stored flag)."""
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise SurpipeError(f"LLM projection file not found: {p}")
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            llm_size, width = int(meta["llm_size"]), int(meta["width"])
+            seed, stored_learnable = int(meta.get("seed", 0)), bool(int(meta.get("learnable", 0)))
+        except SurpipeError:
+            raise
+        except Exception as e:
+            raise SurpipeError(f"{p} is not an LLM projection file: {e}") from None
+        proj = cls(llm_size, width, seed=seed, learnable=stored_learnable if learnable is None else learnable)
+        expected = proj.state_dict()
+        problems = [f"missing key: {k}" for k in expected if k not in tensors]
+        problems += [f"unexpected key: {k}" for k in tensors if k not in expected]
+        problems += [f"shape mismatch for {k}: file has {list(v.shape)}, expected {list(expected[k].shape)}"
+                     for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+        if problems:
+            raise SurpipeError(f"{p} does not hold a valid LLM projection:", problems)
+        proj.load_state_dict(tensors, strict=True)
+        return proj
+
+
+# --------------------------------------------------------------------------- denoising
+def _prediction_type(scheduler: Any, prediction_type: Optional[str]) -> str:
+    if prediction_type is None:
+        cfg = getattr(scheduler, "config", scheduler)
+        prediction_type = cfg.get("prediction_type", "epsilon") if hasattr(cfg, "get") else \
+            getattr(cfg, "prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise SurpipeError(f"unsupported prediction_type {prediction_type!r} "
+                           f"(valid: {', '.join(PREDICTION_TYPES)})")
+    return prediction_type
+
+
+def _as_scheduler(scheduler: Any):
+    """A scheduler object; a scheduler config (dict / FrozenDict) becomes a ``DDPMScheduler``."""
+    if hasattr(scheduler, "alphas_cumprod"):
+        return scheduler
+    if isinstance(scheduler, dict):
+        from diffusers import DDPMScheduler
+
+        # diffusers resets keys listed in "_use_default_values" to defaults: drop that list.
+        return DDPMScheduler.from_config({k: v for k, v in scheduler.items() if k != "_use_default_values"})
+    raise SurpipeError(f"expected a diffusers noise scheduler or its config, got {type(scheduler).__name__}")
+
+
+def denoise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   prediction_type: Optional[str] = None) -> torch.Tensor:
+    """The UNet's regression target: ``noise`` (epsilon) or the velocity (v_prediction).
+
+    ``scheduler``: a diffusers noise scheduler or its config; ``prediction_type`` overrides its
+    ``config.prediction_type``. Velocity = sqrt(acp_t) * noise - sqrt(1 - acp_t) * latents.
+    """
+    kind = _prediction_type(scheduler, prediction_type)
+    if kind == "epsilon":
+        return noise
+    return _as_scheduler(scheduler).get_velocity(latents, noise, timesteps)
+
+
+def snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR_t = acp_t / (1 - acp_t), computed in float64 (returned float64 on CPU)."""
+    acp = _as_scheduler(scheduler).alphas_cumprod.detach().cpu().double()
+    a = acp[timesteps.detach().cpu().long()]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: Optional[str] = None) -> torch.Tensor:
+    """Min-SNR-gamma per-sample weights: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v).
+
+    Where SNR = 0 (zero-terminal-SNR schedules) the epsilon weight is its limit, 1.
+    Returned float32 on ``timesteps.device``.
+    """
+    if gamma is None or gamma <= 0:
+        raise SurpipeError(f"min-SNR gamma must be positive, got {gamma}")
+    kind = _prediction_type(scheduler, prediction_type)
+    s = snr(scheduler, timesteps)
+    clipped = torch.clamp(s, max=float(gamma))
+    if kind == "epsilon":
+        w = torch.where(s > 0, clipped / torch.where(s > 0, s, torch.ones_like(s)), torch.ones_like(s))
+    else:
+        w = clipped / (s + 1.0)
+    return w.to(device=timesteps.device, dtype=torch.float32)
+
+
+def denoise_loss(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample MSE (mean over all non-batch dims, float32), times ``weights`` [B], then mean."""
+    if pred.shape != target.shape:
+        raise ValueError(f"denoise_loss: shapes differ: {list(pred.shape)} vs {list(target.shape)}")
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    if weights is not None:
+        per = per * weights.to(per.device, per.dtype)
+    return per.mean()
+
+
+def apply_noise_offset(noise: torch.Tensor, offset: float,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``noise + offset * N(0, 1)`` of shape [B, C, 1, 1] (one shift per sample and channel).
+
+    ``offset == 0`` returns ``noise`` unchanged and draws nothing from ``generator``.
+    """
+    if not offset:
+        return noise
+    b, c = noise.shape[:2]
+    shape = (b, c) + (1,) * (noise.dim() - 2)
+    dev = generator.device if generator is not None else noise.device
+    extra = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    return noise + float(offset) * extra.to(device=noise.device, dtype=noise.dtype)
