@@ -92,24 +92,93 @@ def encode_latents(
     data: Optional[str] = typer.Option(None, help="SURD imagefolder, folder of .tar shards, or brace pattern."),
     store: Optional[Path] = typer.Option(None, help="Feature store (Zarr) to create or extend."),
     model: Optional[str] = typer.Option(None, help="Stable Diffusion: hub id or local folder."),
-    resolution: Optional[int] = typer.Option(None),
+    resolution: Optional[int] = typer.Option(None, help="Image side in pixels [default: the model's, 512 for SD 1.5]."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    parts: Optional[str] = typer.Option(None, help="What to encode: clip, vae or clip,vae [default: clip,vae]."),
+    name: Optional[str] = typer.Option(None, help="Group name: clip/NAME, vae/NAME-R [default: the model's name]."),
+    vae_name: Optional[str] = typer.Option(None, help="Full VAE group name [default: NAME-RESOLUTION]."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also store the flipped crop's latents [default: no]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per VAE batch [default: 8]."),
+    text_batch_size: Optional[int] = typer.Option(None, help="Prompts per text-encoder batch [default: 64]."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype: float32 | float16 | bfloat16 [default: float32]."),
+    store_dtype: Optional[str] = typer.Option(None, help="Stored dtype: float16 | float32 [default: float16]."),
+    codec: Optional[str] = typer.Option(None, help="zstd | blosc-lz4 | gzip | none [default: zstd]."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:I [default: auto]."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding DataLoader workers [default: 2]."),
+    block_rows: Optional[int] = typer.Option(None, help="Rows per block when creating the store [default: 256]."),
+    check_images: Optional[str] = typer.Option(None, help="auto | full | header | none [default: auto]."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace groups written with other settings."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     config: Optional[Path] = ConfigOpt,
 ):
     """Stage one, SD side: CLIP embeddings of both prompts and VAE latent distributions."""
-    _not_yet(4)
+    _run_stage("encode_latents", "EncodeLatentsConfig", config, data=data, store=store, model=model,
+               resolution=resolution, revision=revision,
+               parts=[p.strip() for p in parts.split(",") if p.strip()] if parts is not None else None,
+               name=name, vae_name=vae_name, flip=flip, batch_size=batch_size, text_batch_size=text_batch_size,
+               dtype=dtype, store_dtype=store_dtype, codec=codec, device=device, workers=workers,
+               block_rows=block_rows, check_images=check_images, overwrite=overwrite, progress=progress)
 
 
-@app.command()
-def train(
-    store: Optional[Path] = typer.Option(None),
-    model: Optional[str] = typer.Option(None, help="Stable Diffusion: hub id or local folder."),
-    llm_layer: Optional[int] = typer.Option(None),
-    out: Optional[Path] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Stage two: train the SUR-adapter from the store (frozen UNet; no LLM, CLIP or VAE encoder)."""
-    _not_yet(5)
+def _config_command(name: str, module: str, cls_name: str, doc: str, list_sep: dict | None = None):
+    """Register a command whose options are generated from the stage's config dataclass.
+
+    Each field becomes ``--field-name`` (booleans ``--x/--no-x``; list fields repeat the option),
+    typed and documented from the dataclass, so the CLI and the saved config never drift apart.
+    Required fields are still checked by the config validation, which lists every problem at once.
+    """
+    import dataclasses
+    import inspect
+    import typing
+
+    mod = importlib.import_module(f"stages.{module}")
+    cls = getattr(mod, cls_name)
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else tp
+        choices = None
+        if typing.get_origin(base) is typing.Literal:
+            choices = typing.get_args(base)
+            base = type(choices[0])
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default_txt = f" (default: {f.default})"
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default_txt = ""
+        else:
+            default_txt = " (required)"
+        help_txt = (f"one of: {' | '.join(map(str, choices))}" if choices else "") + default_txt
+        if base is bool:
+            opt = typer.Option(None, f"{flag}/--no-{f.name.replace('_', '-')}", help=help_txt.strip())
+            ann = Optional[bool]
+        elif typing.get_origin(base) is list:
+            opt = typer.Option(None, flag, help=("repeat for several" + default_txt).strip())
+            ann = Optional[list[str]]
+        else:
+            opt = typer.Option(None, flag, help=help_txt.strip())
+            ann = Optional[base if base in (int, float, str) else str]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=ConfigOpt,
+                                    annotation=Optional[Path]))
+
+    def command(**kwargs):
+        config = kwargs.pop("config")
+        _run_stage(module, cls_name, config, **kwargs)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    command.__name__ = name.replace("-", "_")
+    app.command(name)(command)
+
+
+_config_command(
+    "train", "train", "TrainConfig",
+    "Stage two: train the SUR-adapter from the store (frozen UNet; no LLM, CLIP or VAE encoder).\n\n"
+    "Required: --store, --model, --llm-layer, --out. Rerunning resumes from the latest checkpoint.",
+)
 
 
 @app.command()
@@ -137,9 +206,25 @@ def import_prompt2vec(config: Optional[Path] = ConfigOpt):
 
 
 @app.command("import-official")
-def import_official(config: Optional[Path] = ConfigOpt):
+def import_official(
+    file: Path = typer.Argument(..., help="The authors' released adapter state dict (.pt)."),
+    out: Path = typer.Argument(..., help="Output SURAdapter folder (config.json + model.safetensors)."),
+    adapter_weight: Optional[float] = typer.Option(
+        None, help="Mixing weight the checkpoint was trained with (not stored in it; the authors' "
+        "release names it in its folder name, usually 0.1). Required unless given by --config."),
+    width: Optional[int] = typer.Option(None, help="Expected width D (768 for SD1.x, 1024 for SD2.x); checked."),
+    nhead: Optional[int] = typer.Option(None, help="Attention heads of the encoder (default 8, the authors')."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an existing OUT."),
+    config: Optional[Path] = ConfigOpt,
+):
     """Convert the authors' released adapter .pt into a SURAdapter folder."""
-    _not_yet(6)
+    if adapter_weight is None and config is None:
+        from surpipe.errors import SurpipeError
+
+        raise SurpipeError("--adapter-weight is required: the authors' .pt does not store it "
+                           "(their release names it in the folder name; 0.1 is their default)")
+    _run_stage("import_official", "ImportOfficialConfig", config, file=file, out=out,
+               adapter_weight=adapter_weight, width=width, nhead=nhead, overwrite=overwrite)
 
 
 @app.command()
