@@ -1,0 +1,142 @@
+"""``surpipe run CONFIG``: the whole chain from one config file.
+
+    surpipe run configs/sample.json          # bundled sample, tiny models built offline (~5 min CPU)
+
+make-tiny-models (optional) -> pack -> extract-llm -> encode-latents -> train -> generate --compare
+-> eval. Each step is resumable, so rerunning the same command continues where it stopped and
+skips finished steps. Point ``data``, ``llm_model``, ``sd_model`` and ``clip_model`` at real
+models and the full SURD to run at scale: every stage's options can be set in its section.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from surpipe.errors import SurpipeError
+
+STEPS = ("make_tiny_models", "pack", "extract_llm", "encode_latents", "train", "generate", "eval")
+
+
+@dataclass
+class PipelineConfig:
+    """Paths shared by the steps, plus one section of options per step (the stage's own config
+    keys; the paths the chain wires together are filled in for you)."""
+
+    workdir: str
+    data: str
+    llm_model: Optional[str] = None  # None with tiny_models: the tiny LLaMA built offline
+    sd_model: Optional[str] = None
+    clip_model: Optional[str] = None  # CLIP image-text model for eval
+    tiny_models: bool = False
+    llm_layers: list[int] = field(default_factory=lambda: [1, 3])
+    train_layer: Optional[int] = None  # default: the deepest of llm_layers
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    pack: dict = field(default_factory=dict)
+    extract_llm: dict = field(default_factory=dict)
+    encode_latents: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    generate: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+
+def _stage(module: str, cls_name: str, values: dict):
+    import importlib
+
+    from surpipe.config import from_dict
+
+    mod = importlib.import_module(f"stages.{module}")
+    cfg = from_dict(getattr(mod, cls_name), values)
+    return mod.run(cfg)
+
+
+def _banner(name: str) -> None:
+    print(f"\n=== surpipe run: {name} ===", flush=True)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    from surpipe.config import save
+
+    unknown = [s for s in cfg.steps if s not in STEPS]
+    if unknown:
+        raise SurpipeError(f"unknown steps {unknown}; valid choices: {', '.join(STEPS)}")
+    work = Path(cfg.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    save(cfg, work / "pipeline_config.json")
+    models = work / "models"
+    llm = cfg.llm_model or (str(models / "llm") if cfg.tiny_models else None)
+    sd = cfg.sd_model or (str(models / "sd") if cfg.tiny_models else None)
+    clip = cfg.clip_model or (str(models / "clip") if cfg.tiny_models else None)
+    missing = [n for n, v in (("llm_model", llm), ("sd_model", sd)) if v is None]
+    if "eval" in cfg.steps and clip is None:
+        missing.append("clip_model")
+    if missing:
+        raise SurpipeError("the pipeline config needs " + ", ".join(missing) + " (or tiny_models: true)")
+    shards, store = work / "shards", work / "store.zarr"
+    run_dir, gen_dir, eval_dir = work / "train", work / "generate", work / "eval"
+    layer = cfg.train_layer if cfg.train_layer is not None else max(cfg.llm_layers)
+    timings = {}
+
+    def step(name, fn):
+        if name not in cfg.steps:
+            return
+        _banner(name)
+        t0 = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"--- {name} done in {timings[name]}s", flush=True)
+
+    def tiny():
+        if (models / "llm").is_dir() and (models / "sd").is_dir() and (models / "clip").is_dir():
+            print(f"tiny models already in {models}")
+            return
+        from surpipe.tiny import make_tiny_models
+        from surpipe.tiny_clip import build_tiny_clip
+
+        if not ((models / "llm").is_dir() and (models / "sd").is_dir()):
+            make_tiny_models(models, seed=0, overwrite=True)
+        if not (models / "clip").is_dir():
+            build_tiny_clip(models / "clip", seed=0)
+        print(f"tiny models written to {models}")
+
+    def pack():
+        if (shards / "pack_report.json").is_file():
+            print(f"shards already in {shards}")
+            return
+        _stage("pack", "PackConfig", {"src": cfg.data, "out": str(shards), **cfg.pack})
+
+    if cfg.tiny_models:
+        step("make_tiny_models", tiny)
+    step("pack", pack)
+    data = str(shards) if "pack" in cfg.steps else cfg.data
+    step("extract_llm", lambda: _stage("extract_llm", "ExtractLLMConfig", {
+        "data": data, "store": str(store), "model": llm, "layers": list(cfg.llm_layers), "quant": "4bit",
+        **cfg.extract_llm}))
+    step("encode_latents", lambda: _stage("encode_latents", "EncodeLatentsConfig", {
+        "data": data, "store": str(store), "model": sd, "flip": True, **cfg.encode_latents}))
+    step("train", lambda: _stage("train", "TrainConfig", {
+        "store": str(store), "model": sd, "out": str(run_dir), "llm_layer": layer, **cfg.train}))
+    step("generate", lambda: _stage("generate", "GenerateConfig", {
+        "model": sd, "adapter": str(run_dir), "out": str(gen_dir), "compare": True, **cfg.generate}))
+    step("eval", lambda: _stage("eval", "EvalConfig", {
+        "model": sd, "adapter": str(run_dir), "clip_model": clip, "out": str(eval_dir), **cfg.eval}))
+
+    results = {
+        "grid": sorted(str(p) for p in gen_dir.glob("*grid*.png")),
+        "eval_table": str(eval_dir / "results.md"),
+        "metrics": str(run_dir / "metrics.jsonl"),
+        "loss_curve": str(run_dir / "loss_curve.png"),
+        "adapter": str(run_dir / "adapter"),
+        "store": str(store),
+        "timings_s": timings,
+    }
+    (work / "pipeline_results.json").write_text(json.dumps(results, indent=2))
+    print("\n=== surpipe run: finished ===")
+    for k in ("grid", "eval_table", "metrics", "loss_curve", "adapter", "store"):
+        v = results[k]
+        print(f"  {k:<11} {', '.join(v) if isinstance(v, list) else v}")
+    print(f"  step times  {json.dumps(timings)}")
+    return results
