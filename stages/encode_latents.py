@@ -1,0 +1,432 @@
+"""``surpipe encode-latents``: stage one, Stable Diffusion side.
+
+Writes two feature groups of the store (layout: docs/store-format.md):
+
+* ``clip/<name>``: the CLIP text encoder's last hidden state of the simple AND the complex prompt,
+  [N, 77, D], exactly as ``StableDiffusionPipeline.encode_prompt`` feeds the UNet, plus each
+  prompt's token count before truncation.
+* ``vae/<vae_name>`` (default ``<name>-<resolution>``): the VAE latent distribution (``mean``,
+  ``std``) of each image resized and center-cropped to the resolution; with ``flip`` also of the
+  horizontally flipped crop (``flip_mean``, ``flip_std``).
+
+Each group is written by its own resumable block loop (``surpipe.parallel.run_block_job``, shared
+with extract-llm): data-parallel ranks (torchrun) take disjoint blocks, a rerun computes only the
+blocks not yet done, a group written with other settings is refused unless ``overwrite``.
+Only the tokenizer, the text encoder and the VAE are loaded; never the UNet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+
+from surpipe import config as cfgmod
+from surpipe.errors import SurpipeError
+
+PARTS = ("clip", "vae")
+
+
+@dataclass
+class EncodeLatentsConfig:
+    data: str
+    store: str
+    model: str
+    # Image side in pixels; default: the model's (unet sample_size x VAE downsampling, 512 for SD 1.5).
+    resolution: Optional[int] = None
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # weight file variant, e.g. "fp16" (model.fp16.safetensors)
+    parts: list[str] = field(default_factory=lambda: ["clip", "vae"])
+    # Group names: clip/<name>, vae/<vae_name>; defaults: the model's folder/repo name and <name>-<R>.
+    name: Optional[str] = None
+    vae_name: Optional[str] = None
+    # Also store the distribution of the horizontally flipped crop (training can then random-flip).
+    flip: bool = False
+    batch_size: int = 8  # images per VAE forward
+    text_batch_size: int = 64  # prompts per text-encoder forward
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # compute dtype
+    store_dtype: Literal["float16", "float32"] = "float16"
+    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = "zstd"
+    device: str = "auto"  # auto | cpu | cuda | cuda:i
+    workers: int = 2  # DataLoader worker processes decoding images (0: in the main process)
+    block_rows: Optional[int] = None  # rows per block when the store is created [default: 256]
+    # Image check when opening the dataset: auto = full decode when this run creates the store
+    # (its rows are then fixed: every row must encode later), header check for an existing store.
+    check_images: Literal["auto", "full", "header", "none"] = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _validate(cfg: EncodeLatentsConfig) -> None:
+    problems = []
+    bad = [p for p in cfg.parts if p not in PARTS]
+    if bad or not cfg.parts:
+        problems.append(f"parts: {cfg.parts!r}; choose one or more of {', '.join(PARTS)}")
+    if len(set(cfg.parts)) != len(cfg.parts):
+        problems.append(f"parts: {cfg.parts!r} lists a part twice")
+    for k in ("batch_size", "text_batch_size"):
+        if getattr(cfg, k) < 1:
+            problems.append(f"{k}: must be >= 1, got {getattr(cfg, k)}")
+    if cfg.workers < 0:
+        problems.append(f"workers: must be >= 0, got {cfg.workers}")
+    if cfg.resolution is not None and cfg.resolution < 8:
+        problems.append(f"resolution: must be >= 8, got {cfg.resolution}")
+    if cfg.block_rows is not None and cfg.block_rows < 1:
+        problems.append(f"block_rows: must be >= 1, got {cfg.block_rows}")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        problems.append(f"device: {dev!r}; use auto, cpu, cuda or cuda:<index>")
+    for k in ("name", "vae_name"):
+        v = getattr(cfg, k)
+        if v is not None:
+            from surpipe.sd import sanitize_name
+
+            if v != sanitize_name(v):
+                problems.append(f"{k}: {v!r} is not a valid group name (letters, digits, '.', '_', '-'; "
+                                f"e.g. {sanitize_name(v)!r})")
+    if problems:
+        raise SurpipeError("invalid encode-latents options:", problems)
+
+
+def _log(msg: str, env) -> None:
+    if env.is_main:
+        print(f"surpipe: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- dataset + store
+
+
+def open_store(data: str, store_path: str, block_rows: int | None, check_images: str, progress: bool, env):
+    """Open the dataset and the store made from it (created when absent); returns (dataset, store).
+
+    The row set of a store is fixed when it is created. A new store is made from a dataset opened
+    with a full decode of every image, so every row can be encoded later. An existing store (made by
+    this stage or by extract-llm) is matched with a cheap header check first, then, if the row set
+    differs (a corrupt image only a full decode finds was dropped at creation), with a full decode.
+    """
+    from surpipe.data import open_dataset
+    from surpipe.store import DEFAULT_BLOCK_ROWS, FeatureStore
+
+    exists = Path(store_path, "zarr.json").is_file()
+    if check_images == "auto":
+        ladder = ["header", "full"] if exists else ["full"]
+    else:
+        ladder = [check_images]
+    last_err = None
+    for level in ladder:
+        ds = open_dataset(data, strict=False, check_images=level, progress=progress and env.is_main)
+        if len(ds) == 0:
+            raise SurpipeError(f"dataset {data} has no usable rows")
+        try:
+            store = FeatureStore.create_or_open(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS)
+        except SurpipeError as e:
+            if "different dataset" not in str(e):
+                raise
+            last_err = e
+            continue
+        rep = getattr(ds, "report", None)
+        if rep is not None and getattr(rep, "skipped", None):
+            _log(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}", env)
+        if block_rows is not None and store.block_rows != block_rows:
+            _log(f"note: store {store_path} exists with block_rows={store.block_rows}; "
+                 f"--block-rows {block_rows} only applies when a store is created", env)
+        return ds, store
+    raise last_err
+
+
+# --------------------------------------------------------------------------- image loading
+
+
+class _ImageRows:
+    """torch Dataset over store rows: decodes and preprocesses one image per row, in workers.
+
+    A failing image does not raise in the worker (torch would wrap it in a traceback): the error is
+    returned and raised as a SurpipeError naming the key in the main process.
+    """
+
+    def __init__(self, samples, resolution: int):
+        self.samples = samples
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from surpipe.sd import preprocess
+
+        s = self.samples[i]
+        try:
+            return i, preprocess(s.image(), self.resolution), None
+        except Exception as e:  # SurpipeError for bad images; anything else is reported the same way
+            return i, None, f"{type(e).__name__}: {e}" if not isinstance(e, SurpipeError) else str(e)
+
+
+def _collate(items):
+    import torch
+
+    idx = [i for i, _, _ in items]
+    errs = [(i, e) for i, _, e in items if e is not None]
+    x = None if errs else torch.stack([t for _, t, _ in items])
+    return idx, x, errs
+
+
+class _BlockFeeder:
+    """Feeds preprocessed image batches for the blocks this rank will compute, in order, from one
+    persistent DataLoader (workers stay up across blocks and prefetch the next block)."""
+
+    def __init__(self, samples, store, blocks: list[int], resolution: int, batch_size: int, workers: int,
+                 pin_memory: bool = False):
+        import torch
+        from torch.utils.data import DataLoader
+
+        self.samples = samples
+        batches = []
+        for b in blocks:
+            start, stop = store.block_range(b)
+            for s in range(start, stop, batch_size):
+                batches.append(list(range(s, min(s + batch_size, stop))))
+        self.loader = DataLoader(_ImageRows(samples, resolution), batch_sampler=batches, num_workers=workers,
+                                 collate_fn=_collate, pin_memory=pin_memory,
+                                 persistent_workers=False, prefetch_factor=2 if workers else None)
+        self.it = iter(self.loader)
+        self.torch = torch
+
+    def rows(self, start: int, stop: int):
+        """Yield (row indices, images [B, 3, R, R]) covering exactly rows [start, stop)."""
+        want = start
+        while want < stop:
+            try:
+                idx, x, errs = next(self.it)
+            except StopIteration:
+                raise RuntimeError(f"image loader ended before row {want}") from None
+            if idx[0] != want:
+                raise RuntimeError(f"image loader out of order: expected row {want}, got {idx[0]}")
+            if errs:
+                i, msg = errs[0]
+                raise SurpipeError(
+                    f"image of sample {self.samples[i].key!r} (row {i}) cannot be used: {msg}. "
+                    "The dataset changed since the store was created? Fix or restore the file and rerun "
+                    "(finished blocks are kept).")
+            want = idx[-1] + 1
+            yield idx, x
+
+    def close(self):
+        del self.it
+        del self.loader
+
+
+def _pending(store, path: str, settings: dict, overwrite: bool, env) -> list[int]:
+    """Blocks this rank will compute (what run_block_job will do), so the loader can prefetch them."""
+    import json
+
+    from surpipe.store import FeatureGroup
+
+    all_mine = [b for b in range(store.num_blocks) if b % env.world_size == env.rank]
+    if overwrite or not store.has_group(path):
+        return all_mine
+    g = FeatureGroup(store, path)
+    if g.settings != json.loads(json.dumps(settings, default=str)):
+        return all_mine  # run_block_job refuses it
+    return g.pending_blocks(env.rank, env.world_size)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _finish_group(store, path: str, cfg_dict: dict, report: dict, env) -> None:
+    """Record the run's config and report in the group's attrs (kept from the run that wrote rows)."""
+    if env.is_main and not report.get("already_complete"):
+        g = store.root[path]
+        g.attrs.update({"config": cfg_dict, "report": report})
+
+
+def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
+    """Encode the configured parts into the store; returns a report dict (also printed)."""
+    import torch
+
+    from surpipe import sd
+    from surpipe.parallel import barrier, dist_env, init_distributed, resolve_device, run_block_job
+    from surpipe.store import ArraySpec
+
+    _validate(cfg)
+    env = dist_env()
+    device = resolve_device(cfg.device, env)
+    init_distributed(env, device)
+    t_start = time.perf_counter()
+    want_clip, want_vae = "clip" in cfg.parts, "vae" in cfg.parts
+
+    # Fail on a bad model folder before the (slow) dataset scan.
+    if sd.is_local(cfg.model):
+        sd.validate_folder(cfg.model, (["tokenizer", "text_encoder"] if want_clip else []) + (["vae"] if want_vae else []))
+    ds, store = open_store(cfg.data, cfg.store, cfg.block_rows, cfg.check_images, cfg.progress, env)
+    if want_vae:
+        keys = store.keys()
+        if len(keys) != len(ds.samples) or any(k != s.key for k, s in zip(keys.tolist(), ds.samples)):
+            raise SurpipeError(f"store {cfg.store}: keys do not match dataset {cfg.data} row by row")
+
+    name = cfg.name or sd.model_basename(cfg.model)
+    # Local paths are recorded absolute, so a resume from another directory matches the settings.
+    model_id = str(Path(cfg.model).expanduser().resolve()) if sd.is_local(cfg.model) else cfg.model
+    if sd.is_local(cfg.model) and cfg.revision:
+        _log(f"note: --revision {cfg.revision} is ignored for the local folder {cfg.model}", env)
+    report: dict[str, Any] = {"store": str(cfg.store), "rows": store.num_samples, "device": device,
+                              "world_size": env.world_size}
+    base_prov = {"model": model_id, "revision": cfg.revision, "variant": cfg.variant, "device": device,
+                 "world_size": env.world_size}
+    data_path = Path(cfg.data).expanduser()
+    resolved = dataclasses.replace(cfg, name=name, overwrite=False, model=model_id,
+                                   data=str(data_path.resolve()) if data_path.exists() else cfg.data,
+                                   store=str(Path(cfg.store).expanduser().resolve()))
+
+    cfg_path = Path(cfg.store) / "configs" / f"encode-latents-{name}.json"
+
+    def save_config() -> None:
+        # Saved before each part starts (and completed once the resolution is known), so an
+        # interrupted run can be repeated with --config too.
+        if env.is_main:
+            cfgmod.save(resolved, cfg_path)
+
+    report["config_file"] = str(cfg_path)
+
+    # ---- CLIP ----------------------------------------------------------------------------------
+    if want_clip:
+        _log(f"loading tokenizer + text encoder from {cfg.model} ...", env)
+        te = sd.load_text_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
+        L, D = te.max_length, te.hidden_size
+        settings = {
+            "model": model_id, "revision": cfg.revision, "variant": cfg.variant,
+            "text_encoder_config_hash": te.info["text_encoder_config_hash"],
+            "tokenizer_hash": te.info["tokenizer_hash"],
+            "text_encoder_weights_sha256": te.info["text_encoder_weights_sha256"],
+            "max_length": L, "hidden_size": D, "use_attention_mask": te.use_attention_mask,
+            "output": "last_hidden_state", "dtype": cfg.dtype, "store_dtype": cfg.store_dtype,
+        }
+        arrays = {"simple": ArraySpec((L, D), cfg.store_dtype, cfg.codec),
+                  "complex": ArraySpec((L, D), cfg.store_dtype, cfg.codec),
+                  "simple_len": ArraySpec((), "int32", cfg.codec),
+                  "complex_len": ArraySpec((), "int32", cfg.codec)}
+        prompts = {w: store.prompts(w) for w in ("simple", "complex")}
+        counter = {"prompts": 0}
+
+        def clip_block(start: int, stop: int) -> dict[str, np.ndarray]:
+            out: dict[str, np.ndarray] = {}
+            for w in ("simple", "complex"):
+                texts = [str(t) for t in prompts[w][start:stop]]
+                embs = [sd.encode_prompts(te, texts[i:i + cfg.text_batch_size], device).numpy()
+                        for i in range(0, len(texts), cfg.text_batch_size)]
+                out[w] = np.concatenate(embs)
+                out[f"{w}_len"] = sd.token_counts(te.tokenizer, texts)
+                counter["prompts"] += len(texts)
+            return out
+
+        path = f"clip/{name}"
+        _log(f"CLIP -> {path}: [{store.num_samples}, {L}, {D}] x 2 prompts ({cfg.dtype} compute, "
+             f"{cfg.store_dtype} stored)", env)
+        prov = {**base_prov, **te.info}
+        save_config()
+        res = run_block_job(store=store, kind="clip", name=name, settings=settings, arrays=arrays,
+                            provenance=prov, overwrite=cfg.overwrite, env=env, compute_block=clip_block,
+                            unit="row", desc=f"clip/{name}", stats=lambda: dict(counter), progress=cfg.progress)
+        g = store.group(path)
+        lens = {w: g.read(f"{w}_len") for w in ("simple", "complex")}
+        done = g.done_mask()
+        valid = np.zeros(store.num_samples, dtype=bool)
+        for b in np.flatnonzero(done):
+            s, e = store.block_range(int(b))
+            valid[s:e] = True
+        clip_report = {
+            "group": path, "rows_done_now": res.rows_done_now, "already_complete": res.already_complete,
+            "seconds": round(res.seconds, 2), "max_length": L, "hidden_size": D,
+            "rows_complete": int(valid.sum()),
+            "simple_truncated": int((lens["simple"][valid] > L).sum()),
+            "complex_truncated": int((lens["complex"][valid] > L).sum()),
+            "simple_max_tokens": int(lens["simple"][valid].max()) if valid.any() else 0,
+            "complex_max_tokens": int(lens["complex"][valid].max()) if valid.any() else 0,
+        }
+        report["clip"] = clip_report
+        if res.already_complete:
+            _log(f"{path}: nothing to do (all {store.num_blocks} blocks done)", env)
+        _log(f"{path}: {clip_report['complex_truncated']} of {clip_report['rows_complete']} complex and "
+             f"{clip_report['simple_truncated']} simple prompts exceed {L} tokens and were truncated "
+             f"(longest: complex {clip_report['complex_max_tokens']}, simple {clip_report['simple_max_tokens']})", env)
+        _finish_group(store, path, cfgmod.to_dict(resolved), clip_report, env)
+        del te
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # ---- VAE -----------------------------------------------------------------------------------
+    if want_vae:
+        _log(f"loading VAE encoder from {cfg.model} ...", env)
+        vae = sd.load_vae_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
+        R = cfg.resolution or sd.default_resolution(cfg.model, cfg.revision, vae)
+        if R % vae.downsample:
+            raise SurpipeError(f"resolution {R} is not a multiple of the VAE's downsampling factor {vae.downsample}")
+        vae_name = cfg.vae_name or f"{name}-{R}"
+        resolved = dataclasses.replace(resolved, resolution=R, vae_name=vae_name)
+        h = R // vae.downsample
+        C = vae.latent_channels
+        settings = {
+            "model": model_id, "revision": cfg.revision, "variant": cfg.variant,
+            "vae_config_hash": vae.info["vae_config_hash"],
+            "vae_encoder_weights_sha256": vae.info["vae_encoder_weights_sha256"],
+            "resolution": R, "crop": "center", "resize": "shorter side, PIL bilinear", "flip": cfg.flip,
+            "normalize": "[-1, 1]", "latent": "latent_dist mean, std (unscaled)",
+            "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
+            "latent_channels": C, "downsample_factor": vae.downsample,
+            "dtype": cfg.dtype, "store_dtype": cfg.store_dtype,
+        }
+        if vae.shift_factor is None:
+            del settings["shift_factor"]
+        names = ["mean", "std"] + (["flip_mean", "flip_std"] if cfg.flip else [])
+        arrays = {n: ArraySpec((C, h, h), cfg.store_dtype, cfg.codec) for n in names}
+        path = f"vae/{vae_name}"
+        pending = _pending(store, path, settings, cfg.overwrite, env)
+        feeder = (_BlockFeeder(ds.samples, store, pending, R, cfg.batch_size, cfg.workers, device.startswith("cuda"))
+                  if pending else None)
+        counter = {"images": 0}
+
+        def vae_block(start: int, stop: int) -> dict[str, np.ndarray]:
+            outs: dict[str, list] = {n: [] for n in names}
+            for _, x in feeder.rows(start, stop):
+                n = x.shape[0]
+                if cfg.flip:
+                    x = torch.cat([x, torch.flip(x, dims=[-1])])
+                mean, std = sd.encode_latent_dist(vae, x, device)
+                outs["mean"].append(mean[:n].numpy())
+                outs["std"].append(std[:n].numpy())
+                if cfg.flip:
+                    outs["flip_mean"].append(mean[n:].numpy())
+                    outs["flip_std"].append(std[n:].numpy())
+                counter["images"] += x.shape[0]
+            return {k: np.concatenate(v) for k, v in outs.items()}
+
+        _log(f"VAE -> {path}: [{store.num_samples}, {C}, {h}, {h}] from {R}x{R} center crops"
+             f"{' + flipped' if cfg.flip else ''} ({cfg.dtype} compute, {cfg.store_dtype} stored, "
+             f"{cfg.workers} loader workers)", env)
+        prov = {**base_prov, **vae.info}
+        save_config()
+        try:
+            res = run_block_job(store=store, kind="vae", name=vae_name, settings=settings, arrays=arrays,
+                                provenance=prov, overwrite=cfg.overwrite, env=env, compute_block=vae_block,
+                                unit="img", desc=path, stats=lambda: dict(counter), progress=cfg.progress)
+        finally:
+            if feeder is not None:
+                feeder.close()
+        if res.already_complete:
+            _log(f"{path}: nothing to do (all {store.num_blocks} blocks done)", env)
+        vae_report = {"group": path, "rows_done_now": res.rows_done_now, "already_complete": res.already_complete,
+                      "seconds": round(res.seconds, 2), "resolution": R, "latent_shape": [C, h, h],
+                      "flip": cfg.flip,
+                      "images_per_s": round(res.rows_done_now * (2 if cfg.flip else 1) / max(res.seconds, 1e-9), 2)}
+        report["vae"] = vae_report
+        _finish_group(store, path, cfgmod.to_dict(resolved), vae_report, env)
+
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    barrier(env)
+    _log(f"encode-latents done in {report['seconds']} s; repeat with --config {cfg_path}", env)
+    return report
