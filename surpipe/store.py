@@ -9,6 +9,7 @@ has its rows written, so an interrupted job never leaves a half-written block th
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -47,6 +48,19 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a folder we cannot write into, by creating and deleting a probe file there
+    (``os.access`` is not enough: root passes it on read-only mounts)."""
+    probe = Path(folder) / f".surpipe-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SurpipeError(f"{what} is read-only or not writable ({e.strerror or e}); "
+                           "cannot write to it") from None
+
+
 def _codecs(name: str):
     import zarr.codecs as zc
 
@@ -80,11 +94,19 @@ def to_storage(x: np.ndarray, dtype: str, what: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """An array of a feature group: ``row_shape`` per sample, stored dtype and codec."""
+    """An array of a feature group: ``row_shape`` per sample, stored dtype and codec.
+
+    ``block_capacity`` (optional) makes a *block-ragged* array for variable-length rows (e.g.
+    per-token states): shape ``[num_blocks * block_capacity, *row_shape]``, chunked by
+    ``block_capacity``, so block b owns exactly rows ``[b * cap, (b + 1) * cap)`` (one chunk file)
+    and writes its flat rows there, zero-padded to ``cap``; readers locate rows with offsets stored
+    in a row-aligned array. Without it (the default) the array is row-aligned ``[N, *row_shape]``.
+    """
 
     row_shape: tuple[int, ...]
     dtype: str = "float16"
     codec: str = "zstd"
+    block_capacity: int | None = None
 
 
 class FeatureGroup:
@@ -136,14 +158,42 @@ class FeatureGroup:
         return [b for b in pending if b % world_size == rank]
 
     def write_block(self, block: int, values: Mapping[str, np.ndarray]) -> None:
-        """Write every array's rows of ``block`` (one chunk each), then mark the block done."""
+        """Write every array's rows of ``block`` (one chunk each), then mark the block done.
+
+        A failed write (full disk, I/O error) raises SurpipeError naming the group and block; the
+        block stays not done, so a rerun redoes it.
+        """
+        try:
+            self._write_block(block, values)
+        except OSError as e:
+            where = e.filename or self.store.path
+            what = "no space left on device" if e.errno == errno.ENOSPC else "write failed"
+            raise SurpipeError(
+                f"{what} while writing {self.path} block {block} of store {self.store.path} "
+                f"({where}: {e.strerror or e}); block {block} is not marked done: free space or fix "
+                "the disk, then rerun the same command (finished blocks are kept)") from None
+
+    def _write_block(self, block: int, values: Mapping[str, np.ndarray]) -> None:
         start, stop = self.store.block_range(block)
         missing = sorted(set(self.array_names) - set(values))
         extra = sorted(set(values) - set(self.array_names))
         if missing or extra:
             raise ValueError(f"write_block({self.path}): missing arrays {missing}, unexpected {extra}")
         for name, x in values.items():
-            arr = self.group[name]
+            # write_empty_chunks: an all-zero block still gets its chunk file, so a done block with a
+            # missing chunk file is always damage (surpipe verify checks it)
+            arr = self.group[name].with_config({"write_empty_chunks": True})
+            cap = arr.attrs.get("block_capacity")
+            if cap:  # block-ragged array: this block owns flat rows [block * cap, (block + 1) * cap)
+                cap = int(cap)
+                if x.ndim != arr.ndim or x.shape[0] > cap or x.shape[1:] != arr.shape[1:]:
+                    raise ValueError(f"{self.path}/{name}: block {block} expects at most {cap} rows of "
+                                     f"shape {arr.shape[1:]}, got {x.shape}")
+                full = np.zeros((cap, *arr.shape[1:]), dtype=x.dtype)
+                full[: x.shape[0]] = x
+                arr[block * cap:(block + 1) * cap] = to_storage(
+                    full, str(arr.dtype), f"{self.path}/{name} block {block} (rows {start}-{stop - 1})")
+                continue
             if x.shape != (stop - start, *arr.shape[1:]):
                 raise ValueError(f"{self.path}/{name}: block {block} expects shape "
                                  f"{(stop - start, *arr.shape[1:])}, got {x.shape}")
@@ -175,8 +225,10 @@ class FeatureStore:
             raise SurpipeError(f"feature store not found: {self.path}")
         if not (self.path / "zarr.json").is_file():
             raise SurpipeError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
-        if mode != "r" and not os.access(self.path, os.W_OK):
-            raise SurpipeError(f"feature store {self.path} is read-only; cannot write to it")
+        if mode != "r":
+            if not os.access(self.path, os.W_OK):
+                raise SurpipeError(f"feature store {self.path} is read-only; cannot write to it")
+            check_writable(self.path, f"feature store {self.path}")
         try:
             self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
         except Exception as e:  # zarr raises several types for broken metadata
@@ -186,9 +238,13 @@ class FeatureStore:
             raise SurpipeError(f"{self.path} is a Zarr group but not a surpipe feature store")
         if fmt != FORMAT_VERSION:
             raise SurpipeError(f"{self.path} has store format {fmt}; this surpipe reads format {FORMAT_VERSION}")
-        self.num_samples = int(self.root.attrs["num_samples"])
-        self.block_rows = int(self.root.attrs["block_rows"])
-        self.fingerprint = str(self.root.attrs["dataset_fingerprint"])
+        try:
+            self.num_samples = int(self.root.attrs["num_samples"])
+            self.block_rows = int(self.root.attrs["block_rows"])
+            self.fingerprint = str(self.root.attrs["dataset_fingerprint"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SurpipeError(f"{self.path}: damaged store metadata (root attribute {e} missing or "
+                               "invalid); run `surpipe verify` on it") from None
 
     # -- creation -----------------------------------------------------------------------------
     @classmethod
@@ -204,7 +260,11 @@ class FeatureStore:
         if not path.exists():
             if block_rows < 1:
                 raise SurpipeError(f"block_rows must be >= 1, got {block_rows}")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SurpipeError(f"cannot create feature store {path}: {e.strerror or e}") from None
+            check_writable(path.parent, f"cannot create feature store {path}: folder {path.parent}")
             tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
             n = len(dataset)
             root = zarr.open_group(str(tmp), mode="w")
@@ -312,6 +372,12 @@ class FeatureStore:
         g = self.root.require_group(path)
         n, b = self.num_samples, self.block_rows
         for aname, spec in arrays.items():
+            if spec.block_capacity:
+                cap = int(spec.block_capacity)
+                g.create_array(aname, shape=(self.num_blocks * cap, *spec.row_shape), dtype=spec.dtype,
+                               chunks=(cap, *spec.row_shape), compressors=_codecs(spec.codec),
+                               fill_value=0, attributes={"block_capacity": cap})
+                continue
             g.create_array(aname, shape=(n, *spec.row_shape), dtype=spec.dtype,
                            chunks=(min(b, max(n, 1)), *spec.row_shape), compressors=_codecs(spec.codec),
                            fill_value=0)
