@@ -101,42 +101,7 @@ def _log(msg: str, env) -> None:
 # --------------------------------------------------------------------------- dataset + store
 
 
-def open_store(data: str, store_path: str, block_rows: int | None, check_images: str, progress: bool, env):
-    """Open the dataset and the store made from it (created when absent); returns (dataset, store).
-
-    The row set of a store is fixed when it is created. A new store is made from a dataset opened
-    with a full decode of every image, so every row can be encoded later. An existing store (made by
-    this stage or by extract-llm) is matched with a cheap header check first, then, if the row set
-    differs (a corrupt image only a full decode finds was dropped at creation), with a full decode.
-    """
-    from surpipe.data import open_dataset
-    from surpipe.store import DEFAULT_BLOCK_ROWS, FeatureStore
-
-    exists = Path(store_path, "zarr.json").is_file()
-    if check_images == "auto":
-        ladder = ["header", "full"] if exists else ["full"]
-    else:
-        ladder = [check_images]
-    last_err = None
-    for level in ladder:
-        ds = open_dataset(data, strict=False, check_images=level, progress=progress and env.is_main)
-        if len(ds) == 0:
-            raise SurpipeError(f"dataset {data} has no usable rows")
-        try:
-            store = FeatureStore.create_or_open(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS)
-        except SurpipeError as e:
-            if "different dataset" not in str(e):
-                raise
-            last_err = e
-            continue
-        rep = getattr(ds, "report", None)
-        if rep is not None and getattr(rep, "skipped", None):
-            _log(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}", env)
-        if block_rows is not None and store.block_rows != block_rows:
-            _log(f"note: store {store_path} exists with block_rows={store.block_rows}; "
-                 f"--block-rows {block_rows} only applies when a store is created", env)
-        return ds, store
-    raise last_err
+from surpipe.parallel import open_store  # noqa: E402  (shared with the other stage-one command)
 
 
 # --------------------------------------------------------------------------- image loading

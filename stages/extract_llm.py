@@ -91,36 +91,7 @@ def _log(msg: str, env) -> None:
         print(f"surpipe: {msg}", file=sys.stderr, flush=True)
 
 
-def open_store(data: str, store_path: str, block_rows: int | None, check_images: str, progress: bool, env):
-    """Open the dataset and its store (created when absent). Same rule as encode-latents: a store is
-    created from the dataset opened with a full image decode (its rows are fixed from then on and
-    every one must encode later); an existing store is matched with a header check first, then with a
-    full decode if the row sets differ; another dataset is refused."""
-    from surpipe.data import open_dataset
-    from surpipe.store import DEFAULT_BLOCK_ROWS, FeatureStore
-
-    exists = Path(store_path, "zarr.json").is_file()
-    ladder = (["header", "full"] if exists else ["full"]) if check_images == "auto" else [check_images]
-    last_err = None
-    for level in ladder:
-        ds = open_dataset(data, strict=False, check_images=level, progress=progress and env.is_main)
-        if len(ds) == 0:
-            raise SurpipeError(f"dataset {data} has no usable rows")
-        try:
-            store = FeatureStore.create_or_open(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS)
-        except SurpipeError as e:
-            if "different dataset" not in str(e):
-                raise
-            last_err = e
-            continue
-        rep = getattr(ds, "report", None)
-        if rep is not None and getattr(rep, "skipped", None):
-            _log(f"dataset scan skipped {len(rep.skipped)} rows (not in the store)", env)
-        if block_rows is not None and store.block_rows != block_rows:
-            _log(f"note: store {store_path} exists with block_rows={store.block_rows}; "
-                 f"--block-rows {block_rows} only applies when a store is created", env)
-        return ds, store
-    raise last_err
+from surpipe.parallel import open_store  # noqa: E402  (shared with the other stage-one command)
 
 
 def default_name(model: str, quant: str, pooling: str) -> str:

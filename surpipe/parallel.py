@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,3 +169,50 @@ def run_block_job(
     barrier(env)
     return BlockJobResult(group.path, len(blocks), done_rows, False, time.perf_counter() - t0,
                           dict(stats()) if stats else {})
+
+
+def log(msg: str, env: DistEnv) -> None:
+    """A status line on stderr, from rank 0 only."""
+    if env.is_main:
+        print(f"surpipe: {msg}", file=sys.stderr, flush=True)
+
+
+def open_store(data: str, store_path: str, block_rows: int | None, check_images: str, progress: bool,
+               env: DistEnv):
+    """Open the dataset and the store made from it (created when absent); returns (dataset, store).
+
+    The row set of a store is fixed when it is created. A new store is made from a dataset opened
+    with a full decode of every image, so every row can be encoded later whichever stage-one
+    command runs first. An existing store is matched with a cheap header check first, then, if the
+    row set differs (a corrupt image only a full decode finds was dropped at creation), with a full
+    decode; a store made from another dataset is refused.
+    """
+    from surpipe.data import open_dataset
+    from surpipe.errors import SurpipeError
+    from surpipe.store import DEFAULT_BLOCK_ROWS, FeatureStore
+
+    exists = Path(store_path, "zarr.json").is_file()
+    if check_images == "auto":
+        ladder = ["header", "full"] if exists else ["full"]
+    else:
+        ladder = [check_images]
+    last_err = None
+    for level in ladder:
+        ds = open_dataset(data, strict=False, check_images=level, progress=progress and env.is_main)
+        if len(ds) == 0:
+            raise SurpipeError(f"dataset {data} has no usable rows")
+        try:
+            store = FeatureStore.create_or_open(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS)
+        except SurpipeError as e:
+            if "different dataset" not in str(e):
+                raise
+            last_err = e
+            continue
+        rep = getattr(ds, "report", None)
+        if rep is not None and getattr(rep, "skipped", None):
+            log(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}", env)
+        if block_rows is not None and store.block_rows != block_rows:
+            log(f"note: store {store_path} exists with block_rows={store.block_rows}; "
+                f"--block-rows {block_rows} only applies when a store is created", env)
+        return ds, store
+    raise last_err
