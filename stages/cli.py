@@ -77,14 +77,46 @@ def extract_llm(
     data: Optional[str] = typer.Option(None, help="SURD imagefolder, folder of .tar shards, or brace pattern."),
     store: Optional[Path] = typer.Option(None, help="Feature store (Zarr) to create or extend."),
     model: Optional[str] = typer.Option(None, help="Causal LM: hub id or local folder."),
-    layers: Optional[str] = typer.Option(None, help="Decoder layer indices, comma separated (0-based)."),
-    quant: Optional[str] = typer.Option(None, help="none | 8bit | 4bit"),
-    pooling: Optional[str] = typer.Option(None, help="mean | last | tokens"),
-    batch_size: Optional[int] = typer.Option(None),
+    layers: Optional[str] = typer.Option(None, help="Decoder layer indices, comma separated, 0-based; "
+                                         "negative from the end (--layers=-1 is the last)."),
+    quant: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (bitsandbytes; 4bit = NF4) (default: none)."),
+    pooling: Optional[str] = typer.Option(None, help="mean | last | tokens (default: mean)."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per forward, length-bucketed (default: 16)."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | float16 | bfloat16 (default: auto: "
+                                        "float32 on CPU, bfloat16 on CUDA)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Truncate prompts to this many tokens (default: the model's limit)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:I (default: auto)."),
+    name: Optional[str] = typer.Option(None, help="Group llm/NAME (default: the model's name, + -8bit/-4bit, -last/-tokens)."),
+    store_dtype: Optional[str] = typer.Option(None, help="Stored dtype: float16 | float32 (default: float16)."),
+    codec: Optional[str] = typer.Option(None, help="zstd | blosc-lz4 | gzip | none (default: zstd)."),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant",
+                                                help="4bit: quantize the quantization constants too (default: yes)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
+                                                     help="Allow the model repository's own code (default: no)."),
+    block_rows: Optional[int] = typer.Option(None, help="Rows per block when creating the store (default: 256)."),
+    padding_side: Optional[str] = typer.Option(None, help="right | left (values do not depend on it) (default: right)."),
+    bucket: Optional[bool] = typer.Option(None, "--bucket/--no-bucket", help="Length-bucketed batches (default: yes)."),
+    check_images: Optional[str] = typer.Option(None, help="auto | full | header | none (default: auto)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace a group written with other settings."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     config: Optional[Path] = ConfigOpt,
 ):
     """Stage one, LLM side: store chosen decoder layers' hidden states of the simple prompts."""
-    _not_yet(3)
+    layer_list = None
+    if layers is not None:
+        try:
+            layer_list = [int(x) for x in layers.replace(" ", "").split(",") if x != ""]
+        except ValueError:
+            from surpipe.errors import SurpipeError
+
+            raise SurpipeError(f"--layers {layers!r}: give comma-separated integers, e.g. --layers 20,39") from None
+    _run_stage("extract_llm", "ExtractLLMConfig", config, data=data, store=store, model=model, layers=layer_list,
+               quant=quant, pooling=pooling, batch_size=batch_size, dtype=dtype, max_tokens=max_tokens,
+               device=device, name=name, store_dtype=store_dtype, codec=codec, double_quant=double_quant,
+               revision=revision, trust_remote_code=trust_remote_code, block_rows=block_rows,
+               padding_side=padding_side, bucket=bucket, check_images=check_images, overwrite=overwrite,
+               progress=progress)
 
 
 @app.command("encode-latents")
@@ -94,6 +126,7 @@ def encode_latents(
     model: Optional[str] = typer.Option(None, help="Stable Diffusion: hub id or local folder."),
     resolution: Optional[int] = typer.Option(None, help="Image side in pixels [default: the model's, 512 for SD 1.5]."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    variant: Optional[str] = typer.Option(None, help="Weight file variant, e.g. fp16."),
     parts: Optional[str] = typer.Option(None, help="What to encode: clip, vae or clip,vae [default: clip,vae]."),
     name: Optional[str] = typer.Option(None, help="Group name: clip/NAME, vae/NAME-R [default: the model's name]."),
     vae_name: Optional[str] = typer.Option(None, help="Full VAE group name [default: NAME-RESOLUTION]."),
@@ -113,7 +146,7 @@ def encode_latents(
 ):
     """Stage one, SD side: CLIP embeddings of both prompts and VAE latent distributions."""
     _run_stage("encode_latents", "EncodeLatentsConfig", config, data=data, store=store, model=model,
-               resolution=resolution, revision=revision,
+               resolution=resolution, revision=revision, variant=variant,
                parts=[p.strip() for p in parts.split(",") if p.strip()] if parts is not None else None,
                name=name, vae_name=vae_name, flip=flip, batch_size=batch_size, text_batch_size=text_batch_size,
                dtype=dtype, store_dtype=store_dtype, codec=codec, device=device, workers=workers,
@@ -181,28 +214,39 @@ _config_command(
 )
 
 
-@app.command()
-def generate(
-    model: Optional[str] = typer.Option(None),
-    adapter: Optional[str] = typer.Option(None),
-    prompt: Optional[str] = typer.Option(None),
-    out: Optional[Path] = typer.Option(None),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Render prompts with a stock diffusers pipeline and the adapter (no LLM)."""
-    _not_yet(6)
+_config_command(
+    "generate", "generate", "GenerateConfig",
+    "Render prompts with a stock diffusers pipeline and the adapter (no LLM).\n\n"
+    "Required: --model, --adapter (a run folder or an adapter folder), --out, and --prompt or --prompts-file. "
+    "--compare also renders without the adapter at the same seeds and writes a side-by-side grid.",
+)
 
 
-@app.command("eval")
-def eval_(config: Optional[Path] = ConfigOpt):
-    """Score images with and without the adapter on prompt suites by category (CLIP score)."""
-    _not_yet(6)
+_config_command(
+    "eval", "eval", "EvalConfig",
+    "Score images with and without the adapter on prompt suites by category (CLIP score).\n\n"
+    "Required: --model, --adapter, --out; --clip-model defaults to openai/clip-vit-large-patch14. "
+    "Writes results.md, results.json and a bar chart clip_scores.png.",
+)
 
 
 @app.command("import-prompt2vec")
-def import_prompt2vec(config: Optional[Path] = ConfigOpt):
+def import_prompt2vec(
+    file: Optional[Path] = typer.Argument(None, help="The authors' prompt2vec .pt: {simple prompt: tensor [H]}."),
+    store: Optional[Path] = typer.Option(None, help="Existing feature store whose rows the vectors are aligned to."),
+    layer: Optional[int] = typer.Option(None, help="Decoder layer the file holds (not stored in it; the authors' "
+                                        "LLaMA-13B release is layer 39). Required unless given by --config."),
+    name: Optional[str] = typer.Option(None, help="Group llm/NAME (default: prompt2vec)."),
+    model: Optional[str] = typer.Option(None, help="The LLM the file came from, recorded as provenance."),
+    store_dtype: Optional[str] = typer.Option(None, help="Stored dtype: float16 | float32 (default: float16)."),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict",
+                                          help="Refuse if any store row has no vector (default: no: zeros, matched=false)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace a group written with other settings."),
+    config: Optional[Path] = ConfigOpt,
+):
     """Import the authors' {prompt: tensor} .pt file as an LLM layer group of a store."""
-    _not_yet(3)
+    _run_stage("import_prompt2vec", "ImportPrompt2VecConfig", config, file=file, store=store, layer=layer,
+               name=name, model=model, store_dtype=store_dtype, strict=strict, overwrite=overwrite)
 
 
 @app.command("import-official")
@@ -238,16 +282,24 @@ def inspect(store: Path = typer.Argument(..., help="Feature store (Zarr) to desc
 @app.command()
 def verify(
     store: Path = typer.Argument(..., help="Feature store (Zarr) to check."),
-    repair: bool = typer.Option(False, "--repair", help="Mark damaged chunks incomplete for a rerun."),
+    repair: bool = typer.Option(False, "--repair", help="Mark damaged blocks incomplete (done=false) so "
+                                "rerunning the stage redoes only them; recomputes nothing."),
+    json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Check a whole store against its contract (completion, alignment, decodability, NaN/Inf)."""
-    _not_yet(8)
+    """Check a whole store against its contract (completion, alignment, decodability, NaN/Inf).
+
+    Exit status 0 when sound (incomplete blocks are warnings), 1 with the list of problems.
+    """
+    _run_stage("verify", "VerifyConfig", None, store=store, repair=repair, json=json)
 
 
 @app.command("run")
 def run_all(config: Path = typer.Argument(..., help="Pipeline config (JSON).")):
-    """Run the whole chain (pack, extract-llm, encode-latents, train, generate, eval) from one file."""
-    _not_yet(6)
+    """Run the whole chain (pack, extract-llm, encode-latents, train, generate, eval) from one file.
+
+    Rerunning continues where it stopped; finished steps are skipped.
+    """
+    _run_stage("run_pipeline", "PipelineConfig", config)
 
 
 def main(argv: list[str] | None = None) -> int:
