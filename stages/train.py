@@ -145,6 +145,12 @@ class TrainRecipe:
             sched_cfg = read_model_config(cfg.model, "scheduler", cfg.revision)
         except SurpipeError as e:
             problems.append(str(e))
+        if unet_cfg is not None and (unet_cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel"
+                                     or "cross_attention_dim" not in unet_cfg):
+            problems.append(f"{cfg.model}: unet/config.json is not a Stable Diffusion UNet (_class_name "
+                            f"{unet_cfg.get('_class_name')!r}, model_type {unet_cfg.get('model_type')!r}); "
+                            "give a diffusers Stable Diffusion folder or hub id")
+            unet_cfg = None
         g = self.groups
         if g is not None and g.clip_group and "simple" in self.store.group(g.clip_group).array_names:
             simple = self.store.group(g.clip_group).array("simple")
@@ -340,12 +346,16 @@ class TrainRecipe:
 
         cfg = self.cfg
         if self.step >= cfg.max_steps:
+            if self._final_adapter_stale():  # killed after the last checkpoint, before the adapter was written
+                self.save_final()
             msg = f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps"
             print(msg)
             return {"step": self.step, "resumed": True, "nothing_to_do": True}
         stream = self._stream()
         it = iter(stream)
         start_step = self.step
+        if start_step:  # steps logged after the checkpoint by a killed run are replayed: drop them
+            _drop_metrics_after(self.out / "metrics.jsonl", start_step)
         logger = _RunLogger(self.out, cfg.tensorboard, start_step)
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    desc="train", disable=not cfg.progress)
@@ -463,7 +473,12 @@ class TrainRecipe:
 
         saved = LLMProjection.load(path / "projection.safetensors")
         self.accelerator.unwrap_model(self.projection).load_state_dict(saved.state_dict())
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        try:
+            opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses pickled code (UnpicklingError); damaged files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SurpipeError(f"checkpoint {path} cannot be loaded (optimizer.pt, read with weights_only=True: "
+                               f"{first}); delete {path.name} to resume from an earlier checkpoint") from None
         self.optimizer.load_state_dict(opt["optimizer"])
         self.lr_scheduler.load_state_dict(opt["lr_scheduler"])
         if opt.get("scaler") and self.accelerator.scaler:
@@ -476,6 +491,16 @@ class TrainRecipe:
         self.step = int(state["step"])
         self.position = state["position"]
         print(f"resuming {self.out} from {path.name} (step {self.step})")
+
+    def _final_adapter_stale(self) -> bool:
+        """True when OUT/adapter is missing or older than the latest checkpoint."""
+        from surpipe.adapter import WEIGHTS_NAME
+
+        final = self.out / "adapter" / WEIGHTS_NAME
+        latest = self.latest_checkpoint()
+        if not final.is_file():
+            return True
+        return latest is not None and final.stat().st_mtime_ns < (latest / "state.json").stat().st_mtime_ns
 
     def save_final(self) -> None:
         """The final adapter in ``OUT/adapter`` (save_pretrained layout) and the projection."""
@@ -549,6 +574,22 @@ class _RunLogger:
         self.human.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_metrics_after(metrics: Path, step: int) -> None:
+    """Keep only the rows of metrics.jsonl up to ``step`` (atomically)."""
+    if not metrics.is_file():
+        return
+    keep = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    tmp = metrics.with_name(metrics.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, metrics)
 
 
 def _loss_curve(metrics: Path, png: Path) -> None:

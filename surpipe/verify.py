@@ -1,0 +1,419 @@
+"""Check a whole feature store against its contract (docs/store-format.md), and optionally mark
+damaged blocks incomplete so the stage that wrote them redoes exactly those blocks.
+
+What is checked:
+- root attributes: ``surpipe_format`` (known), ``num_samples``, ``block_rows``, ``dataset_fingerprint``;
+- ``keys`` and ``prompts/simple``, ``prompts/complex``: N rows, every chunk decodes, keys unique and non-empty;
+- each feature group ``<kind>/<name>``: provenance attributes (``kind``, ``settings``,
+  ``settings_hash`` equal to ``settings_hash(settings)``, ``arrays`` equal to the arrays present),
+  the ``done`` record (one chunk per block), every array's row count, chunking, dtype and row shape
+  (against the settings that imply them: ``hidden_size``, ``layers``, ``max_length``,
+  ``latent_channels``, ``resolution``, ``downsample_factor``, ``store_dtype``, ``flip``);
+- for every block marked done: each array's chunk file exists (a deleted chunk would read back as
+  zeros), decodes, and holds no NaN or Inf.
+
+Blocks not marked done are not valid data: they are reported as warnings (the stage has not
+finished), never read. A problem tied to a done block is *repairable*: ``repair=True`` sets
+``done[b] = False`` for it (nothing is recomputed), so rerunning the stage redoes only that block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surpipe.errors import SurpipeError
+
+STAGE_OF_KIND = {"llm": "extract-llm (or import-prompt2vec)", "clip": "encode-latents", "vae": "encode-latents"}
+_FLOAT_KINDS = "fc"
+
+
+@dataclass
+class Finding:
+    """One problem (the store breaks its contract) or warning (e.g. a stage has not finished)."""
+
+    level: str  # "problem" | "warning"
+    where: str  # "root", "keys", "llm/tiny", "llm/tiny/layer_3/pooled" ...
+    message: str
+    group: str | None = None
+    block: int | None = None
+    rows: tuple[int, int] | None = None  # [start, stop)
+    chunk: str | None = None
+
+    def __str__(self) -> str:
+        loc = []
+        if self.block is not None:
+            loc.append(f"block {self.block}")
+        if self.rows is not None:
+            loc.append(f"rows {self.rows[0]}-{self.rows[1] - 1}")
+        if self.chunk is not None:
+            loc.append(f"chunk {self.chunk}")
+        return f"{self.where}" + (f" [{', '.join(loc)}]" if loc else "") + f": {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    num_samples: int | None = None
+    block_rows: int | None = None
+    num_blocks: int | None = None
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    repaired: list[Finding] = field(default_factory=list)
+    chunks_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def sound(self) -> bool:
+        return not self.problems
+
+    def damaged_blocks(self) -> dict[str, list[int]]:
+        """Done blocks with a problem, by group: what ``repair`` marks incomplete."""
+        out: dict[str, set[int]] = {}
+        for p in self.problems:
+            if p.group is not None and p.block is not None:
+                out.setdefault(p.group, set()).add(p.block)
+        return {g: sorted(b) for g, b in out.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        def f(x: Finding) -> dict:
+            d = asdict(x)
+            d["rows"] = list(x.rows) if x.rows else None
+            d["text"] = str(x)
+            return d
+
+        return {"path": self.path, "sound": self.sound, "num_samples": self.num_samples,
+                "block_rows": self.block_rows, "num_blocks": self.num_blocks, "groups": self.groups,
+                "problems": [f(p) for p in self.problems], "warnings": [f(w) for w in self.warnings],
+                "repaired": [f(r) for r in self.repaired], "chunks_read": self.chunks_read,
+                "seconds": round(self.seconds, 3)}
+
+
+class _Checker:
+    def __init__(self, path: Path):
+        self.path = path
+        self.rep = VerifyReport(str(path))
+
+    def problem(self, where, message, **kw):
+        self.rep.problems.append(Finding("problem", where, message, **kw))
+
+    def warning(self, where, message, **kw):
+        self.rep.warnings.append(Finding("warning", where, message, **kw))
+
+    # ------------------------------------------------------------------ helpers
+    def _chunk_file(self, arr, coords: tuple[int, ...]) -> Path:
+        key = arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
+        return self.path / arr.path / key
+
+    def _chunk_coords(self, arr, first: int):
+        """Every chunk (or shard) coordinate whose first index is ``first``."""
+        grid_chunks = arr.shards or arr.chunks
+        rest = [range(-(-s // c)) for s, c in zip(arr.shape[1:], grid_chunks[1:])]
+        for tail in itertools.product(*rest):
+            yield (first, *tail)
+
+    def _read(self, arr, where, sel, **loc):
+        """``arr[sel]``, or None (with a problem) when a chunk cannot be decoded."""
+        try:
+            out = arr[sel]
+            self.rep.chunks_read += 1
+            return out
+        except Exception as e:  # zarr surfaces codec failures as RuntimeError, ValueError, EOFError, OSError ...
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.problem(where, f"chunk cannot be decoded ({type(e).__name__}: {first}); "
+                         "the chunk file is truncated or overwritten", **loc)
+            return None
+
+    # ------------------------------------------------------------------ root
+    def root(self):
+        import zarr
+
+        from surpipe.store import FORMAT_VERSION
+
+        if not self.path.exists():
+            raise SurpipeError(f"feature store not found: {self.path}")
+        if not (self.path / "zarr.json").is_file():
+            raise SurpipeError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
+        try:
+            root = zarr.open_group(str(self.path), mode="r")
+        except Exception as e:
+            self.problem("root", f"cannot open the store's root group: {e}")
+            return None
+        attrs = dict(root.attrs)
+        fmt = attrs.get("surpipe_format")
+        if fmt is None:
+            self.problem("root", "attribute surpipe_format missing: not a surpipe feature store")
+        elif fmt != FORMAT_VERSION:
+            self.problem("root", f"store format {fmt!r}; this surpipe reads format {FORMAT_VERSION}")
+        n, br = attrs.get("num_samples"), attrs.get("block_rows")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            self.problem("root", f"attribute num_samples missing or invalid ({n!r})")
+            n = None
+        if not isinstance(br, int) or isinstance(br, bool) or br < 1:
+            self.problem("root", f"attribute block_rows missing or invalid ({br!r})")
+            br = None
+        fp = attrs.get("dataset_fingerprint")
+        if not isinstance(fp, str) or not fp:
+            self.problem("root", f"attribute dataset_fingerprint missing or invalid ({fp!r})")
+        self.rep.num_samples, self.rep.block_rows = n, br
+        if n is not None and br is not None:
+            self.rep.num_blocks = max(1, -(-n // br))
+        return root
+
+    def rows_arrays(self, root):
+        n = self.rep.num_samples
+        for name in ("keys", "prompts/simple", "prompts/complex"):
+            try:
+                arr = root[name]
+            except KeyError:
+                self.problem(name, "array missing")
+                continue
+            if not hasattr(arr, "shape"):
+                self.problem(name, "is a group, expected an array")
+                continue
+            if n is not None and tuple(arr.shape) != (n,):
+                self.problem(name, f"shape {tuple(arr.shape)}, expected ({n},): rows are not aligned with num_samples")
+                continue
+            c = arr.chunks[0]
+            vals = []
+            for ci, s in enumerate(range(0, arr.shape[0], c)):
+                e = min(s + c, arr.shape[0])
+                if not self._chunk_file(arr, (ci,)).is_file():
+                    self.problem(name, "chunk file missing (it would read back as empty strings)",
+                                 rows=(s, e), chunk=f"{arr.path}/{self._key(arr, (ci,))}")
+                    vals = None
+                    continue
+                v = self._read(arr, name, slice(s, e), rows=(s, e), chunk=f"{arr.path}/{self._key(arr, (ci,))}")
+                if v is None or vals is None:
+                    vals = None
+                    continue
+                vals.append(np.asarray(v))
+            if name == "keys" and vals is not None and vals:
+                keys = [str(k) for v in vals for k in v.tolist()]
+                empty = [i for i, k in enumerate(keys) if not k]
+                if empty:
+                    self.problem("keys", f"{len(empty)} empty sample keys (first at row {empty[0]})")
+                seen: dict[str, int] = {}
+                dups = []
+                for i, k in enumerate(keys):
+                    if k in seen:
+                        dups.append((k, seen[k], i))
+                    else:
+                        seen[k] = i
+                if dups:
+                    k, a, b = dups[0]
+                    self.problem("keys", f"{len(dups)} duplicate sample keys, e.g. {k!r} at rows {a} and {b}")
+
+    @staticmethod
+    def _key(arr, coords) -> str:
+        return arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
+
+    # ------------------------------------------------------------------ groups
+    def groups(self, root):
+        from surpipe.store import KINDS
+
+        for kind in KINDS:
+            if kind not in root:
+                continue
+            kg = root[kind]
+            for name, _ in sorted(kg.arrays()):
+                self.problem(f"{kind}/{name}", f"an array directly under {kind}/; feature groups are {kind}/<name>/")
+            for name in sorted(kg.group_keys()):
+                self.group(root, kind, f"{kind}/{name}")
+
+    def group(self, root, kind: str, path: str):
+        from surpipe.store import settings_hash
+
+        g = root[path]
+        attrs = dict(g.attrs)
+        n, br, nb = self.rep.num_samples, self.rep.block_rows, self.rep.num_blocks
+        info: dict[str, Any] = {"blocks_done": 0, "num_blocks": nb, "incomplete_blocks": [], "arrays": []}
+        self.rep.groups[path] = info
+
+        # provenance
+        if attrs.get("kind") != kind:
+            self.problem(path, f"attribute kind is {attrs.get('kind')!r}, expected {kind!r}")
+        settings = attrs.get("settings")
+        if not isinstance(settings, dict):
+            self.problem(path, "attribute settings missing or not a mapping")
+            settings = {}
+        elif attrs.get("settings_hash") != settings_hash(settings):
+            self.problem(path, f"attribute settings_hash {attrs.get('settings_hash')!r} does not match its "
+                         f"settings ({settings_hash(settings)}): settings were edited after writing")
+        listed = attrs.get("arrays")
+        if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+            self.problem(path, "attribute arrays missing or not a list of names")
+            listed = []
+        if not isinstance(attrs.get("provenance"), dict):
+            self.warning(path, "attribute provenance missing (model, revision, library versions)")
+        present = {}
+        for name, obj in g.members(max_depth=None):
+            if hasattr(obj, "shape") and name != "done":
+                present[name] = obj
+        for name in sorted(set(listed) - set(present)):
+            self.problem(f"{path}/{name}", "array listed in the group's attribute arrays is missing")
+        for name in sorted(set(present) - set(listed)):
+            self.problem(f"{path}/{name}", "array present but not listed in the group's attribute arrays")
+        info["arrays"] = sorted(set(listed) & set(present))
+
+        # the done record
+        done = None
+        if "done" not in g or not hasattr(g["done"], "shape"):
+            self.problem(path, "no done record (array done): its blocks cannot be trusted")
+        elif nb is not None:
+            d = g["done"]
+            if tuple(d.shape) != (nb,) or d.dtype != np.dtype(bool) or tuple(d.chunks) != (1,):
+                self.problem(f"{path}/done", f"shape {tuple(d.shape)} dtype {d.dtype} chunks {tuple(d.chunks)}; "
+                             f"expected ({nb},) bool chunks (1,)")
+            else:
+                done = np.zeros(nb, dtype=bool)
+                for b in range(nb):
+                    v = self._read(d, f"{path}/done", slice(b, b + 1), group=path, block=b,
+                                   chunk=f"{d.path}/{self._key(d, (b,))}")
+                    done[b] = bool(v[0]) if v is not None else False
+        if n is None or nb is None:
+            return
+        self._expectations(path, kind, settings, present, listed)
+        # per array: layout, then the done blocks' chunks
+        for name in info["arrays"]:
+            arr = present[name]
+            where = f"{path}/{name}"
+            cap = arr.attrs.get("block_capacity")
+            if cap:
+                cap = int(cap)
+                exp_rows, exp_chunk = nb * cap, cap
+            else:
+                exp_rows, exp_chunk = n, min(br, max(n, 1))
+            if arr.shape[0] != exp_rows:
+                self.problem(where, f"{arr.shape[0]} rows, expected {exp_rows}"
+                             + ("" if cap else f" (= len(keys)): not row-aligned"))
+                continue
+            if arr.chunks[0] != exp_chunk:
+                self.problem(where, f"chunked by {arr.chunks[0]} rows, expected {exp_chunk} (block_rows): "
+                             "a block is not one chunk file")
+                continue
+            if done is None:
+                continue
+            is_float = arr.dtype.kind in _FLOAT_KINDS
+            for b in np.flatnonzero(done).tolist():
+                s, e = (b * cap, (b + 1) * cap) if cap else (b * br, min((b + 1) * br, n))
+                rows = None if cap else (s, e)
+                missing = [c for c in self._chunk_coords(arr, b) if not self._chunk_file(arr, c).is_file()]
+                if missing:
+                    self.problem(where, "chunk file missing although done[{}] is true (it would read back "
+                                 "as zeros)".format(b), group=path, block=b, rows=rows,
+                                 chunk=f"{arr.path}/{self._key(arr, missing[0])}")
+                    continue
+                v = self._read(arr, where, slice(s, e), group=path, block=b, rows=rows,
+                               chunk=f"{arr.path}/{self._key(arr, (b, *([0] * (arr.ndim - 1))))}")
+                if v is None or not is_float:
+                    continue
+                v = np.asarray(v)
+                bad = ~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1) if v.ndim > 1 else ~np.isfinite(v)
+                if bad.any():
+                    idx = (np.flatnonzero(bad) + s).tolist()
+                    what = f"rows {idx[:10]}" + (" ..." if len(idx) > 10 else "") if not cap else \
+                        f"flat rows {idx[:10]}" + (" ..." if len(idx) > 10 else "")
+                    self.problem(where, f"{len(idx)} rows hold NaN or Inf ({what})", group=path, block=b, rows=rows)
+        if done is not None:
+            pend = np.flatnonzero(~done).tolist()
+            info["blocks_done"] = int(done.sum())
+            info["incomplete_blocks"] = pend
+            if pend:
+                spans = ", ".join(f"{b} (rows {b * br}-{min((b + 1) * br, n) - 1})" for b in pend[:10])
+                self.warning(path, f"{len(pend)} of {nb} blocks incomplete: {spans}"
+                             + (" ..." if len(pend) > 10 else "")
+                             + f"; rerun `surpipe {STAGE_OF_KIND.get(kind, 'the stage')}` to finish them",
+                             group=path)
+
+    def _expectations(self, path, kind, settings, present, listed):
+        """Row shapes and dtypes implied by the group's settings (checked only where recorded)."""
+        s = settings
+
+        def want(name, shape=None, dtype=None):
+            if name not in present:
+                return
+            a = present[name]
+            if shape is not None and tuple(a.shape[1:]) != tuple(shape):
+                self.problem(f"{path}/{name}", f"row shape {tuple(a.shape[1:])}, but the settings say {tuple(shape)}")
+            if dtype is not None and a.dtype != np.dtype(dtype):
+                self.problem(f"{path}/{name}", f"dtype {a.dtype}, but the settings say {dtype}")
+
+        sd = s.get("store_dtype")
+        if isinstance(sd, str):
+            for name, a in present.items():
+                if a.dtype.kind in _FLOAT_KINDS:
+                    want(name, dtype=sd)
+        if kind == "llm":
+            hs = s.get("hidden_size")
+            layers = s.get("layers")
+            if layers is None and isinstance(s.get("layer"), int):
+                layers = [s["layer"]]
+            for name in present:
+                if name.startswith("layer_") and "/" in name and isinstance(hs, int):
+                    want(name, shape=(hs,))
+            if isinstance(layers, list):
+                have = {name.split("/")[0] for name in listed if name.startswith("layer_")}
+                for L in layers:
+                    if f"layer_{L}" not in have:
+                        self.problem(path, f"settings list layer {L} but no array layer_{L}/... is stored")
+                for h in sorted(have - {f"layer_{L}" for L in layers}):
+                    self.problem(path, f"arrays {h}/... are stored but layer {h[6:]} is not in the settings")
+        elif kind == "clip":
+            L, D = s.get("max_length"), s.get("hidden_size")
+            if isinstance(L, int) and isinstance(D, int):
+                for name in ("simple", "complex"):
+                    want(name, shape=(L, D))
+            for name in ("simple_len", "complex_len"):
+                want(name, shape=())
+        elif kind == "vae":
+            C, R, f = s.get("latent_channels"), s.get("resolution"), s.get("downsample_factor")
+            names = ["mean", "std"] + (["flip_mean", "flip_std"] if s.get("flip") else [])
+            if isinstance(C, int) and isinstance(R, int) and isinstance(f, int) and f > 0:
+                for name in names:
+                    want(name, shape=(C, R // f, R // f))
+            if s.get("flip") is True:
+                for name in ("flip_mean", "flip_std"):
+                    if name not in listed:
+                        self.problem(path, f"settings say flip but array {name} is not stored")
+
+
+def check_store(path) -> VerifyReport:
+    """Check the store at ``path`` (read-only); see the module docstring for what is checked."""
+    t0 = time.perf_counter()
+    c = _Checker(Path(path))
+    root = c.root()
+    if root is not None:
+        c.rows_arrays(root)
+        c.groups(root)
+    c.rep.seconds = time.perf_counter() - t0
+    return c.rep
+
+
+def verify_store(path, repair: bool = False) -> VerifyReport:
+    """Check the store; with ``repair``, mark every damaged done block incomplete (``done[b] = False``,
+    nothing recomputed) and check again. The returned report's ``repaired`` lists what was marked;
+    problems that no rerun can fix (root attributes, keys, layout) stay problems."""
+    rep = check_store(path)
+    damaged = rep.damaged_blocks()
+    if not repair or not damaged:
+        return rep
+    from surpipe.store import FeatureGroup, FeatureStore
+
+    store = FeatureStore(path, mode="a")  # refuses a read-only store with a clear message
+    for gpath, blocks in damaged.items():
+        g = FeatureGroup(store, gpath)
+        for b in blocks:
+            g.mark_incomplete(b)
+    fixed = [p for p in rep.problems if p.group is not None and p.block is not None]
+    t = rep.seconds
+    rep = check_store(path)
+    rep.repaired = fixed
+    rep.seconds += t
+    return rep
