@@ -233,6 +233,11 @@ class TrainRecipe:
         mp = cfg.mixed_precision
         if mp == "auto":
             mp = "no" if cpu else "fp16"  # the authors trained in fp16; CPU has no fast fp16
+        # accelerate keeps one state per process; ``run`` may be called again in the same process
+        # (tests, notebooks) with another precision, so start from a clean state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(mixed_precision=mp, cpu=cpu)
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)

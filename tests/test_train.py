@@ -254,3 +254,47 @@ def test_block_shuffled_stream_is_exact_and_resumable(tmp_path, store):
     it3 = iter(s3)
     for k in range(4, 10):
         np.testing.assert_array_equal(next(it3)["llm"], batches[k]["llm"])
+
+
+def test_validation_grid_every_k_steps(tmp_path, store, tiny_models):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert main(_args(store, tiny_models / "sd", out, "--max-steps", "2", "--validation-every", "1",
+                      "--validation-steps", "2", "--validation-size", "32",
+                      "--validation-prompts", "a red cube", "--validation-prompts", "two dogs running")) == 0
+    grids = sorted((out / "validation").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-00000001.png", "step-00000002.png"]
+    im = Image.open(grids[-1])
+    assert im.width > 2 * 96 and im.height > 2 * 96  # two rows, two columns (without | with)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--mixed-precision", "bf16"],
+    ["--prediction-type", "v_prediction", "--min-snr-gamma", "5.0", "--noise-offset", "0.05"],
+    ["--projection", "learnable", "--token-mixing", "tokenwise", "--gradient-path", "authors"],
+])
+def test_training_variants_run_and_save(tmp_path, store, tiny_models, extra):
+    out = tmp_path / "run"
+    assert main(_args(store, tiny_models / "sd", out, "--max-steps", "2", *extra)) == 0
+    rows = _metrics(out)
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    saved = json.loads((out / "config.json").read_text())
+    for flag, value in zip(extra[::2], extra[1::2]):
+        key = flag[2:].replace("-", "_")
+        assert str(saved[key]) == value
+
+
+def test_learnable_projection_is_trained_and_saved(tmp_path, store, tiny_models):
+    from surpipe.losses import LLMProjection
+
+    out = tmp_path / "run"
+    assert main(_args(store, tiny_models / "sd", out, "--max-steps", "2", "--projection", "learnable",
+                      "--learning-rate", "1e-2", "--llm-weight", "1")) == 0
+    saved = LLMProjection.load(out / "adapter" / "llm_projection.safetensors")
+    fresh = LLMProjection(saved.llm_size, saved.width, seed=0)
+    assert not torch.equal(saved.linear.weight, fresh.linear.weight)
+    frozen_out = tmp_path / "frozen"
+    assert main(_args(store, tiny_models / "sd", frozen_out, "--max-steps", "2")) == 0
+    kept = LLMProjection.load(frozen_out / "adapter" / "llm_projection.safetensors")
+    assert torch.equal(kept.linear.weight, fresh.linear.weight)  # frozen: the seeded weights, saved
