@@ -199,7 +199,7 @@ class TrainRecipe:
     def _check_run_folder(self) -> list[str]:
         saved = self.out / "config.json"
         if not saved.exists():
-            if self.out.exists() and any(self.out.iterdir()):
+            if self.out.exists() and any(not p.name.startswith(".") for p in self.out.iterdir()):
                 return [f"{self.out} exists and is not a surpipe run folder; choose another --out"]
             return []
         try:
@@ -617,7 +617,15 @@ def _loss_curve(metrics: Path, png: Path) -> None:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Check the setup, load the frozen UNet, train (or resume) and save the adapter."""
+    """Check the setup, load the frozen UNet, train (or resume) and save the adapter.
+
+    The run folder is locked while training: a second job on the same ``--out`` is refused.
+    """
+    from surpipe.parallel import exclusive_lock
+
     recipe = TrainRecipe(cfg)
-    recipe.setup()
-    return recipe.train()
+    recipe.check()  # every problem at once, before anything is written
+    recipe.out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(recipe.out / ".lock", f"run folder {recipe.out}"):
+        recipe.setup()
+        return recipe.train()

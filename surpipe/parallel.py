@@ -80,11 +80,9 @@ def resolve_device(device: str, env: DistEnv) -> str:
 
 
 @contextlib.contextmanager
-def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
-    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused."""
-    lock_dir = Path(store_path) / ".locks"
-    lock_dir.mkdir(exist_ok=True)
-    lock_file = lock_dir / f"{group_path.replace('/', '__')}.rank{rank}.lock"
+def exclusive_lock(lock_file: str | os.PathLike, what: str):
+    """Hold an exclusive, non-blocking lock on ``lock_file``; a second holder is refused with a
+    message naming ``what`` and the process that holds it. Released when the process dies."""
     fh = open(lock_file, "a+")
     try:
         try:
@@ -93,8 +91,8 @@ def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             raise SurpipeError(
-                f"group {group_path} of store {store_path} is being written by {holder}; "
-                "wait for it to finish (or stop it) before starting another job on this group"
+                f"{what} is being written by {holder}; wait for it to finish (or stop it) "
+                "before starting another job on it"
             ) from None
         fh.seek(0)
         fh.truncate()
@@ -103,6 +101,16 @@ def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
         yield
     finally:
         fh.close()
+
+
+@contextlib.contextmanager
+def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
+    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused."""
+    lock_dir = Path(store_path) / ".locks"
+    lock_dir.mkdir(exist_ok=True)
+    lock_file = lock_dir / f"{group_path.replace('/', '__')}.rank{rank}.lock"
+    with exclusive_lock(lock_file, f"group {group_path} of store {store_path}"):
+        yield
 
 
 @dataclass

@@ -298,3 +298,15 @@ def test_learnable_projection_is_trained_and_saved(tmp_path, store, tiny_models)
     assert main(_args(store, tiny_models / "sd", frozen_out, "--max-steps", "2")) == 0
     kept = LLMProjection.load(frozen_out / "adapter" / "llm_projection.safetensors")
     assert torch.equal(kept.linear.weight, fresh.linear.weight)  # frozen: the seeded weights, saved
+
+
+def test_second_job_on_the_same_run_folder_is_refused(tmp_path, store, tiny_models, capsys):
+    from surpipe.parallel import exclusive_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with exclusive_lock(out / ".lock", "held by this test"):  # as a running training would hold it
+        assert main(_args(store, tiny_models / "sd", out, "--max-steps", "1")) == 1
+    err = capsys.readouterr().err
+    assert f"run folder {out} is being written by pid" in err and "Traceback" not in err
+    assert main(_args(store, tiny_models / "sd", out, "--max-steps", "1")) == 0  # released: runs
