@@ -231,8 +231,8 @@ def run(cfg: EvalConfig) -> dict:
     texts, item_seeds = [it[2] for it in items], [it[3] for it in items]
     kw = dict(seeds=item_seeds, steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
               negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size)
-    images = {"without": render.render(pipe, texts, adapter=None, **kw),
-              "with": render.render(pipe, texts, adapter=adapter, **kw)}
+    images = {"without": render.render(pipe, texts, adapter=None, desc="eval: without adapter", **kw),
+              "with": render.render(pipe, texts, adapter=adapter, desc="eval: with adapter", **kw)}
     scores = {arm: scorer.score(ims, texts) for arm, ims in images.items()}
 
     rows = []

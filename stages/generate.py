@@ -265,7 +265,8 @@ def run(cfg: GenerateConfig) -> dict:
     arms = [("without", None), ("with", adapter)] if cfg.compare else [("", adapter)]
     images, records = {}, []
     for arm, ad in arms:
-        images[arm] = render.render(pipe, texts, adapter=ad, **kw)
+        images[arm] = render.render(pipe, texts, adapter=ad, desc=f"generate{': ' + arm + ' adapter' if arm else ''}",
+                                    **kw)
         for k, ((prompt, seed), im) in enumerate(zip(items, images[arm])):
             name = f"{k:04d}_{slug(prompt)}_s{seed}{'_' + arm if arm else ''}.png"
             im.save(out / name)

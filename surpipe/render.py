@@ -79,13 +79,19 @@ def encode(pipe, prompts: Sequence[str], adapter=None, negative_prompt: str = ""
 
 
 def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], steps: int = 30,
-           guidance: float = 7.5, size: int | None = None, negative_prompt: str = "", batch_size: int = 4):
-    """Images for ``prompts`` (one per prompt, seed ``seeds[i]``), with or without the adapter."""
+           guidance: float = 7.5, size: int | None = None, negative_prompt: str = "", batch_size: int = 4,
+           desc: str | None = None):
+    """Images for ``prompts`` (one per prompt, seed ``seeds[i]``), with or without the adapter.
+
+    ``desc`` shows a progress bar (images/s and ETA) under that name.
+    """
     import torch
+    from tqdm.auto import tqdm
 
     if len(seeds) != len(prompts):
         raise ValueError("one seed per prompt")
     images = []
+    bar = tqdm(total=len(prompts), unit="img", desc=desc, disable=desc is None, dynamic_ncols=True)
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
         pe, ne = encode(pipe, chunk, adapter, negative_prompt)
@@ -93,6 +99,8 @@ def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], 
         out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps,
                    guidance_scale=guidance, generator=gens, height=size, width=size)
         images += out.images
+        bar.update(len(chunk))
+    bar.close()
     return images
 
 
