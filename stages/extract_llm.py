@@ -220,6 +220,8 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
                      trust_remote_code=cfg.trust_remote_code, double_quant=cfg.double_quant, config=mcfg,
                      tokenizer=tok)
     load_s = time.perf_counter() - t_load
+    if cfg.quant == "4bit" and not device.startswith("cuda"):
+        L.check_cpu_nf4_shapes(llm.model, cfg.model)
     counters = {"tok": 0, "prompts": 0, "padded": 0}
 
     def on_batch(n_prompts: int, n_tokens: int) -> None:

@@ -270,6 +270,18 @@ class LoadedLLM:
     info: dict = field(default_factory=dict)
 
 
+def check_cpu_nf4_shapes(model, model_id: str) -> None:
+    """bitsandbytes' CPU NF4 kernel packs weights in groups of 32 output rows and fails with a bare
+    assertion otherwise; name the offending layers before the first forward instead."""
+    bad = sorted({f"{name} (out_features {m.out_features})" for name, m in model.named_modules()
+                  if type(m).__name__ == "Linear4bit" and m.out_features % 32})
+    if bad:
+        raise SurpipeError(
+            f"{model_id}: 4-bit (NF4) on CPU needs every quantized layer's output size to be a multiple "
+            f"of 32 (a bitsandbytes CPU kernel limit); use --quant 8bit or none here, or a GPU:",
+            bad[:10] + ([f"... and {len(bad) - 10} more"] if len(bad) > 10 else []))
+
+
 def find_decoder_layers(model, n: int):
     """The ``nn.ModuleList`` holding the ``n`` decoder layers of ``model`` (found structurally: the
     first ModuleList of ``n`` modules of one class, looked up in the decoder if the model has one)."""

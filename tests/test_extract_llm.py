@@ -427,3 +427,16 @@ def test_two_processes_gloo_equal_one(tmp_path, llm_dir, sample_dir_module):
     for name in ("layer_0/pooled", "layer_3/pooled", "layer_3/tokens", "token_offsets", "token_counts"):
         x, y = a[name][:], b[name][:]
         np.testing.assert_array_equal(x, y, err_msg=name)  # exactly equal, float32 storage
+
+
+def test_cpu_nf4_shape_limit_is_a_clear_error(tmp_path, sample_dir, capsys):
+    """bitsandbytes' CPU NF4 kernel asserts on output sizes that are not multiples of 32."""
+    from stages.cli import main
+    from surpipe.tiny import build_tiny_llm
+
+    build_tiny_llm(tmp_path / "llm100", seed=0, intermediate_size=100)
+    rc = main(["extract-llm", "--data", str(sample_dir), "--store", str(tmp_path / "s.zarr"), "--model",
+               str(tmp_path / "llm100"), "--layers", "1", "--quant", "4bit", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "multiple of 32" in err and "layers.0.mlp.gate_proj (out_features 100)" in err
+    assert "Traceback" not in err
