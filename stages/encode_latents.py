@@ -78,9 +78,10 @@ def _validate(cfg: EncodeLatentsConfig) -> None:
         problems.append(f"resolution: must be >= 8, got {cfg.resolution}")
     if cfg.block_rows is not None and cfg.block_rows < 1:
         problems.append(f"block_rows: must be >= 1, got {cfg.block_rows}")
-    dev = cfg.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        problems.append(f"device: {dev!r}; use auto, cpu, cuda or cuda:<index>")
+    from surpipe.parallel import device_problem
+
+    if device_problem(cfg.device):
+        problems.append(device_problem(cfg.device))
     for k in ("name", "vae_name"):
         v = getattr(cfg, k)
         if v is not None:

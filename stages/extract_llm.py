@@ -76,9 +76,10 @@ def _validate(cfg: ExtractLLMConfig) -> None:
         problems.append(f"max_tokens: must be >= 1, got {cfg.max_tokens}")
     if cfg.block_rows is not None and cfg.block_rows < 1:
         problems.append(f"block_rows: must be >= 1, got {cfg.block_rows}")
-    dev = cfg.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        problems.append(f"device: {dev!r}; use auto, cpu, cuda or cuda:<index>")
+    from surpipe.parallel import device_problem
+
+    if device_problem(cfg.device):
+        problems.append(device_problem(cfg.device))
     if cfg.name is not None and cfg.name != sanitize_name(cfg.name):
         problems.append(f"name: {cfg.name!r} is not a valid group name (letters, digits, '.', '_', '-'; "
                         f"e.g. {sanitize_name(cfg.name)!r})")

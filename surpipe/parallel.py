@@ -79,6 +79,13 @@ def resolve_device(device: str, env: DistEnv) -> str:
     return device
 
 
+def device_problem(device: str) -> str | None:
+    """A config-validation message when ``device`` is not auto, cpu, cuda or cuda:<index>."""
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return None
+    return f"device: {device!r}; use auto, cpu, cuda or cuda:<index>"
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_file: str | os.PathLike, what: str):
     """Hold an exclusive, non-blocking lock on ``lock_file``; a second holder is refused with a

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
+from authors_reference import TheirAdapter
 from surpipe import SURAdapter, SurpipeError
 from surpipe.adapter import SURAdapterConfig
 
@@ -103,41 +103,6 @@ def reference_forward(x, sd, nhead, adapter_weight, token_mixing):
         es.append(e)
         fs.append(f)
     return torch.stack(outs), torch.stack(es), torch.stack(fs)
-
-
-# ------------------------------------------------------------------ the authors' module, as described
-class _TheirAttention(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.query_layer = nn.Linear(d, d)
-        self.key_layer = nn.Linear(d, d)
-        self.value_layer = nn.Linear(d, d)
-        self.output_layer = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
-        self.d = d
-
-    def forward(self, x, e):
-        scores = torch.matmul(self.query_layer(e), self.key_layer(x).transpose(-1, -2)) / math.sqrt(self.d)
-        w = x + torch.matmul(torch.softmax(scores, dim=-1), x)
-        return self.output_layer(w) + w
-
-
-class TheirAdapter(nn.Module):
-    """Their layout: nn.TransformerEncoder(batch_first=False), fed [B, L, D] as is."""
-
-    def __init__(self, d, nhead, ff, adapter_weight=0.1):
-        super().__init__()
-        self.transformer_encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(d_model=d, nhead=nhead, dim_feedforward=ff), num_layers=2,
-            enable_nested_tensor=False)
-        self.attention = _TheirAttention(d)
-        self.fc = nn.Linear(d, d)
-        self.adapter_weight = adapter_weight
-
-    def forward(self, x):
-        e = self.transformer_encoder(x)
-        a = self.attention(x, e)
-        f = self.fc(a)
-        return self.adapter_weight * f + (1 - self.adapter_weight) * x, e, f
 
 
 # ------------------------------------------------------------------ tests

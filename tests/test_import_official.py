@@ -3,56 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 
 import pytest
 import torch
-from torch import nn
 
 from stages.cli import main
+from authors_reference import TheirAdapter
 from surpipe import SURAdapter
 
 D, H, FF, L = 64, 8, 96, 77
 
 
-# The authors' module as method.md describes it (their attribute names, batch_first=False).
-class _TheirAttention(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.query_layer = nn.Linear(d, d)
-        self.key_layer = nn.Linear(d, d)
-        self.value_layer = nn.Linear(d, d)
-        self.output_layer = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
-        self.d = d
-
-    def forward(self, x, e):
-        scores = torch.matmul(self.query_layer(e), self.key_layer(x).transpose(-1, -2)) / math.sqrt(self.d)
-        w = x + torch.matmul(torch.softmax(scores, dim=-1), x)
-        return self.output_layer(w) + w
-
-
-class TheirAdapter(nn.Module):
-    def __init__(self, d=D, nhead=H, ff=FF, adapter_weight=0.1):
-        super().__init__()
-        self.transformer_encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(d_model=d, nhead=nhead, dim_feedforward=ff), num_layers=2,
-            enable_nested_tensor=False)
-        self.attention = _TheirAttention(d)
-        self.fc = nn.Linear(d, d)
-        nn.init.zeros_(self.fc.weight)
-        self.adapter_weight = adapter_weight
-
-    def forward(self, x):
-        e = self.transformer_encoder(x)
-        f = self.fc(self.attention(x, e))
-        return self.adapter_weight * f + (1 - self.adapter_weight) * x, e, f
-
-
 def trained_looking(seed=0) -> TheirAdapter:
     torch.manual_seed(seed)
-    m = TheirAdapter()
+    m = TheirAdapter(D, H, FF)
     with torch.no_grad():
         m.fc.weight.normal_(0, 0.2)  # "trained": not the zero init
         m.attention.query_layer.weight.mul_(4)
