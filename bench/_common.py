@@ -1,0 +1,253 @@
+"""Shared pieces of surpipe's benchmarks: models built offline, real activations, stores, timing.
+
+Real activations: the bundled sample's prompts and images through CLIP text encoders, VAE encoders
+and a small LLaMA built from configs with random weights (no hub here). The numbers are real
+forward passes on real inputs, not random numbers, but the weights are random: trained models
+may give activations that compress differently (rerun on real checkpoints on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SAMPLE = REPO / "data" / "sample"
+
+# SD-like models built from configs. "tiny": surpipe.tiny defaults (CLIP 32 wide, VAE/UNet (32, 64),
+# 64 px). "mid": UNet (64, 128, 256) x 2 layers, VAE (64, 128, 256, 256) x 2 layers at 256 px,
+# CLIP 384 wide x 6 layers (SD-1.5-like block types and attention, scaled down).
+SD_MODELS = {
+    "tiny": dict(text_width=32, text_layers=2, text_heads=4, unet_channels=(32, 64), vae_channels=(32, 64),
+                 layers_per_block=1, image_size=64, attention_head_dim=8,
+                 adapter=dict(nhead=4, dim_feedforward=64)),
+    "mid": dict(text_width=384, text_layers=6, text_heads=6, unet_channels=(64, 128, 256),
+                vae_channels=(64, 128, 256, 256), layers_per_block=2, image_size=256, attention_head_dim=8,
+                adapter=dict(nhead=8, dim_feedforward=1024)),
+}
+LLM_SIZE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=8)
+
+
+def host_info() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def build_sd(kind: str, out: Path, seed: int = 0) -> Path:
+    """An SD pipeline folder (standard diffusers layout) for ``SD_MODELS[kind]``, random weights."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
+
+    m = SD_MODELS[kind]
+    common = dict(text_width=m["text_width"], text_layers=m["text_layers"], text_heads=m["text_heads"],
+                  layers_per_block=m["layers_per_block"], attention_head_dim=m["attention_head_dim"])
+    cv = tiny_sd_configs(channels=m["vae_channels"], image_size=m["image_size"], **common)
+    cu = tiny_sd_configs(channels=m["unet_channels"], image_size=m["image_size"], **common)
+    unet_cfg = dict(cu["unet"], sample_size=m["image_size"] // 2 ** (len(m["vae_channels"]) - 1))
+    out = Path(out)
+    if (out / "model_index.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory(prefix="surpipe-bench-clip-") as d:
+        tok = write_clip_tokenizer(d, **cv["tokenizer"])
+    torch.manual_seed(seed * 1000 + 1)
+    te = CLIPTextModel(CLIPTextConfig(**cv["text_encoder"])).eval()
+    torch.manual_seed(seed * 1000 + 2)
+    vae = AutoencoderKL(**cv["vae"]).eval()
+    torch.manual_seed(seed * 1000 + 3)
+    unet = UNet2DConditionModel(**unet_cfg).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(**cv["scheduler"]), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def sample_rows(rows: int | None = None):
+    from surpipe.data import open_dataset
+
+    ds = open_dataset(str(SAMPLE), progress=False)
+    return ds.samples[: rows or len(ds.samples)]
+
+
+@dataclass
+class Activations:
+    """Real per-row activations of the sample (float32 numpy), row-aligned."""
+
+    clip_simple: np.ndarray
+    clip_complex: np.ndarray
+    lat_mean: np.ndarray
+    lat_std: np.ndarray
+    flip_mean: np.ndarray
+    flip_std: np.ndarray
+    llm: np.ndarray  # pooled raw residual stream of one middle decoder layer
+    resolution: int
+    scaling_factor: float
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in ("llm", "clip_simple", "clip_complex", "lat_mean", "lat_std",
+                                              "flip_mean", "flip_std")}
+
+
+def llm_pooled(prompts, layer: int = 3, seed: int = 0) -> np.ndarray:
+    """Mean-pooled raw output of decoder ``layer`` of a small random LLaMA (LLM_SIZE) on real prompts."""
+    import torch
+    from transformers import LlamaModel
+
+    from surpipe.tiny import load_llama_sentencepiece, tiny_llm_config
+
+    tok = load_llama_sentencepiece()
+    torch.manual_seed(seed)
+    model = LlamaModel(tiny_llm_config(**LLM_SIZE)).eval()
+    got = {}
+    h = model.layers[layer].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([tok(p)["input_ids"]])
+            model(input_ids=ids, use_cache=False)
+            out.append(got["h"][0].float().mean(0).numpy())
+    h.remove()
+    return np.stack(out)
+
+
+def real_activations(model_dir: Path, rows: int | None = None, batch: int = 8) -> Activations:
+    """CLIP last hidden states of the simple and complex prompts, VAE latent mean/std of the
+    center-cropped images and their flips (surpipe.sd, the encode-latents code path), LLM pooled."""
+    import torch
+
+    from surpipe import sd
+
+    samples = sample_rows(rows)
+    te = sd.load_text_encoder(str(model_dir))
+    vae = sd.load_vae_encoder(str(model_dir))
+    res = sd.default_resolution(str(model_dir), None, vae)
+    cs, cc, mm, ss, fm, fs = [], [], [], [], [], []
+    for i in range(0, len(samples), batch):
+        part = samples[i:i + batch]
+        cs.append(sd.encode_prompts(te, [s.simple for s in part]).numpy())
+        cc.append(sd.encode_prompts(te, [s.complex for s in part]).numpy())
+        x = torch.stack([sd.preprocess(s.image(), res) for s in part])
+        m, s_ = sd.encode_latent_dist(vae, x)
+        mm.append(m.numpy()); ss.append(s_.numpy())
+        m, s_ = sd.encode_latent_dist(vae, torch.flip(x, dims=[-1]))
+        fm.append(m.numpy()); fs.append(s_.numpy())
+    llm = llm_pooled([s.simple for s in samples])
+    return Activations(np.concatenate(cs), np.concatenate(cc), np.concatenate(mm), np.concatenate(ss),
+                       np.concatenate(fm), np.concatenate(fs), llm, res, vae.scaling_factor)
+
+
+@dataclass(frozen=True)
+class _Row:
+    key: str
+    simple: str
+    complex: str
+
+
+class SyntheticDataset:
+    """The minimum a FeatureStore needs from a dataset: samples, source, fingerprint."""
+
+    def __init__(self, n: int, base=None):
+        base = base or [("a", "b")]
+        self.samples = [_Row(f"r{i:07d}", base[i % len(base)][0], base[i % len(base)][1]) for i in range(n)]
+        self.source = f"bench-synthetic-{n}"
+
+    def __len__(self):
+        return len(self.samples)
+
+    def fingerprint(self):
+        h = hashlib.sha256()
+        for s in self.samples:
+            h.update(json.dumps([s.key, s.simple, s.complex]).encode())
+        return h.hexdigest()
+
+
+def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, codec: str = "zstd",
+                dtype: str = "float16", llm_layer: int = 3) -> Path:
+    """A training store of ``rows`` rows: the real activations tiled (row i holds activation i % n)."""
+    from surpipe.store import ArraySpec, FeatureStore
+
+    st = FeatureStore.create_or_open(path, SyntheticDataset(rows), block_rows=block_rows)
+    n = act.llm.shape[0]
+    lat = act.lat_mean.shape[1:]
+    width = act.clip_simple.shape[-1]
+    llm = st.require_group("llm", "bench", {"layers": [llm_layer]},
+                           {f"layer_{llm_layer}/pooled": ArraySpec((act.llm.shape[1],), dtype, codec)})
+    clip = st.require_group("clip", "bench", {"m": 1}, {
+        "simple": ArraySpec((77, width), dtype, codec), "complex": ArraySpec((77, width), dtype, codec),
+        "simple_len": ArraySpec((), "int32", codec), "complex_len": ArraySpec((), "int32", codec)})
+    vae = st.require_group("vae", f"bench-{act.resolution}", {"resolution": act.resolution,
+                                                              "scaling_factor": act.scaling_factor},
+                           {k: ArraySpec(lat, dtype, codec) for k in ("mean", "std", "flip_mean", "flip_std")})
+    for b in range(st.num_blocks):
+        s, e = st.block_range(b)
+        idx = np.arange(s, e) % n
+        llm.write_block(b, {f"layer_{llm_layer}/pooled": act.llm[idx]})
+        clip.write_block(b, {"simple": act.clip_simple[idx], "complex": act.clip_complex[idx],
+                             "simple_len": np.full(e - s, 9), "complex_len": np.full(e - s, 60)})
+        vae.write_block(b, {"mean": act.lat_mean[idx], "std": act.lat_std[idx],
+                            "flip_mean": act.flip_mean[idx], "flip_std": act.flip_std[idx]})
+    return Path(path)
+
+
+def store_groups(resolution: int, llm_layer: int = 3, flip: bool = True):
+    from surpipe.train_data import StoreGroups
+
+    return StoreGroups("llm/bench", llm_layer, "clip/bench", f"vae/bench-{resolution}", flip)
+
+
+def cached_model_and_activations(kind: str, cache: Path, rows: int | None) -> tuple[Path, Activations]:
+    """``build_sd`` + ``real_activations``, kept in ``cache`` so several benchmarks share them."""
+    cache = Path(cache)
+    mdir = build_sd(kind, cache / f"sd-{kind}")
+    npz = cache / f"act-{kind}-{rows or 'all'}.npz"
+    if npz.is_file():
+        z = np.load(npz)
+        return mdir, Activations(**{k: z[k] for k in z.files if k not in ("resolution", "scaling_factor")},
+                                 resolution=int(z["resolution"]), scaling_factor=float(z["scaling_factor"]))
+    act = real_activations(mdir, rows)
+    tmp = npz.with_suffix(".tmp.npz")
+    np.savez(tmp, **act.arrays(), resolution=act.resolution, scaling_factor=act.scaling_factor)
+    os.replace(tmp, npz)
+    return mdir, act
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file() and not f.name.endswith(".json"))
