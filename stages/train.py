@@ -79,7 +79,7 @@ class TrainConfig:
     flip: bool = True
     # running
     device: str = "auto"
-    workers: int = 2
+    workers: Optional[int] = None  # loader processes; None: 0 on CPU, 2 on CUDA (docs/performance.md)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 1
@@ -105,7 +105,7 @@ def _validate_numbers(cfg: TrainConfig) -> list[str]:
         p.append(f"adapter_weight must be within [0, 1] (got {cfg.adapter_weight})")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
         p.append(f"min_snr_gamma must be > 0 (got {cfg.min_snr_gamma})")
-    if cfg.workers < 0:
+    if cfg.workers is not None and cfg.workers < 0:
         p.append(f"workers must be >= 0 (got {cfg.workers})")
     if cfg.validation_every < 0:
         p.append("validation_every must be >= 0")
@@ -291,7 +291,12 @@ class TrainRecipe:
 
         reader = BlockReader(self.cfg.store, self.groups, self.store.block_rows)
         pos = Position(**self.position) if self.position else None
-        return SampleStream(reader, self.cfg.batch_size, self.cfg.seed, workers=self.cfg.workers, position=pos)
+        workers = self.cfg.workers
+        if workers is None:
+            # a block read costs ~0.2 ms against steps of hundreds of ms: on CPU, forked loader
+            # processes only compete with the step for cores (bench/store_io.py, docs/performance.md)
+            workers = 2 if self.device.type == "cuda" else 0
+        return SampleStream(reader, self.cfg.batch_size, self.cfg.seed, workers=workers, position=pos)
 
     def _batch_to_tensors(self, batch):
         import torch
