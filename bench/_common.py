@@ -251,3 +251,13 @@ def cached_model_and_activations(kind: str, cache: Path, rows: int | None) -> tu
 
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file() and not f.name.endswith(".json"))
+
+
+def write_result(d: dict, out: str, command: str, summary_rows) -> int:
+    """Record the reproducing command in ``d``, write it as JSON to ``out`` and print the summary."""
+    d["command"] = command
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(d, indent=2) + "\n")
+    for k, v in summary_rows(d):
+        print(f"{k:60s} {v}")
+    return 0

@@ -35,7 +35,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import write_result  # noqa: E402
 
 # ---------------------------------------------------------------- published configs (SD 1.5, LLaMA)
 SD15_UNET = dict(
@@ -307,12 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default=None, help="bench/store_io.py JSON with measured compression ratios")
     args = ap.parse_args(argv)
     d = run(args.utilisation, args.peak_tflops, args.ratios)
-    d["command"] = "python bench/cost_model.py --out " + args.out + (f" --ratios {args.ratios}" if args.ratios else "")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(d, indent=2) + "\n")
-    for k, v in summary(d):
-        print(f"{k:60s} {v}")
-    return 0
+    cmd = "python bench/cost_model.py --out " + args.out + (f" --ratios {args.ratios}" if args.ratios else "")
+    return write_result(d, args.out, cmd, summary)
 
 
 if __name__ == "__main__":

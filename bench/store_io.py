@@ -215,12 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="folder to keep built models and activations in")
     args = ap.parse_args(argv)
     d = run(args.quick, models=args.models.split(",") if args.models else None, cache=args.cache)
-    d["command"] = "python bench/store_io.py" + (" --quick" if args.quick else "") + f" --out {args.out}"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(d, indent=2) + "\n")
-    for k, v in summary(d):
-        print(f"{k:60s} {v}")
-    return 0
+    cmd = "python bench/store_io.py" + (" --quick" if args.quick else "") + f" --out {args.out}"
+    return C.write_result(d, args.out, cmd, summary)
 
 
 if __name__ == "__main__":
