@@ -16,7 +16,6 @@ bench/store_io.py and bench/train_step.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
