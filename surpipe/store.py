@@ -358,6 +358,10 @@ class FeatureStore:
             raise SurpipeError(f"invalid group name {name!r}: use a plain name without '/'")
         path = f"{kind}/{name}"
         settings = json.loads(json.dumps(dict(settings), default=str))
+        if path in self.root and "settings" not in self.root[path].attrs:
+            # creation was interrupted: attrs are written last, and no block is written before
+            # this method returns, so nothing computed is lost by starting the group again
+            del self.root[path]
         if path in self.root:
             old = dict(self.root[path].attrs.get("settings", {}))
             if old == settings and not overwrite:

@@ -181,3 +181,14 @@ def test_inspect_cli(tmp_path, capsys):
     assert "provenance model: \"tiny-llm\"" in out and "zstd" in out
     assert main(["inspect", str(tmp_path / "missing.zarr")]) == 1
     assert "feature store not found" in capsys.readouterr().err
+
+
+def test_group_whose_creation_was_interrupted_is_recreated(tmp_path):
+    """A kill between creating a group's arrays and writing its attrs (written last) leaves a group
+    without settings: it holds no finished block, so reopening starts it again instead of refusing."""
+    st = FeatureStore.create_or_open(tmp_path / "s.zarr", FakeDataset(6), block_rows=3)
+    half = st.root.require_group("llm/tiny")
+    half.create_array("layer_1/pooled", shape=(6, 8), dtype="float16", chunks=(3, 8))
+    g = _group(st)
+    assert g.settings == {"model": "m", "layers": [1, 3]} and g.completed_blocks() == 0
+    assert sorted(g.array_names) == ["layer_1/pooled", "layer_3/pooled"]
