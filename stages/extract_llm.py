@@ -101,11 +101,6 @@ def default_name(model: str, quant: str, pooling: str) -> str:
     return model_basename(model) + (f"-{quant}" if quant != "none" else "") + (f"-{pooling}" if pooling != "mean" else "")
 
 
-def _settings_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return [f"{k}: stored {old.get(k)!r}, requested {new.get(k)!r}" for k in keys]
-
-
 def token_layout(lengths: np.ndarray, store) -> tuple[int, np.ndarray]:
     """Block-ragged layout of per-token rows: (capacity C, offsets [N] int64). Block b owns flat rows
     [b*C, (b+1)*C); row i's tokens are flat rows offsets[i] .. offsets[i] + lengths[i]."""
@@ -126,7 +121,7 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     """Extract the configured layers' features into the store; returns a report dict."""
     from surpipe import llm as L
     from surpipe.parallel import barrier, dist_env, init_distributed, resolve_device, run_block_job
-    from surpipe.store import ArraySpec, FeatureGroup
+    from surpipe.store import ArraySpec
 
     _validate(cfg)
     L.quiet_libraries()
@@ -178,13 +173,9 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"group": path, "store": str(cfg.store), "rows": store.num_samples,
                               "layers": layers, "device": device, "world_size": env.world_size,
                               "config_file": str(cfg_path)}
-    if store.has_group(path) and not cfg.overwrite:
-        g = FeatureGroup(store, path)
-        if g.settings != settings:
-            raise SurpipeError(f"store {cfg.store}: group {path} was written with other settings; "
-                               "pass --overwrite to replace it or choose another --name",
-                               _settings_diff(g.settings, settings))
-        if g.is_complete():
+    if not cfg.overwrite:
+        store.check_settings("llm", name, settings)
+        if store.has_group(path) and store.group(path).is_complete():
             _log(f"{path}: nothing to do, all {store.num_blocks} blocks are already done "
                  f"({store.num_samples} prompts, layers {layers})", env)
             report.update(already_complete=True, prompts_done_now=0, seconds=round(time.perf_counter() - t_start, 2))

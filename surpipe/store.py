@@ -338,6 +338,24 @@ class FeatureStore:
                                f"(it has: {', '.join(have) or 'none'})")
         return FeatureGroup(self, path)
 
+    def _half_created(self, path: str) -> bool:
+        return path in self.root and "settings" not in self.root[path].attrs
+
+    def check_settings(self, kind: str, name: str, settings: Mapping[str, Any]) -> None:
+        """Refuse when group ``kind/name`` exists with settings other than ``settings``, listing
+        each difference (cheap: stages call it before loading any model)."""
+        path = f"{kind}/{name}"
+        if path not in self.root or self._half_created(path):
+            return
+        settings = json.loads(json.dumps(dict(settings), default=str))
+        old = dict(self.root[path].attrs.get("settings", {}))
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise SurpipeError(
+                f"store {self.path}: group {path} was written with other settings; "
+                "pass --overwrite to replace it or choose another --name",
+                [f"{k}: stored {old.get(k)!r}, requested {settings.get(k)!r}" for k in diff])
+
     def require_group(
         self,
         kind: str,
@@ -358,21 +376,13 @@ class FeatureStore:
             raise SurpipeError(f"invalid group name {name!r}: use a plain name without '/'")
         path = f"{kind}/{name}"
         settings = json.loads(json.dumps(dict(settings), default=str))
-        if path in self.root and "settings" not in self.root[path].attrs:
-            # creation was interrupted: attrs are written last, and no block is written before
-            # this method returns, so nothing computed is lost by starting the group again
+        if self._half_created(path) or (overwrite and path in self.root):
+            # a group without settings had its creation interrupted (attrs are written last, and
+            # no block is written before this method returns): nothing computed is lost
             del self.root[path]
         if path in self.root:
-            old = dict(self.root[path].attrs.get("settings", {}))
-            if old == settings and not overwrite:
-                return FeatureGroup(self, path)
-            if not overwrite:
-                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                details = [f"{k}: stored {old.get(k)!r}, requested {settings.get(k)!r}" for k in diff]
-                raise SurpipeError(
-                    f"store {self.path}: group {path} was written with other settings; "
-                    "pass --overwrite to replace it or choose another --name", details)
-            del self.root[path]
+            self.check_settings(kind, name, settings)
+            return FeatureGroup(self, path)
         g = self.root.require_group(path)
         n, b = self.num_samples, self.block_rows
         for aname, spec in arrays.items():
@@ -386,7 +396,7 @@ class FeatureStore:
                            chunks=(min(b, max(n, 1)), *spec.row_shape), compressors=_codecs(spec.codec),
                            fill_value=0)
         g.create_array("done", shape=(self.num_blocks,), dtype=bool, chunks=(1,), fill_value=False)
-        g.attrs.update({
+        g.update_attributes({  # one metadata write: a kill leaves all of these or none
             "kind": kind,
             "settings": settings,
             "settings_hash": settings_hash(settings),

@@ -189,6 +189,17 @@ def test_group_whose_creation_was_interrupted_is_recreated(tmp_path):
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", FakeDataset(6), block_rows=3)
     half = st.root.require_group("llm/tiny")
     half.create_array("layer_1/pooled", shape=(6, 8), dtype="float16", chunks=(3, 8))
+    half.attrs["kind"] = "llm"  # attrs partly there, settings not
+    st.check_settings("llm", "tiny", {"model": "m", "layers": [1, 3]})  # the early check lets it pass
     g = _group(st)
     assert g.settings == {"model": "m", "layers": [1, 3]} and g.completed_blocks() == 0
     assert sorted(g.array_names) == ["layer_1/pooled", "layer_3/pooled"]
+
+
+def test_check_settings_refuses_before_any_work(tmp_path):
+    st = FeatureStore.create_or_open(tmp_path / "s.zarr", FakeDataset(6), block_rows=3)
+    _group(st)
+    st.check_settings("llm", "tiny", {"model": "m", "layers": [1, 3]})
+    st.check_settings("llm", "other", {"anything": 1})  # absent group: nothing to compare
+    with pytest.raises(SurpipeError, match=r"layers: stored \[1, 3\], requested \[2\]"):
+        st.check_settings("llm", "tiny", {"model": "m", "layers": [2]})
