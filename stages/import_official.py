@@ -10,8 +10,6 @@ encoded every token on its own, and the released weights expect that.
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Optional
 
 from surpipe import config as cfgmod
 from surpipe.errors import SurpipeError
+from surpipe.safeload import file_sha256, load_torch_file
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "adapter", "module")
 
@@ -38,19 +37,7 @@ def read_official(path: str | Path) -> dict:
     import torch
 
     p = Path(path)
-    if not p.is_file():
-        raise SurpipeError(f"checkpoint not found: {p}")
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message starts with advice to retry with weights_only=False: keep only the
-        # line naming the refused object.
-        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
-        why = f" ({lines[0]})" if lines else ""
-        raise SurpipeError(f"refusing {p}: it holds objects other than tensors, which could run code "
-                           f"when loaded; nothing from it was executed{why}") from None
-    except Exception as e:  # not a torch file, truncated zip, ...
-        raise SurpipeError(f"cannot read {p} as a torch checkpoint: {type(e).__name__}: {e}") from None
+    obj = load_torch_file(p, "checkpoint")
     if isinstance(obj, dict) and len(obj) == 1:
         (k, v), = obj.items()
         if k in WRAPPER_KEYS and isinstance(v, dict):
@@ -64,14 +51,6 @@ def read_official(path: str | Path) -> dict:
         raise SurpipeError(f"{p} is not a flat state dict of tensors; these entries are not tensors:",
                            bad[:20] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else []))
     return dict(obj)
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run(cfg: ImportOfficialConfig) -> Path:
@@ -110,7 +89,7 @@ def run(cfg: ImportOfficialConfig) -> Path:
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.save_pretrained(out)
     cfgmod.save(cfg, out / "import_config.json",
-                extra={"source_sha256": _sha256(src), "source_dtypes": src_dtypes,
+                extra={"source_sha256": file_sha256(src), "source_dtypes": src_dtypes,
                        "adapter_config": {"width": width, "nhead": cfg.nhead, "dim_feedforward": ff,
                                           "num_layers": 2, "token_mixing": "tokenwise"}})
     n = sum(v.numel() for v in state.values())

@@ -15,7 +15,6 @@ The file is read with ``torch.load(weights_only=True)``: no code in it is execut
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from surpipe.errors import SurpipeError
+from surpipe.safeload import file_sha256, load_torch_file
 
 
 @dataclass
@@ -46,28 +46,12 @@ def _norm(s: str) -> str:
     return re.sub(r"\s+", " ", s).strip()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_prompt2vec(path: str | Path) -> dict[str, np.ndarray]:
     """Read the authors' ``{prompt: tensor [H]}`` file safely; float32 numpy vectors."""
-    import pickle
-
     import torch
 
     p = Path(path)
-    if not p.is_file():
-        raise SurpipeError(f"prompt2vec file not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SurpipeError(f"{p} cannot be read as a torch file of tensors (weights_only=True): {first}") from None
+    obj = load_torch_file(p, "prompt2vec file")
     if not isinstance(obj, dict) or not obj:
         raise SurpipeError(f"{p} does not hold a non-empty {{prompt: tensor}} dict (got {type(obj).__name__})")
     out: dict[str, np.ndarray] = {}
@@ -152,7 +136,7 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
         raise SurpipeError(f"no store row's simple prompt is in {src}: is this the file for this dataset?")
 
     mat = np.stack([vecs[k] for k in file_keys])
-    settings = {"source": "prompt2vec", "file_sha256": _sha256(src), "layer": cfg.layer, "pooling": "mean",
+    settings = {"source": "prompt2vec", "file_sha256": file_sha256(src), "layer": cfg.layer, "pooling": "mean",
                 "output": "decoder layer output (residual stream, before the final norm)", "hidden_size": H,
                 "store_dtype": cfg.store_dtype, "matching": "exact, then whitespace-normalised"}
     arrays = {f"layer_{cfg.layer}/pooled": ArraySpec((H,), cfg.store_dtype, cfg.codec),

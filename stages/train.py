@@ -483,12 +483,13 @@ class TrainRecipe:
 
         saved = LLMProjection.load(path / "projection.safetensors")
         self.accelerator.unwrap_model(self.projection).load_state_dict(saved.state_dict())
-        try:
-            opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled code (UnpicklingError); damaged files
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise SurpipeError(f"checkpoint {path} cannot be loaded (optimizer.pt, read with weights_only=True: "
-                               f"{first}); delete {path.name} to resume from an earlier checkpoint") from None
+        from surpipe.safeload import load_torch_file
+
+        try:  # a run folder can come from someone else: no pickled code runs
+            opt = load_torch_file(path / "optimizer.pt", "optimizer state")
+        except SurpipeError as e:
+            raise SurpipeError(f"checkpoint {path} cannot be loaded ({e}); "
+                               f"delete {path.name} to resume from an earlier checkpoint") from None
         self.optimizer.load_state_dict(opt["optimizer"])
         self.lr_scheduler.load_state_dict(opt["lr_scheduler"])
         if opt.get("scaler") and self.accelerator.scaler:

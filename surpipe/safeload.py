@@ -1,0 +1,44 @@
+"""Reading ``.pt`` files that users download (the authors' adapter and prompt2vec features):
+``torch.load(weights_only=True)`` only, so a file holding anything but tensors and plain
+containers is refused without running any of its code."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+from surpipe.errors import SurpipeError
+
+
+def load_torch_file(path: str | os.PathLike, what: str):
+    """The object in a foreign ``.pt`` file, read with ``weights_only=True``; SurpipeError when the
+    file is missing, is not a torch file, or holds objects other than tensors (``what`` names it
+    in messages, e.g. ``"checkpoint"``)."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise SurpipeError(f"{what} not found: {p}")
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message opens with advice to retry with weights_only=False: keep only the line
+        # naming the refused object
+        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
+        why = f" ({lines[0]})" if lines else ""
+        raise SurpipeError(f"refusing {p}: it holds objects other than tensors, which could run code "
+                           f"when loaded (read with weights_only=True); nothing from it was executed{why}") from None
+    except Exception as e:  # not a torch file, truncated zip, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SurpipeError(f"cannot read {p} as a torch file of tensors (weights_only=True): {first}") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
