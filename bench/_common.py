@@ -261,3 +261,19 @@ def write_result(d: dict, out: str, command: str, summary_rows) -> int:
     for k, v in summary_rows(d):
         print(f"{k:60s} {v}")
     return 0
+
+
+def model_bench_main(argv, doc: str, script: str, run, summary_rows) -> int:
+    """The command line shared by the benchmarks that build tiny/mid models:
+    ``--quick --out FILE [--models tiny,mid] [--cache DIR]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--models", default=None, help="comma list of tiny,mid")
+    ap.add_argument("--cache", default=None, help="folder to keep built models and activations in")
+    args = ap.parse_args(argv)
+    d = run(args.quick, models=args.models.split(",") if args.models else None, cache=args.cache)
+    cmd = f"python bench/{script}" + (" --quick" if args.quick else "") + f" --out {args.out}"
+    return write_result(d, args.out, cmd, summary_rows)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -208,15 +207,7 @@ def summary(d: dict) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--models", default=None, help="comma list of tiny,mid")
-    ap.add_argument("--cache", default=None, help="folder to keep built models and activations in")
-    args = ap.parse_args(argv)
-    d = run(args.quick, models=args.models.split(",") if args.models else None, cache=args.cache)
-    cmd = "python bench/store_io.py" + (" --quick" if args.quick else "") + f" --out {args.out}"
-    return C.write_result(d, args.out, cmd, summary)
+    return C.model_bench_main(argv, __doc__, "store_io.py", run, summary)
 
 
 if __name__ == "__main__":

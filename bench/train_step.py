@@ -20,7 +20,6 @@ measurement runs ``TrainRecipe.train()`` itself (the real loop, workers 0 and 2)
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -194,15 +193,7 @@ def summary(d: dict) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--models", default=None, help="comma list of tiny,mid")
-    ap.add_argument("--cache", default=None, help="folder to keep built models and activations in")
-    args = ap.parse_args(argv)
-    d = run(args.quick, models=args.models.split(",") if args.models else None, cache=args.cache)
-    cmd = "python bench/train_step.py" + (" --quick" if args.quick else "") + f" --out {args.out}"
-    return C.write_result(d, args.out, cmd, summary)
+    return C.model_bench_main(argv, __doc__, "train_step.py", run, summary)
 
 
 if __name__ == "__main__":
