@@ -352,7 +352,7 @@ class TrainRecipe:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         import torch
-        from tqdm.auto import tqdm
+        from surpipe.progress import progress_bar
 
         cfg = self.cfg
         if self.step >= cfg.max_steps:
@@ -367,8 +367,8 @@ class TrainRecipe:
         if start_step:  # steps logged after the checkpoint by a killed run are replayed: drop them
             _drop_metrics_after(self.out / "metrics.jsonl", start_step)
         logger = _RunLogger(self.out, cfg.tensorboard, start_step)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   desc="train", disable=not cfg.progress)
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step",
+                           desc="train", disable=not cfg.progress)
         if start_step:
             logger.log_text(f"resumed from step {start_step}")
         t_run = time.perf_counter()

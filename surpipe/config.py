@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -14,6 +15,44 @@ from typing import Any, TypeVar
 from surpipe.errors import SurpipeError
 
 T = TypeVar("T")
+
+# Option groups, in the order ``--help`` shows them.
+GROUPS = ("data", "model", "optimisation", "losses", "validation", "inference", "output", "running")
+
+
+def opt(default: Any = dataclasses.MISSING, *, help: str, group: str = "running",
+        default_factory: Any = dataclasses.MISSING, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, cli: bool = True) -> Any:
+    """A config field with its one-line ``--help`` text, its help group and its valid range.
+
+    Ranges (``ge``/``gt``/``le``/``lt``) are checked by :func:`from_dict` with every other problem;
+    every float option must also be finite. ``cli=False`` keeps a field out of the command line.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown option group {group!r} (valid: {', '.join(GROUPS)})")
+    md = {"help": help, "group": group, "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=md)
+    return dataclasses.field(default=default, metadata=md)
+
+
+def _range_problems(f: dataclasses.Field, value: Any, where: str) -> list[str]:
+    """Finiteness (every float) and the field's declared range."""
+    vals = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            out.append(f"{where}: must be a finite number (got {v})")
+            continue
+        md = f.metadata
+        for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            bound = md.get(key)
+            if bound is not None and not ok(v, bound):
+                out.append(f"{where}: must be {word} {bound} (got {v})")
+    return out
 
 
 def to_dict(cfg: Any) -> dict:
@@ -87,7 +126,10 @@ def _from_dict(cls, data: dict, where: str, problems: list[str]):
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where + '.' if where else ''}{f.name}", problems)
+            key = f"{where + '.' if where else ''}{f.name}"
+            sub: list[str] = []
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, sub)
+            problems += sub or _range_problems(f, kwargs[f.name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{where + '.' if where else ''}{f.name}: required option missing")
     if problems:

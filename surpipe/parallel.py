@@ -153,7 +153,7 @@ def run_block_job(
     that is already complete is left untouched. ``stats()`` may return running counters (e.g.
     tokens) shown in the progress bar as rates.
     """
-    from tqdm.auto import tqdm
+    from surpipe.progress import progress_bar
 
     t0 = time.perf_counter()
     if env.is_main:
@@ -168,7 +168,7 @@ def run_block_job(
         blocks = group.pending_blocks(env.rank, env.world_size)
         total_rows = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in blocks)
         done_rows = 0
-        bar = tqdm(total=total_rows, unit=unit, unit_scale=False, dynamic_ncols=True,
+        bar = progress_bar(total=total_rows, unit=unit,
                    desc=desc + (f" [rank {env.rank}/{env.world_size}]" if env.world_size > 1 else ""),
                    disable=not progress)
         t_compute = time.perf_counter()

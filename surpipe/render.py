@@ -86,12 +86,12 @@ def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], 
     ``desc`` shows a progress bar (images/s and ETA) under that name.
     """
     import torch
-    from tqdm.auto import tqdm
+    from surpipe.progress import progress_bar
 
     if len(seeds) != len(prompts):
         raise ValueError("one seed per prompt")
     images = []
-    bar = tqdm(total=len(prompts), unit="img", desc=desc, disable=desc is None, dynamic_ncols=True)
+    bar = progress_bar(total=len(prompts), unit="img", desc=desc, disable=desc is None)
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
         pe, ne = encode(pipe, chunk, adapter, negative_prompt)

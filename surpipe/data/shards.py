@@ -46,7 +46,7 @@ def write_shards(dataset: SurdDataset, out: str, *, samples_per_shard: int = 100
     are complete, so an interrupted pack never leaves shards that look finished.
     """
     import webdataset as wds
-    from tqdm.auto import tqdm
+    from surpipe.progress import progress_bar
 
     if samples_per_shard < 1:
         raise SurpipeError(f"samples_per_shard must be at least 1, not {samples_per_shard}")
@@ -59,8 +59,8 @@ def write_shards(dataset: SurdDataset, out: str, *, samples_per_shard: int = 100
     names: list[str] = []
     try:
         writer = None
-        bar = tqdm(total=len(dataset), desc="packing", unit="sample", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=len(dataset), desc="packing", unit="sample", disable=not progress,
+                           leave=False)
         for i, s in enumerate(dataset.samples):
             if i % samples_per_shard == 0:
                 if writer is not None:

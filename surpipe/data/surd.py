@@ -425,12 +425,12 @@ def open_dataset(
     pool = None
     bar = None
     if check_images != "none" and candidates:
-        from tqdm.auto import tqdm
+        from surpipe.progress import progress_bar
 
         pool = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)))
         results = pool.map(lambda r: _check_one(r.sample, check_images), candidates)
-        bar = tqdm(total=len(candidates), desc=f"checking images ({check_images})", unit="img",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=len(candidates), desc=f"checking images ({check_images})", unit="img",
+                           disable=not progress, leave=False)
     else:
         results = iter([None] * len(candidates))
     samples: list[Sample] = []
