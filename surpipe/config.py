@@ -22,15 +22,17 @@ GROUPS = ("data", "model", "optimisation", "losses", "validation", "inference", 
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, group: str = "running",
         default_factory: Any = dataclasses.MISSING, ge: float | None = None, gt: float | None = None,
-        le: float | None = None, lt: float | None = None, cli: bool = True) -> Any:
+        le: float | None = None, lt: float | None = None, cli: bool = True, argument: bool = False) -> Any:
     """A config field with its one-line ``--help`` text, its help group and its valid range.
 
     Ranges (``ge``/``gt``/``le``/``lt``) are checked by :func:`from_dict` with every other problem;
-    every float option must also be finite. ``cli=False`` keeps a field out of the command line.
+    every float option must also be finite. ``cli=False`` keeps a field out of the command line;
+    ``argument=True`` makes it a positional argument there (``surpipe pack SRC OUT``).
     """
     if group not in GROUPS:
         raise ValueError(f"unknown option group {group!r} (valid: {', '.join(GROUPS)})")
-    md = {"help": help, "group": group, "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli}
+    md = {"help": help, "group": group, "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli,
+          "argument": argument}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=md)
     return dataclasses.field(default=default, metadata=md)
