@@ -1,15 +1,24 @@
 """The ``surpipe`` command line: parses options, builds a stage config, calls the stage's ``run``.
 
+Every command's options are generated from its stage's config dataclass (``surpipe.config.opt``
+gives each field its one-line help, its help panel and its valid range), so ``--help``, the saved
+config and the validation cannot drift apart. Every option can also come from ``--config FILE.json``
+(the file each stage saves beside its output); options given on the command line override it.
 Heavy libraries are imported inside commands, so ``surpipe --help`` stays fast.
-Every option can also come from ``--config FILE.json`` (the file each stage saves beside its output);
-options given on the command line override the file.
+
+Exit status: 0 done, 1 a clear error (bad data, model or options), 2 a usage error, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import os
+import signal
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -24,312 +33,344 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigOpt = typer.Option(None, "--config", help="JSON config file (options given here override it).")
+PANELS = {"data": "Data", "model": "Model", "optimisation": "Optimisation", "losses": "Losses",
+          "validation": "Validation", "inference": "Inference", "output": "Output", "running": "Running"}
+
+# What a rerun does after an interrupt, by command.
+RESUME_HINT = {
+    "train": "rerun the same command to resume from the latest checkpoint",
+    "run": "rerun the same command to continue; finished steps are skipped",
+    "extract-llm": "rerun the same command to continue; finished blocks are kept",
+    "encode-latents": "rerun the same command to continue; finished blocks are kept",
+    "import-prompt2vec": "rerun the same command to continue",
+}
 
 
-def _run_stage(module: str, cls_name: str, config: Optional[Path], **options):
-    """Build the stage config from a file plus command-line options and run it."""
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM) during a command; carries the command's name for the message."""
+
+    def __init__(self, command: str, code: int = 130):
+        super().__init__(command)
+        self.command, self.code = command, code
+
+
+def _version(value: bool) -> None:
+    if value:
+        from surpipe import __version__
+
+        typer.echo(f"surpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print surpipe's version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show third-party warnings, log messages and loading bars (hidden by default)."),
+):
+    """SUR-adapter for Stable Diffusion."""
+    from surpipe.logs import setup_logging
+
+    setup_logging(verbose=verbose)
+
+
+# --------------------------------------------------------------------------- options from configs
+
+def flag(name: str) -> str:
+    """The command-line spelling of config field ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp):
+    """(base type, Literal choices or None, list element type or None) of a field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), choices, None
+    if origin in (list, tuple):
+        inner = (typing.get_args(tp) or (str,))[0]
+        return list, None, inner
+    return tp, None, None
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        if f.default is None:
+            return ""
+        if isinstance(f.default, bool):
+            return f" (default: {'yes' if f.default else 'no'})"
+        return f" (default: {f.default})" if f.default != "" else ""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        v = f.default_factory()  # type: ignore[misc]
+        return f" (default: {','.join(map(str, v))})" if isinstance(v, list) and v else ""
+    return " (required)"
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    """The config fields a command exposes, in help order: arguments, then by panel."""
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    order = list(PANELS)
+
+    def key(f):
+        if f.metadata.get("argument"):
+            return (-1, 0)
+        g = f.metadata.get("group", "running")
+        return (order.index(g) if g in order else len(order), 0)
+
+    return sorted(fields, key=key)
+
+
+def _parameters(cls) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in cli_fields(cls):
+        base, choices, inner = _base_type(hints[f.name])
+        help_txt = f.metadata.get("help", "")
+        metavar = "|".join(map(str, choices)) if choices else None
+        if metavar and len(metavar) > 24:
+            metavar = None
+            help_txt += f" One of: {' | '.join(map(str, choices))}."
+        if base is list:
+            help_txt += " Comma separated, or repeat the option."
+        help_txt = (help_txt + _default_text(f)).strip().replace("[", "\\[")  # rich markup eats [...]
+        panel = PANELS.get(f.metadata.get("group", "running"), "Running")
+        if f.metadata.get("argument"):
+            opt = typer.Argument(None, help=help_txt, show_default=False, metavar=f.name.upper())
+            ann = Optional[str]
+        elif base is bool:
+            opt = typer.Option(None, f"{flag(f.name)}/--no-{f.name.replace('_', '-')}", help=help_txt,
+                               rich_help_panel=panel, show_default=False)
+            ann = Optional[bool]
+        elif base is list:
+            opt = typer.Option(None, flag(f.name), help=help_txt, rich_help_panel=panel, show_default=False)
+            ann = Optional[list[str]]
+        else:
+            opt = typer.Option(None, flag(f.name), help=help_txt, rich_help_panel=panel, show_default=False,
+                               metavar=metavar)
+            ann = Optional[base if base in (int, float, str) else str]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
+    params.append(inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        default=typer.Option(None, "--config", help="JSON config file; options given here override it. "
+                             "Every command saves its final config beside its output.",
+                             rich_help_panel="Running", show_default=False)))
+    return params
+
+
+def _split_lists(cls, opts: dict) -> dict:
+    """``--layers 1,3`` and ``--layers 1 --layers 3`` both give [1, 3]."""
+    hints = typing.get_type_hints(cls)
+    out = dict(opts)
+    for name, v in opts.items():
+        base, _, inner = _base_type(hints[name])
+        if base is list and isinstance(v, (list, tuple)):
+            items = [x.strip() for s in v for x in str(s).split(",") if x.strip()]
+            conv = []
+            for x in items:
+                try:
+                    conv.append(inner(x) if inner in (int, float) else x)
+                except ValueError:
+                    conv.append(x)  # the config validation names it
+            out[name] = conv
+    return out
+
+
+def _relabel(err, labels: dict[str, str]):
+    """The same SurpipeError with config keys replaced by how the user wrote them (flags)."""
+    from surpipe.errors import SurpipeError
+
+    if not err.problems:
+        return err
+    new = []
+    for p in err.problems:
+        for key, lab in labels.items():
+            for sep in (":", " ", "["):
+                if p.startswith(key + sep):
+                    p = lab + p[len(key):]
+                    break
+            else:
+                continue
+            break
+        new.append(p)
+    return SurpipeError(str(err).split("\n", 1)[0], new)
+
+
+def run_stage(command: str, module: str, cls_name: str, config: Optional[Path], options: dict):
+    """Build the stage config from a file plus command-line options and run it.
+
+    Problems are reported with the flag names the user typed (``--llm-layer``), or the key and
+    file for values that came from ``--config``.
+    """
     from surpipe import config as cfgmod
+    from surpipe.errors import SurpipeError
 
     mod = importlib.import_module(f"stages.{module}")
     cls = getattr(mod, cls_name)
     opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
-    if config is not None:
-        cfg = cfgmod.load(cls, config, opts)
-    else:
-        cfg = cfgmod.from_dict(cls, opts)
-    return mod.run(cfg)
+    opts = _split_lists(cls, opts)
+    labels = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("argument"):
+            labels[f.name] = f.name.upper()
+        elif f.name in opts or config is None:
+            labels[f.name] = flag(f.name)
+        else:
+            labels[f.name] = f"{f.name} (in {config})"
+    what = f"options for 'surpipe {command}'"
+    try:
+        if config is not None:
+            cfg = cfgmod.load(cls, config, opts, what=what, label=labels.get)
+        else:
+            cfg = cfgmod.from_dict(cls, opts, what=what, label=labels.get)
+    except KeyboardInterrupt:
+        raise Interrupted(command) from None
+    try:
+        return mod.run(cfg)
+    except SurpipeError as e:  # checks inside the stage name config keys: show the user's spelling
+        raise _relabel(e, labels) from None
+    except KeyboardInterrupt:
+        raise Interrupted(command) from None
 
 
-def _not_yet(issue: int):
-    from surpipe.errors import SurpipeError
-
-    raise SurpipeError(f"this command is not implemented yet (tracked in issue {issue})")
-
-
-@app.command()
-def pack(
-    src: Path = typer.Argument(..., help="SURD imagefolder (a folder with metadata.jsonl)."),
-    out: Path = typer.Argument(..., help="Output folder for webdataset .tar shards."),
-    samples_per_shard: Optional[int] = typer.Option(None, help="Samples per .tar shard (default: 1000)."),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Stop at the first bad row."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace existing shards in OUT."),
-    check_images: Optional[str] = typer.Option(None, help="full | header | none (default: full: decode every image)."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels, before decoding (default: 8192*8192)."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Convert a SURD imagefolder into webdataset .tar shards, with a report of skipped rows."""
-    _run_stage("pack", "PackConfig", config, src=src, out=out, samples_per_shard=samples_per_shard,
-               strict=strict, overwrite=overwrite, check_images=check_images, max_pixels=max_pixels,
-               progress=progress)
-
-
-@app.command("make-tiny-models")
-def make_tiny_models(
-    out: Path = typer.Argument(..., help="Output folder: writes OUT/llm and OUT/sd."),
-    seed: Optional[int] = typer.Option(None, help="Seed for the random weights (default: 0)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite"),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Build a tiny LLaMA-architecture LM and a tiny Stable Diffusion, offline, in HF folder layouts."""
-    _run_stage("make_tiny_models", "TinyModelsConfig", config, out=out, seed=seed, overwrite=overwrite)
-
-
-@app.command("extract-llm")
-def extract_llm(
-    data: Optional[str] = typer.Option(None, help="SURD imagefolder, folder of .tar shards, or brace pattern."),
-    store: Optional[Path] = typer.Option(None, help="Feature store (Zarr) to create or extend."),
-    model: Optional[str] = typer.Option(None, help="Causal LM: hub id or local folder."),
-    layers: Optional[str] = typer.Option(None, help="Decoder layer indices, comma separated, 0-based; "
-                                         "negative from the end (--layers=-1 is the last)."),
-    quant: Optional[str] = typer.Option(None, help="none | 8bit | 4bit (bitsandbytes; 4bit = NF4) (default: none)."),
-    pooling: Optional[str] = typer.Option(None, help="mean | last | tokens (default: mean)."),
-    batch_size: Optional[int] = typer.Option(None, help="Prompts per forward, length-bucketed (default: 16)."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | float16 | bfloat16 (default: auto: "
-                                        "float32 on CPU, bfloat16 on CUDA)."),
-    max_tokens: Optional[int] = typer.Option(None, help="Truncate prompts to this many tokens (default: the model's limit)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:I (default: auto)."),
-    name: Optional[str] = typer.Option(None, help="Group llm/NAME (default: the model's name, + -8bit/-4bit, -last/-tokens)."),
-    store_dtype: Optional[str] = typer.Option(None, help="Stored dtype: float16 | float32 (default: float16)."),
-    codec: Optional[str] = typer.Option(None, help="zstd | blosc-lz4 | gzip | none (default: zstd)."),
-    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant",
-                                                help="4bit: quantize the quantization constants too (default: yes)."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
-                                                     help="Allow the model repository's own code (default: no)."),
-    block_rows: Optional[int] = typer.Option(None, help="Rows per block when creating the store (default: 256)."),
-    padding_side: Optional[str] = typer.Option(None, help="right | left (values do not depend on it) (default: right)."),
-    bucket: Optional[bool] = typer.Option(None, "--bucket/--no-bucket", help="Length-bucketed batches (default: yes)."),
-    check_images: Optional[str] = typer.Option(None, help="auto | full | header | none (default: auto)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace a group written with other settings."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Stage one, LLM side: store chosen decoder layers' hidden states of the simple prompts."""
-    layer_list = None
-    if layers is not None:
-        try:
-            layer_list = [int(x) for x in layers.replace(" ", "").split(",") if x != ""]
-        except ValueError:
-            from surpipe.errors import SurpipeError
-
-            raise SurpipeError(f"--layers {layers!r}: give comma-separated integers, e.g. --layers 20,39") from None
-    _run_stage("extract_llm", "ExtractLLMConfig", config, data=data, store=store, model=model, layers=layer_list,
-               quant=quant, pooling=pooling, batch_size=batch_size, dtype=dtype, max_tokens=max_tokens,
-               device=device, name=name, store_dtype=store_dtype, codec=codec, double_quant=double_quant,
-               revision=revision, trust_remote_code=trust_remote_code, block_rows=block_rows,
-               padding_side=padding_side, bucket=bucket, check_images=check_images, overwrite=overwrite,
-               progress=progress)
-
-
-@app.command("encode-latents")
-def encode_latents(
-    data: Optional[str] = typer.Option(None, help="SURD imagefolder, folder of .tar shards, or brace pattern."),
-    store: Optional[Path] = typer.Option(None, help="Feature store (Zarr) to create or extend."),
-    model: Optional[str] = typer.Option(None, help="Stable Diffusion: hub id or local folder."),
-    resolution: Optional[int] = typer.Option(None, help="Image side in pixels (default: the model's, 512 for SD 1.5)."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    variant: Optional[str] = typer.Option(None, help="Weight file variant, e.g. fp16."),
-    parts: Optional[str] = typer.Option(None, help="What to encode: clip, vae or clip,vae (default: clip,vae)."),
-    name: Optional[str] = typer.Option(None, help="Group name: clip/NAME, vae/NAME-R (default: the model's name)."),
-    vae_name: Optional[str] = typer.Option(None, help="Full VAE group name (default: NAME-RESOLUTION)."),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also store the flipped crop's latents (default: no)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per VAE batch (default: 8)."),
-    text_batch_size: Optional[int] = typer.Option(None, help="Prompts per text-encoder batch (default: 64)."),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype: float32 | float16 | bfloat16 (default: float32)."),
-    store_dtype: Optional[str] = typer.Option(None, help="Stored dtype: float16 | float32 (default: float16)."),
-    codec: Optional[str] = typer.Option(None, help="zstd | blosc-lz4 | gzip | none (default: zstd)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:I (default: auto)."),
-    workers: Optional[int] = typer.Option(None, help="Image-decoding DataLoader workers (default: 2)."),
-    block_rows: Optional[int] = typer.Option(None, help="Rows per block when creating the store (default: 256)."),
-    check_images: Optional[str] = typer.Option(None, help="auto | full | header | none (default: auto)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace groups written with other settings."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Stage one, SD side: CLIP embeddings of both prompts and VAE latent distributions."""
-    _run_stage("encode_latents", "EncodeLatentsConfig", config, data=data, store=store, model=model,
-               resolution=resolution, revision=revision, variant=variant,
-               parts=[p.strip() for p in parts.split(",") if p.strip()] if parts is not None else None,
-               name=name, vae_name=vae_name, flip=flip, batch_size=batch_size, text_batch_size=text_batch_size,
-               dtype=dtype, store_dtype=store_dtype, codec=codec, device=device, workers=workers,
-               block_rows=block_rows, check_images=check_images, overwrite=overwrite, progress=progress)
-
-
-def _config_command(name: str, module: str, cls_name: str, doc: str, list_sep: dict | None = None):
-    """Register a command whose options are generated from the stage's config dataclass.
-
-    Each field becomes ``--field-name`` (booleans ``--x/--no-x``; list fields repeat the option),
-    typed and documented from the dataclass, so the CLI and the saved config never drift apart.
-    Required fields are still checked by the config validation, which lists every problem at once.
-    """
-    import dataclasses
-    import inspect
-    import typing
-
+def config_command(name: str, module: str, cls_name: str, doc: str) -> None:
+    """Register command ``name`` with options generated from ``stages.<module>.<cls_name>``."""
     mod = importlib.import_module(f"stages.{module}")
     cls = getattr(mod, cls_name)
-    hints = typing.get_type_hints(cls)
-    params = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else tp
-        choices = None
-        if typing.get_origin(base) is typing.Literal:
-            choices = typing.get_args(base)
-            base = type(choices[0])
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is not dataclasses.MISSING:
-            default_txt = f" (default: {f.default})"
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default_txt = ""
-        else:
-            default_txt = " (required)"
-        help_txt = (f"one of: {' | '.join(map(str, choices))}" if choices else "") + default_txt
-        if base is bool:
-            opt = typer.Option(None, f"{flag}/--no-{f.name.replace('_', '-')}", help=help_txt.strip())
-            ann = Optional[bool]
-        elif typing.get_origin(base) is list:
-            opt = typer.Option(None, flag, help=("repeat for several" + default_txt).strip())
-            ann = Optional[list[str]]
-        else:
-            opt = typer.Option(None, flag, help=help_txt.strip())
-            ann = Optional[base if base in (int, float, str) else str]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=ConfigOpt,
-                                    annotation=Optional[Path]))
 
-    def command(**kwargs):
+    required_args = [f.name for f in dataclasses.fields(cls) if f.metadata.get("argument")
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+    def command(ctx: typer.Context, **kwargs):
         config = kwargs.pop("config")
-        _run_stage(module, cls_name, config, **kwargs)
+        missing = [a.upper() for a in required_args if kwargs.get(a) is None]
+        if missing and config is None:  # a usage error (exit 2), as click reports one
+            from typer._click import exceptions as click_exc
 
-    command.__signature__ = inspect.Signature(params)
+            raise click_exc.UsageError(f"Missing argument '{missing[0]}'.", ctx=ctx)
+        run_stage(name, module, cls_name, config, kwargs)
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([ctx_param] + _parameters(cls))
     command.__doc__ = doc
     command.__name__ = name.replace("-", "_")
     app.command(name)(command)
 
 
-_config_command(
-    "train", "train", "TrainConfig",
-    "Stage two: train the SUR-adapter from the store (frozen UNet; no LLM, CLIP or VAE encoder).\n\n"
-    "Required: --store, --model, --llm-layer, --out. Rerunning resumes from the latest checkpoint.",
-)
+COMMANDS = [
+    ("pack", "pack", "PackConfig",
+     "Convert a SURD imagefolder into webdataset .tar shards, with a report of skipped rows."),
+    ("make-tiny-models", "make_tiny_models", "TinyModelsConfig",
+     "Build a tiny LLaMA-architecture LM, a tiny Stable Diffusion and a tiny CLIP, offline, in HF folder layouts."),
+    ("extract-llm", "extract_llm", "ExtractLLMConfig",
+     "Stage one, LLM side: store chosen decoder layers' hidden states of the simple prompts.\n\n"
+     "Rerunning continues where it stopped; --layers adds layers to an existing group."),
+    ("encode-latents", "encode_latents", "EncodeLatentsConfig",
+     "Stage one, SD side: CLIP embeddings of both prompts and VAE latent distributions."),
+    ("train", "train", "TrainConfig",
+     "Stage two: train the SUR-adapter from the store (frozen UNet; no LLM, CLIP or VAE encoder).\n\n"
+     "Required: --store, --model, --llm-layer, --out. Rerunning resumes from the latest checkpoint."),
+    ("generate", "generate", "GenerateConfig",
+     "Render prompts with a stock diffusers pipeline and the adapter (no LLM).\n\n"
+     "Required: --model, --adapter (a run folder or an adapter folder), --out, and --prompt or --prompts-file. "
+     "--compare also renders without the adapter at the same seeds and writes a side-by-side grid."),
+    ("eval", "eval", "EvalConfig",
+     "Score images with and without the adapter on prompt suites by category (CLIP score).\n\n"
+     "Writes results.md, results.json and a bar chart clip_scores.png."),
+    ("inspect", "inspect", "InspectConfig",
+     "Describe a feature store: a short summary (--full for every array, --json for all of it)."),
+    ("verify", "verify", "VerifyConfig",
+     "Check a whole store against its contract (completion, alignment, checksums, decodability, NaN/Inf).\n\n"
+     "Exit status 0 when sound (incomplete blocks are warnings), 1 with the list of problems."),
+    ("import-official", "import_official", "ImportOfficialConfig",
+     "Convert the authors' released adapter .pt into a SURAdapter folder."),
+    ("import-prompt2vec", "import_prompt2vec", "ImportPrompt2VecConfig",
+     "Import the authors' {prompt: tensor} .pt file as an LLM layer group of a store."),
+]
 
-
-_config_command(
-    "generate", "generate", "GenerateConfig",
-    "Render prompts with a stock diffusers pipeline and the adapter (no LLM).\n\n"
-    "Required: --model, --adapter (a run folder or an adapter folder), --out, and --prompt or --prompts-file. "
-    "--compare also renders without the adapter at the same seeds and writes a side-by-side grid.",
-)
-
-
-_config_command(
-    "eval", "eval", "EvalConfig",
-    "Score images with and without the adapter on prompt suites by category (CLIP score).\n\n"
-    "Required: --model, --adapter, --out; --clip-model defaults to openai/clip-vit-large-patch14. "
-    "Writes results.md, results.json and a bar chart clip_scores.png.",
-)
-
-
-@app.command("import-prompt2vec")
-def import_prompt2vec(
-    file: Optional[Path] = typer.Argument(None, help="The authors' prompt2vec .pt: {simple prompt: tensor [H]}."),
-    store: Optional[Path] = typer.Option(None, help="Existing feature store whose rows the vectors are aligned to."),
-    layer: Optional[int] = typer.Option(None, help="Decoder layer the file holds (not stored in it; the authors' "
-                                        "LLaMA-13B release is layer 39). Required unless given by --config."),
-    name: Optional[str] = typer.Option(None, help="Group llm/NAME (default: prompt2vec)."),
-    model: Optional[str] = typer.Option(None, help="The LLM the file came from, recorded as provenance."),
-    store_dtype: Optional[str] = typer.Option(None, help="Stored dtype: float16 | float32 (default: float16)."),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict",
-                                          help="Refuse if any store row has no vector (default: no: zeros, matched=false)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace a group written with other settings."),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Import the authors' {prompt: tensor} .pt file as an LLM layer group of a store."""
-    _run_stage("import_prompt2vec", "ImportPrompt2VecConfig", config, file=file, store=store, layer=layer,
-               name=name, model=model, store_dtype=store_dtype, strict=strict, overwrite=overwrite)
-
-
-@app.command("import-official")
-def import_official(
-    file: Path = typer.Argument(..., help="The authors' released adapter state dict (.pt)."),
-    out: Path = typer.Argument(..., help="Output SURAdapter folder (config.json + model.safetensors)."),
-    adapter_weight: Optional[float] = typer.Option(
-        None, help="Mixing weight the checkpoint was trained with (not stored in it; the authors' "
-        "release names it in its folder name, usually 0.1). Required unless given by --config."),
-    width: Optional[int] = typer.Option(None, help="Expected width D (768 for SD1.x, 1024 for SD2.x); checked."),
-    nhead: Optional[int] = typer.Option(None, help="Attention heads of the encoder (default 8, the authors')."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an existing OUT."),
-    config: Optional[Path] = ConfigOpt,
-):
-    """Convert the authors' released adapter .pt into a SURAdapter folder."""
-    if adapter_weight is None and config is None:
-        from surpipe.errors import SurpipeError
-
-        raise SurpipeError("--adapter-weight is required: the authors' .pt does not store it "
-                           "(their release names it in the folder name; 0.1 is their default)")
-    _run_stage("import_official", "ImportOfficialConfig", config, file=file, out=out,
-               adapter_weight=adapter_weight, width=width, nhead=nhead, overwrite=overwrite)
-
-
-@app.command()
-def inspect(store: Path = typer.Argument(..., help="Feature store (Zarr) to describe.")):
-    """Print a store's groups, arrays, shapes, dtypes, compression, completion and provenance."""
-    from stages import inspect as st
-
-    st.run(st.InspectConfig(store=str(store)))
-
-
-@app.command()
-def verify(
-    store: Path = typer.Argument(..., help="Feature store (Zarr) to check."),
-    repair: bool = typer.Option(False, "--repair", help="Mark damaged blocks incomplete (done=false) so "
-                                "rerunning the stage redoes only them; recomputes nothing."),
-    json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-):
-    """Check a whole store against its contract (completion, alignment, decodability, NaN/Inf).
-
-    Exit status 0 when sound (incomplete blocks are warnings), 1 with the list of problems.
-    """
-    _run_stage("verify", "VerifyConfig", None, store=store, repair=repair, json=json)
+for _cmd in COMMANDS:
+    config_command(*_cmd)
 
 
 @app.command("run")
-def run_all(config: Path = typer.Argument(..., help="Pipeline config (JSON).")):
+def run_all(config: Path = typer.Argument(..., help="Pipeline config (JSON), e.g. configs/sample.json.")):
     """Run the whole chain (pack, extract-llm, encode-latents, train, generate, eval) from one file.
 
     Rerunning continues where it stopped; finished steps are skipped.
     """
-    _run_stage("run_pipeline", "PipelineConfig", config)
+    from stages import run_pipeline
+    from surpipe import config as cfgmod
+
+    try:
+        cfg = cfgmod.load(run_pipeline.PipelineConfig, config, what=f"config {config}")
+        run_pipeline.run(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted("run") from None
+
+
+# --------------------------------------------------------------------------- entry point
+
+def _sigterm(signum, frame):  # batch schedulers stop jobs with SIGTERM: same path as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def _interrupted_message(command: str, code: int) -> str:
+    hint = RESUME_HINT.get(command)
+    return f"surpipe: {command}: interrupted" + (f"; {hint}" if hint else "")
+
+
+def _command_of(argv: list[str]) -> str:
+    names = {c[0] for c in COMMANDS} | {"run"}
+    return next((a for a in argv if a in names), "surpipe")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; turns SurpipeError into a message and exit status 1."""
+    """Console-script entry point.
+
+    SurpipeError -> its message, exit 1; usage errors -> click's message, exit 2; Ctrl-C or
+    SIGTERM -> what was interrupted and what a rerun does, exit 130. No traceback for any of them.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from typer._click import exceptions as click_exc
+
     from surpipe.errors import SurpipeError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if ("--help" in argv or not argv) and not os.environ.get("TERMINAL_WIDTH") and not sys.stdout.isatty():
+        import typer.rich_utils  # piped help: rich would cut option names at 80 columns
+
+        typer.rich_utils.MAX_WIDTH = int(os.environ.get("COLUMNS", "0") or 0) or 120
     try:
-        app(args=argv, standalone_mode=False)
+        signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread (tests calling main() from a thread)
+        pass
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="surpipe")
     except SurpipeError as e:
         print(f"surpipe: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(_interrupted_message(e.command, e.code), file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print("surpipe: interrupted", file=sys.stderr)
+        print(_interrupted_message(_command_of(argv), 130), file=sys.stderr)
         return 130
+    except click_exc.ClickException as e:
+        e.show()
+        return e.exit_code
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
+    except typer.Abort:
+        return 1
+    if isinstance(rv, int) and rv == 130:  # typer turns a Ctrl-C outside our commands into Exit(130)
+        print(_interrupted_message(_command_of(argv), 130), file=sys.stderr)
+        return 130
+    if isinstance(rv, int):
+        return rv
     return 0
 
 

@@ -1,6 +1,8 @@
 """``surpipe inspect STORE``: describe a feature store.
 
-    surpipe inspect runs/sample.zarr
+    surpipe inspect runs/sample.zarr            # one line per group
+    surpipe inspect runs/sample.zarr --full     # settings, arrays, codecs, provenance
+    surpipe inspect runs/sample.zarr --json     # everything, machine-readable
 """
 
 from __future__ import annotations
@@ -10,18 +12,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from surpipe.config import opt
+
 
 @dataclass
 class InspectConfig:
-    store: str
-    json: bool = False
+    store: str = opt(help="Feature store (Zarr) to describe.", group="data", argument=True)
+    full: bool = opt(False, help="Print every group's settings, arrays, codecs and provenance.", group="output")
+    json: bool = opt(False, help="Print the whole description as JSON.", group="output")
 
 
 def describe(store) -> dict:
     """A JSON-ready description of ``store``: groups, arrays, completion and provenance."""
-    from surpipe.store import describe_codecs
+    from surpipe.store import describe_codecs, has_checksums
 
     root = store.root
+    unchecked = [n for n in ("keys", "prompts/simple", "prompts/complex") if not has_checksums(root[n])]
     out = {
         "path": str(store.path),
         "format": root.attrs.get("surpipe_format"),
@@ -30,6 +36,7 @@ def describe(store) -> dict:
         "num_blocks": store.num_blocks,
         "dataset_fingerprint": store.fingerprint,
         "dataset_source": root.attrs.get("dataset_source"),
+        "checksums": None,
         "groups": [],
     }
     for path in store.group_paths():
@@ -37,6 +44,8 @@ def describe(store) -> dict:
         arrays = []
         for name in g.array_names:
             a = g.array(name)
+            if not has_checksums(a):
+                unchecked.append(f"{path}/{name}")
             nbytes = int(a.nbytes_stored()) if hasattr(a, "nbytes_stored") else None
             arrays.append({
                 "name": name, "shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
@@ -53,6 +62,9 @@ def describe(store) -> dict:
             "provenance": g.attrs.get("provenance", {}),
             "arrays": arrays,
         })
+    # format-1 stores (and arrays rewritten with plain zarr) have no crc32c: say so, never imply checked
+    out["checksums"] = "crc32c" if not unchecked else "UNCHECKED (no checksums: " + ", ".join(unchecked[:6]) + \
+        (" ..." if len(unchecked) > 6 else "") + ")"
     return out
 
 
@@ -68,16 +80,34 @@ def _fmt_bytes(n) -> str:
 def run(cfg: InspectConfig) -> dict:
     from surpipe.store import FeatureStore
 
+    from surpipe.errors import SurpipeError
+
     store = FeatureStore(cfg.store)
-    info = describe(store)
+    try:
+        info = describe(store)
+    except SurpipeError:
+        raise
+    except Exception as e:  # garbage metadata zarr chokes on: one message, not a traceback
+        raise store.damaged("a feature group", e) from None
     if cfg.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
         return info
-    print(f"store {info['path']}  (surpipe format {info['format']})")
+    print(f"store {info['path']}  (surpipe format {info['format']}, checksums: {info['checksums']})")
     print(f"  samples {info['num_samples']}  in {info['num_blocks']} blocks of {info['block_rows']} rows")
     print(f"  dataset {info['dataset_source']}  fingerprint {info['dataset_fingerprint'][:16]}")
     if not info["groups"]:
         print("  no feature groups yet")
+    if not cfg.full:
+        for g in info["groups"]:
+            state = "complete" if g["complete_blocks"] == g["num_blocks"] else "INCOMPLETE"
+            stored = sum(a["bytes_stored"] or 0 for a in g["arrays"])
+            shapes = ", ".join(f"{a['name']} {'x'.join(map(str, a['shape'][1:])) or '-'}" for a in g["arrays"][:4])
+            more = f", +{len(g['arrays']) - 4} more" if len(g["arrays"]) > 4 else ""
+            print(f"  {g['path']:<28} {g['complete_blocks']}/{g['num_blocks']} blocks {state:<10} "
+                  f"{_fmt_bytes(stored):>10}  [{shapes}{more}]")
+        if info["groups"]:
+            print("  (--full for settings, arrays and provenance; --json for everything)")
+        return info
     for g in info["groups"]:
         state = "complete" if g["complete_blocks"] == g["num_blocks"] else "INCOMPLETE"
         print(f"\n  {g['path']}: {g['complete_blocks']}/{g['num_blocks']} blocks done ({state})")

@@ -49,8 +49,47 @@ def _stage(module: str, cls_name: str, values: dict):
     from surpipe.config import from_dict
 
     mod = importlib.import_module(f"stages.{module}")
-    cfg = from_dict(getattr(mod, cls_name), values)
+    section = module
+    cfg = from_dict(getattr(mod, cls_name), values, what=f"pipeline config, section {section!r}",
+                    label=lambda k: f"{section}.{k}")
     return mod.run(cfg)
+
+
+# A step reruns when its own settings or a step it reads from changed since it last finished.
+DEPENDS = {"make_tiny_models": (), "pack": (), "extract_llm": ("make_tiny_models", "pack"),
+           "encode_latents": ("make_tiny_models", "pack"), "train": ("extract_llm", "encode_latents"),
+           "generate": ("train",), "eval": ("train",)}
+
+
+class _Ledger:
+    """``pipeline_state.json``: for each finished step, a hash of what it was run with."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            data = json.loads(path.read_text())
+            self.done = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self.done = {}
+        self.keys: dict[str, str] = {}
+
+    def key(self, name: str, values: dict) -> str:
+        import hashlib
+
+        upstream = {d: self.keys.get(d, "") for d in DEPENDS[name]}
+        blob = json.dumps({"values": values, "upstream": upstream}, sort_keys=True, default=str)
+        self.keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self.keys[name]
+
+    def finished(self, name: str) -> bool:
+        rec = self.done.get(name)
+        return isinstance(rec, dict) and rec.get("key") == self.keys.get(name)
+
+    def record(self, name: str) -> None:
+        from surpipe.config import atomic_write_text
+
+        self.done[name] = {"key": self.keys[name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
 
 
 def _banner(name: str) -> None:
@@ -78,18 +117,26 @@ def run(cfg: PipelineConfig) -> dict:
     shards, store = work / "shards", work / "store.zarr"
     run_dir, gen_dir, eval_dir = work / "train", work / "generate", work / "eval"
     layer = cfg.train_layer if cfg.train_layer is not None else max(cfg.llm_layers)
-    timings = {}
+    timings: dict = {}
+    ledger = _Ledger(work / "pipeline_state.json")
+    skipped: list[str] = []
 
-    def step(name, fn):
+    def step(name, fn, values: dict, output: Path):
         if name not in cfg.steps:
+            return
+        ledger.key(name, values)
+        if ledger.finished(name) and output.exists():
+            skipped.append(name)
+            print(f"--- {name}: unchanged since it finished ({output}); skipped", flush=True)
             return
         _banner(name)
         t0 = time.perf_counter()
-        fn()
+        fn(values)
         timings[name] = round(time.perf_counter() - t0, 1)
+        ledger.record(name)
         print(f"--- {name} done in {timings[name]}s", flush=True)
 
-    def tiny():
+    def tiny(_values):
         if (models / "llm").is_dir() and (models / "sd").is_dir() and (models / "clip").is_dir():
             print(f"tiny models already in {models}")
             return
@@ -102,27 +149,31 @@ def run(cfg: PipelineConfig) -> dict:
             build_tiny_clip(models / "clip", seed=0)
         print(f"tiny models written to {models}")
 
-    def pack():
-        if (shards / "pack_report.json").is_file():
-            print(f"shards already in {shards}")
-            return
-        _stage("pack", "PackConfig", {"src": cfg.data, "out": str(shards), **cfg.pack})
+    def pack(values):
+        _stage("pack", "PackConfig", {**values, "overwrite": True})
+
+    def stage(module, cls_name):
+        return lambda values: _stage(module, cls_name, values)
 
     if cfg.tiny_models:
-        step("make_tiny_models", tiny)
-    step("pack", pack)
+        step("make_tiny_models", tiny, {"seed": 0}, models / "clip")
+    step("pack", pack, {"src": cfg.data, "out": str(shards), **cfg.pack}, shards / "pack_report.json")
     data = str(shards) if "pack" in cfg.steps else cfg.data
-    step("extract_llm", lambda: _stage("extract_llm", "ExtractLLMConfig", {
+    step("extract_llm", stage("extract_llm", "ExtractLLMConfig"), {
         "data": data, "store": str(store), "model": llm, "layers": list(cfg.llm_layers), "quant": "4bit",
-        **cfg.extract_llm}))
-    step("encode_latents", lambda: _stage("encode_latents", "EncodeLatentsConfig", {
-        "data": data, "store": str(store), "model": sd, "flip": True, **cfg.encode_latents}))
-    step("train", lambda: _stage("train", "TrainConfig", {
-        "store": str(store), "model": sd, "out": str(run_dir), "llm_layer": layer, **cfg.train}))
-    step("generate", lambda: _stage("generate", "GenerateConfig", {
-        "model": sd, "adapter": str(run_dir), "out": str(gen_dir), "compare": True, **cfg.generate}))
-    step("eval", lambda: _stage("eval", "EvalConfig", {
-        "model": sd, "adapter": str(run_dir), "clip_model": clip, "out": str(eval_dir), **cfg.eval}))
+        **cfg.extract_llm}, store)
+    step("encode_latents", stage("encode_latents", "EncodeLatentsConfig"), {
+        "data": data, "store": str(store), "model": sd, "flip": True, **cfg.encode_latents}, store)
+    step("train", stage("train", "TrainConfig"), {
+        "store": str(store), "model": sd, "out": str(run_dir), "llm_layer": layer, **cfg.train},
+        run_dir / "adapter" / "model.safetensors")
+    # generate/eval rewrite their own folder when rerun for a changed config or adapter
+    step("generate", stage("generate", "GenerateConfig"), {
+        "model": sd, "adapter": str(run_dir), "out": str(gen_dir), "compare": True, "overwrite": True,
+        **cfg.generate}, gen_dir)
+    step("eval", stage("eval", "EvalConfig"), {
+        "model": sd, "adapter": str(run_dir), "clip_model": clip, "out": str(eval_dir), "overwrite": True,
+        **cfg.eval}, eval_dir / "results.md")
 
     results = {
         "grid": sorted(str(p) for p in gen_dir.glob("*grid*.png")),
@@ -134,7 +185,11 @@ def run(cfg: PipelineConfig) -> dict:
         "timings_s": timings,
     }
     (work / "pipeline_results.json").write_text(json.dumps(results, indent=2))
-    print("\n=== surpipe run: finished ===")
+    if skipped and not timings:
+        print("\n=== surpipe run: nothing to do: every step is unchanged since it finished "
+              "(change the config, or delete a step's output, to redo it) ===")
+    else:
+        print("\n=== surpipe run: finished ===")
     for k in ("grid", "eval_table", "metrics", "loss_curve", "adapter", "store"):
         v = results[k]
         print(f"  {k:<11} {', '.join(v) if isinstance(v, list) else v}")

@@ -119,42 +119,55 @@ def _coerce(tp, value, where: str, problems: list[str]):
     return value
 
 
-def _from_dict(cls, data: dict, where: str, problems: list[str]):
+def _from_dict(cls, data: dict, where: str, problems: list[str], label=None):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    for k in unknown:
-        problems.append(f"{where + '.' if where else ''}{k}: unknown option (valid: {', '.join(sorted(names))})")
+
+    def name_of(k: str) -> str:
+        if where:
+            return f"{where}.{k}"
+        return (label(k) if label else None) or k
+
+    for k in sorted(set(data) - names):
+        valid = ", ".join(sorted(f"{where}.{n}" if where else n for n in names))
+        problems.append(f"{f'{where}.{k}' if where else k}: unknown option (valid: {valid})")
     kwargs = {}
     for f in dataclasses.fields(cls):
+        key = name_of(f.name)
         if f.name in data:
-            key = f"{where + '.' if where else ''}{f.name}"
             sub: list[str] = []
             kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, sub)
             problems += sub or _range_problems(f, kwargs[f.name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{where + '.' if where else ''}{f.name}: required option missing")
+            problems.append(f"{key}: required option missing")
     if problems:
         return None
     return cls(**kwargs)
 
 
-def from_dict(cls: type[T], data: dict) -> T:
-    """Build config ``cls`` from a dict; raises SurpipeError listing every problem."""
+def from_dict(cls: type[T], data: dict, what: str = "settings", label=None) -> T:
+    """Build config ``cls`` from a dict; raises SurpipeError listing every problem.
+
+    ``what`` names the source in the message ("options for 'surpipe train'", "config F"), and
+    ``label(key)`` how a key is shown (the CLI shows ``--llm-layer``), never the class name.
+    """
     problems: list[str] = []
-    cfg = _from_dict(cls, data, "", problems)
+    cfg = _from_dict(cls, data, "", problems, label)
     if problems:
-        raise SurpipeError(f"invalid {cls.__name__}:", problems)
+        raise SurpipeError(f"invalid {what}:", problems)
     return cfg
 
 
-def load(cls: type[T], path: str | os.PathLike, overrides: dict | None = None) -> T:
+def load(cls: type[T], path: str | os.PathLike, overrides: dict | None = None, what: str | None = None,
+         label=None) -> T:
     """Load config ``cls`` from a JSON file, then apply ``overrides`` (non-None values)."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SurpipeError(f"config file not found: {p}") from None
+    except OSError as e:
+        raise SurpipeError(f"config file {p} cannot be read: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SurpipeError(f"config file {p} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -163,7 +176,21 @@ def load(cls: type[T], path: str | os.PathLike, overrides: dict | None = None) -
     for k, v in (overrides or {}).items():
         if v is not None:
             data[k] = v
-    return from_dict(cls, data)
+    return from_dict(cls, data, what or f"config {p}", label)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and one rename: readers see the old
+    file or the new one, never half of it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save(cfg: Any, path: str | os.PathLike, extra: dict | None = None) -> None:
@@ -172,8 +199,4 @@ def save(cfg: Any, path: str | os.PathLike, extra: dict | None = None) -> None:
 
     data = to_dict(cfg)
     data["_surpipe"] = {"version": __version__, "config": type(cfg).__name__, **(extra or {})}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
