@@ -169,3 +169,25 @@ def test_log_file_gets_plain_progress_lines_not_redraws(tmp_path, tiny_models):
     assert "\r" not in p.stderr
     assert "Failed to load CPU gemm_4bit_forward" not in p.stderr  # known third-party noise is hidden
     assert "100%" in p.stderr or "64/64" in p.stderr
+
+
+def test_run_twice_does_nothing_and_a_changed_section_reruns_only_its_step(tmp_path):
+    work = tmp_path / "w"
+    cfg = {"workdir": str(work), "data": str(REPO / "data" / "sample"), "tiny_models": True,
+           "llm_layers": [1], "steps": ["make_tiny_models", "pack", "extract_llm"],
+           "extract_llm": {"quant": "none", "block_rows": 32}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(cfg))
+    first = surpipe("run", path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "=== surpipe run: extract_llm ===" in first.stdout
+    again = surpipe("run", path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do" in again.stdout
+    assert "=== surpipe run: extract_llm ===" not in again.stdout and "loading" not in again.stderr
+    cfg["extract_llm"]["batch_size"] = 4  # a changed section reruns its step, not the ones before it
+    path.write_text(json.dumps(cfg))
+    third = surpipe("run", path, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "=== surpipe run: extract_llm ===" in third.stdout
+    assert "pack: unchanged" in third.stdout and "make_tiny_models: unchanged" in third.stdout
