@@ -9,6 +9,9 @@ Matching: a store row takes the vector of its exact simple prompt; failing that,
 with surrounding whitespace stripped and inner runs of whitespace collapsed (when that is unique in
 the file). Rows with no vector get zeros and ``matched[i] = false``; they are counted and shown, and
 ``strict`` refuses the import instead. File prompts that no store row uses are reported too.
+Unusable vectors (empty, of another width than most, NaN/Inf, beyond float16 when stored as float16)
+are skipped and counted the same way; tensors that are not dense real floating point (sparse,
+quantized, complex, integer) make the whole file refused.
 The file is read with ``torch.load(weights_only=True)``: no code in it is executed.
 """
 
@@ -18,58 +21,98 @@ import dataclasses
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
 
+from surpipe.config import opt
 from surpipe.errors import SurpipeError
-from surpipe.safeload import file_sha256, load_torch_file
+from surpipe.safeload import file_sha256, load_torch_file, tensor_kind_problem
+
+FP16_MAX = 65504.0
 
 
 @dataclass
 class ImportPrompt2VecConfig:
-    file: str  # the authors' .pt: {simple prompt: tensor [H]}
-    store: str  # an existing feature store (its keys and simple prompts fix the rows)
-    layer: int  # decoder layer the file holds (the file does not say; authors' 13B release: 39)
-    name: str = "prompt2vec"  # group llm/<name>
-    model: Optional[str] = None  # the LLM the file came from (provenance only)
-    store_dtype: Literal["float16", "float32"] = "float16"
-    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = "zstd"
-    strict: bool = False  # refuse when a store row has no vector
-    overwrite: bool = False
-    progress: bool = True
+    file: str = opt(help="The authors' prompt2vec .pt: {simple prompt: tensor [H]}.", group="data", argument=True)
+    store: str = opt(help="Existing feature store; its keys and simple prompts fix the rows.", group="data")
+    layer: int = opt(help="Decoder layer the file holds (the file does not say; the authors' 13B release: 39).",
+                     group="model", ge=0)
+    name: str = opt("prompt2vec", help="Name of the group written: llm/<name>.", group="output")
+    model: Optional[str] = opt(None, help="The LLM the file came from (recorded as provenance only).",
+                               group="model")
+    store_dtype: Literal["float16", "float32"] = opt("float16", help="dtype of the stored vectors.",
+                                                     group="output")
+    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = opt("zstd", help="Compression of the stored arrays.",
+                                                              group="output")
+    strict: bool = opt(False, help="Refuse when a store row has no vector or a file vector is unusable "
+                       "(instead of zeros with matched=false, counted).", group="data")
+    overwrite: bool = opt(False, help="Replace an existing llm/<name> group written with other settings.",
+                          group="output")
+    progress: bool = opt(True, help="Show a progress bar.", group="running")
 
 
 def _norm(s: str) -> str:
     return re.sub(r"\s+", " ", s).strip()
 
 
-def load_prompt2vec(path: str | Path) -> dict[str, np.ndarray]:
-    """Read the authors' ``{prompt: tensor [H]}`` file safely; float32 numpy vectors."""
+def load_prompt2vec(path: str | Path, store_dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read the authors' ``{prompt: tensor [H]}`` file safely: ``(vectors, skipped)``.
+
+    ``vectors``: float32 numpy vectors of the file's width H (the width most vectors have).
+    ``skipped``: ``{prompt: reason}`` for unusable vectors (empty, another width, NaN/Inf, beyond
+    float16's range when stored as float16), counted by the caller; a file whose structure is wrong
+    (not a dict, non-string keys, non-tensors, sparse/quantized/complex/integer tensors, matrices)
+    is refused whole.
+    """
     import torch
 
     p = Path(path)
     obj = load_torch_file(p, "prompt2vec file")
     if not isinstance(obj, dict) or not obj:
         raise SurpipeError(f"{p} does not hold a non-empty {{prompt: tensor}} dict (got {type(obj).__name__})")
-    out: dict[str, np.ndarray] = {}
-    H = None
+    flat: dict[str, torch.Tensor] = {}
     for k, v in obj.items():
         if not isinstance(k, str):
             raise SurpipeError(f"{p}: keys must be prompt strings, found {type(k).__name__} {k!r}")
         if not isinstance(v, torch.Tensor):
             raise SurpipeError(f"{p}: value of {k[:60]!r} is a {type(v).__name__}, not a tensor")
+        why = tensor_kind_problem(v)
+        if why:
+            raise SurpipeError(f"{p}: value of {k[:60]!r} is {why}; expected dense floating-point vectors")
         v = v.detach().reshape(-1) if v.dim() == 2 and 1 in v.shape else v.detach()
         if v.dim() != 1:
             raise SurpipeError(f"{p}: value of {k[:60]!r} has shape {tuple(v.shape)}; expected one vector [H]")
-        if H is None:
-            H = v.shape[0]
-        elif v.shape[0] != H:
-            raise SurpipeError(f"{p}: vectors differ in size ({H} and {v.shape[0]} for {k[:60]!r})")
-        out[k] = v.float().numpy()
-    return out
+        flat[k] = v
+    widths = Counter(v.shape[0] for v in flat.values() if v.shape[0] > 0)
+    if not widths:
+        raise SurpipeError(f"{p}: every vector is empty (shape [0])")
+    (H, n1), *rest = widths.most_common(2) + [(None, 0)]
+    if rest[0][1] == n1:  # no majority width: which vectors are the damaged ones is unclear
+        raise SurpipeError(f"{p}: vectors differ in size ({', '.join(f'{c} of size {w}' for w, c in widths.most_common(5))})")
+    out: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    for k, v in flat.items():
+        if v.shape[0] == 0:
+            skipped[k] = "empty vector (shape [0])"
+            continue
+        if v.shape[0] != H:
+            skipped[k] = f"{v.shape[0]} values where the file's vectors have {H}"
+            continue
+        a = v.float().numpy()
+        if not np.isfinite(a).all():
+            skipped[k] = "NaN or Inf values"
+        elif store_dtype == "float16" and np.abs(a).max() > FP16_MAX:
+            skipped[k] = f"values beyond float16's range (max |x| {np.abs(a).max():.4g}; use --store-dtype float32)"
+        else:
+            out[k] = a
+    if not out:
+        reasons = Counter(skipped.values())
+        raise SurpipeError(f"{p}: no usable vector in the file:", [f"{c} x {r}" for r, c in reasons.most_common(5)])
+    return out, skipped
 
 
 def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
@@ -85,7 +128,7 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     store = FeatureStore(cfg.store, mode="a")
     src = Path(cfg.file)
-    vecs = load_prompt2vec(src)
+    vecs, skipped = load_prompt2vec(src, cfg.store_dtype)
     H = len(next(iter(vecs.values())))
     prompts = [str(x) for x in store.prompts("simple")]
     keys = [str(k) for k in store.keys()]
@@ -110,12 +153,20 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
             used[j] = True
     missing = np.flatnonzero(rows < 0)
     unused = [file_keys[j] for j in np.flatnonzero(~used)]
+    # rows whose prompt IS in the file, but with an unusable vector (counted apart from absent ones)
+    skipped_norm = {_norm(k) for k in skipped}
+    bad_rows = [int(i) for i in missing if prompts[i] in skipped or _norm(prompts[i]) in skipped_norm]
+    skip_reasons = Counter(r.split(" (")[0] if r.startswith("values beyond") else
+                           ("other width" if " values where " in r else r) for r in skipped.values())
     report: dict[str, Any] = {
         "group": f"llm/{cfg.name}", "rows": len(prompts), "file_prompts": len(vecs), "hidden_size": H,
         "matched_rows": int(len(prompts) - len(missing)), "matched_after_whitespace_normalisation": by_norm,
         "unmatched_rows": int(len(missing)), "unused_file_prompts": len(unused),
         "unmatched_examples": [{"key": keys[i], "prompt": prompts[i]} for i in missing[:10]],
         "unused_examples": unused[:10],
+        "unusable_file_vectors": len(skipped), "unusable_reasons": dict(skip_reasons),
+        "unusable_examples": [{"prompt": k, "reason": r} for k, r in list(skipped.items())[:10]],
+        "rows_with_unusable_vector": len(bad_rows),
     }
 
     def show(msg: str) -> None:
@@ -123,16 +174,29 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
 
     lines = [f"{src.name}: {len(vecs)} prompts, H={H}; {report['matched_rows']}/{len(prompts)} store rows matched"
              + (f" ({by_norm} after whitespace normalisation)" if by_norm else "")]
-    if len(missing):
-        lines.append(f"{len(missing)} store rows have no vector in the file, e.g. "
-                     + "; ".join(f"{keys[i]}: {prompts[i][:70]!r}" for i in missing[:5]))
+    if skipped:
+        lines.append(f"{len(skipped)} file vectors are unusable and were skipped ("
+                     + ", ".join(f"{c} {r}" for r, c in skip_reasons.most_common()) + "), e.g. "
+                     + "; ".join(f"{k[:60]!r}: {r}" for k, r in list(skipped.items())[:3])
+                     + (f"; {len(bad_rows)} store rows use them and get zeros, matched=false" if bad_rows else ""))
+    bad_set = set(bad_rows)
+    absent = [i for i in missing if i not in bad_set]
+    if absent:
+        lines.append(f"{len(absent)} store rows have no vector in the file, e.g. "
+                     + "; ".join(f"{keys[i]}: {prompts[i][:70]!r}" for i in absent[:5]))
     if unused:
         lines.append(f"{len(unused)} file prompts match no store row, e.g. " + "; ".join(repr(u[:70]) for u in unused[:5]))
     show("\n  ".join(lines))
+    if skipped and cfg.strict:
+        raise SurpipeError(f"{len(skipped)} vectors in {src} are unusable (--strict):",
+                           [f"{k[:70]!r}: {r}" for k, r in list(skipped.items())[:20]])
     if len(missing) and cfg.strict:
         raise SurpipeError(f"{len(missing)} of {len(prompts)} store rows have no vector in {src} (--strict); "
                            "drop --strict to import with zeros and matched=false for them")
     if len(missing) == len(prompts):
+        if bad_rows:
+            raise SurpipeError(f"no store row has a usable vector in {src}: {len(bad_rows)} rows' prompts are "
+                               f"there but their vectors are unusable (see above)")
         raise SurpipeError(f"no store row's simple prompt is in {src}: is this the file for this dataset?")
 
     mat = np.stack([vecs[k] for k in file_keys])

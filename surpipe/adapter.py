@@ -28,6 +28,10 @@ conditional and unconditional embeddings can share one batch.
 
 Dropout (encoder layers only, p = ``dropout``) is active in ``train()`` mode and off in ``eval()``
 mode; ``from_pretrained`` returns the module in ``eval()`` mode.
+
+The authors' module also holds ``encoder_layer``, the template layer ``transformer_encoder`` was
+copied from; its 12 tensors are in every state dict they saved but never used. SURAdapter has no
+such attribute (36 keys); :func:`split_template_layer` accepts those keys on import.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import uuid
 from dataclasses import dataclass
@@ -50,6 +55,12 @@ TOKEN_MIXING = ("sequence", "tokenwise")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CLASS_NAME = "SURAdapter"
+# Largest sizes a config may ask for (SD text encoders are 768-4096 wide); checked before allocating.
+MAX_SIZES = {"width": 16384, "nhead": 1024, "dim_feedforward": 262144, "num_layers": 64}
+MAX_PARAMETERS = 2**31
+# The authors' Adapter keeps its template nn.TransformerEncoderLayer as `encoder_layer`: their
+# state dicts carry it (12 keys), but their forward never uses it.
+TEMPLATE_PREFIX = "encoder_layer."
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -72,25 +83,45 @@ class SURAdapterConfig:
     token_mixing: Literal["sequence", "tokenwise"] = "sequence"
 
     def problems(self) -> list[str]:
-        """Every invalid setting, as messages (empty when the config is valid)."""
+        """Every invalid setting, as messages (empty when the config is valid).
+
+        Sizes are bounded (``MAX_SIZES``, ``MAX_PARAMETERS``) so that a damaged or hostile
+        ``config.json`` is refused here, before any weight is allocated.
+        """
         p = []
-        if not isinstance(self.width, int) or self.width <= 0:
-            p.append(f"width must be a positive integer, got {self.width!r}")
-        if not isinstance(self.nhead, int) or self.nhead <= 0:
-            p.append(f"nhead must be a positive integer, got {self.nhead!r}")
-        elif isinstance(self.width, int) and self.width > 0 and self.width % self.nhead:
+
+        def size(name: str, lo: int) -> bool:
+            v = getattr(self, name)
+            hi = MAX_SIZES[name]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+                p.append(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+                return False
+            return True
+
+        ok_w, ok_h, ok_f, ok_n = (size("width", 1), size("nhead", 1), size("dim_feedforward", 1),
+                                  size("num_layers", 1))
+        if ok_w and ok_h and self.width % self.nhead:
             p.append(f"width {self.width} is not divisible by nhead {self.nhead}")
-        if not isinstance(self.dim_feedforward, int) or self.dim_feedforward <= 0:
-            p.append(f"dim_feedforward must be a positive integer, got {self.dim_feedforward!r}")
-        if not isinstance(self.num_layers, int) or self.num_layers <= 0:
-            p.append(f"num_layers must be a positive integer, got {self.num_layers!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            p.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not (0.0 <= float(self.adapter_weight) <= 1.0):
-            p.append(f"adapter_weight must be in [0, 1], got {self.adapter_weight!r}")
+        if ok_w and ok_f and ok_n:
+            n = self.parameter_count()
+            if n > MAX_PARAMETERS:
+                p.append(f"these sizes make {n:,} parameters (more than {MAX_PARAMETERS:,}): "
+                         f"width={self.width}, dim_feedforward={self.dim_feedforward}, num_layers={self.num_layers}")
+        for name, lo, hi, closed in (("dropout", 0.0, 1.0, False), ("adapter_weight", 0.0, 1.0, True)):
+            v = getattr(self, name)
+            good = (not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+                    and lo <= v and (v <= hi if closed else v < hi))
+            if not good:
+                p.append(f"{name} must be a number in [{lo:g}, {hi:g}{']' if closed else ')'}, got {v!r}")
         if self.token_mixing not in TOKEN_MIXING:
             p.append(f"token_mixing must be one of {', '.join(TOKEN_MIXING)}, got {self.token_mixing!r}")
         return p
+
+    def parameter_count(self) -> int:
+        """Number of values in the state dict these sizes give (value_layer included)."""
+        d, f = self.width, self.dim_feedforward
+        layer = (3 * d * d + 3 * d) + (d * d + d) + (f * d + f) + (d * f + d) + 4 * d
+        return self.num_layers * layer + 5 * (d * d + d) + (d * d + d)
 
 
 class SURAttention(nn.Module):
@@ -133,6 +164,56 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     if problems:
         raise SurpipeError(f"{source} does not match a SUR-adapter with these settings "
                            f"({_describe(model)}):", problems)
+
+
+def split_template_layer(model: "SURAdapter", state_dict: Mapping[str, torch.Tensor],
+                         source: str) -> tuple[dict, list[str]]:
+    """``(state_dict without encoder_layer.*, the encoder_layer.* keys removed)``.
+
+    The authors' ``Adapter`` keeps the template layer it built ``transformer_encoder`` from as
+    ``encoder_layer``; their saved state dicts carry its 12 (untrained, unused) tensors. Those are
+    accepted only as one complete layer shaped like ``transformer_encoder.layers.0``; a partial or
+    misshapen set is refused, as is every other unexpected key (by :func:`check_state_dict`).
+    """
+    extra = {k: v for k, v in state_dict.items() if k.startswith(TEMPLATE_PREFIX)}
+    if not extra:
+        return dict(state_dict), []
+    layer = model.transformer_encoder.layers[0].state_dict()
+    expected = {TEMPLATE_PREFIX + k: tuple(v.shape) for k, v in layer.items()}
+    problems = [f"missing key: {k} (the other {TEMPLATE_PREFIX}* keys of the authors' template layer are present)"
+                for k in expected if k not in extra]
+    for k, v in extra.items():
+        if k not in expected:
+            problems.append(f"unexpected key: {k}")
+        elif tuple(v.shape) != expected[k]:
+            problems.append(f"shape mismatch for {k}: {source} has {list(v.shape)}, "
+                            f"the authors' template layer has {list(expected[k])}")
+    if problems:
+        raise SurpipeError(f"{source} does not match a SUR-adapter with these settings "
+                           f"({_describe(model)}):", problems)
+    return {k: v for k, v in state_dict.items() if k not in extra}, sorted(extra)
+
+
+def resolve_adapter_dir(path: Union[str, os.PathLike]) -> Path:
+    """A training run folder (its ``adapter/`` subfolder) or an adapter folder -> the adapter folder.
+
+    The one rule for every place that takes an adapter (``from_pretrained``, ``generate``, ``eval``).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SurpipeError(f"adapter folder not found: {p} (give a training run folder or an adapter folder)")
+    if not p.is_dir():
+        raise SurpipeError(f"{p} is not a folder: give a training run folder or an adapter folder "
+                           f"({CONFIG_NAME} + {WEIGHTS_NAME}); for the authors' .pt run "
+                           f"`surpipe import-official` first")
+    if (p / "adapter" / WEIGHTS_NAME).is_file():
+        return p / "adapter"
+    if (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
+        return p  # an adapter folder (from_pretrained names what it lacks)
+    is_run = (p / "adapter").exists() or (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file()
+    hint = " (a training run without a finished adapter/: run or resume `surpipe train`)" if is_run else ""
+    raise SurpipeError(f"{p} is neither a training run folder (with adapter/) nor an adapter folder "
+                       f"(with {CONFIG_NAME} and {WEIGHTS_NAME}){hint}")
 
 
 def _describe(model: nn.Module) -> str:
@@ -256,19 +337,14 @@ class SURAdapter(nn.Module):
     @classmethod
     def from_pretrained(cls, pretrained: Union[str, os.PathLike], torch_dtype=None,
                         device: Union[str, torch.device, None] = None) -> "SURAdapter":
-        """Load a folder written by :meth:`save_pretrained`; strict key and shape checks.
+        """Load a folder written by :meth:`save_pretrained` (or a training run folder: its
+        ``adapter/``); strict key and shape checks, sizes checked before any allocation.
 
         Returns the module in ``eval()`` mode (dropout off).
         """
         from surpipe import config as cfgmod
 
-        folder = Path(pretrained)
-        if not folder.exists():
-            raise SurpipeError(f"adapter folder not found: {folder}")
-        if not folder.is_dir():
-            raise SurpipeError(f"{folder} is not a folder: a SURAdapter is a folder with "
-                               f"{CONFIG_NAME} and {WEIGHTS_NAME} (for the authors' .pt, run "
-                               f"`surpipe import-official` first)")
+        folder = resolve_adapter_dir(pretrained)
         cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         missing = [p.name for p in (cfg_path, w_path) if not p.is_file()]
         if missing:
@@ -283,7 +359,13 @@ class SURAdapter(nn.Module):
         if name != CLASS_NAME:
             raise SurpipeError(f"{cfg_path} describes a {name!r}, not a {CLASS_NAME}")
         data = {k: v for k, v in data.items() if not k.startswith("_")}
-        config = cfgmod.from_dict(SURAdapterConfig, data)
+        try:
+            config = cfgmod.from_dict(SURAdapterConfig, data)
+        except SurpipeError as e:
+            raise SurpipeError(f"{cfg_path} is not a valid adapter config:", e.problems or [str(e)]) from None
+        problems = config.problems()  # before allocating: a damaged file may ask for 10**9 wide
+        if problems:
+            raise SurpipeError(f"{cfg_path} is not a valid adapter config:", problems)
         model = cls(config)
         state = _load_safetensors(w_path)
         check_state_dict(model, state, str(w_path))

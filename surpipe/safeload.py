@@ -42,3 +42,24 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def tensor_kind_problem(t) -> str | None:
+    """Why tensor ``t`` is not a plain dense real floating-point tensor with data (None when it is).
+
+    Sparse, quantized, complex, integer, meta (no data) tensors all load under ``weights_only``;
+    converting them with ``.float()`` would densify, dequantize or silently drop imaginary parts.
+    """
+    import torch
+
+    if t.layout != torch.strided:
+        return f"a sparse tensor ({str(t.layout).removeprefix('torch.')})"
+    if t.is_quantized:
+        return f"a quantized tensor ({str(t.dtype).removeprefix('torch.')})"
+    if t.is_complex():
+        return f"a complex tensor ({str(t.dtype).removeprefix('torch.')}); its imaginary part would be lost"
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {str(t.dtype).removeprefix('torch.')}, not float16/bfloat16/float32/float64"
+    if t.is_meta:
+        return "a meta tensor (it holds no values)"
+    return None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stages.cli import main
-from authors_reference import TheirAdapter
+from authors_reference import TEMPLATE_KEYS, TheirAdapter
 from surpipe import SURAdapter
 
 D, H, FF, L = 64, 8, 96, 77
@@ -44,10 +44,15 @@ def test_import_matches_their_forward_at_batch_size_one(official, tmp_path, caps
     assert (cfg["width"], cfg["nhead"], cfg["dim_feedforward"], cfg["num_layers"]) == (D, 8, FF, 2)
     imp = json.loads((out / "import_config.json").read_text())
     assert imp["adapter_weight"] == 0.1 and len(imp["_surpipe"]["source_sha256"]) == 64
+    # their real state dict: 48 keys, the 12 of the unused template layer reported, not imported
+    assert len(theirs.state_dict()) == 48
+    assert imp["_surpipe"]["unused_keys"] == sorted(TEMPLATE_KEYS)
 
     ad = SURAdapter.from_pretrained(out)
+    assert len(ad.state_dict()) == 36
     for k, v in theirs.state_dict().items():
-        assert torch.equal(ad.state_dict()[k], v), k
+        if k not in TEMPLATE_KEYS:
+            assert torch.equal(ad.state_dict()[k], v), k
     x = torch.randn(3, L, D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, e, fca = ad.forward_with_aux(x)
@@ -70,7 +75,8 @@ def test_import_fp16_wrapped_checkpoint_and_width_check(tmp_path):
     ad = SURAdapter.from_pretrained(out)
     assert ad.dtype == torch.float32 and ad.config.adapter_weight == 0.2
     for k, v in sd16.items():
-        assert torch.equal(ad.state_dict()[k], v.float()), k
+        if k not in TEMPLATE_KEYS:
+            assert torch.equal(ad.state_dict()[k], v.float()), k
     assert main(["import-official", str(f), str(tmp_path / "o2"), "--adapter-weight", "0.1",
                  "--width", "768"]) == 1
 

@@ -85,6 +85,7 @@ def test_import_aligns_to_store_rows_and_reports_unmatched(tmp_path, store):
     assert rc == 1 and "--strict" in err and "Traceback" not in err
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_import_refuses_bad_files(tmp_path, store):
     import pickle
 
