@@ -323,6 +323,26 @@ def _interrupted_message(command: str, code: int) -> str:
     return f"surpipe: {command}: interrupted" + (f"; {hint}" if hint else "")
 
 
+def describe_unexpected(e: BaseException) -> str:
+    """One line for an exception no check anticipated: what the environment did, or a bug report hint."""
+    import errno
+
+    if isinstance(e, MemoryError):
+        return "out of memory: lower --batch-size (or the data's image size) and rerun"
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return ("GPU out of memory: lower --batch-size, or use --gradient-checkpointing / --mixed-precision "
+                "fp16|bf16, and rerun (finished work is kept)")
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device{where}: free space and rerun (finished work is kept)"
+        return f"{e.strerror or e}{where}"
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"unexpected {type(e).__name__}: {first}\n"
+            "  this is a bug in surpipe or an environment it does not handle: rerun with --verbose for the "
+            "full traceback and report it")
+
+
 def _command_of(argv: list[str]) -> str:
     names = {c[0] for c in COMMANDS} | {"run"}
     return next((a for a in argv if a in names), "surpipe")
@@ -365,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
+        return 1
+    except Exception as e:  # the last net: one message, never a traceback (unless --verbose)
+        from surpipe.logs import verbose
+
+        if verbose():
+            raise
+        print(f"surpipe: error: {describe_unexpected(e)}", file=sys.stderr)
         return 1
     if isinstance(rv, int) and rv == 130:  # typer turns a Ctrl-C outside our commands into Exit(130)
         print(_interrupted_message(_command_of(argv), 130), file=sys.stderr)

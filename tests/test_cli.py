@@ -191,3 +191,27 @@ def test_run_twice_does_nothing_and_a_changed_section_reruns_only_its_step(tmp_p
     assert third.returncode == 0, third.stderr[-3000:]
     assert "=== surpipe run: extract_llm ===" in third.stdout
     assert "pack: unchanged" in third.stdout and "make_tiny_models: unchanged" in third.stdout
+
+
+def test_an_unanticipated_exception_is_one_message_and_verbose_shows_the_traceback(monkeypatch, capsys, tmp_path):
+    import errno
+
+    import stages.inspect
+    from stages.cli import main
+
+    def boom(cfg):
+        raise KeyError("no such thing")
+
+    monkeypatch.setattr(stages.inspect, "run", boom)
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "unexpected KeyError" in err and "--verbose" in err and "Traceback" not in err
+    with pytest.raises(KeyError):
+        main(["--verbose", "inspect", str(tmp_path)])
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(stages.inspect, "run", full)
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "no space left on device" in capsys.readouterr().err
