@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if ("--help" in argv or not argv) and not os.environ.get("TERMINAL_WIDTH") and not sys.stdout.isatty():
-        import typer.rich_utils  # piped help: rich would cut option names at 80 columns
+        import typer.rich_utils as rich_utils  # piped help: rich would cut option names at 80 columns
 
-        typer.rich_utils.MAX_WIDTH = int(os.environ.get("COLUMNS", "0") or 0) or 120
+        rich_utils.MAX_WIDTH = int(os.environ.get("COLUMNS", "0") or 0) or 120
     try:
         signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread (tests calling main() from a thread)
