@@ -20,7 +20,9 @@ Conversion rules of :func:`to_rgb` (documented in the project README):
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -47,6 +49,64 @@ class ImageProblem(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of bytes ``[start, start + size)`` of an open binary file
+    (an image member inside a .tar shard), so PIL reads only what it asks for."""
+
+    def __init__(self, f: BinaryIO, start: int, size: int):
+        super().__init__()
+        self._f, self._start, self._size, self._pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + pos < 0:
+            raise OSError(f"negative seek position {base + pos}")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n]) or 0
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def open_file_window(path: str, offset: int = -1, size: int = -1) -> BinaryIO:
+    """A seekable binary file of a whole file (``offset < 0``) or of ``size`` bytes at ``offset``.
+
+    Raises OSError when the file cannot be opened, or EOFError when it is shorter than
+    ``offset + size`` (a shard truncated since it was scanned).
+    """
+    f = open(path, "rb")
+    if offset < 0:
+        return f
+    try:
+        have = os.fstat(f.fileno()).st_size
+        if have < offset + size:
+            raise EOFError(f"{path} has {have} bytes, the image needs bytes {offset}..{offset + size}")
+    except BaseException:
+        f.close()
+        raise
+    return io.BufferedReader(_Window(f, offset, size))
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     format: str | None
@@ -63,15 +123,22 @@ def _allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, full: bool = True) -> Image.Image:
-    """Open encoded image bytes; check the pixel count from the header; decode if ``full``.
+ImageSource = Union[bytes, bytearray, memoryview, BinaryIO]
 
+
+def open_checked(data: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, full: bool = True) -> Image.Image:
+    """Open an encoded image (bytes, or a seekable binary file); check the pixel count from the
+    header; decode if ``full``.
+
+    Given a file, only the bytes the format's header needs are read (a multi-GiB file named
+    ``.png`` costs no memory); the caller keeps the file open until it is done with the image.
     Raises :class:`ImageProblem` with reason "not an image", "too many pixels" or
     "truncated or corrupt image".
     """
     _allow_pixels(max_pixels)
+    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        im = Image.open(src)  # lazy: reads the header only
     except Image.DecompressionBombError as e:
         raise ImageProblem("too many pixels", str(e)) from None
     except UnidentifiedImageError:
@@ -93,7 +160,7 @@ def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, full: boo
     return im
 
 
-def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, full: bool = True) -> ImageInfo:
+def probe(data: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, full: bool = True) -> ImageInfo:
     """Check an image (header only, or a full decode) and return its format, mode and size."""
     im = open_checked(data, max_pixels=max_pixels, full=full)
     try:
@@ -140,8 +207,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
         raise ImageProblem("unsupported image mode", f"{mode}: {e}") from None
 
 
-def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Encoded bytes -> decoded 8-bit RGB image (pixel limit checked before decoding)."""
+def decode_rgb(data: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded bytes (or a seekable binary file) -> decoded 8-bit RGB image (pixel limit checked
+    before decoding)."""
     im = open_checked(data, max_pixels=max_pixels, full=True)
     try:
         return to_rgb(im)

@@ -15,15 +15,18 @@ import os
 import posixpath
 import re
 import tarfile
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal
+from typing import BinaryIO, Iterator, Literal
 
-from surpipe.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageProblem, decode_rgb, probe
+from surpipe.data.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageProblem, decode_rgb, open_file_window,
+                                 probe)
 from surpipe.errors import SurpipeError
 
 METADATA = "metadata.jsonl"
-FIELDS = ("file_name", "text", "prompt")
+DEFAULT_SIMPLE_FIELD = "text"
+DEFAULT_COMPLEX_FIELD = "prompt"
 CheckImages = Literal["full", "header", "none"]
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
@@ -66,12 +69,25 @@ class Sample:
             raise SurpipeError(f"sample {self.key!r}: {self.path} ends early (shard truncated since it was scanned?)")
         return data
 
+    def open_image(self) -> BinaryIO:
+        """A seekable binary file holding just the encoded image (close it after use); reading
+        it lazily lets header checks and decoders read only what they need."""
+        if not self.path:
+            raise SurpipeError(f"sample {self.key!r} has no image location")
+        try:
+            return open_file_window(self.path, self.offset, self.size)
+        except EOFError:
+            raise SurpipeError(f"sample {self.key!r}: {self.path} ends early (shard truncated since it was scanned?)") from None
+        except OSError as e:
+            raise SurpipeError(f"sample {self.key!r}: cannot read image from {self.path}: {e}") from None
+
     def image(self):
         """The decoded image as 8-bit RGB (``PIL.Image.Image``); SurpipeError if it is unusable."""
-        try:
-            return decode_rgb(self.image_bytes(), max_pixels=self.max_pixels)
-        except ImageProblem as e:
-            raise SurpipeError(f"sample {self.key!r} ({self.file_name}): {e}") from None
+        with self.open_image() as fh:
+            try:
+                return decode_rgb(fh, max_pixels=self.max_pixels)
+            except ImageProblem as e:
+                raise SurpipeError(f"sample {self.key!r} ({self.file_name}): {e}") from None
 
 
 # --------------------------------------------------------------------------- report
@@ -192,19 +208,69 @@ class _Bad(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _check_fields(obj, required: Iterable[str]) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Fields:
+    """Which metadata fields hold the SIMPLE prompt and the COMPLEX prompt."""
+
+    simple: str = DEFAULT_SIMPLE_FIELD
+    complex: str = DEFAULT_COMPLEX_FIELD
+
+    def roles(self) -> list[tuple[str, str]]:
+        return [(self.simple, "the simple prompt; choose another with --simple-field"),
+                (self.complex, "the complex prompt; choose another with --complex-field")]
+
+
+# Characters that show nothing: controls (NUL ...), format characters (zero-width space and
+# joiners, BOM, bidi marks, tags), surrogates, separators and combining marks; plus the few
+# letters/symbols that render blank (Hangul fillers, braille blank). A prompt made only of these
+# is empty: the text encoders would see no words.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp", "Mn", "Me", "Mc"})
+_INVISIBLE_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def is_blank_prompt(text: str) -> bool:
+    """True when ``text`` has no visible character (only whitespace, zero-width, control or
+    combining characters), so it carries no prompt."""
+    return not any(unicodedata.category(c) not in _INVISIBLE_CATEGORIES and c not in _INVISIBLE_CHARS
+                   for c in text)
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate such as a JSON
+    ``"\\ud800"``), or None. Such a string breaks every later encode (tokenizers, hashing, JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode backslash-escaped (for reports and messages)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_fields(obj, fields: Fields, file_name: bool) -> tuple[str, str]:
     if not isinstance(obj, dict):
         raise _Bad("not a JSON object", f"got {type(obj).__name__}")
-    for f in required:
+    roles = ([("file_name", "")] if file_name else []) + fields.roles()
+    for f, role in roles:
         if f not in obj:
-            raise _Bad(f"missing field '{f}'")
-    for f in required:
+            raise _Bad(f"missing field '{f}'", role)
+    for f, _ in roles:
         if not isinstance(obj[f], str):
             raise _Bad(f"field '{f}' is not a string", f"got {type(obj[f]).__name__}")
-    for f in ("text", "prompt"):
+    for f, _ in roles:
+        at = _lone_surrogate(obj[f])
+        if at is not None:
+            raise _Bad("invalid Unicode", f"field '{f}' holds a lone surrogate {obj[f][at]!r} at character {at}")
+    for f, role in fields.roles():
         if not obj[f].strip():
-            raise _Bad(f"empty prompt '{f}'")
-    return obj["text"], obj["prompt"]
+            raise _Bad(f"empty prompt '{f}'", role.split(";")[0])
+        if is_blank_prompt(obj[f]):
+            raise _Bad(f"empty prompt '{f}'", f"{role.split(';')[0]}: only invisible characters "
+                       f"(zero-width, control or combining) {obj[f][:20]!r}")
+    return obj[fields.simple], obj[fields.complex]
 
 
 def _check_file_name(root_real: str, name: str) -> str:
@@ -240,7 +306,7 @@ class _Row:
     bad: _Bad | None = None
 
 
-def _scan_imagefolder(root: str, report: ScanReport, max_pixels: int) -> list[_Row]:
+def _scan_imagefolder(root: str, report: ScanReport, max_pixels: int, fields: Fields) -> list[_Row]:
     root_real = os.path.realpath(root)
     meta = os.path.join(root, METADATA)
     try:
@@ -269,8 +335,8 @@ def _scan_imagefolder(root: str, report: ScanReport, max_pixels: int) -> list[_R
             except json.JSONDecodeError as e:
                 raise _Bad("malformed JSON", str(e)) from None
             if isinstance(obj, dict) and isinstance(obj.get("file_name"), str):
-                row.where = obj["file_name"]
-            simple, complex_ = _check_fields(obj, FIELDS)
+                row.where = _printable(obj["file_name"])
+            simple, complex_ = _check_fields(obj, fields, file_name=True)
             name = obj["file_name"]
             real = _check_file_name(root_real, name)
             dup = posixpath.normpath(name.replace("\\", "/"))
@@ -289,37 +355,89 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def _scan_shards(shards: list[str], report: ScanReport, max_pixels: int) -> list[_Row]:
+def _tar_end_problem(fh: BinaryIO, end: int, size: int) -> tuple[str, str] | None:
+    """(reason, detail) when a tar whose members end at byte ``end`` is incomplete; None when whole.
+
+    A whole tar ends with its end-of-archive marker, two 512-byte zero blocks, after the last
+    member. Python's tarfile stops quietly at a missing marker, a cut header and a damaged header
+    alike, so without this check a cut shard silently loses every sample after the cut.
+    """
+    if size < end:
+        return "truncated shard", (f"the file was cut at byte {size}, inside a member; any samples after "
+                                   "that point are lost")
+    fh.seek(end)
+    tail = fh.read(1024)
+    if len(tail) < 1024 and not any(tail):
+        return "truncated shard", (f"no end-of-archive marker after the last member: the file was cut at byte "
+                                   f"{size}, and any samples after that point are lost")
+    if any(tail):
+        at = end if any(tail[:512]) else end + 512
+        if len(tail) < 1024 and at + 512 > size:
+            return "truncated shard", (f"the file was cut at byte {size}, inside a member header; any samples "
+                                       "after that point are lost")
+        return "damaged shard", f"unreadable tar header at byte {at}: the samples from there on cannot be read"
+    return None
+
+
+def _scan_shards(shards: list[str], report: ScanReport, max_pixels: int, fields: Fields) -> list[_Row]:
     rows: list[_Row] = []
     keys = _KeyMaker()
     seen: set[str] = set()
     index = 0
     for shard in shards:
-        sname = os.path.basename(shard)
-        groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+        sname = _printable(os.path.basename(shard))
+        # (webdataset key, {extension: member}, why the sample is cut off by the end of the file)
+        groups: list[tuple[str, dict[str, tarfile.TarInfo], str]] = []
+        problem = None
         try:
-            with tarfile.open(shard, "r:") as tf:
-                for m in tf:  # streams headers only
-                    if not m.isfile():
-                        continue
-                    split = _split_member(m.name)
-                    if split is None:
-                        continue
-                    k, ext = split
-                    if not groups or groups[-1][0] != k:
-                        groups.append((k, {}))
-                    groups[-1][1].setdefault(ext.lower(), m)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            if not groups:
-                raise SurpipeError(f"{shard} is not a readable uncompressed .tar shard: {e}") from None
-            report.skip(index, sname, "truncated shard", f"stopped after {len(groups)} samples: {e}")
-        with open(shard, "rb") as fh:
-            for wkey, members in groups:
+            fh = open(shard, "rb")
+        except OSError as e:
+            report.skip(index, sname, "unreadable shard", str(e))
+            continue
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            end = 0
+            try:
+                with tarfile.open(fileobj=fh, mode="r:") as tf:
+                    for m in tf:  # streams headers only
+                        end = tf.offset  # where the next header starts: the end of this member
+                        if not m.isfile():
+                            continue
+                        split = _split_member(m.name)
+                        if split is None:
+                            continue
+                        k, ext = split
+                        if not groups or groups[-1][0] != k:
+                            groups.append((k, {}, ""))
+                        groups[-1][1].setdefault(ext.lower(), m)
+                        if m.offset_data + m.size > size:
+                            groups[-1] = (k, groups[-1][1], f"member {_printable(m.name)!r} is cut off by the end "
+                                                            f"of the file at byte {size}")
+                    end = tf.offset
+                problem = _tar_end_problem(fh, end, size)
+                if problem is not None and groups and not groups[-1][2]:
+                    k, members, _ = groups[-1]
+                    if "json" not in members or not any(e in IMAGE_EXTENSIONS for e in members):
+                        where = "ends" if problem[0] == "truncated shard" else "is damaged"
+                        groups[-1] = (k, members, f"the shard {where} inside this sample (members of it are missing)")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                if not groups:
+                    report.skip(index, sname, "unreadable shard", f"not a readable uncompressed .tar shard: {e}")
+                    continue
+                if any(g[2] for g in groups):
+                    problem = _tar_end_problem(fh, size + 1, size)
+                else:
+                    problem = ("damaged shard", f"unreadable after {len(groups)} samples: {e}")
+            for wkey, members, cut in groups:
                 report.rows_read += 1
-                row = _Row(index, f"{sname}:{wkey}")
+                row = _Row(index, f"{sname}:{_printable(wkey)}")
                 rows.append(row)
                 index += 1
                 try:
+                    if _lone_surrogate(wkey) is not None:
+                        raise _Bad("invalid UTF-8 member name", _printable(wkey))
+                    if cut:
+                        raise _Bad("truncated shard", cut)
                     jm = members.get("json")
                     if jm is None:
                         raise _Bad("missing .json member")
@@ -332,26 +450,29 @@ def _scan_shards(shards: list[str], report: ScanReport, max_pixels: int) -> list
                         obj = json.loads(fh.read(jm.size).decode("utf-8"))
                     except (UnicodeDecodeError, json.JSONDecodeError) as e:
                         raise _Bad("malformed JSON", str(e)) from None
-                    simple, complex_ = _check_fields(obj, ("text", "prompt"))
+                    simple, complex_ = _check_fields(obj, fields, file_name=False)
                     if wkey in seen:
-                        raise _Bad("duplicate key", wkey)
+                        raise _Bad("duplicate key", _printable(wkey))
                     seen.add(wkey)
                     row.sample = Sample(keys(wkey), simple, complex_, im.name, os.path.abspath(shard),
                                         im.offset_data, im.size, max_pixels)
                 except _Bad as b:
                     row.bad = b
+            if problem is not None:
+                report.skip(index, sname, *problem)
     return rows
 
 
 def _check_one(sample: Sample, mode: str) -> ImageProblem | None:
     try:
-        data = sample.image_bytes()
+        fh = sample.open_image()  # lazy: a header check reads only the header's bytes
     except SurpipeError as e:
         return ImageProblem("unreadable file", str(e))
-    try:
-        probe(data, max_pixels=sample.max_pixels, full=(mode == "full"))
-    except ImageProblem as e:
-        return e
+    with fh:
+        try:
+            probe(fh, max_pixels=sample.max_pixels, full=(mode == "full"))
+        except ImageProblem as e:
+            return e
     return None
 
 
@@ -390,30 +511,38 @@ def open_dataset(
     check_images: CheckImages = "full",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    simple_field: str = DEFAULT_SIMPLE_FIELD,
+    complex_field: str = DEFAULT_COMPLEX_FIELD,
 ) -> SurdDataset:
     """Scan a SURD imagefolder, a folder of .tar shards, one .tar, or a brace pattern.
 
     Bad rows are skipped and counted in ``dataset.report`` (with ``strict=True`` the first bad row,
     in dataset order, raises SurpipeError). ``check_images``: "full" decodes every image,
     "header" reads headers only (format, size, pixel limit), "none" skips image checks.
+    ``simple_field`` / ``complex_field``: the metadata (or shard .json) fields holding the SIMPLE
+    and the COMPLEX prompt. A shard that is cut short or damaged is reported like a bad row.
     """
     if check_images not in ("full", "header", "none"):
         raise SurpipeError(f"check_images must be 'full', 'header' or 'none', not {check_images!r}")
     if max_pixels < 1:
         raise SurpipeError(f"max_pixels must be positive, not {max_pixels}")
+    for flag, name in (("--simple-field", simple_field), ("--complex-field", complex_field)):
+        if not isinstance(name, str) or not name.strip():
+            raise SurpipeError(f"{flag} must name a metadata field, not {name!r}")
+    fields = Fields(simple_field, complex_field)
     kind, source, shards = _resolve(os.fspath(path))
     report = ScanReport(source=str(source), kind=kind)
     if kind == "imagefolder":
-        rows = _scan_imagefolder(source, report, max_pixels)
+        rows = _scan_imagefolder(source, report, max_pixels, fields)
     else:
-        rows = _scan_shards(shards, report, max_pixels)
+        rows = _scan_shards(shards, report, max_pixels, fields)
     unit = "line" if kind == "imagefolder" else "sample"
 
     def fail(row: _Row, reason: str):
         raise SurpipeError(f"{source}: {unit} {row.line} ({row.where}): {reason}")
 
     if strict:
-        if report.skipped:  # a truncated shard
+        if report.skipped:  # a truncated or unreadable shard
             line, where, reason = report.skipped[0]
             raise SurpipeError(f"{source}: {where}: {reason}")
         first_bad = next((r for r in rows if r.bad is not None), None)
@@ -454,6 +583,7 @@ def open_dataset(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     report.kept = len(samples)
+    report.skipped.sort(key=lambda t: t[0])  # shard-level problems among the rows, in dataset order
     if not samples:
         raise SurpipeError(f"{source}: no usable rows (read {report.rows_read}, skipped {len(report.skipped)})",
                            problems=[f"{unit} {l}: {w}: {r}" for l, w, r in report.skipped[:10]])
