@@ -280,7 +280,7 @@ COMMANDS = [
      "--compare also renders without the adapter at the same seeds and writes a side-by-side grid."),
     ("eval", "eval", "EvalConfig",
      "Score images with and without the adapter on prompt suites by category (CLIP score).\n\n"
-     "Writes results.md, results.json and a bar chart clip_scores.png."),
+     "Writes results.md, results.json and a chart clip_scores.png (both arms with error bars)."),
     ("inspect", "inspect", "InspectConfig",
      "Describe a feature store: a short summary (--full for every array, --json for all of it)."),
     ("verify", "verify", "VerifyConfig",

@@ -12,6 +12,11 @@ Image ``k`` (counting over prompts, then ``--images-per-prompt``) uses seed ``--
 the same command gives the same images, and ``--compare`` renders each (prompt, seed) without and
 with the adapter and writes ``compare_grid.png``. Every setting goes to ``OUT/generate.json``; the
 config to repeat the run goes to ``OUT/config.json`` (``surpipe generate --config OUT/config.json``).
+
+``--out`` must be a new or empty folder, so old and new images never mix: a folder holding an
+earlier generate's files is refused unless ``--overwrite`` (which deletes only those files), and
+the same command run again with the same adapter has nothing to do. An adapter with NaN/Inf
+weights, or one whose output is not finite, is refused before any image is written.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from surpipe.config import opt
 from surpipe.errors import SurpipeError
 from surpipe.render import SCHEDULERS
 
@@ -35,24 +41,36 @@ DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 class GenerateConfig:
     """Settings of ``surpipe generate``. Give ``prompt`` or ``prompts_file`` (or both)."""
 
-    model: str
-    adapter: str
-    out: str
-    prompt: Optional[str] = None
-    prompts_file: Optional[str] = None  # one prompt a line (# comments), or JSONL with "prompt"
-    negative_prompt: str = ""
-    steps: int = 30
-    guidance: float = 7.5
-    seed: int = 0
-    size: Optional[int] = None  # default: the model's (512 for SD 1.5)
-    batch_size: int = 4
-    images_per_prompt: int = 1
-    dtype: DtypeName = "auto"  # auto: float16 on CUDA, float32 otherwise
-    device: str = "auto"  # auto | cpu | cuda | cuda:I | mps
-    scheduler: SchedulerName = "default"
-    compare: bool = False  # also render without the adapter; side-by-side grid
-    adapter_weight: Optional[float] = None  # override the adapter's mixing weight (0 = no adapter effect)
-    revision: Optional[str] = None
+    model: str = opt(help="Stable Diffusion model: a diffusers folder or hub id (the one the adapter was "
+                          "trained for).", group="model")
+    adapter: str = opt(help="Training run folder (uses RUN/adapter) or adapter folder (config.json + "
+                            "model.safetensors).", group="model")
+    out: str = opt(help="Output folder for the images, generate.json and config.json; must be new or empty "
+                        "(see --overwrite).", group="output")
+    prompt: Optional[str] = opt(None, help="One prompt to render.", group="inference")
+    prompts_file: Optional[str] = opt(None, help="Prompts file: one prompt a line (# comments), or JSONL with a "
+                                                 "\"prompt\" field.", group="inference")
+    negative_prompt: str = opt("", help="Negative prompt (also passed through the adapter).", group="inference")
+    steps: int = opt(30, help="Denoising steps per image.", group="inference", ge=1, le=1000)
+    guidance: float = opt(7.5, help="Classifier-free guidance scale (1 = no guidance).", group="inference",
+                          ge=0.0, le=100.0)
+    seed: int = opt(0, help="Seed of the first image; image k uses seed + k.", group="inference", ge=0)
+    size: Optional[int] = opt(None, help="Image side in pixels, a multiple of 8 (default: the model's, 512 for "
+                                         "SD 1.5).", group="inference", ge=8, le=4096)
+    batch_size: int = opt(4, help="Images rendered together (lower it if memory runs out).", group="running",
+                          ge=1, le=1024)
+    images_per_prompt: int = opt(1, help="Images per prompt, each with its own seed.", group="inference",
+                                 ge=1, le=10000)
+    dtype: DtypeName = opt("auto", help="Pipeline dtype; auto: float16 on CUDA, float32 otherwise.", group="running")
+    device: str = opt("auto", help="Device: auto | cpu | cuda | cuda:I | mps.", group="running")
+    scheduler: SchedulerName = opt("default", help="Sampler; default: the model's own scheduler.", group="inference")
+    compare: bool = opt(False, help="Also render without the adapter at the same seeds; writes compare_grid.png.",
+                        group="output")
+    adapter_weight: Optional[float] = opt(None, help="Override the adapter's mixing weight in [0, 1] "
+                                                     "(0 = no adapter effect).", group="model", ge=0.0, le=1.0)
+    revision: Optional[str] = opt(None, help="Hub revision (branch, tag or commit) of --model.", group="model")
+    overwrite: bool = opt(False, help="Replace the images of an earlier generate in --out (nothing else is "
+                                      "deleted).", group="output")
 
 
 # ----------------------------------------------------------------------------------- shared helpers
@@ -103,31 +121,11 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def resolve_adapter_dir(path: str) -> Path:
-    """A run folder (uses RUN/adapter) or an adapter folder -> the adapter folder."""
-    from surpipe.adapter import CONFIG_NAME, WEIGHTS_NAME
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise SurpipeError(f"adapter folder not found: {p} (give a training run folder or an adapter folder)")
-    if not p.is_dir():
-        raise SurpipeError(f"--adapter {p} is not a folder: give a training run folder or an adapter folder "
-                           f"({CONFIG_NAME} + {WEIGHTS_NAME}); for the authors' .pt run `surpipe import-official`")
-    if (p / "adapter" / WEIGHTS_NAME).is_file():
-        return p / "adapter"
-    if (p / WEIGHTS_NAME).is_file():
-        return p
-    is_run = (p / "adapter").exists() or (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file()
-    hint = " (a training run without a finished adapter/: run or resume `surpipe train`)" if is_run else ""
-    raise SurpipeError(f"{p} is neither a training run folder (with adapter/) nor an adapter folder "
-                       f"(with {CONFIG_NAME} and {WEIGHTS_NAME}){hint}")
-
-
 def load_adapter(path: str, device, adapter_weight: Optional[float] = None):
     """(adapter in float32 on ``device``, its folder, its config.json as a dict)."""
     import dataclasses
 
-    from surpipe.adapter import CONFIG_NAME, SURAdapter
+    from surpipe.adapter import CONFIG_NAME, SURAdapter, resolve_adapter_dir
 
     folder = resolve_adapter_dir(path)
     adapter = SURAdapter.from_pretrained(folder, device=device)
@@ -135,6 +133,7 @@ def load_adapter(path: str, device, adapter_weight: Optional[float] = None):
         if not 0.0 <= adapter_weight <= 1.0:
             raise SurpipeError(f"adapter_weight must be within [0, 1] (got {adapter_weight})")
         adapter.config = dataclasses.replace(adapter.config, adapter_weight=float(adapter_weight))
+    check_adapter_finite(adapter, folder)
     saved = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     return adapter, folder, saved
 
@@ -223,20 +222,101 @@ def open_pipeline_and_adapter(model: str, adapter: str, *, revision, device: str
 # ----------------------------------------------------------------------------------- the stage
 
 
+def declared_problems(cfg) -> list[str]:
+    """Every type, finiteness and range problem of a config built in Python (the checks ``from_dict``
+    makes for the command line and config files)."""
+    from surpipe import config as cfgmod
+
+    try:
+        cfgmod.from_dict(type(cfg), cfgmod.to_dict(cfg))
+    except SurpipeError as e:
+        return e.problems or [str(e)]
+    return []
+
+
 def _validate(cfg: GenerateConfig) -> list[str]:
-    p = []
+    p = declared_problems(cfg)
     if not cfg.prompt and not cfg.prompts_file:
         p.append("give --prompt TEXT or --prompts-file FILE")
-    for name in ("steps", "batch_size", "images_per_prompt"):
-        if getattr(cfg, name) < 1:
-            p.append(f"{name} must be >= 1 (got {getattr(cfg, name)})")
-    if cfg.size is not None and (cfg.size < 8 or cfg.size % 8):
-        p.append(f"size must be a positive multiple of 8 (got {cfg.size})")
-    if cfg.seed < 0:
-        p.append(f"seed must be >= 0 (got {cfg.seed})")
-    if cfg.adapter_weight is not None and not 0.0 <= cfg.adapter_weight <= 1.0:
-        p.append(f"adapter_weight must be within [0, 1] (got {cfg.adapter_weight})")
+    if cfg.size is not None and cfg.size % 8:
+        p.append(f"size must be a multiple of 8 (got {cfg.size})")
     return p
+
+
+# Files a generate run writes at the top of --out; --overwrite deletes these and nothing else.
+OWN_FILES = ("generate.json", "config.json", "compare_grid.png")
+
+
+def _listing(items: list[Path], limit: int = 8) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in items)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Make sure ``out`` will hold only this run's images: a new or empty folder, or (with
+    ``overwrite``) one holding only an earlier generate's files, which are deleted first.
+
+    Never mixes old and new images; never deletes anything a generate did not write."""
+    if out.exists() and not out.is_dir():
+        raise SurpipeError(f"--out {out} is a file, not a folder: give a new or empty folder for the images")
+    if not out.is_dir():
+        return
+    items = list(out.iterdir())
+    if not items:
+        return
+    ours = [p for p in items if p.is_file() and (p.name in OWN_FILES or p.suffix.lower() == ".png")]
+    foreign = [p for p in items if p not in ours]
+    if not overwrite:
+        raise SurpipeError(
+            f"--out {out} is not empty (it holds {_listing(items)}); new images would mix with the old ones. "
+            f"Give another --out folder, or --overwrite to replace an earlier generate's images there")
+    if foreign:
+        raise SurpipeError(
+            f"--out {out} holds files that surpipe generate did not write ({_listing(foreign)}); --overwrite "
+            f"only replaces an earlier generate's images. Give another --out folder")
+    for p in ours:
+        p.unlink()
+
+
+def finished_run(out: Path, cfg) -> Optional[dict]:
+    """The record of an earlier run into ``out`` with the same settings, the same adapter weights
+    (sha256) and every image still present; None otherwise (a rerun of it has nothing to do)."""
+    from surpipe import config as cfgmod
+    from surpipe.safeload import file_sha256
+
+    try:
+        rec = json.loads((out / "generate.json").read_text(encoding="utf-8"))
+        old = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(old, dict) or not isinstance(rec.get("images"), list):
+        return None
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_") and k != "overwrite"}  # noqa: E731
+    if strip(old) != strip(cfgmod.to_dict(cfg)):
+        return None
+    try:
+        from surpipe.adapter import WEIGHTS_NAME, resolve_adapter_dir
+
+        if rec.get("adapter_sha256") != file_sha256(resolve_adapter_dir(cfg.adapter) / WEIGHTS_NAME):
+            return None
+        files = [r["file"] for r in rec["images"]] + ([rec["grid"]] if rec.get("grid") else [])
+    except (SurpipeError, OSError, KeyError, TypeError):
+        return None
+    return rec if all(isinstance(f, str) and (out / f).is_file() for f in files) else None
+
+
+def check_adapter_finite(adapter, folder: Path) -> None:
+    """Refuse an adapter with NaN/Inf weights, naming the file and the first bad tensors."""
+    import torch
+
+    from surpipe.adapter import WEIGHTS_NAME
+
+    bad = [n for n, t in adapter.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SurpipeError(f"the adapter {folder / WEIGHTS_NAME} has non-finite (NaN or Inf) weights in "
+                           f"{len(bad)} tensor(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; it would "
+                           f"render blank images. Use an earlier checkpoint (RUN/checkpoints) or retrain")
 
 
 def run(cfg: GenerateConfig) -> dict:
@@ -244,6 +324,8 @@ def run(cfg: GenerateConfig) -> dict:
     written to ``OUT/generate.json``."""
     from surpipe import config as cfgmod
     from surpipe import render
+    from surpipe.adapter import WEIGHTS_NAME
+    from surpipe.safeload import file_sha256
 
     problems = _validate(cfg)
     if problems:
@@ -252,11 +334,20 @@ def run(cfg: GenerateConfig) -> dict:
     items = [(p, cfg.seed + i * cfg.images_per_prompt + j)
              for i, p in enumerate(prompts) for j in range(cfg.images_per_prompt)]
     t0 = time.perf_counter()
+    out = Path(cfg.out)
+    if not cfg.overwrite and out.is_dir():
+        done = finished_run(out, cfg)
+        if done is not None:
+            print(f"surpipe: {out} already holds this generate's {len(done['images'])} image(s) (same settings "
+                  f"and adapter): nothing to do (--overwrite renders them again)", file=sys.stderr)
+            return done
+    prepare_out(out, cfg.overwrite)  # before loading anything: a wrong --out fails at once
     pipe, adapter, folder, saved, dev, tdtype = open_pipeline_and_adapter(
         cfg.model, cfg.adapter, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,
         scheduler=cfg.scheduler, adapter_weight=cfg.adapter_weight)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    note = render.tiny_model_note(cfg.model)
+    if note:
+        print(f"surpipe: note: {note}", file=sys.stderr, flush=True)
     texts, seeds = [p for p, _ in items], [s for _, s in items]
     kw = dict(seeds=seeds, steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
               negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size)
@@ -264,9 +355,12 @@ def run(cfg: GenerateConfig) -> dict:
           file=sys.stderr, flush=True)
     arms = [("without", None), ("with", adapter)] if cfg.compare else [("", adapter)]
     images, records = {}, []
-    for arm, ad in arms:
+    for arm, ad in arms:  # render everything first: a failure leaves no partial set of images
         images[arm] = render.render(pipe, texts, adapter=ad, desc=f"generate{': ' + arm + ' adapter' if arm else ''}",
                                     **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, cfg.overwrite)  # again: another job may have written there meanwhile
+    for arm, _ in arms:
         for k, ((prompt, seed), im) in enumerate(zip(items, images[arm])):
             name = f"{k:04d}_{slug(prompt)}_s{seed}{'_' + arm if arm else ''}.png"
             im.save(out / name)
@@ -275,7 +369,8 @@ def run(cfg: GenerateConfig) -> dict:
     grid = None
     if cfg.compare:
         rows = [(f"{p}  (seed {s})", [a, b]) for (p, s), a, b in zip(items, images["without"], images["with"])]
-        g = render.caption_grid(rows, headers=["Stable Diffusion", "+ SUR-adapter"], cell=grid_cell(images["with"][0]))
+        g = render.caption_grid(rows, headers=["Stable Diffusion", "+ SUR-adapter"],
+                                cell=grid_cell(images["with"][0]), note=note)
         grid = "compare_grid.png"
         g.save(out / grid)
     first = next(iter(images.values()))[0]
@@ -284,6 +379,7 @@ def run(cfg: GenerateConfig) -> dict:
         "revision": cfg.revision,
         "adapter": str(folder.resolve()),
         "adapter_config": saved,
+        "adapter_sha256": file_sha256(folder / WEIGHTS_NAME),
         "adapter_weight": adapter.adapter_weight,
         "prompts": prompts,
         "negative_prompt": cfg.negative_prompt,
@@ -301,6 +397,7 @@ def run(cfg: GenerateConfig) -> dict:
         "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
         "compare": cfg.compare,
         "grid": grid,
+        "tiny_models": note,
         "images": records,
         "seconds": round(time.perf_counter() - t0, 2),
         "versions": versions(),

@@ -172,7 +172,7 @@ def run(cfg: PipelineConfig) -> dict:
         "model": sd, "adapter": str(run_dir), "out": str(gen_dir), "compare": True, "overwrite": True,
         **cfg.generate}, gen_dir)
     step("eval", stage("eval", "EvalConfig"), {
-        "model": sd, "adapter": str(run_dir), "clip_model": clip, "out": str(eval_dir), "overwrite": True,
+        "model": sd, "adapter": str(run_dir), "clip_model": clip, "out": str(eval_dir),
         **cfg.eval}, eval_dir / "results.md")
 
     results = {

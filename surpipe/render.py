@@ -13,6 +13,7 @@ from typing import Sequence
 
 from surpipe.errors import SurpipeError
 
+TINY_MARKER = "surpipe_tiny.json"  # written by surpipe.tiny / surpipe.tiny_clip
 SCHEDULERS = ("default", "ddim", "dpm++", "euler", "euler-a", "pndm", "ddpm")
 
 
@@ -64,7 +65,10 @@ def check_width(pipe, adapter) -> None:
 
 
 def encode(pipe, prompts: Sequence[str], adapter=None, negative_prompt: str = ""):
-    """(prompt_embeds, negative_prompt_embeds) for the pipeline, conditioned by ``adapter`` if given."""
+    """(prompt_embeds, negative_prompt_embeds) for the pipeline, conditioned by ``adapter`` if given.
+
+    Raises SurpipeError when the adapter's output is not finite (a NaN adapter would otherwise
+    render blank images)."""
     import torch
 
     pe, ne = pipe.encode_prompt(list(prompts), pipe.device, 1, True,
@@ -75,6 +79,11 @@ def encode(pipe, prompts: Sequence[str], adapter=None, negative_prompt: str = ""
         with torch.no_grad():
             pe = adapter(pe.to(p.device, p.dtype)).to(pe.dtype)
             ne = adapter(ne.to(p.device, p.dtype)).to(ne.dtype)
+        bad = [what for what, t in (("prompt", pe), ("negative prompt", ne)) if not torch.isfinite(t).all()]
+        if bad:
+            raise SurpipeError(f"the adapter's output for the {' and '.join(bad)} embeddings is not finite "
+                               f"(NaN or Inf); its weights or the pipeline's dtype overflow: nothing was rendered "
+                               f"from it (try --dtype float32, or a good adapter checkpoint)")
     return pe, ne
 
 
@@ -83,22 +92,43 @@ def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], 
            desc: str | None = None):
     """Images for ``prompts`` (one per prompt, seed ``seeds[i]``), with or without the adapter.
 
-    ``desc`` shows a progress bar (images/s and ETA) under that name.
+    Each distinct prompt goes through CLIP and the adapter once, however many images (seeds) it
+    has: its embeddings are kept until its last image is rendered. Raises SurpipeError instead of
+    returning an image whose pixels are not finite. ``desc`` shows a progress bar (images/s and
+    ETA) under that name.
     """
+    import numpy as np
     import torch
     from surpipe.progress import progress_bar
 
     if len(seeds) != len(prompts):
         raise ValueError("one seed per prompt")
+    prompts = list(prompts)
+    last = {p: i for i, p in enumerate(prompts)}
+    cache: dict[str, tuple] = {}  # prompt -> (cond, uncond) embeddings [1, T, D]
     images = []
     bar = progress_bar(total=len(prompts), unit="img", desc=desc, disable=desc is None)
     for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i:i + batch_size])
-        pe, ne = encode(pipe, chunk, adapter, negative_prompt)
+        chunk = prompts[i:i + batch_size]
+        new = list(dict.fromkeys(p for p in chunk if p not in cache))
+        if new:
+            pe, ne = encode(pipe, new, adapter, negative_prompt)
+            cache.update({p: (pe[k:k + 1], ne[k:k + 1]) for k, p in enumerate(new)})
+        pe = torch.cat([cache[p][0] for p in chunk])
+        ne = torch.cat([cache[p][1] for p in chunk])
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
         out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps,
-                   guidance_scale=guidance, generator=gens, height=size, width=size)
-        images += out.images
+                   guidance_scale=guidance, generator=gens, height=size, width=size, output_type="np")
+        arr = np.asarray(out.images)
+        if not np.isfinite(arr).all():
+            bad = sorted({chunk[k] for k in range(len(chunk)) if not np.isfinite(arr[k]).all()})
+            raise SurpipeError(f"the pipeline produced non-finite pixels (NaN/Inf) for {len(bad)} prompt(s), "
+                               f"e.g. {bad[0]!r}; no blank image was written (a float16 overflow? try "
+                               f"--dtype float32)")
+        images += pipe.numpy_to_pil(arr)
+        for p in set(chunk):  # free embeddings no later image needs
+            if last[p] < i + batch_size:
+                cache.pop(p, None)
         bar.update(len(chunk))
     bar.close()
     return images
@@ -109,35 +139,115 @@ def _font(size: int):
 
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
+    except TypeError:  # Pillow < 10.1: one fixed bitmap font
         return ImageFont.load_default()
 
 
-def caption_grid(rows: Sequence[tuple[str, Sequence]], headers: Sequence[str], cell: int | None = None):
-    """A grid with one row per caption and one column per header; captions wrap under each row."""
+def _text_w(font, text: str) -> float:
+    return font.getlength(text) if hasattr(font, "getlength") else font.getsize(text)[0]
+
+
+def _line_h(font) -> int:
+    box = font.getbbox("Ayg|")
+    return int(box[3] - min(box[1], 0)) + 3
+
+
+def wrap_px(text: str, font, width: float, max_lines: int | None = None) -> list[str]:
+    """``text`` wrapped into lines no wider than ``width`` pixels in ``font`` (a word wider than
+    ``width`` is cut into pieces); at most ``max_lines``, the last one ending with an ellipsis."""
+    words: list[str] = []
+    for word in text.split():
+        while len(word) > 1 and _text_w(font, word) > width:  # cut an over-long word
+            k = len(word) - 1
+            while k > 1 and _text_w(font, word[:k]) > width:
+                k -= 1
+            words.append(word[:k])
+            word = word[k:]
+        words.append(word)
+    lines: list[str] = []
+    for word in words:
+        if lines and _text_w(font, lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    lines = [ln for ln in lines if ln] or [""]
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and _text_w(font, last + "...") > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + "..."
+    return lines
+
+
+def _fitting_font(texts: Sequence[str], width: float, size: int, smallest: int = 8, whole: int = 11):
+    """The largest font (from ``size`` down) in which every text fits ``width`` on one line, if one
+    of at least ``whole`` does; else the largest (down to ``smallest``) in which every word fits."""
+    for s in range(size, whole - 1, -1):
+        font = _font(s)
+        if all(_text_w(font, t) <= width for t in texts):
+            return font
+    font = _font(size)
+    while size > smallest and any(_text_w(font, w) > width for t in texts for w in t.split()):
+        size -= 1
+        font = _font(size)
+    return font
+
+
+def tiny_model_note(*models) -> str | None:
+    """A warning line when any of ``models`` is a folder written by ``surpipe make-tiny-models``
+    (or the tiny CLIP): they hold a ``surpipe_tiny.json`` marker; their pictures and scores are noise."""
+    tiny = [str(m) for m in models if m and Path(str(m)).expanduser().is_dir()
+            and (Path(str(m)).expanduser() / TINY_MARKER).is_file()]
+    if not tiny:
+        return None
+    return ("random tiny test models (" + ", ".join(Path(t).name for t in tiny) + "): the pictures and scores "
+            "only show that the pipeline runs; they mean nothing about the method")
+
+
+def caption_grid(rows: Sequence[tuple[str, Sequence]], headers: Sequence[str], cell: int | None = None,
+                 note: str | None = None):
+    """A grid with one row per caption and one column per header; captions wrap under each row.
+
+    Text is measured in pixels: column headers wrap (and shrink) to their column, captions wrap to
+    the grid's width, and the header band grows with them, so nothing overlaps even for tiny
+    images. ``note`` (e.g. :func:`tiny_model_note`) is printed in red above the headers.
+    """
     from PIL import Image, ImageDraw
 
     if not rows:
         raise ValueError("no rows")
     cell = cell or max(rows[0][1][0].size)
     cell = max(cell, 96)
-    pad, head_h = 6, 22
-    font, small = _font(14), _font(12)
-    wrap = max(20, (cell * len(headers)) // 7)
-    cap_lines = [textwrap.wrap(c, wrap)[:4] or [""] for c, _ in rows]
-    row_h = [cell + 8 + 15 * len(lines) for lines in cap_lines]
-    W = pad + len(headers) * (cell + pad)
+    pad = 6
+    ncol = max(len(headers), max(len(imgs) for _, imgs in rows))
+    W = pad + ncol * (cell + pad)
+    text_w = W - 2 * pad
+    head_font = _fitting_font(headers, cell - 2, 14)
+    small = _font(12)
+    note_lines = wrap_px(note, small, text_w) if note else []
+    head_lines = [wrap_px(h, head_font, cell - 2) for h in headers]
+    nh, lh_head, lh = max((len(x) for x in head_lines), default=0), _line_h(head_font), _line_h(small)
+    head_h = 4 + lh * len(note_lines) + (4 if note_lines else 0) + lh_head * nh + 4
+    cap_lines = [wrap_px(c, small, text_w, max_lines=4) for c, _ in rows]
+    row_h = [cell + 6 + lh * len(lines) for lines in cap_lines]
     H = head_h + sum(h + pad for h in row_h) + pad
     grid = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(grid)
-    for j, h in enumerate(headers):
-        draw.text((pad + j * (cell + pad), 4), h, fill="black", font=font)
+    y = 4
+    for line in note_lines:
+        draw.text((pad, y), line, fill=(190, 0, 0), font=small)
+        y += lh
+    y += 4 if note_lines else 0
+    for j, lines in enumerate(head_lines):
+        for k, line in enumerate(lines):
+            draw.text((pad + j * (cell + pad), y + k * lh_head), line, fill="black", font=head_font)
     y = head_h
     for (caption, imgs), lines, rh in zip(rows, cap_lines, row_h):
         for j, im in enumerate(imgs):
             grid.paste(im.convert("RGB").resize((cell, cell)), (pad + j * (cell + pad), y))
         for k, line in enumerate(lines):
-            draw.text((pad, y + cell + 4 + 15 * k), line, fill="black", font=small)
+            draw.text((pad, y + cell + 4 + lh * k), line, fill="black", font=small)
         y += rh + pad
     return grid
 
@@ -148,7 +258,8 @@ def compare_grid(model: str, adapter, prompts: Sequence[str], path: str | Path, 
                  negative_prompt: str = "", progress: bool = True):
     """Render ``prompts`` without and with ``adapter`` at the same seeds; save a captioned grid PNG.
 
-    Returns (grid path, images without, images with).
+    Returns (grid path, images without, images with). The grid says so when ``model`` is a random
+    tiny test model.
     """
     if pipe is None:
         pipe = load_pipeline(model, revision=revision, unet=unet, device=device, dtype=dtype, scheduler=scheduler)
@@ -158,7 +269,7 @@ def compare_grid(model: str, adapter, prompts: Sequence[str], path: str | Path, 
     with_ad = render(pipe, prompts, adapter=adapter, seeds=seeds, steps=steps, guidance=guidance, size=size,
                      negative_prompt=negative_prompt)
     grid = caption_grid([(f"{p}  (seed {s})", [a, b]) for p, s, a, b in zip(prompts, seeds, base, with_ad)],
-                        headers=["Stable Diffusion", "+ SUR-adapter"])
+                        headers=["Stable Diffusion", "+ SUR-adapter"], note=tiny_model_note(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
