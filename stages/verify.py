@@ -5,7 +5,8 @@
 
 Exit status 0 when the store is sound (incomplete blocks are warnings: a stage has not finished),
 1 with the list of problems (array, block, rows, chunk) otherwise. ``--repair`` recomputes nothing:
-it sets ``done[b] = False`` for every done block with a damaged, missing or non-finite chunk, so
+it sets ``done[b] = False`` for every done block with a damaged (checksum mismatch), missing or
+non-finite chunk, or one completed by another generation of its group, so
 rerunning the stage that wrote the group redoes exactly those blocks. The checks live in
 ``surpipe.verify``.
 """
@@ -15,14 +16,16 @@ from __future__ import annotations
 import json as _json
 from dataclasses import dataclass
 
+from surpipe.config import opt
 from surpipe.errors import SurpipeError
 
 
 @dataclass
 class VerifyConfig:
-    store: str
-    repair: bool = False
-    json: bool = False
+    store: str = opt(help="Feature store (Zarr) to check.", group="data", argument=True)
+    repair: bool = opt(False, help="Mark damaged blocks incomplete (done=false) so rerunning the stage "
+                       "redoes only them; recomputes nothing.", group="running")
+    json: bool = opt(False, help="Print the report as JSON.", group="output")
 
 
 def run(cfg: VerifyConfig) -> dict:
@@ -36,8 +39,10 @@ def run(cfg: VerifyConfig) -> dict:
         print(_json.dumps(out, indent=2, ensure_ascii=False))
     else:
         n = rep.num_samples
-        print(f"verify {rep.path}: {n if n is not None else '?'} samples, {len(rep.groups)} feature groups, "
-              f"{rep.chunks_read} chunks read in {rep.seconds:.2f} s")
+        sums = "UNCHECKED (no checksums on some arrays)" if rep.unchecked else "crc32c checksums verified"
+        print(f"verify {rep.path}: format {rep.format if rep.format is not None else '?'}, "
+              f"{n if n is not None else '?'} samples, {len(rep.groups)} feature groups, "
+              f"{rep.chunks_read} chunks read in {rep.seconds:.2f} s, {sums}")
         for path, g in rep.groups.items():
             state = "complete" if not g["incomplete_blocks"] else "INCOMPLETE"
             print(f"  {path}: {g['blocks_done']}/{g['num_blocks']} blocks done ({state}), "

@@ -110,14 +110,94 @@ def exclusive_lock(lock_file: str | os.PathLike, what: str):
         fh.close()
 
 
+def lock_dir(store_path: str | os.PathLike) -> Path:
+    """Where the lock files of a store live: the folder ``.locks`` inside it (docs/store-format.md)."""
+    d = Path(store_path) / ".locks"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _group_lock_file(store_path, group_path: str, what: str = "group") -> Path:
+    return lock_dir(store_path) / f"{group_path.replace('/', '__')}.{what}.lock"
+
+
+def _holders(store_path, group_path: str) -> str:
+    """Who writes ``group_path`` now, from the rank lock files' contents (best effort)."""
+    out = []
+    for f in sorted(lock_dir(store_path).glob(f"{group_path.replace('/', '__')}.rank*.lock")):
+        try:
+            with open(f, "a+") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    continue  # nobody holds it
+                except BlockingIOError:
+                    fh.seek(0)
+                    out.append(fh.read().strip() or "another process")
+        except OSError:
+            pass
+    return ", ".join(out) or "another job"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int, wait_s: float, refuse: Callable[[], SurpipeError]):
+    fh = open(path, "a+")
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise refuse() from None
+                time.sleep(0.05)
+        yield
+    finally:
+        fh.close()
+
+
+@contextlib.contextmanager
+def group_lock(store_path: str | os.PathLike, group_path: str, *, exclusive: bool, wait_s: float = 0.0):
+    """Lock a whole group. Writers hold it shared while they write blocks (``writer_lock``);
+    deleting the group (``--overwrite``, or the leftovers of an interrupted creation) needs it
+    exclusively, so a group is never deleted while a job writes it. Waits up to ``wait_s``
+    seconds, then refuses naming the writers."""
+
+    def refuse():
+        return SurpipeError(
+            f"group {group_path} of store {store_path} is being written by {_holders(store_path, group_path)}; "
+            + ("it cannot be replaced (--overwrite) while that job runs: " if exclusive
+               else "it is being replaced: ")
+            + "wait for it to finish (or stop it) and retry")
+
+    with _flock(_group_lock_file(store_path, group_path), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
+                wait_s, refuse):
+        yield
+
+
+@contextlib.contextmanager
+def creation_lock(store_path: str | os.PathLike, group_path: str, wait_s: float = 120.0):
+    """Serialise creating (and deleting) group ``group_path``: two jobs creating the same new group
+    at once take turns, and the second then finds and opens the first's group. Held only for
+    the few metadata writes of a creation, so waiting is short."""
+
+    def refuse():
+        return SurpipeError(f"group {group_path} of store {store_path} has been being created by another job for "
+                            f"over {wait_s:.0f} s; if no other job runs, delete "
+                            f"{_group_lock_file(store_path, group_path, 'create')} and retry")
+
+    with _flock(_group_lock_file(store_path, group_path, "create"), fcntl.LOCK_EX, wait_s, refuse):
+        yield
+
+
 @contextlib.contextmanager
 def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
-    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused."""
-    lock_dir = Path(store_path) / ".locks"
-    lock_dir.mkdir(exist_ok=True)
-    lock_file = lock_dir / f"{group_path.replace('/', '__')}.rank{rank}.lock"
+    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused.
+    Also holds the group's lock shared, so nobody deletes (``--overwrite``) the group meanwhile."""
+    lock_file = lock_dir(store_path) / f"{group_path.replace('/', '__')}.rank{rank}.lock"
     with exclusive_lock(lock_file, f"group {group_path} of store {store_path}"):
-        yield
+        with group_lock(store_path, group_path, exclusive=False, wait_s=30.0):
+            yield
 
 
 @dataclass
@@ -223,6 +303,7 @@ def open_store(data: str, store_path: str, block_rows: int | None, check_images:
                 raise
             last_err = e
             continue
+        store.created_now = not exists  # read by discard_new_store_on_error
         rep = getattr(ds, "report", None)
         if rep is not None and getattr(rep, "skipped", None):
             log(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}", env)
@@ -231,3 +312,33 @@ def open_store(data: str, store_path: str, block_rows: int | None, check_images:
                 f"--block-rows {block_rows} only applies when a store is created", env)
         return ds, store
     raise last_err
+
+
+def _any_block_done(store) -> bool:
+    """Whether any group of ``store`` has a block marked done (in any generation). Read raw: the
+    failure may have interrupted a group's creation, leaving it without its attributes."""
+    for p in store.group_paths():
+        g = store.root[p]
+        if "done" in g and np.asarray(g["done"][:]).any():
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def discard_new_store_on_error(store, env: DistEnv):
+    """Remove the store this command created (``open_store``) when the command fails before any
+    block of any group is done, so a failed first command leaves no empty store behind."""
+    try:
+        yield
+    except Exception:
+        if env.is_main and getattr(store, "created_now", False):
+            try:
+                used = _any_block_done(store)
+            except Exception:
+                used = True  # cannot tell: keep it
+            if not used:
+                import shutil
+
+                shutil.rmtree(store.path, ignore_errors=True)
+                log(f"removed the store {store.path} this command had just created (nothing was written to it)", env)
+        raise

@@ -9,8 +9,16 @@ What is checked:
   the ``done`` record (one chunk per block), every array's row count, chunking, dtype and row shape
   (against the settings that imply them: ``hidden_size``, ``layers``, ``max_length``,
   ``latent_channels``, ``resolution``, ``downsample_factor``, ``store_dtype``, ``flip``);
-- for every block marked done: each array's chunk file exists (a deleted chunk would read back as
-  zeros), decodes, and holds no NaN or Inf.
+- each array's metadata against the layout recorded at creation (attribute ``array_specs``: an
+  edited ``data_type``, shape or chunk shape in a zarr.json), and the VAE ``scaling_factor``;
+- for every block marked done: it was completed by the group's current ``generation`` (not by a
+  job writing a group since replaced with ``--overwrite``), each array's chunk file exists (a
+  deleted chunk would read back as zeros), passes its crc32c checksum, decodes, and holds no NaN
+  or Inf.
+
+Arrays without checksums (stores of format 1) are reported as unchecked (a warning): a flipped
+byte that still decodes cannot be found in them. Garbage or unreadable metadata is a problem,
+never a traceback.
 
 Blocks not marked done are not valid data: they are reported as warnings (the stage has not
 finished), never read. A problem tied to a done block is *repairable*: ``repair=True`` sets
@@ -68,6 +76,8 @@ class VerifyReport:
     repaired: list[Finding] = field(default_factory=list)
     chunks_read: int = 0
     seconds: float = 0.0
+    format: Any = None
+    unchecked: list[str] = field(default_factory=list)  # arrays whose chunks carry no checksums
 
     @property
     def sound(self) -> bool:
@@ -92,6 +102,8 @@ class VerifyReport:
                 "block_rows": self.block_rows, "num_blocks": self.num_blocks, "groups": self.groups,
                 "problems": [f(p) for p in self.problems], "warnings": [f(w) for w in self.warnings],
                 "repaired": [f(r) for r in self.repaired], "chunks_read": self.chunks_read,
+                "format": self.format, "checksums": "unchecked" if self.unchecked else "crc32c",
+                "unchecked_arrays": list(self.unchecked),
                 "seconds": round(self.seconds, 3)}
 
 
@@ -107,6 +119,17 @@ class _Checker:
         self.rep.warnings.append(Finding("warning", where, message, **kw))
 
     # ------------------------------------------------------------------ helpers
+    def _open(self, parent, name: str, where: str):
+        """``parent[name]``, or None (with a problem) when it is missing or its zarr.json is garbage."""
+        try:
+            return parent[name]
+        except KeyError:
+            self.problem(where, "missing")
+        except Exception as e:
+            self.problem(where, f"metadata (zarr.json) cannot be read ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:160]})")
+        return None
+
     def _chunk_file(self, arr, coords: tuple[int, ...]) -> Path:
         key = arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
         return self.path / arr.path / key
@@ -114,7 +137,7 @@ class _Checker:
     def _chunk_coords(self, arr, first: int):
         """Every chunk (or shard) coordinate whose first index is ``first``."""
         grid_chunks = arr.shards or arr.chunks
-        rest = [range(-(-s // c)) for s, c in zip(arr.shape[1:], grid_chunks[1:])]
+        rest = [range(-(-s // max(c, 1))) for s, c in zip(arr.shape[1:], grid_chunks[1:])]
         for tail in itertools.product(*rest):
             yield (first, *tail)
 
@@ -126,15 +149,19 @@ class _Checker:
             return out
         except Exception as e:  # zarr surfaces codec failures as RuntimeError, ValueError, EOFError, OSError ...
             first = (str(e).strip().splitlines() or [""])[0][:200]
-            self.problem(where, f"chunk cannot be decoded ({type(e).__name__}: {first}); "
-                         "the chunk file is truncated or overwritten", **loc)
+            if "checksum" in first.lower():
+                self.problem(where, "chunk cannot be decoded: checksum mismatch (crc32c): the chunk file was "
+                             "altered, truncated or overwritten after it was written", **loc)
+            else:
+                self.problem(where, f"chunk cannot be decoded ({type(e).__name__}: {first}); "
+                             "the chunk file is truncated or overwritten", **loc)
             return None
 
     # ------------------------------------------------------------------ root
     def root(self):
         import zarr
 
-        from surpipe.store import FORMAT_VERSION
+        from surpipe.store import READABLE_FORMATS
 
         if not self.path.exists():
             raise SurpipeError(f"feature store not found: {self.path}")
@@ -145,12 +172,22 @@ class _Checker:
         except Exception as e:
             self.problem("root", f"cannot open the store's root group: {e}")
             return None
-        attrs = dict(root.attrs)
+        try:
+            attrs = dict(root.attrs)
+        except Exception as e:
+            self.problem("root", f"cannot read the root attributes: {e}")
+            return None
         fmt = attrs.get("surpipe_format")
         if fmt is None:
             self.problem("root", "attribute surpipe_format missing: not a surpipe feature store")
-        elif fmt != FORMAT_VERSION:
-            self.problem("root", f"store format {fmt!r}; this surpipe reads format {FORMAT_VERSION}")
+        elif fmt not in READABLE_FORMATS:
+            self.problem("root", f"store format {fmt!r}; this surpipe reads formats "
+                         f"{', '.join(map(str, READABLE_FORMATS))}")
+        elif fmt == 1:
+            self.warning("root", "store format 1: written before chunk checksums, so it is UNCHECKED (a flipped "
+                         "byte that still decodes cannot be found); rewrite it with this surpipe for crc32c "
+                         "checksums")
+        self.rep.format = fmt
         n, br = attrs.get("num_samples"), attrs.get("block_rows")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             self.problem("root", f"attribute num_samples missing or invalid ({n!r})")
@@ -169,11 +206,10 @@ class _Checker:
     def rows_arrays(self, root):
         n = self.rep.num_samples
         for name in ("keys", "prompts/simple", "prompts/complex"):
-            try:
-                arr = root[name]
-            except KeyError:
-                self.problem(name, "array missing")
+            arr = self._open(root, name, name)
+            if arr is None:
                 continue
+            self._note_checksums(arr, name)
             if not hasattr(arr, "shape"):
                 self.problem(name, "is a group, expected an array")
                 continue
@@ -210,6 +246,12 @@ class _Checker:
                     k, a, b = dups[0]
                     self.problem("keys", f"{len(dups)} duplicate sample keys, e.g. {k!r} at rows {a} and {b}")
 
+    def _note_checksums(self, arr, where: str) -> None:
+        from surpipe.store import has_checksums
+
+        if hasattr(arr, "dtype") and not has_checksums(arr):
+            self.rep.unchecked.append(where)
+
     @staticmethod
     def _key(arr, coords) -> str:
         return arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
@@ -219,19 +261,38 @@ class _Checker:
         from surpipe.store import KINDS
 
         for kind in KINDS:
-            if kind not in root:
+            try:
+                if kind not in root:
+                    continue
+                kg = root[kind]
+            except Exception as e:
+                self.problem(kind, f"metadata (zarr.json) cannot be read ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:160]})")
                 continue
-            kg = root[kind]
-            for name, _ in sorted(kg.arrays()):
-                self.problem(f"{kind}/{name}", f"an array directly under {kind}/; feature groups are {kind}/<name>/")
-            for name in sorted(kg.group_keys()):
-                self.group(root, kind, f"{kind}/{name}")
+            try:
+                names = sorted(kg.group_keys())
+            except Exception:  # a member's zarr.json is broken: list the folders, report each below
+                names = sorted(c.name for c in (self.path / kind).iterdir() if (c / "zarr.json").exists())
+            try:
+                for name, _ in sorted(kg.arrays()):
+                    self.problem(f"{kind}/{name}", f"an array directly under {kind}/; feature groups are {kind}/<name>/")
+            except Exception:
+                pass  # an unreadable member: reported below, by the group it belongs to
+            for name in names:
+                path = f"{kind}/{name}"
+                g = self._open(root, path, path)
+                if g is None or not hasattr(g, "group_keys"):
+                    continue
+                self.group(root, kind, path, g)
 
-    def group(self, root, kind: str, path: str):
-        from surpipe.store import settings_hash
+    def group(self, root, kind: str, path: str, g):
+        from surpipe.store import generation_id, implied_layout, recorded_layout, settings_hash
 
-        g = root[path]
-        attrs = dict(g.attrs)
+        try:
+            attrs = dict(g.attrs)
+        except Exception as e:
+            self.problem(path, f"attributes cannot be read: {e}")
+            return
         n, br, nb = self.rep.num_samples, self.rep.block_rows, self.rep.num_blocks
         info: dict[str, Any] = {"blocks_done": 0, "num_blocks": nb, "incomplete_blocks": [], "arrays": []}
         self.rep.groups[path] = info
@@ -253,33 +314,69 @@ class _Checker:
         if not isinstance(attrs.get("provenance"), dict):
             self.warning(path, "attribute provenance missing (model, revision, library versions)")
         present = {}
-        for name, obj in g.members(max_depth=None):
-            if hasattr(obj, "shape") and name != "done":
-                present[name] = obj
-        for name in sorted(set(listed) - set(present)):
-            self.problem(f"{path}/{name}", "array listed in the group's attribute arrays is missing")
-        for name in sorted(set(present) - set(listed)):
+        for name in listed:
+            try:
+                obj = g[name]
+            except KeyError:
+                self.problem(f"{path}/{name}", "array listed in the group's attribute arrays is missing")
+                continue
+            except Exception as e:
+                self.problem(f"{path}/{name}", f"metadata (zarr.json) cannot be read ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:160]})")
+                continue
+            if not hasattr(obj, "shape"):
+                self.problem(f"{path}/{name}", "is a group, expected an array")
+                continue
+            present[name] = obj
+        try:
+            unlisted = sorted(name for name, obj in g.members(max_depth=None)
+                              if hasattr(obj, "shape") and name != "done" and name not in listed)
+        except Exception:
+            unlisted = []  # an unreadable member; listed ones are reported above
+        for name in unlisted:
             self.problem(f"{path}/{name}", "array present but not listed in the group's attribute arrays")
-        info["arrays"] = sorted(set(listed) & set(present))
+        info["arrays"] = sorted(present)
+        for name in sorted(present):
+            self._note_checksums(present[name], f"{path}/{name}")
+        for name, msg in recorded_layout(attrs, present):
+            self.problem(f"{path}/{name}", msg)
+        generation = attrs.get("generation")
+        gen_id = generation_id(generation)
+        if generation is not None and gen_id is None:
+            self.problem(path, f"attribute generation {generation!r} is not a generation id")
 
         # the done record
         done = None
-        if "done" not in g or not hasattr(g["done"], "shape"):
+        d = self._open(g, "done", f"{path}/done")
+        if d is None or not hasattr(d, "shape"):
             self.problem(path, "no done record (array done): its blocks cannot be trusted")
         elif nb is not None:
-            d = g["done"]
-            if tuple(d.shape) != (nb,) or d.dtype != np.dtype(bool) or tuple(d.chunks) != (1,):
+            self._note_checksums(d, f"{path}/done")
+            # format 1: bool; format 2: the generation id that completed each block (0: not done)
+            want = np.dtype(bool) if gen_id is None else np.dtype("int64")
+            if tuple(d.shape) != (nb,) or d.dtype != want or tuple(d.chunks) != (1,):
                 self.problem(f"{path}/done", f"shape {tuple(d.shape)} dtype {d.dtype} chunks {tuple(d.chunks)}; "
-                             f"expected ({nb},) bool chunks (1,)")
+                             f"expected ({nb},) {want} chunks (1,)")
             else:
                 done = np.zeros(nb, dtype=bool)
                 for b in range(nb):
                     v = self._read(d, f"{path}/done", slice(b, b + 1), group=path, block=b,
                                    chunk=f"{d.path}/{self._key(d, (b,))}")
-                    done[b] = bool(v[0]) if v is not None else False
+                    if v is None:
+                        continue
+                    if gen_id is None:
+                        done[b] = bool(v[0])
+                    elif int(v[0]) == gen_id:
+                        done[b] = True
+                    elif int(v[0]) != 0:
+                        self.problem(f"{path}/done", "block completed by another generation of the group (a job "
+                                     "that was writing it before it was replaced with --overwrite): its data "
+                                     "is not valid in this group", group=path, block=b,
+                                     rows=(b * br, min((b + 1) * br, n)) if br and n is not None else None)
         if n is None or nb is None:
             return
-        self._expectations(path, kind, settings, present, listed)
+        for name, msg in implied_layout(kind, settings, present, listed):
+            self.problem(f"{path}/{name}" if name else path, msg)
         # per array: layout, then the done blocks' chunks
         for name in info["arrays"]:
             arr = present[name]
@@ -315,6 +412,8 @@ class _Checker:
                 if v is None or not is_float:
                     continue
                 v = np.asarray(v)
+                if v.size == 0:  # zero-length rows (e.g. an imported file of empty vectors): nothing to check
+                    continue
                 bad = ~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1) if v.ndim > 1 else ~np.isfinite(v)
                 if bad.any():
                     idx = (np.flatnonzero(bad) + s).tolist()
@@ -332,57 +431,6 @@ class _Checker:
                              + f"; rerun `surpipe {STAGE_OF_KIND.get(kind, 'the stage')}` to finish them",
                              group=path)
 
-    def _expectations(self, path, kind, settings, present, listed):
-        """Row shapes and dtypes implied by the group's settings (checked only where recorded)."""
-        s = settings
-
-        def want(name, shape=None, dtype=None):
-            if name not in present:
-                return
-            a = present[name]
-            if shape is not None and tuple(a.shape[1:]) != tuple(shape):
-                self.problem(f"{path}/{name}", f"row shape {tuple(a.shape[1:])}, but the settings say {tuple(shape)}")
-            if dtype is not None and a.dtype != np.dtype(dtype):
-                self.problem(f"{path}/{name}", f"dtype {a.dtype}, but the settings say {dtype}")
-
-        sd = s.get("store_dtype")
-        if isinstance(sd, str):
-            for name, a in present.items():
-                if a.dtype.kind in _FLOAT_KINDS:
-                    want(name, dtype=sd)
-        if kind == "llm":
-            hs = s.get("hidden_size")
-            layers = s.get("layers")
-            if layers is None and isinstance(s.get("layer"), int):
-                layers = [s["layer"]]
-            for name in present:
-                if name.startswith("layer_") and "/" in name and isinstance(hs, int):
-                    want(name, shape=(hs,))
-            if isinstance(layers, list):
-                have = {name.split("/")[0] for name in listed if name.startswith("layer_")}
-                for L in layers:
-                    if f"layer_{L}" not in have:
-                        self.problem(path, f"settings list layer {L} but no array layer_{L}/... is stored")
-                for h in sorted(have - {f"layer_{L}" for L in layers}):
-                    self.problem(path, f"arrays {h}/... are stored but layer {h[6:]} is not in the settings")
-        elif kind == "clip":
-            L, D = s.get("max_length"), s.get("hidden_size")
-            if isinstance(L, int) and isinstance(D, int):
-                for name in ("simple", "complex"):
-                    want(name, shape=(L, D))
-            for name in ("simple_len", "complex_len"):
-                want(name, shape=())
-        elif kind == "vae":
-            C, R, f = s.get("latent_channels"), s.get("resolution"), s.get("downsample_factor")
-            names = ["mean", "std"] + (["flip_mean", "flip_std"] if s.get("flip") else [])
-            if isinstance(C, int) and isinstance(R, int) and isinstance(f, int) and f > 0:
-                for name in names:
-                    want(name, shape=(C, R // f, R // f))
-            if s.get("flip") is True:
-                for name in ("flip_mean", "flip_std"):
-                    if name not in listed:
-                        self.problem(path, f"settings say flip but array {name} is not stored")
-
 
 def check_store(path) -> VerifyReport:
     """Check the store at ``path`` (read-only); see the module docstring for what is checked."""
@@ -392,6 +440,10 @@ def check_store(path) -> VerifyReport:
     if root is not None:
         c.rows_arrays(root)
         c.groups(root)
+        u = c.rep.unchecked
+        if u:
+            c.warning("checksums", f"{len(u)} arrays carry no crc32c checksums (UNCHECKED: a flipped byte that "
+                      f"still decodes cannot be found in them): {', '.join(u[:8])}" + (" ..." if len(u) > 8 else ""))
     c.rep.seconds = time.perf_counter() - t0
     return c.rep
 

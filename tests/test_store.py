@@ -61,7 +61,7 @@ def test_create_keys_prompts_and_plain_zarr_layout(tmp_path):
 
     # plain zarr, following docs/store-format.md, no surpipe involved
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    assert root.attrs["surpipe_format"] == 1 and root.attrs["num_samples"] == 10
+    assert root.attrs["surpipe_format"] == 2 and root.attrs["num_samples"] == 10
     assert root.attrs["dataset_fingerprint"] == ds.fingerprint()
     assert list(root["keys"][:]) == [s.key for s in ds.samples]
     assert list(root["prompts/simple"][:]) == [s.simple for s in ds.samples]
@@ -72,7 +72,9 @@ def test_create_keys_prompts_and_plain_zarr_layout(tmp_path):
     assert grp["layer_1/pooled"].dtype == np.float16 and grp["layer_1/pooled"].chunks == (4, 8)
     np.testing.assert_array_equal(grp["layer_1/pooled"][:], full1.astype(np.float16))
     np.testing.assert_array_equal(grp["layer_3/pooled"][:], full3)
-    assert grp["done"][:].tolist() == [True, True, True] and grp["done"].chunks == (1,)
+    # format 2: done[b] is the generation id that completed block b (docs/store-format.md)
+    assert grp["done"][:].tolist() == [g.gen_id] * 3 and grp["done"].chunks == (1,)
+    assert g.gen_id == int(grp.attrs["generation"][:15], 16) + 1
     assert "torch" in grp.attrs["provenance"]["library_versions"] or "zarr" in grp.attrs["provenance"]["library_versions"]
 
 
