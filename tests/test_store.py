@@ -176,7 +176,11 @@ def test_inspect_cli(tmp_path, capsys):
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", FakeDataset(10), block_rows=4)
     g = _group(st, provenance={"model": "tiny-llm"})
     g.write_block(1, {"layer_1/pooled": np.ones((4, 8)), "layer_3/pooled": np.ones((4, 8))})
-    assert main(["inspect", str(tmp_path / "s.zarr")]) == 0
+    assert main(["inspect", str(tmp_path / "s.zarr")]) == 0  # the short summary: a line per group
+    out = capsys.readouterr().out
+    assert "samples 10" in out and "llm/tiny" in out and "1/3 blocks INCOMPLETE" in out and "--full" in out
+    assert "provenance model" not in out
+    assert main(["inspect", str(tmp_path / "s.zarr"), "--full"]) == 0
     out = capsys.readouterr().out
     assert "samples 10" in out and "llm/tiny: 1/3 blocks done (INCOMPLETE)" in out
     assert "pending blocks: [0, 2]" in out and "layer_3/pooled" in out and "float32" in out
