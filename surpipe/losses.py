@@ -8,7 +8,8 @@ Authors' definitions (method notes), reproduced exactly:
   KL divergences over all L tokens, divided by B (not by B * L). We keep that scale because the
   authors' loss weights (1e-5) were tuned with it.
 - ``llm_loss = D(LLMResize(v_llm) broadcast to [B, 1, D], e)`` (``e``: the encoder output).
-- ``prompt_loss = D(CLIP(complex prompt), out)``. Note the order: the adapter output is the
+- ``prompt_loss = D(CLIP(complex prompt), out)`` (or ``fc(a)`` in place of ``out`` with
+  ``prompt_target="fc"``, the authors' code before 2023-11-29). Note the order: the adapter output is the
   *target* distribution ``softmax(out)``; gradients flow into it (``F.kl_div`` differentiates its
   target).
 - ``total = denoise + llm_weight * llm_loss + prompt_weight * prompt_loss``.
@@ -67,7 +68,11 @@ def llm_loss(projected_llm: torch.Tensor, e: torch.Tensor, temperature: float = 
 
 
 def prompt_loss(clip_complex: torch.Tensor, out: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``D(clip_complex, out)`` = KL(softmax(out) || softmax(clip_complex)), as the authors wrote it."""
+    """``D(clip_complex, out)`` = KL(softmax(out) || softmax(clip_complex)), as the authors wrote it.
+
+    ``out`` is the adapter output (the default, ``prompt_target="out"``) or its branch ``fc(a)``
+    (``prompt_target="fc"``: the authors' code until 2023-11-29, likely their released checkpoint).
+    """
     return kl_align(clip_complex.to(out.device), out, temperature)
 
 
