@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
 
 from surpipe import config as cfgmod
+from surpipe.config import opt
 from surpipe.errors import SurpipeError
 
 PARTS = ("clip", "vae")
@@ -34,32 +35,43 @@ PARTS = ("clip", "vae")
 
 @dataclass
 class EncodeLatentsConfig:
-    data: str
-    store: str
-    model: str
-    # Image side in pixels; default: the model's (unet sample_size x VAE downsampling, 512 for SD 1.5).
-    resolution: Optional[int] = None
-    revision: Optional[str] = None
-    variant: Optional[str] = None  # weight file variant, e.g. "fp16" (model.fp16.safetensors)
-    parts: list[str] = field(default_factory=lambda: ["clip", "vae"])
-    # Group names: clip/<name>, vae/<vae_name>; defaults: the model's folder/repo name and <name>-<R>.
-    name: Optional[str] = None
-    vae_name: Optional[str] = None
-    # Also store the distribution of the horizontally flipped crop (training can then random-flip).
-    flip: bool = False
-    batch_size: int = 8  # images per VAE forward
-    text_batch_size: int = 64  # prompts per text-encoder forward
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # compute dtype
-    store_dtype: Literal["float16", "float32"] = "float16"
-    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = "zstd"
-    device: str = "auto"  # auto | cpu | cuda | cuda:i
-    workers: int = 2  # DataLoader worker processes decoding images (0: in the main process)
-    block_rows: Optional[int] = None  # rows per block when the store is created [default: 256]
-    # Image check when opening the dataset: auto = full decode when this run creates the store
-    # (its rows are then fixed: every row must encode later), header check for an existing store.
-    check_images: Literal["auto", "full", "header", "none"] = "auto"
-    overwrite: bool = False
-    progress: bool = True
+    data: str = opt(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data")
+    store: str = opt(help="feature store (Zarr) to create or extend", group="output")
+    model: str = opt(help="Stable Diffusion 1.x/2.x checkpoint: local diffusers folder or hub id", group="model")
+    resolution: Optional[int] = opt(None, help="image side in pixels [default: the model's, 512 for SD 1.5]",
+                                    group="data", ge=8, le=8192)
+    revision: Optional[str] = opt(None, help="hub revision (branch, tag or commit) of --model", group="model")
+    variant: Optional[str] = opt(None, help='weight file variant, e.g. "fp16" (model.fp16.safetensors)',
+                                 group="model")
+    parts: list[str] = opt(help="what to encode: clip (text embeddings), vae (image latents), or both",
+                           group="output", default_factory=lambda: ["clip", "vae"])
+    name: Optional[str] = opt(None, help="group clip/<name> [default: the model's folder or repo name]",
+                              group="output")
+    vae_name: Optional[str] = opt(None, help="group vae/<vae_name> [default: <name>-<resolution>]", group="output")
+    flip: bool = opt(False, help="also store the latents of the flipped crop (training can then random-flip)",
+                     group="data")
+    batch_size: int = opt(8, help="images per VAE forward", group="running", ge=1, le=65536)
+    text_batch_size: int = opt(64, help="prompts per text-encoder forward", group="running", ge=1, le=65536)
+    dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", help="compute dtype of the encoders",
+                                                           group="model")
+    store_dtype: Literal["float16", "float32"] = opt("float16", help="dtype of the stored values", group="output")
+    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = opt("zstd", help="compression of the stored arrays",
+                                                              group="output")
+    device: str = opt("auto", help="auto, cpu, cuda or cuda:<i> (auto: this rank's GPU if any)", group="running")
+    workers: int = opt(2, help="image-decoding loader processes (0: decode in the main process)", group="running",
+                       ge=0, le=256)
+    loader_timeout: float = opt(300.0, help="seconds to wait for a batch from the loader workers before stopping "
+                                "with a message", group="running", gt=0, le=86400)
+    block_rows: Optional[int] = opt(None, help="rows per block when this run creates the store [default: 256]",
+                                    group="output", ge=1, le=1 << 20)
+    check_images: Literal["auto", "full", "header", "none"] = opt(
+        "auto", help="image check when opening the dataset (auto: full decode when creating the store)",
+        group="data")
+    simple_field: str = opt("text", help="metadata field holding the simple prompt (imagefolder)", group="data")
+    complex_field: str = opt("prompt", help="metadata field holding the complex prompt (imagefolder)", group="data")
+    overwrite: bool = opt(False, help="replace groups written with other settings (their values are lost)",
+                          group="output")
+    progress: bool = opt(True, help="show progress bars", group="running")
 
 
 def _validate(cfg: EncodeLatentsConfig) -> None:
@@ -74,6 +86,8 @@ def _validate(cfg: EncodeLatentsConfig) -> None:
             problems.append(f"{k}: must be >= 1, got {getattr(cfg, k)}")
     if cfg.workers < 0:
         problems.append(f"workers: must be >= 0, got {cfg.workers}")
+    if not cfg.loader_timeout > 0:
+        problems.append(f"loader_timeout: must be > 0 seconds, got {cfg.loader_timeout}")
     if cfg.resolution is not None and cfg.resolution < 8:
         problems.append(f"resolution: must be >= 8, got {cfg.resolution}")
     if cfg.block_rows is not None and cfg.block_rows < 1:
@@ -102,7 +116,7 @@ def _log(msg: str, env) -> None:
 # --------------------------------------------------------------------------- dataset + store
 
 
-from surpipe.parallel import open_store  # noqa: E402  (shared with the other stage-one command)
+from surpipe.parallel import discard_new_store_on_error, open_store  # noqa: E402  (shared with extract-llm)
 
 
 # --------------------------------------------------------------------------- image loading
@@ -141,12 +155,31 @@ def _collate(items):
     return idx, x, errs
 
 
+def loader_error(e: BaseException, workers: int, timeout: float) -> SurpipeError | None:
+    """The message for a DataLoader failure (a worker killed or exited, a timeout); None for other
+    errors. torch reports a dead worker from its SIGCHLD handler, so this error can surface
+    anywhere in the main process while the loader is alive, not only at ``next()``."""
+    text = str(e)
+    if not workers or not isinstance(e, RuntimeError) or "DataLoader" not in text:
+        return None
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    stalled = "timed out" in first
+    why = (f"no batch arrived within --loader-timeout {timeout:g} s" if stalled
+           else f"a loader worker failed: {first}")
+    return SurpipeError(
+        f"image loading stopped: {why}. Loader workers need shared memory (/dev/shm) and may hit "
+        "file-size or process limits; rerun with --workers 0 (decode in the main process), or "
+        "enlarge /dev/shm (docker: --shm-size)"
+        + (", or raise --loader-timeout for very slow storage" if stalled else "")
+        + "; finished blocks are kept")
+
+
 class _BlockFeeder:
     """Feeds preprocessed image batches for the blocks this rank will compute, in order, from one
     persistent DataLoader (workers stay up across blocks and prefetch the next block)."""
 
     def __init__(self, samples, store, blocks: list[int], resolution: int, batch_size: int, workers: int,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, timeout: float = 0):
         import torch
         from torch.utils.data import DataLoader
 
@@ -158,16 +191,31 @@ class _BlockFeeder:
                 batches.append(list(range(s, min(s + batch_size, stop))))
         self.loader = DataLoader(_ImageRows(samples, resolution), batch_sampler=batches, num_workers=workers,
                                  collate_fn=_collate, pin_memory=pin_memory,
-                                 persistent_workers=False, prefetch_factor=2 if workers else None)
+                                 persistent_workers=False, prefetch_factor=2 if workers else None,
+                                 timeout=float(timeout) if workers else 0)
+        self.workers, self.timeout = workers, timeout
         self.it = iter(self.loader)
         self.torch = torch
+
+    def _next(self):
+        """The next batch; a worker that died (no shared memory, a file-size limit, a signal) or
+        stalled past the timeout ends the run with a message instead of an endless wait."""
+        try:
+            return next(self.it)
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            err = loader_error(e, self.workers, self.timeout)
+            if err is None:
+                raise
+            raise err from None
 
     def rows(self, start: int, stop: int):
         """Yield (row indices, images [B, 3, R, R]) covering exactly rows [start, stop)."""
         want = start
         while want < stop:
             try:
-                idx, x, errs = next(self.it)
+                idx, x, errs = self._next()
             except StopIteration:
                 raise RuntimeError(f"image loader ended before row {want}") from None
             if idx[0] != want:
@@ -213,11 +261,9 @@ def _finish_group(store, path: str, cfg_dict: dict, report: dict, env) -> None:
 
 def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     """Encode the configured parts into the store; returns a report dict (also printed)."""
-    import torch
-
     from surpipe import sd
-    from surpipe.parallel import barrier, dist_env, init_distributed, resolve_device, run_block_job
-    from surpipe.store import ArraySpec
+    from surpipe.hub import check_model_source
+    from surpipe.parallel import dist_env, init_distributed, resolve_device
 
     _validate(cfg)
     env = dist_env()
@@ -226,10 +272,26 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     want_clip, want_vae = "clip" in cfg.parts, "vae" in cfg.parts
 
-    # Fail on a bad model folder before the (slow) dataset scan.
+    # Fail on a bad model (unreachable hub id, broken folder, unsupported pipeline) before the
+    # (slow) dataset scan and before any store is created.
+    check_model_source(cfg.model)
     if sd.is_local(cfg.model):
         sd.validate_folder(cfg.model, (["tokenizer", "text_encoder"] if want_clip else []) + (["vae"] if want_vae else []))
-    ds, store = open_store(cfg.data, cfg.store, cfg.block_rows, cfg.check_images, cfg.progress, env)
+    sd.check_pipeline_class(cfg.model, cfg.revision)
+    ds, store = open_store(cfg.data, cfg.store, cfg.block_rows, cfg.check_images, cfg.progress, env,
+                           simple_field=cfg.simple_field, complex_field=cfg.complex_field)
+    with discard_new_store_on_error(store, env):
+        return _encode(cfg, env, device, ds, store, t_start)
+
+
+def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: float) -> dict[str, Any]:
+    import torch
+
+    from surpipe import sd
+    from surpipe.parallel import barrier, run_block_job
+    from surpipe.store import ArraySpec
+
+    want_clip, want_vae = "clip" in cfg.parts, "vae" in cfg.parts
     if want_vae:
         keys = store.keys()
         if len(keys) != len(ds.samples) or any(k != s.key for k, s in zip(keys.tolist(), ds.samples)):
@@ -352,8 +414,8 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
         arrays = {n: ArraySpec((C, h, h), cfg.store_dtype, cfg.codec) for n in names}
         path = f"vae/{vae_name}"
         pending = _pending(store, path, settings, cfg.overwrite, env)
-        feeder = (_BlockFeeder(ds.samples, store, pending, R, cfg.batch_size, cfg.workers, device.startswith("cuda"))
-                  if pending else None)
+        feeder = (_BlockFeeder(ds.samples, store, pending, R, cfg.batch_size, cfg.workers, device.startswith("cuda"),
+                               timeout=cfg.loader_timeout) if pending else None)
         counter = {"images": 0}
 
         def vae_block(start: int, stop: int) -> dict[str, np.ndarray]:
@@ -380,6 +442,11 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
             res = run_block_job(store=store, kind="vae", name=vae_name, settings=settings, arrays=arrays,
                                 provenance=prov, overwrite=cfg.overwrite, env=env, compute_block=vae_block,
                                 unit="img", desc=path, stats=lambda: dict(counter), progress=cfg.progress)
+        except RuntimeError as e:
+            err = loader_error(e, cfg.workers, cfg.loader_timeout)
+            if err is None:
+                raise
+            raise err from None
         finally:
             if feeder is not None:
                 feeder.close()

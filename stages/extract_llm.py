@@ -19,6 +19,7 @@ Example (tiny CPU run on the bundled sample)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,37 +32,53 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from surpipe import config as cfgmod
+from surpipe.config import opt
 from surpipe.errors import SurpipeError
 
 
 @dataclass
 class ExtractLLMConfig:
-    data: str  # SURD imagefolder, folder of .tar shards, or brace pattern
-    store: str  # feature store (Zarr) to create or extend
-    model: str  # causal LM: hub id or local folder
-    layers: list[int]  # 0-based decoder layer indices; negative count from the end (-1 = last)
-    quant: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes: 8bit = LLM.int8, 4bit = NF4
-    pooling: Literal["mean", "last", "tokens"] = "mean"  # tokens: every token (ragged) + the mean
-    batch_size: int = 16  # prompts per forward (batches are length-bucketed)
-    # Compute dtype of unquantized weights: auto = float32 on CPU, bfloat16 (else float16) on CUDA.
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_tokens: Optional[int] = None  # truncate prompts to this many tokens [default: the model's limit]
-    device: str = "auto"  # auto | cpu | cuda | cuda:i (under torchrun: this rank's GPU)
-    name: Optional[str] = None  # group llm/<name> [default: model name (+ -8bit/-4bit, -last/-tokens)]
-    store_dtype: Literal["float16", "float32"] = "float16"
-    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = "zstd"
-    double_quant: bool = True  # 4bit: also quantize the quantization constants
-    revision: Optional[str] = None  # hub revision (branch, tag or commit)
-    trust_remote_code: bool = False
-    block_rows: Optional[int] = None  # rows per block when the store is created [default: 256]
-    padding_side: Literal["right", "left"] = "right"  # values do not depend on it (positions are explicit)
-    bucket: bool = True  # sort prompts by length within a block to minimise padding
-    # Image check when opening the dataset: auto = full decode when this run creates the store (its
-    # rows are fixed then, and encode-latents must be able to decode every one), header check (then
-    # full if the row sets differ) for an existing store.
-    check_images: Literal["auto", "full", "header", "none"] = "auto"
-    overwrite: bool = False
-    progress: bool = True
+    data: str = opt(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data")
+    store: str = opt(help="feature store (Zarr) to create or extend", group="output")
+    model: str = opt(help="causal LM (LLaMA, Mistral, Qwen2 ...): local folder or hub id", group="model")
+    layers: list[int] = opt(help="0-based decoder layers to store, comma separated (-1 = last); adding layers to "
+                            "a group computes only the new ones", group="model", ge=-4096, lt=4096)
+    quant: Literal["none", "8bit", "4bit"] = opt("none", help="bitsandbytes quantization: 8bit = LLM.int8, "
+                                                 "4bit = NF4", group="model")
+    pooling: Literal["mean", "last", "tokens"] = opt("mean", help="pool over the prompt's tokens: mean, last token, "
+                                                     "or tokens (every token, ragged, plus the mean)", group="model")
+    batch_size: int = opt(16, help="prompts per forward (batches are length-bucketed)", group="running",
+                          ge=1, le=65536)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt(
+        "auto", help="compute dtype of unquantized weights (auto: float32 on CPU, bfloat16/float16 on CUDA)",
+        group="model")
+    max_tokens: Optional[int] = opt(None, help="truncate prompts to this many tokens [default: the model's limit]",
+                                    group="model", ge=1, le=1 << 22)
+    device: str = opt("auto", help="auto, cpu, cuda or cuda:<i> (under torchrun: this rank's GPU)", group="running")
+    name: Optional[str] = opt(None, help="group llm/<name> [default: model name (+ -8bit/-4bit, -last/-tokens)]",
+                              group="output")
+    store_dtype: Literal["float16", "float32"] = opt("float16", help="dtype of the stored values", group="output")
+    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = opt("zstd", help="compression of the stored arrays",
+                                                              group="output")
+    double_quant: bool = opt(True, help="4bit: also quantize the quantization constants", group="model")
+    revision: Optional[str] = opt(None, help="hub revision (branch, tag or commit) of --model", group="model")
+    trust_remote_code: bool = opt(False, help="run the model repository's own Python code (only if you trust it)",
+                                  group="model")
+    block_rows: Optional[int] = opt(None, help="rows per block when this run creates the store [default: 256]",
+                                    group="output", ge=1, le=1 << 20)
+    padding_side: Literal["right", "left"] = opt("right", help="padding side of batches (values do not depend on "
+                                                 "it: positions are explicit)", group="running")
+    bucket: bool = opt(True, help="sort prompts by length within a block to minimise padding", group="running")
+    # auto = full decode when this run creates the store (its rows are fixed then, and encode-latents
+    # must be able to decode every one), header check (then full if the row sets differ) otherwise.
+    check_images: Literal["auto", "full", "header", "none"] = opt(
+        "auto", help="image check when opening the dataset (auto: full decode when creating the store)",
+        group="data")
+    simple_field: str = opt("text", help="metadata field holding the simple prompt (imagefolder)", group="data")
+    complex_field: str = opt("prompt", help="metadata field holding the complex prompt (imagefolder)", group="data")
+    overwrite: bool = opt(False, help="replace a group written with other settings (its values are lost)",
+                          group="output")
+    progress: bool = opt(True, help="show progress bars", group="running")
 
 
 def _validate(cfg: ExtractLLMConfig) -> None:
@@ -92,7 +109,7 @@ def _log(msg: str, env) -> None:
         print(f"surpipe: {msg}", file=sys.stderr, flush=True)
 
 
-from surpipe.parallel import open_store  # noqa: E402  (shared with the other stage-one command)
+from surpipe.parallel import discard_new_store_on_error, open_store  # noqa: E402  (shared with encode-latents)
 
 
 def default_name(model: str, quant: str, pooling: str) -> str:
@@ -120,10 +137,11 @@ def token_layout(lengths: np.ndarray, store) -> tuple[int, np.ndarray]:
 def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     """Extract the configured layers' features into the store; returns a report dict."""
     from surpipe import llm as L
-    from surpipe.parallel import barrier, dist_env, init_distributed, resolve_device, run_block_job
-    from surpipe.store import ArraySpec
+    from surpipe.hub import check_model_source
+    from surpipe.parallel import dist_env, init_distributed, resolve_device
 
     _validate(cfg)
+    check_model_source(cfg.model)
     L.quiet_libraries()
     env = dist_env()
     device = resolve_device(cfg.device, env)
@@ -169,15 +187,95 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     path = f"llm/{name}"
 
     # ---- dataset + store ----------------------------------------------------------------------
-    ds, store = open_store(cfg.data, cfg.store, cfg.block_rows, cfg.check_images, cfg.progress, env)
+    ds, store = open_store(cfg.data, cfg.store, cfg.block_rows, cfg.check_images, cfg.progress, env,
+                           simple_field=cfg.simple_field, complex_field=cfg.complex_field)
+    with discard_new_store_on_error(store, env):
+        return _extract(cfg, env, store, path=path, name=name, layers=layers, settings=settings,
+                        resolved=resolved, cfg_path=cfg_path, ds=ds, tok=tok, mcfg=mcfg, max_tokens=max_tokens,
+                        n_layers=n_layers, hidden=hidden, dtype=dtype, device=device, t_start=t_start)
+
+
+def added_layers(store, path: str, settings: dict) -> tuple[list[int], list[int]]:
+    """(stored layers, layers to add) when group ``path`` exists with settings that differ from
+    ``settings`` in ``layers`` only; ([], []) otherwise (absent group, or any other difference,
+    which ``check_settings`` then refuses)."""
+    if not store.has_group(path):
+        return [], []
+    old = store.group(path).settings
+    stored = old.get("layers")
+    if not isinstance(stored, list) or stored == settings["layers"]:
+        return [], []
+    if {k: v for k, v in old.items() if k != "layers"} != {k: v for k, v in settings.items() if k != "layers"}:
+        return [], []
+    return [int(x) for x in stored], sorted(set(settings["layers"]) - set(stored))
+
+
+def _side_store(cfg: ExtractLLMConfig, name: str, extra: list[int]) -> Path:
+    """Where layers being added to group llm/<name> are computed before they join it."""
+    return Path(cfg.store) / ".adding-layers" / f"{name}-L{'_'.join(map(str, extra))}.zarr"
+
+
+def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None):
+    """Move the arrays of complete group ``src`` (of a side store made from the same rows) into
+    complete group ``path`` of ``store``, then record ``settings`` (one metadata write, after the
+    moves). Arrays already moved are left alone, so an interrupted call can simply be repeated.
+    The caller holds the group's lock exclusively."""
+    import datetime as _dt
+
+    from surpipe.store import settings_hash
+
+    dst = store.group(path)
+    if (src.store.num_samples, src.store.block_rows, src.store.fingerprint) != \
+            (store.num_samples, store.block_rows, store.fingerprint):
+        raise SurpipeError(f"{src.store.path} does not have the rows of {store.path}; cannot adopt its arrays")
+    src.require_complete()
+    dst.require_complete()
+    names = [a for a in src.array_names if a not in dst.array_names]
+    for top in sorted({a.split("/")[0] for a in names}):
+        target = Path(store.path) / path / top
+        if not target.exists():
+            os.replace(Path(src.store.path) / src.path / top, target)
+    attrs = dst.attrs
+    settings = json.loads(json.dumps(dict(settings), default=str))
+    prov = dict(attrs.get("provenance") or {})
+    prov["added"] = list(prov.get("added", [])) + [
+        {**dict(note or {}), "arrays": names, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
+    update = {"settings": settings, "settings_hash": settings_hash(settings),
+              "arrays": list(attrs.get("arrays", [])) + names, "provenance": prov}
+    specs, src_specs = attrs.get("array_specs"), src.attrs.get("array_specs")
+    if isinstance(specs, dict) and isinstance(src_specs, dict):  # layout recorded at creation (format 2)
+        update["array_specs"] = {**specs, **{a: src_specs[a] for a in names if a in src_specs}}
+    store.root[path].update_attributes(update)
+    return store.group(path)
+
+
+def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_path, ds, tok, mcfg, max_tokens,
+             n_layers, hidden, dtype, device, t_start) -> dict[str, Any]:
+    from surpipe import llm as L
+    from surpipe.parallel import barrier, group_lock, run_block_job
+    from surpipe.store import ArraySpec, FeatureStore
+
     report: dict[str, Any] = {"group": path, "store": str(cfg.store), "rows": store.num_samples,
                               "layers": layers, "device": device, "world_size": env.world_size,
                               "config_file": str(cfg_path)}
+    stored, extra = ([], []) if cfg.overwrite else added_layers(store, path, settings)
+    # Layers added to an existing group: the group keeps its settings (stored layers) until the new
+    # layers are complete; the stored layers are never recomputed.
+    base_layers = stored or layers
+    base_settings = {**settings, "layers": base_layers}
+    all_layers = sorted(set(base_layers) | set(extra))
+    if stored:
+        resolved = dataclasses.replace(resolved, layers=all_layers)
+        report["layers"] = all_layers
+        requested_stored = sorted(set(layers) & set(stored))
+        _log(f"{path}: holds layers {stored}; "
+             + (f"adding layers {extra} (stored layers are not recomputed)" if extra else
+                f"requested layers {requested_stored} are already stored"), env)
     if not cfg.overwrite:
-        store.check_settings("llm", name, settings)
-        if store.has_group(path) and store.group(path).is_complete():
+        store.check_settings("llm", name, base_settings)
+        if store.has_group(path) and store.group(path).is_complete() and not extra:
             _log(f"{path}: nothing to do, all {store.num_blocks} blocks are already done "
-                 f"({store.num_samples} prompts, layers {layers})", env)
+                 f"({store.num_samples} prompts, layers {base_layers})", env)
             report.update(already_complete=True, prompts_done_now=0, seconds=round(time.perf_counter() - t_start, 2))
             return report
 
@@ -192,23 +290,30 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
         _log(f"{n_trunc} prompts are longer than {max_tokens} tokens and were truncated "
              f"(longest {int(full_lengths.max())}); --max-tokens changes the limit", env)
 
-    arrays: dict[str, ArraySpec] = {f"layer_{Lx}/pooled": ArraySpec((hidden,), cfg.store_dtype, cfg.codec)
-                                    for Lx in layers}
-    arrays["token_counts"] = ArraySpec((), "int32", cfg.codec)
     offsets = None
     cap = 0
     if cfg.pooling == "tokens":
         cap, offsets = token_layout(lengths, store)
+
+    def layer_arrays(lays) -> dict[str, ArraySpec]:
+        out = {f"layer_{Lx}/pooled": ArraySpec((hidden,), cfg.store_dtype, cfg.codec) for Lx in lays}
+        if cfg.pooling == "tokens":
+            for Lx in lays:
+                out[f"layer_{Lx}/tokens"] = ArraySpec((hidden,), cfg.store_dtype, cfg.codec, block_capacity=cap)
+        return out
+
+    arrays = layer_arrays(base_layers)
+    arrays["token_counts"] = ArraySpec((), "int32", cfg.codec)
+    if cfg.pooling == "tokens":
         arrays["token_offsets"] = ArraySpec((), "int64", cfg.codec)
-        for Lx in layers:
-            arrays[f"layer_{Lx}/tokens"] = ArraySpec((hidden,), cfg.store_dtype, cfg.codec, block_capacity=cap)
 
     # ---- model ---------------------------------------------------------------------------------
     if env.is_main:
         cfgmod.save(resolved, cfg_path)  # saved before the work, so an interrupted run repeats with --config
-    _log(f"loading {cfg.model} (layers 0..{layers[-1]} of {n_layers}, quant {cfg.quant}, {dtype}, {device}) ...", env)
+    _log(f"loading {cfg.model} (layers 0..{all_layers[-1]} of {n_layers}, quant {cfg.quant}, {dtype}, {device}) ...",
+         env)
     t_load = time.perf_counter()
-    llm = L.load_llm(cfg.model, layers, quant=cfg.quant, dtype=cfg.dtype, device=device, revision=cfg.revision,
+    llm = L.load_llm(cfg.model, all_layers, quant=cfg.quant, dtype=cfg.dtype, device=device, revision=cfg.revision,
                      trust_remote_code=cfg.trust_remote_code, double_quant=cfg.double_quant, config=mcfg,
                      tokenizer=tok)
     load_s = time.perf_counter() - t_load
@@ -220,56 +325,93 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
         counters["prompts"] += n_prompts
         counters["tok"] += n_tokens
 
-    def compute_block(start: int, stop: int) -> dict[str, np.ndarray]:
-        ex = L.extract(llm, token_ids[start:stop], layers, pooling=cfg.pooling, batch_size=cfg.batch_size,
-                       padding_side=cfg.padding_side, bucket=cfg.bucket, on_batch=on_batch)
-        counters["padded"] += ex.padded_tokens
-        out: dict[str, np.ndarray] = {f"layer_{Lx}/pooled": ex.pooled[Lx] for Lx in layers}
-        out["token_counts"] = lengths[start:stop].astype(np.int32)
-        if cfg.pooling == "tokens":
-            out["token_offsets"] = offsets[start:stop]
-            for Lx in layers:
-                out[f"layer_{Lx}/tokens"] = np.concatenate(ex.tokens[Lx]) if ex.tokens[Lx] else \
-                    np.zeros((0, hidden), np.float32)
-        return out
+    def block_fn(lays, with_counts: bool):
+        def compute_block(start: int, stop: int) -> dict[str, np.ndarray]:
+            ex = L.extract(llm, token_ids[start:stop], lays, pooling=cfg.pooling, batch_size=cfg.batch_size,
+                           padding_side=cfg.padding_side, bucket=cfg.bucket, on_batch=on_batch)
+            counters["padded"] += ex.padded_tokens
+            out: dict[str, np.ndarray] = {f"layer_{Lx}/pooled": ex.pooled[Lx] for Lx in lays}
+            if with_counts:
+                out["token_counts"] = lengths[start:stop].astype(np.int32)
+            if cfg.pooling == "tokens":
+                if with_counts:
+                    out["token_offsets"] = offsets[start:stop]
+                for Lx in lays:
+                    out[f"layer_{Lx}/tokens"] = np.concatenate(ex.tokens[Lx]) if ex.tokens[Lx] else \
+                        np.zeros((0, hidden), np.float32)
+            return out
+        return compute_block
 
-    provenance = {
-        "model": cfg.model, "revision": cfg.revision, "commit_hash": settings["commit_hash"],
-        "config_hash": settings["config_hash"], "quantization": cfg.quant, "dtype": dtype,
-        "pooling": cfg.pooling, "layers": layers, "hidden_size": hidden, "num_hidden_layers": n_layers,
-        "tokenizer": tok_settings, "device": device, "world_size": env.world_size,
-        "batch_size": cfg.batch_size, "padding_side": cfg.padding_side, "bucket": cfg.bucket,
-        "tokens_block_capacity": cap or None, **{f"model_{k}": v for k, v in llm.info.items()},
-    }
-    _log(f"{path}: {store.num_samples} prompts, layers {layers} of {n_layers}, H={hidden}, pooling {cfg.pooling}, "
+    def provenance(lays) -> dict:
+        return {
+            "model": cfg.model, "revision": cfg.revision, "commit_hash": settings["commit_hash"],
+            "config_hash": settings["config_hash"], "quantization": cfg.quant, "dtype": dtype,
+            "pooling": cfg.pooling, "layers": lays, "hidden_size": hidden, "num_hidden_layers": n_layers,
+            "tokenizer": settings["tokenizer"], "device": device, "world_size": env.world_size,
+            "batch_size": cfg.batch_size, "padding_side": cfg.padding_side, "bucket": cfg.bucket,
+            "tokens_block_capacity": cap or None, **{f"model_{k}": v for k, v in llm.info.items()},
+        }
+
+    _log(f"{path}: {store.num_samples} prompts, layers {all_layers} of {n_layers}, H={hidden}, pooling {cfg.pooling}, "
          f"{cfg.store_dtype} stored (model loaded in {load_s:.1f} s)", env)
-    try:
-        res = run_block_job(store=store, kind="llm", name=name, settings=settings, arrays=arrays,
-                            provenance=provenance, overwrite=cfg.overwrite, env=env, compute_block=compute_block,
-                            unit="prompt", desc=path, stats=lambda: {"tok": counters["tok"]}, progress=cfg.progress)
-    except SurpipeError as e:
-        if "overflows" in str(e):
-            raise SurpipeError(f"{e}\n  (this group was started as {cfg.store_dtype}: rerun with "
-                               "--store-dtype float32 --overwrite, or use another --name)") from None
-        raise
+
+    def job(target, lays, sets, arrs, with_counts, desc):
+        try:
+            return run_block_job(store=target, kind="llm", name=name, settings=sets, arrays=arrs,
+                                 provenance=provenance(lays), overwrite=cfg.overwrite and target is store, env=env,
+                                 compute_block=block_fn(lays, with_counts), unit="prompt", desc=desc,
+                                 stats=lambda: {"tok": counters["tok"]}, progress=cfg.progress)
+        except SurpipeError as e:
+            if "overflows" in str(e):
+                raise SurpipeError(f"{e}\n  (this group was started as {cfg.store_dtype}: rerun with "
+                                   "--store-dtype float32 --overwrite, or use another --name)") from None
+            raise
+
+    res = job(store, base_layers, base_settings, arrays, True, path)
+    rows_now, secs_total = res.rows_done_now, res.seconds
+    if extra:
+        # The added layers are computed into a side store with the same rows (same resumable block
+        # machinery), then their arrays are moved into the group and its settings list them.
+        side_path = _side_store(cfg, name, extra)
+        side = FeatureStore.create_or_open(side_path, ds, store.block_rows)
+        side_settings = {**settings, "layers": extra}
+        res2 = job(side, extra, side_settings, layer_arrays(extra), False, f"{path} (adding layers {extra})")
+        rows_now += res2.rows_done_now
+        secs_total += res2.seconds
+        if env.is_main:
+            with group_lock(store.path, path, exclusive=True, wait_s=30.0):  # nobody writes it meanwhile
+                adopt_arrays(store, path, side.group(f"llm/{name}"), {**settings, "layers": all_layers},
+                             note={"layers": extra, "by": "extract-llm --layers"})
+            import re
+            import shutil
+
+            # this side store, and those of earlier attempts at other layer sets for this group
+            mine = re.compile(re.escape(name) + r"-L\d+(_\d+)*\.zarr")
+            for p in [side_path, *(q for q in side_path.parent.glob("*.zarr") if mine.fullmatch(q.name))]:
+                shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                side_path.parent.rmdir()
+            _log(f"{path}: layers {extra} added; it now holds layers {all_layers}", env)
+        barrier(env)
+        res = dataclasses.replace(res, already_complete=False)
     if res.already_complete:
         _log(f"{path}: nothing to do, all {store.num_blocks} blocks are already done", env)
-    secs = max(res.seconds, 1e-9)
+    secs = max(secs_total, 1e-9)
     waste = (counters["padded"] - counters["tok"]) / counters["padded"] if counters["padded"] else 0.0
     report.update(
-        already_complete=res.already_complete, prompts_done_now=res.rows_done_now,
-        tokens_done_now=counters["tok"], seconds=round(res.seconds, 2), load_seconds=round(load_s, 2),
-        prompts_per_s=round(res.rows_done_now / secs, 2), tokens_per_s=round(counters["tok"] / secs, 1),
+        already_complete=res.already_complete, prompts_done_now=rows_now,
+        tokens_done_now=counters["tok"], seconds=round(secs_total, 2), load_seconds=round(load_s, 2),
+        prompts_per_s=round(rows_now / secs, 2), tokens_per_s=round(counters["tok"] / secs, 1),
         padding_waste=round(waste, 4), truncated_prompts=n_trunc, max_tokens=max_tokens,
-        tokens_block_capacity=cap or None,
+        tokens_block_capacity=cap or None, layers_added=extra or None,
     )
     if env.world_size > 1:
         report["rank"] = env.rank
     if env.is_main and not res.already_complete:
         g = store.root[path]
         g.attrs.update({"config": cfgmod.to_dict(resolved), "report": report})
-        print(f"surpipe: extract-llm {path}: {res.rows_done_now} prompts, {counters['tok']} tokens in "
-              f"{res.seconds:.1f} s ({report['prompts_per_s']} prompts/s, {report['tokens_per_s']} tok/s, "
+        print(f"surpipe: extract-llm {path}: {rows_now} prompts, {counters['tok']} tokens in "
+              f"{secs_total:.1f} s ({report['prompts_per_s']} prompts/s, {report['tokens_per_s']} tok/s, "
               f"padding {100 * waste:.1f}%"
               f"{', this rank of ' + str(env.world_size) if env.world_size > 1 else ''}); "
               f"repeat with --config {cfg_path}", file=sys.stderr, flush=True)

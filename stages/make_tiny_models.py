@@ -1,5 +1,6 @@
-"""``surpipe make-tiny-models OUT``: a tiny LLaMA-architecture LM (OUT/llm) and a tiny Stable
-Diffusion (OUT/sd) with real tokenizers, built offline, in standard Hugging Face folder layouts."""
+"""``surpipe make-tiny-models OUT``: a tiny LLaMA-architecture LM (OUT/llm), a tiny Stable Diffusion
+(OUT/sd) and a tiny CLIP image-text model for ``eval`` (OUT/clip), with real tokenizers, built
+offline, in standard Hugging Face folder layouts."""
 
 from __future__ import annotations
 
@@ -10,24 +11,32 @@ from pathlib import Path
 from typing import Literal
 
 from surpipe import config as cfgmod
+from surpipe.config import opt
 
 
 @dataclass
 class TinyModelsConfig:
-    out: str
-    seed: int = 0
-    overwrite: bool = False
+    out: str = opt(help="folder to write llm/, sd/ and clip/ into", group="output", argument=True)
+    seed: int = opt(0, help="random seed of the weights (the same seed gives the same models)", group="model",
+                    ge=0, lt=2**32)
+    overwrite: bool = opt(False, help="replace llm/, sd/ and clip/ in a non-empty OUT", group="output")
     # "sentencepiece": the real LLaMA-style tokenizer from the mistral-common wheel;
     # "bpe": a small BPE trained offline (no wheel needed).
-    llm_tokenizer: Literal["sentencepiece", "bpe"] = "sentencepiece"
+    llm_tokenizer: Literal["sentencepiece", "bpe"] = opt(
+        "sentencepiece", help="LM tokenizer: sentencepiece (real LLaMA-style, needs mistral-common) or bpe "
+        "(trained offline)", group="model")
+    clip: bool = opt(True, help="also build the tiny CLIP image-text model eval scores with (OUT/clip)",
+                     group="model")
 
 
 def run(cfg: TinyModelsConfig) -> Path:
     from surpipe.tiny import make_tiny_models
 
     t0 = time.perf_counter()
-    out = make_tiny_models(cfg.out, seed=cfg.seed, overwrite=cfg.overwrite, llm_tokenizer=cfg.llm_tokenizer)
+    out = make_tiny_models(cfg.out, seed=cfg.seed, overwrite=cfg.overwrite, llm_tokenizer=cfg.llm_tokenizer,
+                           clip=cfg.clip)
     cfgmod.save(cfg, out / "tiny_models_config.json")
     print(f"surpipe: tiny models ready in {out} ({time.perf_counter() - t0:.1f} s): "
-          f"{out / 'llm'} (causal LM), {out / 'sd'} (Stable Diffusion)", file=sys.stderr, flush=True)
+          f"{out / 'llm'} (causal LM), {out / 'sd'} (Stable Diffusion)"
+          + (f", {out / 'clip'} (CLIP image-text, for eval)" if cfg.clip else ""), file=sys.stderr, flush=True)
     return out

@@ -273,14 +273,16 @@ def log(msg: str, env: DistEnv) -> None:
 
 
 def open_store(data: str, store_path: str, block_rows: int | None, check_images: str, progress: bool,
-               env: DistEnv):
+               env: DistEnv, simple_field: str = "text", complex_field: str = "prompt"):
     """Open the dataset and the store made from it (created when absent); returns (dataset, store).
 
     The row set of a store is fixed when it is created. A new store is made from a dataset opened
     with a full decode of every image, so every row can be encoded later whichever stage-one
     command runs first. An existing store is matched with a cheap header check first, then, if the
     row set differs (a corrupt image only a full decode finds was dropped at creation), with a full
-    decode; a store made from another dataset is refused.
+    decode; a store made from another dataset is refused. ``simple_field`` / ``complex_field``
+    name the metadata fields of the two prompts. The store gets ``created_now`` (True when this
+    call made it) for :func:`discard_new_store_on_error`.
     """
     from surpipe.data import open_dataset
     from surpipe.errors import SurpipeError
@@ -293,7 +295,8 @@ def open_store(data: str, store_path: str, block_rows: int | None, check_images:
         ladder = [check_images]
     last_err = None
     for level in ladder:
-        ds = open_dataset(data, strict=False, check_images=level, progress=progress and env.is_main)
+        ds = open_dataset(data, strict=False, check_images=level, progress=progress and env.is_main,
+                          simple_field=simple_field, complex_field=complex_field)
         if len(ds) == 0:
             raise SurpipeError(f"dataset {data} has no usable rows")
         try:

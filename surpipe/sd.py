@@ -144,6 +144,34 @@ def _component_json(model: str, sub: str, revision: str | None) -> dict | None:
         return None
 
 
+# Pipelines that are not SD 1.x/2.x, with what to call them in the refusal.
+_OTHER_PIPELINES = {
+    "StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLInpaintPipeline": "SDXL", "StableDiffusion3Pipeline": "Stable Diffusion 3",
+    "FluxPipeline": "Flux", "KandinskyPipeline": "Kandinsky", "PixArtAlphaPipeline": "PixArt",
+    "StableCascadePriorPipeline": "Stable Cascade",
+}
+SUPPORTED_PIPELINE = "StableDiffusionPipeline"
+
+
+def check_pipeline_class(model: str, revision: str | None = None) -> None:
+    """Refuse a checkpoint whose ``model_index.json`` names a pipeline other than
+    ``StableDiffusionPipeline`` (SD 1.x/2.x): SDXL and others have other text encoders and
+    conditioning, and would be silently mis-encoded. A folder without ``model_index.json`` passes
+    (its components are checked when loaded). Shared by encode-latents, train and generate."""
+    index = _model_index(model, revision)
+    cls = index.get("_class_name") if isinstance(index, dict) else None
+    if cls is None or cls == SUPPORTED_PIPELINE:
+        return
+    family = _OTHER_PIPELINES.get(str(cls))
+    if family is None and "XL" in str(cls):
+        family = "SDXL"
+    what = f"{family} is not supported yet" if family else "this pipeline is not supported"
+    raise SurpipeError(
+        f"{model} is a {cls} checkpoint (model_index.json): {what}; surpipe works with "
+        f"{SUPPORTED_PIPELINE} checkpoints (Stable Diffusion 1.x / 2.x) only")
+
+
 def config_hash(cfg: dict) -> str:
     """sha256 (16 hex) of a config dict without save-time keys (paths, library versions, dtype)."""
     clean = {k: v for k, v in cfg.items() if k not in _VOLATILE_KEYS}

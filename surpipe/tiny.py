@@ -452,7 +452,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise SurpipeError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise SurpipeError(f"output folder {out} is not empty; pass --overwrite to replace llm/ and sd/ in it")
+            raise SurpipeError(f"output folder {out} is not empty; pass --overwrite to replace llm/, sd/ and clip/ in it")
 
 
 def make_tiny_models(
@@ -462,12 +462,16 @@ def make_tiny_models(
     llm_tokenizer: str = "sentencepiece",
     llm_overrides: dict | None = None,
     sd_overrides: dict | None = None,
+    clip: bool = True,
 ) -> Path:
-    """Build ``out/llm`` (tiny LLaMA + tokenizer) and ``out/sd`` (tiny Stable Diffusion); return ``Path(out)``.
+    """Build ``out/llm`` (tiny LLaMA + tokenizer), ``out/sd`` (tiny Stable Diffusion) and, unless
+    ``clip`` is False, ``out/clip`` (the tiny CLIP image-text model ``eval`` scores with); return ``Path(out)``.
 
-    Refuses a non-empty ``out`` unless ``overwrite`` (which replaces ``llm/`` and ``sd/`` only).
+    Refuses a non-empty ``out`` unless ``overwrite`` (which replaces ``llm/``, ``sd/`` and ``clip/`` only).
     Each part is built in a temporary folder inside ``out`` and renamed into place when complete.
     """
+    from surpipe.tiny_clip import build_tiny_clip
+
     import time
 
     out = Path(out)
@@ -480,6 +484,7 @@ def make_tiny_models(
     for name, builder, kw in (
         ("llm", build_tiny_llm, dict(tokenizer=llm_tokenizer, **(llm_overrides or {}))),
         ("sd", build_tiny_sd, dict(sd_overrides or {})),
+        *([("clip", build_tiny_clip, {})] if clip else []),
     ):
         t0 = time.perf_counter()
         _log(f"building tiny {name} in {out / name} ...")

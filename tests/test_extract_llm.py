@@ -249,9 +249,10 @@ def test_cli_4bit_provenance_rerun_and_mismatch(tmp_path, llm_dir, sample_dir_mo
     # the saved config repeats the run
     rc, err = _run("extract-llm", "--config", store / "configs" / "extract-llm-llm-4bit.json", "--no-progress")
     assert rc == 0 and "nothing to do" in err, err
-    # other settings into the same group: refused, naming what differs
-    rc, err = _run(*base, "--layers", "2", "--quant", "4bit", "--no-double-quant", "--name", "llm-4bit")
-    assert rc == 1 and "other settings" in err and "layers" in err and "--overwrite" in err
+    # other settings into the same group: refused, naming what differs (other layers are added
+    # instead: tests/test_stage_one_more.py)
+    rc, err = _run(*base, "--layers", "1,-1", "--quant", "4bit", "--name", "llm-4bit")
+    assert rc == 1 and "other settings" in err and "double" in err and "--overwrite" in err
     assert "Traceback" not in err
     rc, err = _run(*base, "--layers", "2", "--quant", "4bit", "--name", "llm-4bit", "--overwrite")
     assert rc == 0, err
