@@ -170,13 +170,14 @@ def _split_lists(cls, opts: dict) -> dict:
         base, _, inner = _base_type(hints[name])
         if base is list and isinstance(v, (list, tuple)):
             items = [x.strip() for s in v for x in str(s).split(",") if x.strip()]
-            conv = []
-            for x in items:
-                try:
-                    conv.append(inner(x) if inner in (int, float) else x)
-                except ValueError:
-                    conv.append(x)  # the config validation names it
-            out[name] = conv
+            try:
+                out[name] = [inner(x) if inner in (int, float) else x for x in items]
+            except ValueError:
+                from surpipe.errors import SurpipeError
+
+                kind = "integers" if inner is int else "numbers"
+                raise SurpipeError(f"{flag(name)} {','.join(map(str, v))!r}: give comma-separated {kind}, "
+                                   f"e.g. {flag(name)} 1,3") from None
     return out
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 from surpipe import config as cfgmod
-from surpipe.adapter import MAX_SIZES
+from surpipe.limits import MAX_SIZES
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
-from surpipe.safeload import file_sha256, load_torch_file, tensor_kind_problem
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "adapter", "module")
 
@@ -44,6 +43,8 @@ class ImportOfficialConfig:
 def read_official(path: str | Path) -> dict:
     """The flat {str: Tensor} state dict in the authors' .pt, or SurpipeError."""
     import torch
+
+    from surpipe.safeload import load_torch_file, tensor_kind_problem
 
     p = Path(path)
     obj = load_torch_file(p, "checkpoint")
@@ -73,6 +74,7 @@ def _first(items: list[str], n: int = 20) -> list[str]:
 def run(cfg: ImportOfficialConfig) -> Path:
     import torch
 
+    from surpipe.safeload import file_sha256
     from surpipe.adapter import SURAdapter, SURAdapterConfig, check_state_dict, split_template_layer
 
     if cfg.adapter_weight is None:

@@ -56,8 +56,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CLASS_NAME = "SURAdapter"
 # Largest sizes a config may ask for (SD text encoders are 768-4096 wide); checked before allocating.
-MAX_SIZES = {"width": 16384, "nhead": 1024, "dim_feedforward": 262144, "num_layers": 64}
-MAX_PARAMETERS = 2**31
+from surpipe.limits import MAX_PARAMETERS, MAX_SIZES  # noqa: E402  (torch-free home, for CLI ranges)
 # The authors' Adapter keeps its template nn.TransformerEncoderLayer as `encoder_layer`: their
 # state dicts carry it (12 keys), but their forward never uses it.
 TEMPLATE_PREFIX = "encoder_layer."

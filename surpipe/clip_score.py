@@ -153,7 +153,7 @@ class CLIPScorer:
         if local.is_dir() and not (local / "config.json").is_file():
             raise SurpipeError(f"{model} is not a CLIP model folder (no config.json)")
         try:
-            self.model = CLIPModel.from_pretrained(model, revision=revision, torch_dtype=torch.float32).eval()
+            self.model = CLIPModel.from_pretrained(model, revision=revision, dtype=torch.float32).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
         except (OSError, ValueError, KeyError, TypeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -26,7 +26,7 @@ def load_pipeline(model: str, *, revision: str | None = None, unet=None, device=
 
     dtype = dtype or torch.float32
     kwargs = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None,
-              "torch_dtype": dtype, "revision": revision}
+              "dtype": dtype, "revision": revision}
     if unet is not None:
         kwargs["unet"] = unet
     try:

@@ -374,7 +374,7 @@ def load_vae_encoder(model: str, revision: str | None = None, dtype: str = "floa
         validate_folder(model, ["vae"])
     kw = {} if is_local(model) else {"revision": revision}
     try:
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32,
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32,
                                             **kw, **({"variant": variant} if variant else {}))
     except Exception as e:
         raise _load_error("VAE", model, revision, e) from None

@@ -546,8 +546,14 @@ class FeatureStore:
         """False for a format-1 store: its chunks carry no checksums (flipped bytes go unnoticed)."""
         return self.format >= 2
 
-    def damaged(self, where: str, exc: BaseException) -> SurpipeError:
-        """A zarr failure to read metadata (garbage or edited zarr.json) as one clear error."""
+    def damaged(self, where: str, exc: BaseException) -> BaseException:
+        """A zarr failure to read metadata (garbage or edited zarr.json) as one clear error.
+
+        A DataLoader worker's death is reported by torch's SIGCHLD handler wherever the main
+        process happens to be, possibly inside a metadata read: that is passed through unchanged
+        so the loader's own message names it, not disguised as store damage."""
+        if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
+            return exc
         text = (str(exc).strip().splitlines() or [""])[0][:160]
         return SurpipeError(f"store {self.path}: the metadata of {where} is damaged ({type(exc).__name__}: {text}); "
                             f"run `surpipe verify {self.path}` for a full report")
