@@ -525,6 +525,8 @@ class TrainRecipe:
             "clip_simple": t["clip_simple"].float().to(dev),
             "clip_complex": t["clip_complex"].float().to(dev),
             "llm": t["llm"].float().to(dev),
+            # rows whose LLM vector is missing (zeros, matched=false) take no part in the LLM term
+            "llm_mask": t["llm_matched"].bool().to(dev) if "llm_matched" in t else None,
         }
 
     # ------------------------------------------------------------------ one micro-batch
@@ -545,7 +547,7 @@ class TrainRecipe:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         out, e, fc = _adapter_aux(self.adapter, b["clip_simple"])
-        llm_loss = L.llm_loss(self.projection(b["llm"]), e)
+        llm_loss = L.llm_loss(self.projection(b["llm"]), e, mask=b.get("llm_mask"))
         # prompt_target: the authors compared with fc(a) until 2023-11-29, with out since (method-decisions.md)
         prompt_loss = L.prompt_loss(b["clip_complex"], out if cfg.prompt_target == "out" else fc)
         cond = out if cfg.gradient_path == "paper" else out.detach()

@@ -55,15 +55,22 @@ def kl_align(x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torc
     return F.kl_div(F.log_softmax(x, dim=-1), F.softmax(y, dim=-1), reduction="batchmean")
 
 
-def llm_loss(projected_llm: torch.Tensor, e: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def llm_loss(projected_llm: torch.Tensor, e: torch.Tensor, temperature: float = 1.0,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``D(projected_llm[:, None, :] broadcast to e's shape, e)``.
 
     ``projected_llm``: [B, D] (``LLMProjection`` of the pooled LLM feature); ``e``: [B, L, D].
+    ``mask`` [B] bool keeps only rows that have an LLM feature (the mean is over those rows; a batch
+    without any gives 0, still attached to the graph).
     """
     if projected_llm.dim() == 2:
         projected_llm = projected_llm.unsqueeze(1)
     if projected_llm.dim() != 3 or projected_llm.shape[0] != e.shape[0] or projected_llm.shape[-1] != e.shape[-1]:
         raise ValueError(f"llm_loss: projection {list(projected_llm.shape)} does not fit e {list(e.shape)}")
+    if mask is not None and not bool(mask.all()):
+        if not bool(mask.any()):
+            return e.sum() * 0.0
+        projected_llm, e = projected_llm[mask], e[mask]
     return kl_align(projected_llm.expand_as(e), e, temperature)
 
 

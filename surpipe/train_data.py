@@ -284,9 +284,12 @@ class BlockReader:
             wanted |= {"flip_mean": (g.vae_group, "flip_mean"), "flip_std": (g.vae_group, "flip_std")}
         groups = {}
         arrays = {}
+        llm = store.group(g.llm_group)
+        if "matched" in llm.array_names:  # import-prompt2vec: rows without a vector hold zeros
+            wanted["llm_matched"] = (g.llm_group, "matched")
         for key, (gpath, name) in wanted.items():
             if gpath not in groups:
-                groups[gpath] = store.group(gpath)  # refuses damaged or edited metadata
+                groups[gpath] = llm if gpath == g.llm_group else store.group(gpath)  # refuses damaged metadata
             arrays[key] = (gpath, name, groups[gpath].array(name))
         # (done array, generation id) per group: a block counts only when done in this generation
         self._done = {p: (fg.group["done"], fg.gen_id) for p, fg in groups.items()}
