@@ -274,6 +274,9 @@ def run(cfg: EvalConfig) -> dict:
 
     t0 = time.perf_counter()
     # The CLIP model first: a wrong --clip-model fails before any image is rendered.
+    from surpipe.hub import check_model_source
+
+    check_model_source(cfg.clip_model, option="--clip-model", what="CLIP model")
     scorer = CLIPScorer(cfg.clip_model, revision=cfg.clip_revision, device=pick_device(cfg.device))
     pipe, adapter, folder, saved, dev, tdtype = open_pipeline_and_adapter(
         cfg.model, cfg.adapter, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype,

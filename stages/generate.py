@@ -141,8 +141,10 @@ def load_adapter(path: str, device, adapter_weight: Optional[float] = None):
 def check_sd_model(model: str, revision: Optional[str] = None) -> Optional[int]:
     """Refuse early a local folder that is not a diffusers Stable Diffusion model; return the text
     encoder's width when it can be read without loading weights."""
-    from surpipe.hub import read_model_config
+    from surpipe.hub import check_model_source, read_model_config
+    from surpipe.sd import check_pipeline_class
 
+    check_model_source(model)
     local = Path(model).expanduser()
     if local.exists() or model.startswith((".", "/", "~")):
         if not local.is_dir():
@@ -158,6 +160,7 @@ def check_sd_model(model: str, revision: Optional[str] = None) -> Optional[int]:
         if missing:
             raise SurpipeError(f"{model} is not a Stable Diffusion folder: model_index.json has no "
                                f"{', '.join(missing)} (a {info.get('_class_name', 'different')} pipeline?)")
+    check_pipeline_class(model, revision)
     try:
         return int(read_model_config(model, "text_encoder", revision).get("hidden_size"))
     except (SurpipeError, TypeError, ValueError):

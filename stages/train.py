@@ -220,6 +220,9 @@ class TrainRecipe:
             problems.append(str(e))
         unet_cfg = sched_cfg = None
         try:
+            from surpipe.sd import check_pipeline_class
+
+            check_pipeline_class(cfg.model, cfg.revision)  # SDXL and others: refused by name
             unet_cfg = read_model_config(cfg.model, "unet", cfg.revision)
             sched_cfg = read_model_config(cfg.model, "scheduler", cfg.revision)
         except SurpipeError as e:
