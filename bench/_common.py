@@ -8,12 +8,14 @@ may give activations that compress differently (rerun on real checkpoints on a G
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,30 @@ def host_info() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+@contextlib.contextmanager
+def bench_run(quick: bool, quick_params: dict, full_params: dict, over: dict, prefix: str, models=None,
+              cache: Path | None = None):
+    """The frame of a benchmark's ``run``: yields ``(params, models, tmp, cache, result)``.
+
+    ``params``: QUICK or FULL updated with the non-None ``over``; ``models``: the given list or
+    ``params["models"]``; ``tmp``: a scratch folder removed at the end; ``cache``: the given
+    folder or one inside ``tmp``; ``result``: host, quick and params, with ``seconds`` added on exit.
+    """
+    p = dict(quick_params if quick else full_params)
+    p.update({k: v for k, v in over.items() if v is not None})
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    cache = Path(cache) if cache else tmp / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    res = {"host": host_info(), "quick": quick,
+           "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}}
+    try:
+        yield p, models or p.get("models"), tmp, cache, res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
 
 
 def median(xs) -> float:
@@ -174,29 +200,12 @@ def real_activations(model_dir: Path, rows: int | None = None, batch: int = 8) -
                        np.concatenate(fm), np.concatenate(fs), llm, res, vae.scaling_factor)
 
 
-@dataclass(frozen=True)
-class _Row:
-    key: str
-    simple: str
-    complex: str
+def synthetic_dataset(n: int, base=None):
+    """``n`` rows cycling through ``base`` (simple, complex) prompt pairs, as a FeatureStore dataset."""
+    from tests.helpers import SyntheticDataset
 
-
-class SyntheticDataset:
-    """The minimum a FeatureStore needs from a dataset: samples, source, fingerprint."""
-
-    def __init__(self, n: int, base=None):
-        base = base or [("a", "b")]
-        self.samples = [_Row(f"r{i:07d}", base[i % len(base)][0], base[i % len(base)][1]) for i in range(n)]
-        self.source = f"bench-synthetic-{n}"
-
-    def __len__(self):
-        return len(self.samples)
-
-    def fingerprint(self):
-        h = hashlib.sha256()
-        for s in self.samples:
-            h.update(json.dumps([s.key, s.simple, s.complex]).encode())
-        return h.hexdigest()
+    base = base or [("a", "b")]
+    return SyntheticDataset([(f"r{i:07d}", *base[i % len(base)]) for i in range(n)], source=f"bench-synthetic-{n}")
 
 
 def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, codec: str = "zstd",
@@ -204,7 +213,7 @@ def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, c
     """A training store of ``rows`` rows: the real activations tiled (row i holds activation i % n)."""
     from surpipe.store import ArraySpec, FeatureStore
 
-    st = FeatureStore.create_or_open(path, SyntheticDataset(rows), block_rows=block_rows)
+    st = FeatureStore.create_or_open(path, synthetic_dataset(rows), block_rows=block_rows)
     n = act.llm.shape[0]
     lat = act.lat_mean.shape[1:]
     width = act.clip_simple.shape[-1]
@@ -263,17 +272,25 @@ def write_result(d: dict, out: str, command: str, summary_rows) -> int:
     return 0
 
 
-def model_bench_main(argv, doc: str, script: str, run, summary_rows) -> int:
-    """The command line shared by the benchmarks that build tiny/mid models:
-    ``--quick --out FILE [--models tiny,mid] [--cache DIR]``."""
+def bench_parser(doc: str, out_help: str = "JSON file to write"):
+    """An argument parser with the options every benchmark takes: ``--quick --out``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--models", default=None, help="comma list of tiny,mid")
+    ap.add_argument("--out", required=True, help=out_help)
+    return ap
+
+
+def model_bench_main(argv, doc: str, script: str, run, summary_rows, models: bool = True) -> int:
+    """The command line shared by the benchmarks that build models:
+    ``--quick --out FILE [--models tiny,mid] [--cache DIR]`` (no ``--models`` when ``models`` is False)."""
+    ap = bench_parser(doc)
+    if models:
+        ap.add_argument("--models", default=None, help="comma list of tiny,mid")
     ap.add_argument("--cache", default=None, help="folder to keep built models and activations in")
     args = ap.parse_args(argv)
-    d = run(args.quick, models=args.models.split(",") if args.models else None, cache=args.cache)
+    kw = {"models": args.models.split(",") if args.models else None} if models else {}
+    d = run(args.quick, cache=args.cache, **kw)
     cmd = f"python bench/{script}" + (" --quick" if args.quick else "") + f" --out {args.out}"
     return write_result(d, args.out, cmd, summary_rows)

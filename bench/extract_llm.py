@@ -91,13 +91,13 @@ def main(argv=None) -> int:
     import torch
 
     from surpipe import llm as L
-    from surpipe.parallel import DistEnv, resolve_device
+    from surpipe.devices import resolve_device
 
     L.quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.repeats or (2 if args.quick else 3)
-    device = resolve_device(args.device, DistEnv())
+    device = resolve_device(args.device)
     n_prompts = args.prompts or (96 if args.quick else 512)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,16" if args.quick else "1,8,32,64")).split(",")]
     quants = [q for q in args.quants.split(",") if q]

@@ -15,10 +15,7 @@ bench/store_io.py and bench/train_step.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,14 +102,9 @@ def channels_last_unet(kind: str, batch: int, reps: int, cache: Path) -> dict:
 
 
 def run(quick: bool = True, cache: Path | None = None, **over) -> dict:
-    p = dict(QUICK if quick else FULL)
-    p.update({k: v for k, v in over.items() if v is not None})
-    t0 = time.perf_counter()
-    cache = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="surpipe-bench-opt-"))
-    res = {"host": C.host_info(), "quick": quick, "params": p}
-    res["sdpa_adapter"] = sdpa_adapter(p["adapter_batch"], p["adapter_width"], p["reps"])
-    res["channels_last_unet"] = channels_last_unet(p["unet_model"], p["unet_batch"], p["reps"], cache)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
+    with C.bench_run(quick, QUICK, FULL, over, "surpipe-bench-opt-", cache=cache) as (p, _, _tmp, cache, res):
+        res["sdpa_adapter"] = sdpa_adapter(p["adapter_batch"], p["adapter_width"], p["reps"])
+        res["channels_last_unet"] = channels_last_unet(p["unet_model"], p["unet_batch"], p["reps"], cache)
     return res
 
 
@@ -124,14 +116,7 @@ def summary(d: dict) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--cache", default=None, help="folder to keep built models in")
-    args = ap.parse_args(argv)
-    d = run(args.quick, cache=args.cache)
-    cmd = "python bench/optimisations.py" + (" --quick" if args.quick else "") + f" --out {args.out}"
-    return C.write_result(d, args.out, cmd, summary)
+    return C.model_bench_main(argv, __doc__, "optimisations.py", run, summary, models=False)
 
 
 if __name__ == "__main__":

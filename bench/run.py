@@ -12,7 +12,6 @@ through one cache folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+import _common as C  # noqa: E402
 
 # (name, extra args); order matters: store_io's ratios feed cost_model
 BENCHES = ["train_step", "store_io", "optimisations", "cost_model", "extract_llm", "encode_latents"]
@@ -92,9 +93,7 @@ def summarise(results: dict) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", required=True, help="folder for one JSON per benchmark")
+    ap = C.bench_parser(__doc__, "folder for one JSON per benchmark")
     ap.add_argument("--only", default=None, help="comma list of benchmark names")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark")
     args = ap.parse_args(argv)

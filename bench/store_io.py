@@ -20,7 +20,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -130,17 +129,8 @@ def rss(store: Path, res: int, batch: int, block_rows: int) -> dict:
 
 
 def run(quick: bool = True, models=None, cache: Path | None = None, **over) -> dict:
-    p = dict(QUICK if quick else FULL)
-    p.update({k: v for k, v in over.items() if v is not None})
-    models = models or p["models"]
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="surpipe-bench-io-"))
-    cache = Path(cache) if cache else tmp / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    res = {"host": C.host_info(), "quick": quick, "params": {k: (list(v) if isinstance(v, tuple) else v)
-                                                             for k, v in p.items()},
-           "codecs": {}, "dtype_error": {}}
-    try:
+    with C.bench_run(quick, QUICK, FULL, over, "surpipe-bench-io-", models, cache) as (p, models, tmp, cache, res):
+        res.update(codecs={}, dtype_error={})
         acts = {}
         for kind in models:
             _, act = C.cached_model_and_activations(kind, cache, p["rows"].get(kind))
@@ -177,9 +167,6 @@ def run(quick: bool = True, models=None, cache: Path | None = None, **over) -> d
         rs["store_growth"] = round(b["store_MB_on_disk"] / a["store_MB_on_disk"], 2)
         rs["peak_rss_growth_MB"] = round(b["peak_rss_MB"] - a["peak_rss_MB"], 1)
         res["rss"] = rs
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
 
 

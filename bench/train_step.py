@@ -21,9 +21,7 @@ measurement runs ``TrainRecipe.train()`` itself (the real loop, workers 0 and 2)
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -162,22 +160,11 @@ def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int
 
 
 def run(quick: bool = True, models=None, cache: Path | None = None, **over) -> dict:
-    p = dict(QUICK if quick else FULL)
-    p.update({k: v for k, v in over.items() if v is not None})
-    models = models or p["models"]
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="surpipe-bench-train-"))
-    cache = Path(cache) if cache else tmp / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    res = {"host": C.host_info(), "quick": quick, "params": {k: (list(v) if isinstance(v, tuple) else v)
-                                                             for k, v in p.items()}, "models": {}}
-    try:
+    with C.bench_run(quick, QUICK, FULL, over, "surpipe-bench-train-", models, cache) as (p, models, tmp, cache, res):
+        res["models"] = {}
         for kind in models:
             res["models"][kind] = bench_model(kind, tmp, cache, p["rows"].get(kind), p["batch"][kind], p["rounds"],
                                               p["per_round"], p["train_steps"], p["store_rows"], p["train_workers"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
 
 

@@ -9,7 +9,7 @@ Writes two feature groups of the store (layout: docs/store-format.md):
   ``std``) of each image resized and center-cropped to the resolution; with ``flip`` also of the
   horizontally flipped crop (``flip_mean``, ``flip_std``).
 
-Each group is written by its own resumable block loop (``surpipe.parallel.run_block_job``, shared
+Each group is written by its own resumable block loop (``surpipe.blockjob.run_block_job``, shared
 with extract-llm): data-parallel ranks (torchrun) take disjoint blocks, a rerun computes only the
 blocks not yet done, a group written with other settings is refused unless ``overwrite``.
 Only the tokenizer, the text encoder and the VAE are loaded; never the UNet.
@@ -92,7 +92,7 @@ def _validate(cfg: EncodeLatentsConfig) -> None:
         problems.append(f"resolution: must be >= 8, got {cfg.resolution}")
     if cfg.block_rows is not None and cfg.block_rows < 1:
         problems.append(f"block_rows: must be >= 1, got {cfg.block_rows}")
-    from surpipe.parallel import device_problem
+    from surpipe.devices import device_problem
 
     if device_problem(cfg.device):
         problems.append(device_problem(cfg.device))
@@ -111,12 +111,6 @@ def _validate(cfg: EncodeLatentsConfig) -> None:
 def _log(msg: str, env) -> None:
     if env.is_main:
         print(f"surpipe: {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- dataset + store
-
-
-from surpipe.parallel import discard_new_store_on_error, open_store  # noqa: E402  (shared with extract-llm)
 
 
 # --------------------------------------------------------------------------- image loading
@@ -263,11 +257,13 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     """Encode the configured parts into the store; returns a report dict (also printed)."""
     from surpipe import sd
     from surpipe.hub import check_model_source
-    from surpipe.parallel import dist_env, init_distributed, resolve_device
+    from surpipe.blockjob import dist_env, init_distributed
+    from surpipe.devices import resolve_device
+    from surpipe.store.opening import discard_new_store_on_error, open_store
 
     _validate(cfg)
     env = dist_env()
-    device = resolve_device(cfg.device, env)
+    device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
     t_start = time.perf_counter()
     want_clip, want_vae = "clip" in cfg.parts, "vae" in cfg.parts
@@ -278,9 +274,10 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     if sd.is_local(cfg.model):
         sd.validate_folder(cfg.model, (["tokenizer", "text_encoder"] if want_clip else []) + (["vae"] if want_vae else []))
     sd.check_pipeline_class(cfg.model, cfg.revision)
-    ds, store = open_store(cfg.data, cfg.store, cfg.block_rows, cfg.check_images, cfg.progress, env,
+    ds, store = open_store(cfg.data, cfg.store, block_rows=cfg.block_rows, check_images=cfg.check_images,
+                           images=want_vae, progress=cfg.progress, is_main=env.is_main,
                            simple_field=cfg.simple_field, complex_field=cfg.complex_field)
-    with discard_new_store_on_error(store, env):
+    with discard_new_store_on_error(store, env.is_main):
         return _encode(cfg, env, device, ds, store, t_start)
 
 
@@ -288,8 +285,8 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
     import torch
 
     from surpipe import sd
-    from surpipe.parallel import barrier, run_block_job
-    from surpipe.store import ArraySpec
+    from surpipe.features import ClipFeatures, VaeFeatures
+    from surpipe.blockjob import barrier, run_block_job
 
     want_clip, want_vae = "clip" in cfg.parts, "vae" in cfg.parts
     if want_vae:
@@ -311,7 +308,9 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
                                    data=str(data_path.resolve()) if data_path.exists() else cfg.data,
                                    store=str(Path(cfg.store).expanduser().resolve()))
 
-    cfg_path = Path(cfg.store) / "configs" / f"encode-latents-{name}.json"
+    from surpipe.store.sidecar import config_file
+
+    cfg_path = config_file(cfg.store, "encode-latents", name)
 
     def save_config() -> None:
         # Saved before each part starts (and completed once the resolution is known), so an
@@ -326,31 +325,26 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         _log(f"loading tokenizer + text encoder from {cfg.model} ...", env)
         te = sd.load_text_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
         L, D = te.max_length, te.hidden_size
-        settings = {
-            "model": model_id, "revision": cfg.revision, "variant": cfg.variant,
-            "text_encoder_config_hash": te.info["text_encoder_config_hash"],
-            "tokenizer_hash": te.info["tokenizer_hash"],
-            "text_encoder_weights_sha256": te.info["text_encoder_weights_sha256"],
-            "max_length": L, "hidden_size": D, "use_attention_mask": te.use_attention_mask,
-            "output": "last_hidden_state", "dtype": cfg.dtype, "store_dtype": cfg.store_dtype,
-        }
-        arrays = {"simple": ArraySpec((L, D), cfg.store_dtype, cfg.codec),
-                  "complex": ArraySpec((L, D), cfg.store_dtype, cfg.codec),
-                  "simple_len": ArraySpec((), "int32", cfg.codec),
-                  "complex_len": ArraySpec((), "int32", cfg.codec)}
-        prompts = {w: store.prompts(w) for w in ("simple", "complex")}
+        settings = ClipFeatures.settings(
+            max_length=L, hidden_size=D, store_dtype=cfg.store_dtype,
+            model=model_id, revision=cfg.revision, variant=cfg.variant,
+            text_encoder_config_hash=te.info["text_encoder_config_hash"],
+            tokenizer_hash=te.info["tokenizer_hash"],
+            text_encoder_weights_sha256=te.info["text_encoder_weights_sha256"],
+            use_attention_mask=te.use_attention_mask, dtype=cfg.dtype)
+        arrays = ClipFeatures.arrays(settings, cfg.codec)
+        prompts = {w: store.prompts(w) for w in ClipFeatures.PROMPTS}
         counter = {"prompts": 0}
 
         def clip_block(start: int, stop: int) -> dict[str, np.ndarray]:
-            out: dict[str, np.ndarray] = {}
-            for w in ("simple", "complex"):
+            embs, lens = {}, {}
+            for w in ClipFeatures.PROMPTS:
                 texts = [str(t) for t in prompts[w][start:stop]]
-                embs = [sd.encode_prompts(te, texts[i:i + cfg.text_batch_size], device).numpy()
-                        for i in range(0, len(texts), cfg.text_batch_size)]
-                out[w] = np.concatenate(embs)
-                out[f"{w}_len"] = sd.token_counts(te.tokenizer, texts)
+                embs[w] = np.concatenate([sd.encode_prompts(te, texts[i:i + cfg.text_batch_size], device).numpy()
+                                          for i in range(0, len(texts), cfg.text_batch_size)])
+                lens[w] = sd.token_counts(te.tokenizer, texts)
                 counter["prompts"] += len(texts)
-            return out
+            return ClipFeatures.block(embs, lens)
 
         path = f"clip/{name}"
         _log(f"CLIP -> {path}: [{store.num_samples}, {L}, {D}] x 2 prompts ({cfg.dtype} compute, "
@@ -361,7 +355,7 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
                             provenance=prov, overwrite=cfg.overwrite, env=env, compute_block=clip_block,
                             unit="row", desc=f"clip/{name}", stats=lambda: dict(counter), progress=cfg.progress)
         g = store.group(path)
-        lens = {w: g.read(f"{w}_len") for w in ("simple", "complex")}
+        lens = ClipFeatures.token_lengths(g)
         done = g.done_mask()
         valid = np.zeros(store.num_samples, dtype=bool)
         for b in np.flatnonzero(done):
@@ -398,20 +392,13 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         resolved = dataclasses.replace(resolved, resolution=R, vae_name=vae_name)
         h = R // vae.downsample
         C = vae.latent_channels
-        settings = {
-            "model": model_id, "revision": cfg.revision, "variant": cfg.variant,
-            "vae_config_hash": vae.info["vae_config_hash"],
-            "vae_encoder_weights_sha256": vae.info["vae_encoder_weights_sha256"],
-            "resolution": R, "crop": "center", "resize": "shorter side, PIL bilinear", "flip": cfg.flip,
-            "normalize": "[-1, 1]", "latent": "latent_dist mean, std (unscaled)",
-            "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
-            "latent_channels": C, "downsample_factor": vae.downsample,
-            "dtype": cfg.dtype, "store_dtype": cfg.store_dtype,
-        }
-        if vae.shift_factor is None:
-            del settings["shift_factor"]
-        names = ["mean", "std"] + (["flip_mean", "flip_std"] if cfg.flip else [])
-        arrays = {n: ArraySpec((C, h, h), cfg.store_dtype, cfg.codec) for n in names}
+        settings = VaeFeatures.settings(
+            resolution=R, flip=cfg.flip, scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor,
+            latent_channels=C, downsample_factor=vae.downsample, store_dtype=cfg.store_dtype,
+            model=model_id, revision=cfg.revision, variant=cfg.variant,
+            vae_config_hash=vae.info["vae_config_hash"],
+            vae_encoder_weights_sha256=vae.info["vae_encoder_weights_sha256"], dtype=cfg.dtype)
+        arrays = VaeFeatures.arrays(settings, cfg.codec)
         path = f"vae/{vae_name}"
         pending = _pending(store, path, settings, cfg.overwrite, env)
         feeder = (_BlockFeeder(ds.samples, store, pending, R, cfg.batch_size, cfg.workers, device.startswith("cuda"),
@@ -419,19 +406,16 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         counter = {"images": 0}
 
         def vae_block(start: int, stop: int) -> dict[str, np.ndarray]:
-            outs: dict[str, list] = {n: [] for n in names}
+            parts: list[tuple] = []  # (mean, std) of the crops, then of the flipped crops
             for _, x in feeder.rows(start, stop):
                 n = x.shape[0]
                 if cfg.flip:
                     x = torch.cat([x, torch.flip(x, dims=[-1])])
-                mean, std = sd.encode_latent_dist(vae, x, device)
-                outs["mean"].append(mean[:n].numpy())
-                outs["std"].append(std[:n].numpy())
-                if cfg.flip:
-                    outs["flip_mean"].append(mean[n:].numpy())
-                    outs["flip_std"].append(std[n:].numpy())
+                mean, std = (t.numpy() for t in sd.encode_latent_dist(vae, x, device))
+                parts.append((mean[:n], std[:n], mean[n:], std[n:]))
                 counter["images"] += x.shape[0]
-            return {k: np.concatenate(v) for k, v in outs.items()}
+            cols = [np.concatenate(c) for c in zip(*parts)]
+            return VaeFeatures.block(*cols[:2], *(cols[2:] if cfg.flip else ()))
 
         _log(f"VAE -> {path}: [{store.num_samples}, {C}, {h}, {h}] from {R}x{R} center crops"
              f"{' + flipped' if cfg.flip else ''} ({cfg.dtype} compute, {cfg.store_dtype} stored, "

@@ -5,7 +5,7 @@ stream before the final norm), pooled over the prompt's tokens, in the store gro
 (layout: docs/store-format.md, section "llm/<name>"). One forward pass serves every requested layer;
 layers above the deepest one are never loaded nor run.
 
-Resumable and data-parallel through ``surpipe.parallel.run_block_job``: a rerun computes only the
+Resumable and data-parallel through ``surpipe.blockjob.run_block_job``: a rerun computes only the
 blocks not yet done (a SIGKILL loses at most the blocks in flight), a finished group is left alone,
 a group written with other settings is refused unless ``overwrite``; under ``torchrun`` /
 ``accelerate launch`` each rank computes and writes only its own whole blocks.
@@ -93,7 +93,7 @@ def _validate(cfg: ExtractLLMConfig) -> None:
         problems.append(f"max_tokens: must be >= 1, got {cfg.max_tokens}")
     if cfg.block_rows is not None and cfg.block_rows < 1:
         problems.append(f"block_rows: must be >= 1, got {cfg.block_rows}")
-    from surpipe.parallel import device_problem
+    from surpipe.devices import device_problem
 
     if device_problem(cfg.device):
         problems.append(device_problem(cfg.device))
@@ -109,42 +109,27 @@ def _log(msg: str, env) -> None:
         print(f"surpipe: {msg}", file=sys.stderr, flush=True)
 
 
-from surpipe.parallel import discard_new_store_on_error, open_store  # noqa: E402  (shared with encode-latents)
-
-
 def default_name(model: str, quant: str, pooling: str) -> str:
     from surpipe.llm import model_basename
 
     return model_basename(model) + (f"-{quant}" if quant != "none" else "") + (f"-{pooling}" if pooling != "mean" else "")
 
 
-def token_layout(lengths: np.ndarray, store) -> tuple[int, np.ndarray]:
-    """Block-ragged layout of per-token rows: (capacity C, offsets [N] int64). Block b owns flat rows
-    [b*C, (b+1)*C); row i's tokens are flat rows offsets[i] .. offsets[i] + lengths[i]."""
-    offsets = np.zeros(len(lengths), dtype=np.int64)
-    cap = 1
-    for b in range(store.num_blocks):
-        s, e = store.block_range(b)
-        ls = lengths[s:e].astype(np.int64)
-        cap = max(cap, int(ls.sum()))
-    for b in range(store.num_blocks):
-        s, e = store.block_range(b)
-        ls = lengths[s:e].astype(np.int64)
-        offsets[s:e] = b * cap + np.concatenate([[0], np.cumsum(ls)[:-1]])
-    return cap, offsets
-
-
 def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     """Extract the configured layers' features into the store; returns a report dict."""
     from surpipe import llm as L
+    from surpipe.features import LLMFeatures
     from surpipe.hub import check_model_source
-    from surpipe.parallel import dist_env, init_distributed, resolve_device
+    from surpipe.blockjob import dist_env, init_distributed
+    from surpipe.devices import resolve_device
+    from surpipe.store.opening import discard_new_store_on_error, open_store
+    from surpipe.store.sidecar import config_file
 
     _validate(cfg)
     check_model_source(cfg.model)
     L.quiet_libraries()
     env = dist_env()
-    device = resolve_device(cfg.device, env)
+    device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device)
     t_start = time.perf_counter()
 
@@ -164,32 +149,29 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     local = L.is_local(cfg.model)
     name = cfg.name or default_name(cfg.model, cfg.quant, cfg.pooling)
     tok_settings = L.tokenizer_settings(tok, max_tokens)
-    settings = {
-        "model": os.path.abspath(os.path.expanduser(cfg.model)) if local else cfg.model,
-        "revision": cfg.revision,
-        "commit_hash": getattr(mcfg, "_commit_hash", None),
-        "config_hash": L.config_hash(mcfg),
-        "weights_fingerprint": L.weights_fingerprint(Path(cfg.model).expanduser()) if local else None,
-        "layers": layers,
-        "output": "decoder layer output (residual stream, before the final norm)",
-        "pooling": cfg.pooling,
-        "quantization": cfg.quant,
-        "double_quant": cfg.double_quant if cfg.quant == "4bit" else None,
-        "dtype": dtype,
-        "store_dtype": cfg.store_dtype,
-        "hidden_size": hidden,
-        "num_hidden_layers": n_layers,
-        "tokenizer": tok_settings,
-    }
+    settings = LLMFeatures.settings(
+        layers=layers, pooling=cfg.pooling, hidden_size=hidden, store_dtype=cfg.store_dtype,
+        model=os.path.abspath(os.path.expanduser(cfg.model)) if local else cfg.model,
+        revision=cfg.revision,
+        commit_hash=getattr(mcfg, "_commit_hash", None),
+        config_hash=L.config_hash(mcfg),
+        weights_fingerprint=L.weights_fingerprint(Path(cfg.model).expanduser()) if local else None,
+        quantization=cfg.quant,
+        double_quant=cfg.double_quant if cfg.quant == "4bit" else None,
+        dtype=dtype,
+        num_hidden_layers=n_layers,
+        tokenizer=tok_settings,
+    )
     settings = json.loads(json.dumps(settings, default=str))
     resolved = dataclasses.replace(cfg, name=name, layers=layers, max_tokens=max_tokens, overwrite=False)
-    cfg_path = Path(cfg.store) / "configs" / f"extract-llm-{name}.json"
+    cfg_path = config_file(cfg.store, "extract-llm", name)
     path = f"llm/{name}"
 
     # ---- dataset + store ----------------------------------------------------------------------
-    ds, store = open_store(cfg.data, cfg.store, cfg.block_rows, cfg.check_images, cfg.progress, env,
-                           simple_field=cfg.simple_field, complex_field=cfg.complex_field)
-    with discard_new_store_on_error(store, env):
+    ds, store = open_store(cfg.data, cfg.store, block_rows=cfg.block_rows, check_images=cfg.check_images,
+                           progress=cfg.progress, is_main=env.is_main, simple_field=cfg.simple_field,
+                           complex_field=cfg.complex_field)
+    with discard_new_store_on_error(store, env.is_main):
         return _extract(cfg, env, store, path=path, name=name, layers=layers, settings=settings,
                         resolved=resolved, cfg_path=cfg_path, ds=ds, tok=tok, mcfg=mcfg, max_tokens=max_tokens,
                         n_layers=n_layers, hidden=hidden, dtype=dtype, device=device, t_start=t_start)
@@ -199,15 +181,15 @@ def added_layers(store, path: str, settings: dict) -> tuple[list[int], list[int]
     """(stored layers, layers to add) when group ``path`` exists with settings that differ from
     ``settings`` in ``layers`` only; ([], []) otherwise (absent group, or any other difference,
     which ``check_settings`` then refuses)."""
+    from surpipe.features import LLMFeatures
+
     if not store.has_group(path):
         return [], []
     old = store.group(path).settings
-    stored = old.get("layers")
-    if not isinstance(stored, list) or stored == settings["layers"]:
+    stored, wanted = LLMFeatures.settings_layers(old), LLMFeatures.settings_layers(settings)
+    if not isinstance(stored, list) or stored == wanted or not LLMFeatures.same_but_layers(old, settings):
         return [], []
-    if {k: v for k, v in old.items() if k != "layers"} != {k: v for k, v in settings.items() if k != "layers"}:
-        return [], []
-    return [int(x) for x in stored], sorted(set(settings["layers"]) - set(stored))
+    return [int(x) for x in stored], sorted(set(wanted) - set(stored))
 
 
 def _side_store(cfg: ExtractLLMConfig, name: str, extra: list[int]) -> Path:
@@ -252,8 +234,10 @@ def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None
 def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_path, ds, tok, mcfg, max_tokens,
              n_layers, hidden, dtype, device, t_start) -> dict[str, Any]:
     from surpipe import llm as L
-    from surpipe.parallel import barrier, group_lock, run_block_job
-    from surpipe.store import ArraySpec, FeatureStore
+    from surpipe.features import LLMFeatures
+    from surpipe.blockjob import barrier, run_block_job
+    from surpipe.locks import group_lock
+    from surpipe.store import FeatureStore
 
     report: dict[str, Any] = {"group": path, "store": str(cfg.store), "rows": store.num_samples,
                               "layers": layers, "device": device, "world_size": env.world_size,
@@ -262,7 +246,7 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
     # Layers added to an existing group: the group keeps its settings (stored layers) until the new
     # layers are complete; the stored layers are never recomputed.
     base_layers = stored or layers
-    base_settings = {**settings, "layers": base_layers}
+    base_settings = LLMFeatures.with_layers(settings, base_layers)
     all_layers = sorted(set(base_layers) | set(extra))
     if stored:
         resolved = dataclasses.replace(resolved, layers=all_layers)
@@ -293,19 +277,8 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
     offsets = None
     cap = 0
     if cfg.pooling == "tokens":
-        cap, offsets = token_layout(lengths, store)
-
-    def layer_arrays(lays) -> dict[str, ArraySpec]:
-        out = {f"layer_{Lx}/pooled": ArraySpec((hidden,), cfg.store_dtype, cfg.codec) for Lx in lays}
-        if cfg.pooling == "tokens":
-            for Lx in lays:
-                out[f"layer_{Lx}/tokens"] = ArraySpec((hidden,), cfg.store_dtype, cfg.codec, block_capacity=cap)
-        return out
-
-    arrays = layer_arrays(base_layers)
-    arrays["token_counts"] = ArraySpec((), "int32", cfg.codec)
-    if cfg.pooling == "tokens":
-        arrays["token_offsets"] = ArraySpec((), "int64", cfg.codec)
+        cap, offsets = LLMFeatures.token_layout(lengths, store)
+    arrays = LLMFeatures.arrays(base_settings, cfg.codec, tokens_capacity=cap or None)
 
     # ---- model ---------------------------------------------------------------------------------
     if env.is_main:
@@ -330,16 +303,13 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
             ex = L.extract(llm, token_ids[start:stop], lays, pooling=cfg.pooling, batch_size=cfg.batch_size,
                            padding_side=cfg.padding_side, bucket=cfg.bucket, on_batch=on_batch)
             counters["padded"] += ex.padded_tokens
-            out: dict[str, np.ndarray] = {f"layer_{Lx}/pooled": ex.pooled[Lx] for Lx in lays}
-            if with_counts:
-                out["token_counts"] = lengths[start:stop].astype(np.int32)
-            if cfg.pooling == "tokens":
-                if with_counts:
-                    out["token_offsets"] = offsets[start:stop]
-                for Lx in lays:
-                    out[f"layer_{Lx}/tokens"] = np.concatenate(ex.tokens[Lx]) if ex.tokens[Lx] else \
-                        np.zeros((0, hidden), np.float32)
-            return out
+            toks = cfg.pooling == "tokens"
+            return LLMFeatures.block(
+                {Lx: ex.pooled[Lx] for Lx in lays},
+                tokens={Lx: np.concatenate(ex.tokens[Lx]) if ex.tokens[Lx] else np.zeros((0, hidden), np.float32)
+                        for Lx in lays} if toks else None,
+                token_counts=lengths[start:stop].astype(np.int32) if with_counts else None,
+                token_offsets=offsets[start:stop] if with_counts and toks else None)
         return compute_block
 
     def provenance(lays) -> dict:
@@ -374,21 +344,26 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
         # machinery), then their arrays are moved into the group and its settings list them.
         side_path = _side_store(cfg, name, extra)
         side = FeatureStore.create_or_open(side_path, ds, store.block_rows)
-        side_settings = {**settings, "layers": extra}
-        res2 = job(side, extra, side_settings, layer_arrays(extra), False, f"{path} (adding layers {extra})")
+        side_settings = LLMFeatures.with_layers(settings, extra)
+        res2 = job(side, extra, side_settings,
+                   LLMFeatures.arrays(side_settings, cfg.codec, tokens_capacity=cap or None, row_arrays=False),
+                   False, f"{path} (adding layers {extra})")
         rows_now += res2.rows_done_now
         secs_total += res2.seconds
         if env.is_main:
             with group_lock(store.path, path, exclusive=True, wait_s=30.0):  # nobody writes it meanwhile
-                adopt_arrays(store, path, side.group(f"llm/{name}"), {**settings, "layers": all_layers},
+                adopt_arrays(store, path, side.group(f"llm/{name}"), LLMFeatures.with_layers(settings, all_layers),
                              note={"layers": extra, "by": "extract-llm --layers"})
             import re
             import shutil
+
+            from surpipe.store.sidecar import remove_sidecars
 
             # this side store, and those of earlier attempts at other layer sets for this group
             mine = re.compile(re.escape(name) + r"-L\d+(_\d+)*\.zarr")
             for p in [side_path, *(q for q in side_path.parent.glob("*.zarr") if mine.fullmatch(q.name))]:
                 shutil.rmtree(p, ignore_errors=True)
+                remove_sidecars(p)  # its lock folder
             with contextlib.suppress(OSError):
                 side_path.parent.rmdir()
             _log(f"{path}: layers {extra} added; it now holds layers {all_layers}", env)

@@ -117,9 +117,10 @@ def load_prompt2vec(path: str | Path, store_dtype: str = "float32") -> tuple[dic
 
 def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
     from surpipe import config as cfgmod
+    from surpipe.features import LLMFeatures
     from surpipe.llm import sanitize_name
-    from surpipe.parallel import DistEnv, run_block_job
-    from surpipe.store import ArraySpec, FeatureStore
+    from surpipe.blockjob import DistEnv, run_block_job
+    from surpipe.store import FeatureStore, config_file
 
     if cfg.name != sanitize_name(cfg.name):
         raise SurpipeError(f"name: {cfg.name!r} is not a valid group name (e.g. {sanitize_name(cfg.name)!r})")
@@ -200,11 +201,18 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
         raise SurpipeError(f"no store row's simple prompt is in {src}: is this the file for this dataset?")
 
     mat = np.stack([vecs[k] for k in file_keys])
-    settings = {"source": "prompt2vec", "file_sha256": file_sha256(src), "layer": cfg.layer, "pooling": "mean",
-                "output": "decoder layer output (residual stream, before the final norm)", "hidden_size": H,
-                "store_dtype": cfg.store_dtype, "matching": "exact, then whitespace-normalised"}
-    arrays = {f"layer_{cfg.layer}/pooled": ArraySpec((H,), cfg.store_dtype, cfg.codec),
-              "matched": ArraySpec((), "bool", cfg.codec)}
+    settings = LLMFeatures.settings(layers=[cfg.layer], pooling="mean", hidden_size=H, store_dtype=cfg.store_dtype,
+                                    source=LLMFeatures.IMPORTED, file_sha256=file_sha256(src),
+                                    matching="exact, then whitespace-normalised")
+    path = f"llm/{cfg.name}"
+    if not cfg.overwrite and store.has_group(path):
+        try:
+            old = store.group(path).settings
+        except SurpipeError:  # half-created or damaged: run_block_job deals with it
+            old = {}
+        if old != settings and LLMFeatures.with_layers(old, LLMFeatures.settings_layers(old) or []) == settings:
+            settings = old  # imported before settings said ``layers`` (``layer``): the same group
+    arrays = LLMFeatures.arrays(settings, cfg.codec)
     provenance = {"file": str(src.resolve()), "model": cfg.model, "layer": cfg.layer, "hidden_size": H,
                   "pooling": "mean", "quantization": "unknown (authors' features)", "dtype": "float16 (file)"}
 
@@ -213,7 +221,7 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
         x = np.zeros((stop - start, H), dtype=np.float32)
         ok = r >= 0
         x[ok] = mat[r[ok]]
-        return {f"layer_{cfg.layer}/pooled": x, "matched": ok}
+        return LLMFeatures.block({cfg.layer: x}, matched=ok)
 
     res = run_block_job(store=store, kind="llm", name=cfg.name, settings=settings, arrays=arrays,
                         provenance=provenance, overwrite=cfg.overwrite, env=DistEnv(), compute_block=block,
@@ -224,7 +232,7 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
         show(f"llm/{cfg.name}: nothing to do, already imported")
     else:
         store.root[f"llm/{cfg.name}"].attrs.update({"config": cfgmod.to_dict(cfg), "report": report})
-        cfgmod.save(dataclasses.replace(cfg, overwrite=False), Path(cfg.store) / "configs" / f"import-prompt2vec-{cfg.name}.json")
-        show(f"imported {src.name} into llm/{cfg.name}/layer_{cfg.layer}/pooled [{len(prompts)}, {H}] "
+        cfgmod.save(dataclasses.replace(cfg, overwrite=False), config_file(cfg.store, "import-prompt2vec", cfg.name))
+        show(f"imported {src.name} into llm/{cfg.name}/{LLMFeatures.pooled(cfg.layer)} [{len(prompts)}, {H}] "
              f"in {report['seconds']} s")
     return report

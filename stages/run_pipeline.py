@@ -140,8 +140,7 @@ def run(cfg: PipelineConfig) -> dict:
         if (models / "llm").is_dir() and (models / "sd").is_dir() and (models / "clip").is_dir():
             print(f"tiny models already in {models}")
             return
-        from surpipe.tiny import make_tiny_models
-        from surpipe.tiny_clip import build_tiny_clip
+        from surpipe.tiny import build_tiny_clip, make_tiny_models
 
         if not ((models / "llm").is_dir() and (models / "sd").is_dir()):
             make_tiny_models(models, seed=0, overwrite=True)

@@ -207,6 +207,7 @@ class TrainRecipe:
     # ------------------------------------------------------------------ checks, before any compute
     def check(self) -> None:
         """Find every problem of the setup at once (store, groups, UNet width, options, run folder)."""
+        from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
         from surpipe.hub import read_model_config
         from surpipe.store import FeatureStore
         from surpipe.train_data import resolve_groups
@@ -242,9 +243,9 @@ class TrainRecipe:
                 unet_config=unet_cfg)
             problems += gp
         g = self.groups
-        if g is not None and g.clip_group and "simple" in self.store.group(g.clip_group).array_names:
-            simple = self.store.group(g.clip_group).array("simple")
-            self.width, self.seq_len = int(simple.shape[-1]), int(simple.shape[-2])
+        shape = ClipFeatures.embedding_shape(self.store.group(g.clip_group)) if g is not None and g.clip_group else None
+        if shape is not None:
+            self.seq_len, self.width = shape
             if unet_cfg is not None:
                 cad = unet_cfg.get("cross_attention_dim")
                 if isinstance(cad, (list, tuple)):
@@ -255,18 +256,16 @@ class TrainRecipe:
                                     "use the SD model whose text encoder made the store")
             if self.width % cfg.nhead:
                 problems.append(f"nhead {cfg.nhead} does not divide the embedding width {self.width}")
-        if g is not None and g.llm_group:
-            names = self.store.group(g.llm_group).array_names
-            if f"layer_{g.llm_layer}/pooled" in names:  # g.llm_layer: --llm-layer -1 resolved
-                self.llm_size = int(self.store.group(g.llm_group).array(f"layer_{g.llm_layer}/pooled").shape[-1])
-        if g is not None and g.vae_group and "mean" in self.store.group(g.vae_group).array_names:
-            vae = self.store.group(g.vae_group)
-            self.latent_shape = tuple(vae.array("mean").shape[1:])
-            vattrs = {**vae.attrs.get("provenance", {}), **vae.settings}
-            if "scaling_factor" not in vattrs:
+        size = LLMFeatures.width(self.store.group(g.llm_group), g.llm_layer) if g is not None and g.llm_group else None
+        if size is not None:  # g.llm_layer: --llm-layer -1 resolved
+            self.llm_size = size
+        lat = VaeFeatures.latent_params(self.store.group(g.vae_group)) if g is not None and g.vae_group else None
+        if lat is not None:
+            self.latent_shape = lat.shape
+            if lat.scaling_factor is None:
                 problems.append(f"{g.vae_group} does not record the VAE scaling_factor")
-            self.scaling_factor = float(vattrs.get("scaling_factor", 1.0))
-            self.shift_factor = float(vattrs.get("shift_factor") or 0.0)
+            self.scaling_factor = 1.0 if lat.scaling_factor is None else lat.scaling_factor
+            self.shift_factor = lat.shift_factor
             if unet_cfg is not None and unet_cfg.get("in_channels") != self.latent_shape[0]:
                 problems.append(f"latent channels mismatch: store {self.latent_shape[0]}, "
                                 f"UNet in_channels {unet_cfg.get('in_channels')}")
@@ -519,8 +518,8 @@ class TrainRecipe:
         if self.groups.use_flip:
             flip = torch.rand(bsz, generator=self.gen) < 0.5
             fm = flip.view(-1, *([1] * (mean.dim() - 1)))
-            mean = torch.where(fm, t["flip_mean"].float(), mean)
-            std = torch.where(fm, t["flip_std"].float(), std)
+            mean = torch.where(fm, t["lat_flip_mean"].float(), mean)
+            std = torch.where(fm, t["lat_flip_std"].float(), std)
         eps = torch.randn(mean.shape, generator=self.gen)
         latents = ((mean + std * eps) - self.shift_factor) * self.scaling_factor
         return {
@@ -1128,7 +1127,7 @@ def run(cfg: TrainConfig) -> dict:
 
     The run folder is locked while training: a second job on the same ``--out`` is refused.
     """
-    from surpipe.parallel import exclusive_lock
+    from surpipe.locks import exclusive_lock
 
     recipe = TrainRecipe(cfg)
     recipe.check()  # every problem at once, before anything is written

@@ -44,42 +44,37 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
+from surpipe.adapter_io import (  # noqa: F401  (re-exported: the adapter's public names)
+    CLASS_NAME, CONFIG_NAME, TEMPLATE_PREFIX, WEIGHTS_NAME, _load_safetensors, check_state_dict, parse_dtype,
+    resolve_adapter_dir, split_template_layer)
+from surpipe.config import from_dict, opt, read_json_object
 from surpipe.errors import SurpipeError
+# Largest sizes a config may ask for (SD text encoders are 768-4096 wide); checked before allocating.
+from surpipe.limits import MAX_PARAMETERS, MAX_SIZES  # torch-free home, for CLI ranges
 
 TOKEN_MIXING = ("sequence", "tokenwise")
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CLASS_NAME = "SURAdapter"
-# Largest sizes a config may ask for (SD text encoders are 768-4096 wide); checked before allocating.
-from surpipe.limits import MAX_PARAMETERS, MAX_SIZES  # noqa: E402  (torch-free home, for CLI ranges)
-# The authors' Adapter keeps its template nn.TransformerEncoderLayer as `encoder_layer`: their
-# state dicts carry it (12 keys), but their forward never uses it.
-TEMPLATE_PREFIX = "encoder_layer."
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
 
 
 @dataclass
 class SURAdapterConfig:
     """Hyper-parameters of a :class:`SURAdapter` (the authors' values are the defaults, SD1.x width)."""
 
-    width: int = 768
-    nhead: int = 8
-    dim_feedforward: int = 2048
-    num_layers: int = 2
-    dropout: float = 0.1
-    adapter_weight: float = 0.1
-    token_mixing: Literal["sequence", "tokenwise"] = "sequence"
+    # Ranges are checked by problems() (before any allocation), not by opt(): one place for them.
+    width: int = opt(768, help="width D of the CLIP embeddings it conditions (768 for SD1.x)", group="model")
+    nhead: int = opt(8, help="attention heads of each encoder layer (must divide width)", group="model")
+    dim_feedforward: int = opt(2048, help="hidden width of each encoder layer's feed-forward block", group="model")
+    num_layers: int = opt(2, help="transformer encoder layers", group="model")
+    dropout: float = opt(0.1, help="dropout in the encoder layers (train mode only)", group="model")
+    adapter_weight: float = opt(0.1, help="output mix: w * adapter branch + (1 - w) * input", group="model")
+    token_mixing: Literal["sequence", "tokenwise"] = opt(
+        "sequence", help="encoder attention across a prompt's tokens, or each token alone (authors' checkpoint)",
+        group="model")
 
     def problems(self) -> list[str]:
         """Every invalid setting, as messages (empty when the config is valid).
@@ -146,100 +141,40 @@ class SURAttention(nn.Module):
         return self.output_layer(w) + w
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise SurpipeError listing every missing key, unexpected key and shape mismatch."""
-    expected = model.state_dict()
-    problems = []
-    for k in expected:
-        if k not in state_dict:
-            problems.append(f"missing key: {k}")
-    for k in state_dict:
-        if k not in expected:
-            problems.append(f"unexpected key: {k}")
-    for k, v in state_dict.items():
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            problems.append(f"shape mismatch for {k}: {source} has {list(v.shape)}, "
-                            f"the model expects {list(expected[k].shape)}")
-    if problems:
-        raise SurpipeError(f"{source} does not match a SUR-adapter with these settings "
-                           f"({_describe(model)}):", problems)
+# Hub integration through huggingface_hub's ModelHubMixin rather than diffusers' ModelMixin /
+# ConfigMixin: the mixin only asks for two hooks (_save_pretrained, _from_pretrained) and brings hub
+# ids, push_to_hub and a model card, while leaving the folder format (config.json with _class_name +
+# model.safetensors), the constructor taking a SURAdapterConfig and our loader as they are. ModelMixin
+# would rename the weights file (diffusion_pytorch_model.safetensors), need a flat register_to_config
+# constructor, and load through its own key checks, which name problems less clearly than
+# check_state_dict and allocate before a damaged config.json's sizes are checked.
+_MODEL_CARD = """
+---
+{{ card_data }}
+---
+
+A SUR-adapter ([paper]({{ paper_url }})): it maps a Stable Diffusion text encoder's CLIP embeddings
+of a simple prompt to embeddings closer to a detailed prompt's. Written by surpipe; load it with
+
+```python
+from surpipe import SURAdapter
+adapter = SURAdapter.from_pretrained("{{ repo_id | default("owner/name", true) }}")
+```
+
+Settings: {{ settings | default("see config.json", true) }}.
+"""
 
 
-def split_template_layer(model: "SURAdapter", state_dict: Mapping[str, torch.Tensor],
-                         source: str) -> tuple[dict, list[str]]:
-    """``(state_dict without encoder_layer.*, the encoder_layer.* keys removed)``.
-
-    The authors' ``Adapter`` keeps the template layer it built ``transformer_encoder`` from as
-    ``encoder_layer``; their saved state dicts carry its 12 (untrained, unused) tensors. Those are
-    accepted only as one complete layer shaped like ``transformer_encoder.layers.0``; a partial or
-    misshapen set is refused, as is every other unexpected key (by :func:`check_state_dict`).
-    """
-    extra = {k: v for k, v in state_dict.items() if k.startswith(TEMPLATE_PREFIX)}
-    if not extra:
-        return dict(state_dict), []
-    layer = model.transformer_encoder.layers[0].state_dict()
-    expected = {TEMPLATE_PREFIX + k: tuple(v.shape) for k, v in layer.items()}
-    problems = [f"missing key: {k} (the other {TEMPLATE_PREFIX}* keys of the authors' template layer are present)"
-                for k in expected if k not in extra]
-    for k, v in extra.items():
-        if k not in expected:
-            problems.append(f"unexpected key: {k}")
-        elif tuple(v.shape) != expected[k]:
-            problems.append(f"shape mismatch for {k}: {source} has {list(v.shape)}, "
-                            f"the authors' template layer has {list(expected[k])}")
-    if problems:
-        raise SurpipeError(f"{source} does not match a SUR-adapter with these settings "
-                           f"({_describe(model)}):", problems)
-    return {k: v for k, v in state_dict.items() if k not in extra}, sorted(extra)
-
-
-def resolve_adapter_dir(path: Union[str, os.PathLike]) -> Path:
-    """A training run folder (its ``adapter/`` subfolder) or an adapter folder -> the adapter folder.
-
-    The one rule for every place that takes an adapter (``from_pretrained``, ``generate``, ``eval``).
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise SurpipeError(f"adapter folder not found: {p} (give a training run folder or an adapter folder)")
-    if not p.is_dir():
-        raise SurpipeError(f"{p} is not a folder: give a training run folder or an adapter folder "
-                           f"({CONFIG_NAME} + {WEIGHTS_NAME}); for the authors' .pt run "
-                           f"`surpipe import-official` first")
-    if (p / "adapter" / WEIGHTS_NAME).is_file():
-        return p / "adapter"
-    if (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
-        return p  # an adapter folder (from_pretrained names what it lacks)
-    is_run = (p / "adapter").exists() or (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file()
-    hint = " (a training run without a finished adapter/: run or resume `surpipe train`)" if is_run else ""
-    raise SurpipeError(f"{p} is neither a training run folder (with adapter/) nor an adapter folder "
-                       f"(with {CONFIG_NAME} and {WEIGHTS_NAME}){hint}")
-
-
-def _describe(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return type(model).__name__
-    return (f"width={cfg.width}, nhead={cfg.nhead}, dim_feedforward={cfg.dim_feedforward}, "
-            f"num_layers={cfg.num_layers}")
-
-
-def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """``torch.float16`` or a name such as ``"float16"``/``"fp16"``/``"bf16"`` -> a torch dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name not in _DTYPES:
-        raise SurpipeError(f"unknown dtype {dtype!r} (valid: {', '.join(sorted(_DTYPES))})")
-    return _DTYPES[name]
-
-
-class SURAdapter(nn.Module):
+class SURAdapter(nn.Module, ModelHubMixin, library_name="surpipe", paper_url="https://arxiv.org/abs/2305.05189",
+                 tags=["sur-adapter", "stable-diffusion"], model_card_template=_MODEL_CARD):
     """SUR-adapter: CLIP last hidden state [B, L, D] -> conditioned embeddings [B, L, D].
 
     ``SURAdapter(config)`` or ``SURAdapter(width=..., nhead=..., ...)``. Calling it returns ``out``
     only (ready for a diffusers pipeline's ``prompt_embeds``); :meth:`forward_with_aux` (or
     ``forward(x, return_aux=True)``) returns ``(out, e, fc(a))`` as the authors' forward did.
     Inputs are cast to the module's dtype; outputs are in the module's dtype.
+    ``from_pretrained`` takes a folder, a training run folder or a hub id (``owner/name``);
+    ``push_to_hub("owner/name")`` uploads config, weights and a model card.
     """
 
     def __init__(self, config: Optional[SURAdapterConfig] = None, **kwargs):
@@ -307,14 +242,38 @@ class SURAdapter(nn.Module):
         return (out, e, f) if return_aux else out
 
     # ----------------------------------------------------------------- persistence
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (each atomically) into the folder."""
+    # save_pretrained is overridden (the mixin's would unlink config.json before writing it, so a
+    # crash could leave a folder without one, and would always add a README.md): each file is
+    # written atomically and the model card is written only when pushing (or when asked).
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *, push_to_hub: bool = False,
+                        repo_id: Optional[str] = None, model_card_kwargs: Optional[dict] = None,
+                        config=None, **push_to_hub_kwargs):
+        """Write ``config.json`` and ``model.safetensors`` (each atomically) into the folder and
+        return it; with ``push_to_hub=True`` also upload them to ``repo_id`` (default: the folder's
+        name) and return the commit's url. ``model_card_kwargs`` also writes a ``README.md``."""
+        if config is not None:
+            raise SurpipeError("SURAdapter.save_pretrained writes the adapter's own config; "
+                               "change adapter.config instead of passing config=")
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self._save_pretrained(out)
+        if model_card_kwargs is not None and not (out / "README.md").exists():
+            self.generate_model_card(**model_card_kwargs).save(out / "README.md")
+        if push_to_hub:
+            return self.push_to_hub(repo_id or out.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return out
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: Optional[dict] = None, **kwargs) -> str:
+        """Upload config, weights and a model card to hub repo ``repo_id`` (see ModelHubMixin)."""
+        card = {"repo_id": repo_id, "settings": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.config).items()), **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
 
         from surpipe import __version__
 
         out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
         cfg = dataclasses.asdict(self.config)
         cfg["_class_name"] = CLASS_NAME
         cfg["_surpipe_version"] = __version__
@@ -331,35 +290,45 @@ class SURAdapter(nn.Module):
             for t in (tmp_w, tmp_c):
                 if t.exists():
                     t.unlink()
-        return out
 
+    # from_pretrained is overridden too: the mixin's reads config.json itself (a plain json.load,
+    # before any check) and passes every key to the constructor; a run folder's config.json is the
+    # training config. Ours resolves the location once (resolve_adapter_dir) and checks the config.
     @classmethod
     def from_pretrained(cls, pretrained: Union[str, os.PathLike], torch_dtype=None,
-                        device: Union[str, torch.device, None] = None) -> "SURAdapter":
-        """Load a folder written by :meth:`save_pretrained` (or a training run folder: its
-        ``adapter/``); strict key and shape checks, sizes checked before any allocation.
+                        device: Union[str, torch.device, None] = None, *, dtype=None,
+                        revision: Optional[str] = None, cache_dir: Union[str, os.PathLike, None] = None,
+                        force_download: bool = False, local_files_only: bool = False,
+                        token: Union[str, bool, None] = None) -> "SURAdapter":
+        """Load a folder written by :meth:`save_pretrained`, a training run folder (its
+        ``adapter/``) or a hub id ``owner/name`` (downloaded to, or read offline from, the Hugging
+        Face cache); strict key and shape checks, sizes checked before any allocation.
+        ``dtype`` (or ``torch_dtype``): ``torch.float16`` or a name such as ``"bf16"``.
 
         Returns the module in ``eval()`` mode (dropout off).
         """
-        from surpipe import config as cfgmod
+        if dtype is not None and torch_dtype is not None and parse_dtype(dtype) != parse_dtype(torch_dtype):
+            raise SurpipeError(f"give dtype or torch_dtype, not both ({dtype!r} and {torch_dtype!r})")
+        return cls._from_pretrained(model_id=pretrained, revision=revision, cache_dir=cache_dir,
+                                    force_download=force_download, local_files_only=local_files_only,
+                                    token=token, dtype=dtype if dtype is not None else torch_dtype, device=device)
 
-        folder = resolve_adapter_dir(pretrained)
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
+                         dtype=None, device=None) -> "SURAdapter":
+        folder = resolve_adapter_dir(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                     force_download=force_download, local_files_only=local_files_only)
         cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         missing = [p.name for p in (cfg_path, w_path) if not p.is_file()]
         if missing:
             raise SurpipeError(f"{folder} is not a SURAdapter folder: missing {', '.join(missing)}")
-        try:
-            data = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SurpipeError(f"{cfg_path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise SurpipeError(f"{cfg_path} must hold a JSON object")
+        data = read_json_object(cfg_path)
         name = data.get("_class_name", CLASS_NAME)
         if name != CLASS_NAME:
             raise SurpipeError(f"{cfg_path} describes a {name!r}, not a {CLASS_NAME}")
         data = {k: v for k, v in data.items() if not k.startswith("_")}
         try:
-            config = cfgmod.from_dict(SURAdapterConfig, data)
+            config = from_dict(SURAdapterConfig, data)
         except SurpipeError as e:
             raise SurpipeError(f"{cfg_path} is not a valid adapter config:", e.problems or [str(e)]) from None
         problems = config.problems()  # before allocating: a damaged file may ask for 10**9 wide
@@ -369,15 +338,5 @@ class SURAdapter(nn.Module):
         state = _load_safetensors(w_path)
         check_state_dict(model, state, str(w_path))
         model.load_state_dict(state, strict=True)
-        dtype = parse_dtype(torch_dtype)
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=parse_dtype(dtype))
         return model.eval()
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
-        raise SurpipeError(f"cannot read {path} as safetensors: {e}") from None

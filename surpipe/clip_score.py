@@ -10,118 +10,75 @@ which is what ``CLIPModel.get_image_features`` / ``get_text_features`` return). 
 [0, 100]; with ``openai/clip-vit-large-patch14`` typical text-image pairs score about 20-35. Texts
 longer than the text tower's window (77 tokens) are truncated, as torchmetrics does.
 
-Image preprocessing is the standard CLIP one, done here with PIL + numpy so that it does not depend
-on torchvision (transformers 5's ``CLIPImageProcessor`` wants torchvision and otherwise falls back to
-a PIL backend with a warning; results would then depend on what is installed):
-
-1. convert to RGB;
-2. resize so the SHORTEST side equals ``size.shortest_edge`` (the other side ``int(side * scale)``),
-   resampling per ``resample`` (3 = bicubic, CLIP's), on the 8-bit image;
-3. center crop to ``crop_size`` (offsets ``(H - h) // 2``, ``(W - w) // 2``);
-4. scale to [0, 1] and normalise with ``image_mean`` / ``image_std``.
-
-All settings come from the model's ``preprocessor_config.json``; when there is none, the CLIP
-defaults are used (side = the vision tower's ``image_size``, OpenAI mean/std, bicubic).
+Image preprocessing is transformers' own CLIP image processor, its PIL backend
+(``CLIPImageProcessorPil``: resize the shortest side, center crop, rescale, normalise), so no
+torchvision is needed and the pixels are the same whatever else is installed. Its settings come
+from the model's ``preprocessor_config.json``; when there is none, the CLIP defaults are used
+(side = the vision tower's ``image_size``, OpenAI mean/std, bicubic).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from surpipe.errors import SurpipeError
+from surpipe.errors import SurpipeError, first_line
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFINITION = "CLIP score = 100 * max(cos(image_embedding, text_embedding), 0) (torchmetrics' CLIPScore)"
 
 
-@dataclass
 class Preprocess:
-    """The standard CLIP image preprocessing (see the module doc)."""
+    """The model's CLIP image preprocessing: PIL images -> pixel values (see the module doc)."""
 
-    shortest_edge: int = 224
-    crop_height: int = 224
-    crop_width: int = 224
-    mean: tuple = CLIP_MEAN
-    std: tuple = CLIP_STD
-    resample: int = 3  # PIL.Image.BICUBIC
-    do_resize: bool = True
-    do_center_crop: bool = True
-    do_normalize: bool = True
-    rescale_factor: float = 1 / 255
-    source: str = "defaults"
-    notes: list = field(default_factory=list)
+    def __init__(self, processor, source: str):
+        self.processor, self.source = processor, source
+        size, crop = processor.size, processor.crop_size
+        self.shortest_edge = int(size.shortest_edge or size.height)
+        self.crop_height, self.crop_width = int(crop.height), int(crop.width)
+        self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
+        self.resample = int(processor.resample)
 
     @classmethod
     def from_config(cls, cfg: dict | None, image_size: int, source: str = "preprocessor_config.json") -> "Preprocess":
         """From a ``preprocessor_config.json`` dict (``None``: CLIP defaults at ``image_size``)."""
-        if not cfg:
-            return cls(shortest_edge=image_size, crop_height=image_size, crop_width=image_size, source="CLIP defaults")
-        size = cfg.get("size", image_size)
-        if isinstance(size, dict):
-            edge = size.get("shortest_edge") or size.get("height") or size.get("width") or image_size
-        else:
-            edge = int(size)
-        crop = cfg.get("crop_size", edge)
-        if isinstance(crop, dict):
-            ch, cw = int(crop.get("height") or edge), int(crop.get("width") or edge)
-        else:
-            ch = cw = int(crop)
-        return cls(shortest_edge=int(edge), crop_height=ch, crop_width=cw,
-                   mean=tuple(cfg.get("image_mean", CLIP_MEAN)), std=tuple(cfg.get("image_std", CLIP_STD)),
-                   resample=int(cfg.get("resample", 3)), do_resize=bool(cfg.get("do_resize", True)),
-                   do_center_crop=bool(cfg.get("do_center_crop", True)),
-                   do_normalize=bool(cfg.get("do_normalize", True)),
-                   rescale_factor=float(cfg.get("rescale_factor", 1 / 255)), source=source)
+        from transformers import CLIPImageProcessorPil
 
-    def to_dict(self) -> dict:
-        return {"shortest_edge": self.shortest_edge, "crop_size": [self.crop_height, self.crop_width],
-                "image_mean": list(self.mean), "image_std": list(self.std), "resample": self.resample,
-                "do_resize": self.do_resize, "do_center_crop": self.do_center_crop,
-                "do_normalize": self.do_normalize, "source": self.source}
-
-    def __call__(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
-        """PIL images -> float32 tensor [N, 3, crop_height, crop_width]."""
-        import numpy as np
-        import torch
         from PIL import Image
 
-        out = []
-        for im in images:
-            if not isinstance(im, Image.Image):
-                im = Image.fromarray(np.asarray(im))
-            im = im.convert("RGB")
-            if self.do_resize:
-                w, h = im.size
-                short, long_ = (w, h) if w <= h else (h, w)
-                new_short = self.shortest_edge
-                new_long = int(new_short * long_ / short)
-                size = (new_short, new_long) if w <= h else (new_long, new_short)
-                if size != im.size:
-                    im = im.resize(size, resample=Image.Resampling(self.resample))
-            a = np.asarray(im, dtype=np.float32)
-            if self.do_center_crop:
-                h, w = a.shape[:2]
-                ch, cw = self.crop_height, self.crop_width
-                if h < ch or w < cw:  # pad with zeros like transformers' center_crop
-                    pad = np.zeros((max(h, ch), max(w, cw), 3), dtype=np.float32)
-                    top, left = (pad.shape[0] - h) // 2, (pad.shape[1] - w) // 2
-                    pad[top:top + h, left:left + w] = a
-                    a, h, w = pad, pad.shape[0], pad.shape[1]
-                top, left = (h - ch) // 2, (w - cw) // 2
-                a = a[top:top + ch, left:left + cw]
-            a = a * self.rescale_factor
-            if self.do_normalize:
-                a = (a - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-            out.append(torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))))
-        return torch.stack(out)
+        if not cfg:
+            return cls(CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                             crop_size={"height": image_size, "width": image_size}), "CLIP defaults")
+        try:
+            pre = cls(CLIPImageProcessorPil.from_dict(dict(cfg)), source)
+            pre([Image.new("RGB", (8, 8))])  # settings that fail only when used fail now, before any rendering
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise SurpipeError(f"{source} is not a usable CLIP image preprocessing config: {first_line(e)}") from None
+        return pre
+
+    def to_dict(self) -> dict:
+        p = self.processor
+        return {"shortest_edge": self.shortest_edge, "crop_size": [self.crop_height, self.crop_width],
+                "image_mean": list(self.mean), "image_std": list(self.std), "resample": self.resample,
+                "do_resize": bool(p.do_resize), "do_center_crop": bool(p.do_center_crop),
+                "do_normalize": bool(p.do_normalize), "source": self.source}
+
+    def __call__(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
+        """PIL images (or HWC uint8 arrays) -> float32 tensor [N, 3, crop_height, crop_width]."""
+        from PIL import Image
+
+        # PIL's own RGB conversion first: transformers would composite RGBA onto white, which
+        # changes the scores of transparent images from what surpipe has always computed.
+        images = [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"].float()
 
 
 def _read_preprocessor_config(model: str, revision: str | None) -> tuple[dict | None, str]:
+    """(the model's preprocessor_config.json, where it was read); (None, why) when it has none."""
+    from surpipe.config import read_json_object
+
     local = Path(model).expanduser()
     if local.is_dir():
         p = local / "preprocessor_config.json"
@@ -134,10 +91,7 @@ def _read_preprocessor_config(model: str, revision: str | None) -> tuple[dict | 
             p = Path(hf_hub_download(model, "preprocessor_config.json", revision=revision))
         except Exception:
             return None, "CLIP defaults (no preprocessor_config.json)"
-    try:
-        return json.loads(p.read_text(encoding="utf-8")), str(p)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurpipeError(f"{p} is not valid JSON: {e}") from None
+    return read_json_object(p), str(p)
 
 
 class CLIPScorer:
@@ -156,9 +110,8 @@ class CLIPScorer:
             self.model = CLIPModel.from_pretrained(model, revision=revision, dtype=torch.float32).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            raise SurpipeError(f"cannot load a CLIP image-text model from {model}{offline}: {first}") from None
+            raise SurpipeError(f"cannot load a CLIP image-text model from {model}{offline}: {first_line(e)}") from None
         self.model.to(device)
         self.device = torch.device(device)
         self.name = model

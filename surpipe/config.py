@@ -158,25 +158,44 @@ def from_dict(cls: type[T], data: dict, what: str = "settings", label=None) -> T
     return cfg
 
 
+def declared_problems(cfg: Any) -> list[str]:
+    """Every type, finiteness and range problem of a config built in Python (the checks
+    :func:`from_dict` makes for the command line and config files)."""
+    try:
+        from_dict(type(cfg), to_dict(cfg))
+    except SurpipeError as e:
+        return e.problems or [str(e)]
+    return []
+
+
 def load(cls: type[T], path: str | os.PathLike, overrides: dict | None = None, what: str | None = None,
          label=None) -> T:
     """Load config ``cls`` from a JSON file, then apply ``overrides`` (non-None values)."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SurpipeError(f"config file not found: {p}") from None
-    except OSError as e:
-        raise SurpipeError(f"config file {p} cannot be read: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurpipeError(f"config file {p} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise SurpipeError(f"config file {p} must hold a JSON object")
+    data = read_json_object(p, "config file")
     data.pop("_surpipe", None)
     for k, v in (overrides or {}).items():
         if v is not None:
             data[k] = v
     return from_dict(cls, data, what or f"config {p}", label)
+
+
+def read_json_object(path: str | os.PathLike, what: str = "") -> dict:
+    """The JSON object in file ``path``; a SurpipeError naming the file (after ``what``, such as
+    ``"config file"``) when it is missing, unreadable, not JSON or not an object."""
+    p = Path(path)
+    name = f"{what} {p}".strip()
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SurpipeError(f"{what or 'file'} not found: {p}") from None
+    except OSError as e:
+        raise SurpipeError(f"{name} cannot be read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurpipeError(f"{name} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SurpipeError(f"{name} must hold a JSON object")
+    return data
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

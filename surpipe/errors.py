@@ -12,3 +12,9 @@ class SurpipeError(Exception):
         if self.problems:
             message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty): the
+    part of a library's error worth showing in a one-line SurpipeError."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from surpipe.errors import SurpipeError
+from surpipe.errors import SurpipeError, first_line
 
 _CONFIG_NAMES = {"scheduler": "scheduler_config.json"}
 
@@ -19,7 +19,7 @@ def read_model_config(model: str, subfolder: str, revision: str | None = None) -
     checkpoint given as a local folder or a hub id; a clear SurpipeError when it is not there."""
     fname = _CONFIG_NAMES.get(subfolder, "config.json")
     local = Path(model).expanduser()
-    if local.exists() or model.startswith((".", "/", "~")):
+    if is_local_model(model):
         if not local.is_dir():
             raise SurpipeError(f"model folder not found: {model}")
         path = local / subfolder / fname
@@ -35,8 +35,7 @@ def read_model_config(model: str, subfolder: str, revision: str | None = None) -
             path = Path(hf_hub_download(model, fname, subfolder=subfolder, revision=revision))
         except Exception as e:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SurpipeError(f"cannot read {subfolder}/{fname} of {model}{offline}: {first}") from None
+            raise SurpipeError(f"cannot read {subfolder}/{fname} of {model}{offline}: {first_line(e)}") from None
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -66,6 +65,35 @@ def looks_like_hub_id(model: str) -> bool:
     if os.path.exists(os.path.expanduser(model)) or model.startswith((".", "/", "~")):
         return False
     return bool(_HUB_ID.fullmatch(model))
+
+
+# --------------------------------------------------------------------------- names
+# The one rule for every model argument (LLM, Stable Diffusion, CLIP): loaders, group names and
+# identity checks must agree on whether a string is a folder or a hub id.
+
+
+def is_local_model(model: str) -> bool:
+    """A model argument names a local folder when it exists, is written as a path (``.``, ``/``,
+    ``~``) or is not shaped like a hub id (``name`` or ``owner/name``); otherwise it is a hub id."""
+    return not looks_like_hub_id(model)
+
+
+def sanitize_name(name: str) -> str:
+    """Letters, digits, ``.``, ``_`` and ``-`` only (others become ``-``), no leading dot."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lstrip(".")
+    return s or "model"
+
+
+def model_basename(model: str) -> str:
+    """A group-name-safe name for a model: its folder's name or its hub repo name, sanitised.
+
+    A folder's name is taken from its absolute path without following links, so ``.`` names the
+    current folder and a link keeps its own name (not a cache snapshot hash it points to)."""
+    if is_local_model(model):
+        base = os.path.basename(os.path.abspath(os.path.expanduser(model.rstrip("/\\") or model)))
+    else:
+        base = model.rstrip("/").split("/")[-1]
+    return sanitize_name(base or "model")
 
 
 def _cache_dir() -> Path:

@@ -42,11 +42,25 @@ class _RankZero(logging.Filter):
         return _rank() == 0 or record.levelno >= logging.WARNING
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each message, not the stream of the moment the handler
+    was made: a redirected or replaced stderr (pytest's capture, ``redirect_stderr``) is followed,
+    and a closed one is never written to."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def get_logger() -> logging.Logger:
     """The ``surpipe`` logger (configured by :func:`setup_logging`, or a plain stderr handler)."""
     log = logging.getLogger("surpipe")
     if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _Stderr()
         h.setFormatter(logging.Formatter("surpipe: %(message)s"))
         h.addFilter(_RankZero())
         log.addHandler(h)

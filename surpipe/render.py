@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from surpipe.errors import SurpipeError
+from surpipe.errors import SurpipeError, first_line
 
 TINY_MARKER = "surpipe_tiny.json"  # written by surpipe.tiny / surpipe.tiny_clip
 SCHEDULERS = ("default", "ddim", "dpm++", "euler", "euler-a", "pndm", "ddpm")
@@ -32,8 +32,7 @@ def load_pipeline(model: str, *, revision: str | None = None, unet=None, device=
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SurpipeError(f"cannot load a Stable Diffusion pipeline from {model}: {first}") from None
+        raise SurpipeError(f"cannot load a Stable Diffusion pipeline from {model}: {first_line(e)}") from None
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -252,6 +251,22 @@ def caption_grid(rows: Sequence[tuple[str, Sequence]], headers: Sequence[str], c
     return grid
 
 
+ARM_HEADERS = ("Stable Diffusion", "+ SUR-adapter")
+
+
+def grid_cell(image, minimum: int = 160) -> int:
+    """Grid cell side for ``image``: its own size, but wide enough for the column headers
+    (small images are scaled up)."""
+    return max(max(image.size), minimum)
+
+
+def arms_grid(captions: Sequence[str], without: Sequence, with_: Sequence, *, cell: int | None = None,
+              note: str | None = None):
+    """A two-column grid: each caption's image without the adapter, then with it."""
+    return caption_grid([(c, [a, b]) for c, a, b in zip(captions, without, with_)], headers=ARM_HEADERS,
+                        cell=cell, note=note)
+
+
 def compare_grid(model: str, adapter, prompts: Sequence[str], path: str | Path, *, unet=None, pipe=None,
                  steps: int = 30, guidance: float = 7.5, seed: int = 0, size: int | None = None,
                  revision: str | None = None, device="cpu", dtype=None, scheduler: str = "default",
@@ -268,8 +283,8 @@ def compare_grid(model: str, adapter, prompts: Sequence[str], path: str | Path, 
                   negative_prompt=negative_prompt)
     with_ad = render(pipe, prompts, adapter=adapter, seeds=seeds, steps=steps, guidance=guidance, size=size,
                      negative_prompt=negative_prompt)
-    grid = caption_grid([(f"{p}  (seed {s})", [a, b]) for p, s, a, b in zip(prompts, seeds, base, with_ad)],
-                        headers=["Stable Diffusion", "+ SUR-adapter"], note=tiny_model_note(model))
+    grid = arms_grid([f"{p}  (seed {s})" for p, s in zip(prompts, seeds)], base, with_ad,
+                     note=tiny_model_note(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -37,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from surpipe.errors import SurpipeError
+from surpipe.hub import is_local_model as is_local  # one rule for every model argument
+from surpipe.hub import model_basename, sanitize_name  # noqa: F401  (re-exported: stages name sd.*)
 
 # Which files each component needs in a local diffusers folder (any one of the weight files).
 _WEIGHT_FILES = {
@@ -63,14 +64,6 @@ def torch_dtype(name: str):
 
 
 # --------------------------------------------------------------------------- model location
-
-
-def is_local(model: str) -> bool:
-    """A model argument names a local folder when it exists or is not shaped like a hub id
-    (``name`` or ``owner/name``)."""
-    if os.path.exists(os.path.expanduser(model)):
-        return True
-    return model.startswith((".", "~", "/")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)
 
 
 def validate_folder(model: str, components: Iterable[str]) -> None:
@@ -205,18 +198,6 @@ def tokenizer_hash(tok) -> str:
     else:
         parts["vocab"] = sorted(tok.get_vocab().items())
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def model_basename(model: str) -> str:
-    """A group-name-safe name for a model: the folder name or the hub repo name, sanitised."""
-    base = Path(model.rstrip("/\\")).expanduser().name if is_local(model) else model.rstrip("/").split("/")[-1]
-    return sanitize_name(base or "model")
-
-
-def sanitize_name(name: str) -> str:
-    """Letters, digits, ``.``, ``_`` and ``-`` only (others become ``-``), no leading dot."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lstrip(".")
-    return s or "model"
 
 
 # --------------------------------------------------------------------------- text side

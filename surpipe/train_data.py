@@ -122,19 +122,23 @@ def _text_encoder_fingerprint(model: str, revision: str | None, with_weights: bo
     return out
 
 
+def _fitting(store, paths, size_of, want) -> tuple[list[str], bool]:
+    """The groups whose ``size_of(group)`` is what the UNet expects (``want``; None: unknown):
+    (candidates, whether that decided it). None fitting leaves them all to the next rule."""
+    fit = [p for p in paths if want is not None and size_of(store.group(p)) == want]
+    return (fit, True) if len(fit) == 1 else (fit or list(paths), False)
+
+
 def clip_matcher(model: str | None, revision: str | None = None, width: int | None = None):
     """The rule that picks a CLIP group among several: the embedding width the UNet expects, then
     the text encoder of ``model`` (its config and weights hashes when ``model`` is a local folder
     with text_encoder/, else the model id recorded by encode-latents)."""
+    from surpipe.features import ClipFeatures
 
     def match(store, paths):
-        cands = list(paths)
-        if width is not None:
-            fit = [p for p in cands if "simple" in store.group(p).array_names
-                   and int(store.group(p).array("simple").shape[-1]) == width]
-            if len(fit) == 1:
-                return fit, ""
-            cands = fit or cands
+        cands, decided = _fitting(store, paths, lambda g: (ClipFeatures.embedding_shape(g) or (0, None))[1], width)
+        if decided:
+            return cands, ""
         if model is None:
             return [], "no --model to match them against"
         fp = _text_encoder_fingerprint(model, revision, with_weights=False)
@@ -162,15 +166,12 @@ def clip_matcher(model: str | None, revision: str | None = None, width: int | No
 def vae_matcher(model: str | None, in_channels: int | None = None):
     """The rule that picks a VAE group among several: the latent channels the UNet expects, then
     the model id recorded by encode-latents."""
+    from surpipe.features import VaeFeatures
 
     def match(store, paths):
-        cands = list(paths)
-        if in_channels is not None:
-            fit = [p for p in cands if "mean" in store.group(p).array_names
-                   and int(store.group(p).array("mean").shape[1]) == in_channels]
-            if len(fit) == 1:
-                return fit, ""
-            cands = fit or cands
+        cands, decided = _fitting(store, paths, lambda g: (VaeFeatures.latent_shape(g) or (None,))[0], in_channels)
+        if decided:
+            return cands, ""
         if model is None:
             return [], "no --model to match them against"
         mid = model_id(model)
@@ -183,18 +184,6 @@ def vae_matcher(model: str | None, in_channels: int | None = None):
     return match
 
 
-def stored_layers(group) -> list[int]:
-    """The layers an LLM group holds (from its ``layer_<i>/pooled`` arrays), sorted."""
-    out = []
-    for n in group.array_names:
-        if n.endswith("/pooled") and n.startswith("layer_"):
-            try:
-                out.append(int(n.split("/")[0][6:]))
-            except ValueError:
-                pass
-    return sorted(out)
-
-
 def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: str | None,
                    vae_group: str | None, use_flip: bool, model: str | None = None,
                    revision: str | None = None, unet_config: dict | None = None
@@ -205,6 +194,8 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
     ``unet_config`` (clip_matcher, vae_matcher). A negative ``llm_layer`` counts from the end of
     the stored layers (-1: the last); the returned StoreGroups holds the resolved layer.
     A group that could not be resolved is None in the returned StoreGroups."""
+    from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
+
     problems: list[str] = []
     paths = {}
     unet_config = unet_config or {}
@@ -221,10 +212,10 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
         paths[kind] = path
     if paths["llm"]:
         g = store.group(paths["llm"])
-        layers = stored_layers(g)
+        layers = LLMFeatures.layers(g)
         if llm_layer < 0 and -len(layers) <= llm_layer:
             llm_layer = layers[llm_layer]
-        elif llm_layer < 0 or f"layer_{llm_layer}/pooled" not in g.array_names:
+        elif llm_layer < 0 or LLMFeatures.width(g, llm_layer) is None:
             problems.append(f"{paths['llm']} has no layer {llm_layer} (stored layers: {layers or 'none'}); "
                             "re-run extract-llm with that layer or choose --llm-layer from the list "
                             "(negative values count from the last stored layer: -1 is the last)")
@@ -234,16 +225,13 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
             done, n = g.completed_blocks(), store.num_blocks
             if done < n:
                 problems.append(f"{paths[kind]} is incomplete: {done}/{n} blocks done; rerun its stage to finish it")
-    for arr in ("simple", "complex"):
-        if paths["clip"] and arr not in store.group(paths["clip"]).array_names:
-            problems.append(f"{paths['clip']} has no {arr!r} array")
+    if paths["clip"]:
+        problems += ClipFeatures.train_problems(store.group(paths["clip"]), paths["clip"])
     flip = False
     if paths["vae"]:
-        names = store.group(paths["vae"]).array_names
-        for arr in ("mean", "std"):
-            if arr not in names:
-                problems.append(f"{paths['vae']} has no {arr!r} array")
-        flip = use_flip and "flip_mean" in names and "flip_std" in names
+        vae = store.group(paths["vae"])
+        problems += VaeFeatures.train_problems(vae, paths["vae"])
+        flip = use_flip and VaeFeatures.has_flip(vae)
     # groups that were found are returned even with problems, so callers can check more at once
     return StoreGroups(paths["llm"], llm_layer, paths["clip"], paths["vae"], flip), problems
 
@@ -269,24 +257,19 @@ class BlockReader:
         self._open()
 
     def _open(self):
+        from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
         from surpipe.store import FeatureStore
 
         store = FeatureStore(self.store_path)  # format, root attributes: clear errors
         g = self.groups
-        wanted = {
-            "llm": (g.llm_group, f"layer_{g.llm_layer}/pooled"),
-            "clip_simple": (g.clip_group, "simple"),
-            "clip_complex": (g.clip_group, "complex"),
-            "lat_mean": (g.vae_group, "mean"),
-            "lat_std": (g.vae_group, "std"),
-        }
-        if g.use_flip:
-            wanted |= {"flip_mean": (g.vae_group, "flip_mean"), "flip_std": (g.vae_group, "flip_std")}
+        llm = store.group(g.llm_group)
+        wanted = {}  # batch key -> (group, array), as each kind says training reads it
+        for gpath, names in ((g.llm_group, LLMFeatures.train_arrays(llm, g.llm_layer)),
+                             (g.clip_group, ClipFeatures.train_arrays()),
+                             (g.vae_group, VaeFeatures.train_arrays(g.use_flip))):
+            wanted |= {key: (gpath, name) for key, name in names.items()}
         groups = {}
         arrays = {}
-        llm = store.group(g.llm_group)
-        if "matched" in llm.array_names:  # import-prompt2vec: rows without a vector hold zeros
-            wanted["llm_matched"] = (g.llm_group, "matched")
         for key, (gpath, name) in wanted.items():
             if gpath not in groups:
                 groups[gpath] = llm if gpath == g.llm_group else store.group(gpath)  # refuses damaged metadata

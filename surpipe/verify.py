@@ -37,7 +37,6 @@ import numpy as np
 
 from surpipe.errors import SurpipeError
 
-STAGE_OF_KIND = {"llm": "extract-llm (or import-prompt2vec)", "clip": "encode-latents", "vae": "encode-latents"}
 _FLOAT_KINDS = "fc"
 
 
@@ -46,7 +45,7 @@ class Finding:
     """One problem (the store breaks its contract) or warning (e.g. a stage has not finished)."""
 
     level: str  # "problem" | "warning"
-    where: str  # "root", "keys", "llm/tiny", "llm/tiny/layer_3/pooled" ...
+    where: str  # "root", "keys", "llm/tiny", "llm/tiny/<array>" ...
     message: str
     group: str | None = None
     block: int | None = None
@@ -286,7 +285,8 @@ class _Checker:
                 self.group(root, kind, path, g)
 
     def group(self, root, kind: str, path: str, g):
-        from surpipe.store import generation_id, implied_layout, recorded_layout, settings_hash
+        from surpipe.features import feature_kind, layout_problems
+        from surpipe.store import generation_id, recorded_layout, settings_hash
 
         try:
             attrs = dict(g.attrs)
@@ -375,7 +375,7 @@ class _Checker:
                                      rows=(b * br, min((b + 1) * br, n)) if br and n is not None else None)
         if n is None or nb is None:
             return
-        for name, msg in implied_layout(kind, settings, present, listed):
+        for name, msg in layout_problems(kind, settings, present, listed):
             self.problem(f"{path}/{name}" if name else path, msg)
         # per array: layout, then the done blocks' chunks
         for name in info["arrays"]:
@@ -428,7 +428,7 @@ class _Checker:
                 spans = ", ".join(f"{b} (rows {b * br}-{min((b + 1) * br, n) - 1})" for b in pend[:10])
                 self.warning(path, f"{len(pend)} of {nb} blocks incomplete: {spans}"
                              + (" ..." if len(pend) > 10 else "")
-                             + f"; rerun `surpipe {STAGE_OF_KIND.get(kind, 'the stage')}` to finish them",
+                             + f"; rerun `surpipe {feature_kind(kind).stage}` to finish them",
                              group=path)
 
 

@@ -24,6 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def train_store(tmp_path) -> Path:
+    """A small store with every group train reads (test_train.make_store) at ``tmp_path/s.zarr``."""
+    from test_train import make_store
+
+    make_store(tmp_path / "s.zarr")
+    return tmp_path / "s.zarr"
+
+
+@pytest.fixture
+def store(train_store) -> Path:
+    """``train_store`` under the name most test files use (a file needing another store defines its own)."""
+    return train_store
+
+
+@pytest.fixture
 def sample_dir() -> Path:
     """The bundled SURD-format sample (data/sample, made by data/make_sample.py)."""
     return REPO / "data" / "sample"

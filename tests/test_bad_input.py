@@ -4,8 +4,6 @@ limit are refused before decoding, and ``file_name`` cannot leave the dataset fo
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import pickle
@@ -15,16 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import png_bytes
-from test_train import make_store
-
-
-def _run(*args) -> tuple[int, str, str]:
-    from stages.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
+from helpers import run_cli as _run
 
 
 def _fails(args, phrase):
@@ -33,12 +22,6 @@ def _fails(args, phrase):
     assert phrase in err, (phrase, err)
     assert "Traceback" not in err and "Traceback" not in out
     return err
-
-
-@pytest.fixture()
-def store(tmp_path):
-    make_store(tmp_path / "s.zarr")
-    return tmp_path / "s.zarr"
 
 
 def _adapter(folder: Path, width=32) -> Path:

@@ -134,14 +134,6 @@ def test_every_command_takes_config(tmp_path):
     _no_traceback(p)
 
 
-@pytest.fixture()
-def train_store(tmp_path):
-    from tests.test_train import make_store
-
-    make_store(tmp_path / "s.zarr")
-    return tmp_path / "s.zarr"
-
-
 def test_ctrl_c_during_train_exits_130_and_says_rerun_resumes(tmp_path, train_store, tiny_models):
     out = tmp_path / "run"
     args = ["train", "--store", train_store, "--model", tiny_models / "sd", "--llm-layer", "3", "--out", out,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import png_bytes
+from helpers import run_cli as cli
 from surpipe.data import open_dataset
 from surpipe.errors import SurpipeError
 
@@ -43,15 +44,6 @@ def pack(src, out, **kw):
     kw.setdefault("progress", False)
     with contextlib.redirect_stdout(io.StringIO()):
         return run(PackConfig(src=str(src), out=str(out), **kw))
-
-
-def cli(*args) -> tuple[int, str, str]:
-    from stages.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -222,7 +222,7 @@ def test_latents_match_diffusers_vae_encode(encoded, surd, sd_dir):
     assert s["resolution"] == R and s["crop"] == "center" and s["flip"] is True
     assert s["scaling_factor"] == vae.config.scaling_factor and "shift_factor" not in s
     assert s["latent_channels"] == 4 and s["downsample_factor"] == 2
-    cfg_file = store / "configs" / "encode-latents-sd.json"
+    cfg_file = store.with_name(store.name + ".configs") / "encode-latents-sd.json"
     saved = json.loads(cfg_file.read_text())
     assert saved["resolution"] == R and saved["vae_name"] == "sd-64" and saved["overwrite"] is False
     assert g.attrs["config"]["flip"] is True
@@ -232,7 +232,7 @@ def test_latents_match_diffusers_vae_encode(encoded, surd, sd_dir):
 def test_rerun_nothing_to_do_via_config(encoded, capsys):
     store, _ = encoded
     before = {k: _zarr(store)[k][:] for k in ("clip/sd/complex", "vae/sd-64/mean")}
-    rc = cli_main(["encode-latents", "--config", str(store / "configs" / "encode-latents-sd.json"), "--no-progress"])
+    rc = cli_main(["encode-latents", "--config", str(store.with_name(store.name + ".configs") / "encode-latents-sd.json"), "--no-progress"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "clip/sd: nothing to do" in err and "vae/sd-64: nothing to do" in err

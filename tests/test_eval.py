@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
-    from surpipe.tiny_clip import build_tiny_clip
+    from surpipe.tiny import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", seed=0)
 
@@ -91,8 +91,70 @@ def test_preprocessing_is_the_standard_clip_one(tiny_clip):
     assert (d.shortest_edge, d.crop_height, d.mean, d.resample) == (224, 224, CLIP_MEAN, 3)
 
 
+def _hand_clip_pixels(im: Image.Image, edge: int, crop: int) -> np.ndarray:
+    """CLIP preprocessing step by step (RGB, bicubic resize of the shortest side on 8-bit pixels,
+    zero-padded center crop, /255, OpenAI mean/std): the hand-written code surpipe used before."""
+    from surpipe.clip_score import CLIP_MEAN, CLIP_STD
+
+    im = im.convert("RGB")
+    w, h = im.size
+    short, long_ = min(w, h), max(w, h)
+    size = (edge, int(edge * long_ / short)) if w <= h else (int(edge * long_ / short), edge)
+    a = np.asarray(im.resize(size, resample=Image.Resampling.BICUBIC) if size != im.size else im, dtype=np.float32)
+    h, w = a.shape[:2]
+    if h < crop or w < crop:
+        pad = np.zeros((max(h, crop), max(w, crop), 3), np.float32)
+        t, l = (pad.shape[0] - h) // 2, (pad.shape[1] - w) // 2
+        pad[t:t + h, l:l + w] = a
+        a, h, w = pad, pad.shape[0], pad.shape[1]
+    t, l = (h - crop) // 2, (w - crop) // 2
+    a = (a[t:t + crop, l:l + crop] / 255.0 - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return a.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("cfg", [None, {"size": 48, "crop_size": 40}])
+def test_preprocessing_matches_the_step_by_step_clip_recipe(cfg):
+    """Defaults (no preprocessor_config.json) and a config with crop < side: the same pixels as the
+    documented CLIP steps, on portrait, landscape, grey and RGBA images (scores unchanged by the
+    switch to transformers' processor)."""
+    from surpipe.clip_score import Preprocess
+
+    pre = Preprocess.from_config(cfg, 32)
+    edge, crop = (32, 32) if cfg is None else (48, 40)
+    rs = np.random.RandomState(1)
+    ims = _images() + [Image.fromarray(rs.randint(0, 256, (30, 90), dtype=np.uint8), "L"),
+                       Image.fromarray(rs.randint(0, 256, (90, 31, 4), dtype=np.uint8), "RGBA")]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torchvision fallback notice: the PIL backend is chosen explicitly
+        got = pre(ims).numpy()
+    assert type(pre.processor).__name__ == "CLIPImageProcessorPil"
+    assert got.shape == (len(ims), 3, crop, crop) and got.dtype == np.float32
+    want = np.stack([_hand_clip_pixels(im, edge, crop) for im in ims])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert pre.to_dict()["shortest_edge"] == edge and pre.to_dict()["crop_size"] == [crop, crop]
+
+
+@pytest.mark.parametrize("bad", [{"size": "huge"}, {"image_mean": [0.5]}, {"size": {"shortest_edge": -3}}])
+def test_unusable_preprocessor_config_is_refused_when_the_scorer_opens(tiny_clip, tmp_path, bad):
+    """A broken preprocessor_config.json fails with one message naming the file when the scorer is
+    built (before eval renders anything), not as a traceback in the middle of scoring."""
+    import shutil
+
+    from surpipe.clip_score import CLIPScorer
+    from surpipe.errors import SurpipeError
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip, clip)
+    cfg = json.loads((clip / "preprocessor_config.json").read_text())
+    (clip / "preprocessor_config.json").write_text(json.dumps({**cfg, **bad}))
+    with pytest.raises(SurpipeError, match="preprocessor_config.json is not a usable CLIP image preprocessing"):
+        CLIPScorer(str(clip))
+
+
 def test_bundled_suite_has_the_four_categories():
-    from stages.eval import DEFAULT_SUITE, read_suite
+    from surpipe.evaluate import DEFAULT_SUITE, read_suite
 
     assert DEFAULT_SUITE == REPO / "data" / "eval_prompts" / "suite.jsonl"
     suite = read_suite(None)
@@ -101,8 +163,27 @@ def test_bundled_suite_has_the_four_categories():
         assert 8 <= len(prompts) <= 12 and len(set(prompts)) == len(prompts)
 
 
+def test_bad_suite_files_are_refused_with_every_bad_line(tmp_path):
+    from surpipe.errors import SurpipeError
+    from surpipe.evaluate import read_suite
+
+    bad = tmp_path / "suite.jsonl"
+    bad.write_text('{"category": "color", "prompt": "a red bird"}\n\n{"category": "color"}\nnot json\n')
+    with pytest.raises(SurpipeError) as e:
+        read_suite(str(bad))
+    assert e.value.problems == ['line 3: needs non-empty strings "category" and "prompt"',
+                                "line 4: not valid JSON (Expecting value)"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"category": "c", "prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(SurpipeError, match="prompt suite .* is not UTF-8 text"):
+        read_suite(str(latin))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SurpipeError, match="holds no prompts"):
+        read_suite(str(tmp_path / "empty.jsonl"))
+
+
 def test_parse_seeds():
-    from stages.eval import parse_seeds
+    from surpipe.evaluate import parse_seeds
     from surpipe.errors import SurpipeError
 
     assert parse_seeds("0") == [0]

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import run_cli_err as _run
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [0, 2, 3]  # the tiny LM has 4 decoder layers: 3 is the last (its raw output is not normed)
 
@@ -27,19 +29,6 @@ def _cfg(data, store, model, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("check_images", "none")
     return ExtractLLMConfig(data=str(data), store=str(store), model=str(model), **kw)
-
-
-def _run(*args) -> tuple[int, str]:
-    """The CLI in-process: (exit status, stderr text)."""
-    import contextlib
-    import io
-
-    from stages.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +148,7 @@ def test_stored_vectors_match_independent_reference(fp32_store, reference):
     assert s["layers"] == LAYERS and s["pooling"] == "mean" and s["quantization"] == "none"
     assert s["hidden_size"] == 64 and s["num_hidden_layers"] == 4 and s["tokenizer"]["adds_bos"]
     assert "transformers" in a["provenance"]["library_versions"] and a["config"]["layers"] == LAYERS
-    saved = json.loads((store / "configs" / "extract-llm-mean-right.json").read_text())
+    saved = json.loads((store.with_name(store.name + ".configs") / "extract-llm-mean-right.json").read_text())
     assert saved["layers"] == LAYERS and saved["name"] == "mean-right"
     assert reps["mean-right"]["padding_waste"] < 0.5
 
@@ -247,7 +236,7 @@ def test_cli_4bit_provenance_rerun_and_mismatch(tmp_path, llm_dir, sample_dir_mo
     rc, err = _run(*base, "--layers", "1,-1", "--quant", "4bit", "--no-double-quant")
     assert rc == 0 and "nothing to do" in err
     # the saved config repeats the run
-    rc, err = _run("extract-llm", "--config", store / "configs" / "extract-llm-llm-4bit.json", "--no-progress")
+    rc, err = _run("extract-llm", "--config", store.with_name(store.name + ".configs") / "extract-llm-llm-4bit.json", "--no-progress")
     assert rc == 0 and "nothing to do" in err, err
     # other settings into the same group: refused, naming what differs (other layers are added
     # instead: tests/test_stage_one_more.py)
@@ -410,7 +399,7 @@ def test_two_processes_gloo_equal_one(tmp_path, llm_dir, sample_dir_module):
         outs.append(out.decode())
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "rank 1" not in outs[0]
-    assert (store / ".locks" / "llm__dp.rank1.lock").is_file()  # rank 1 wrote (its own) blocks
+    assert (store.with_name(store.name + ".locks") / "llm__dp.rank1.lock").is_file()  # rank 1 wrote (its own) blocks
 
     import torch
 

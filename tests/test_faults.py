@@ -8,9 +8,7 @@ Set SURPIPE_FAULT_SEED to replay a failing random schedule (the seed is in every
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import os
 import random
 import signal
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
+from helpers import run_cli as _run
 from test_train import make_store
 
 from surpipe.errors import SurpipeError
@@ -30,15 +29,6 @@ from surpipe.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("SURPIPE_FAULT_SEED", random.SystemRandom().randrange(10**6)))
-
-
-def _run(*args) -> tuple[int, str, str]:
-    from stages.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _env() -> dict:
@@ -334,7 +324,7 @@ def test_read_only_store_refused_before_any_model_loads(tmp_path, monkeypatch, t
 
 
 _HOLD_LOCK = (
-    "import sys\nfrom surpipe.parallel import writer_lock\n"
+    "import sys\nfrom surpipe.locks import writer_lock\n"
     "with writer_lock(sys.argv[1], sys.argv[2], 0):\n    print('LOCKED', flush=True)\n    sys.stdin.read()\n"
 )
 

@@ -181,3 +181,15 @@ def test_clear_errors(case, tiny_models, run_dir, tmp_path, capsys):
     assert rc == 1
     assert "surpipe: error:" in err and expect in err and "Traceback" not in err
     assert not (tmp_path / "o" / "generate.json").exists()
+
+
+@pytest.mark.parametrize("index, expect", [("[]", "must hold a JSON object"), ("{", "is not valid JSON"),
+                                           ('{"unet": 1}', "model_index.json has no vae, text_encoder")])
+def test_model_folder_with_a_bad_model_index_is_refused_by_name(tmp_path, index, expect):
+    from surpipe.errors import SurpipeError
+    from surpipe.inference import check_sd_model
+
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text(index)
+    with pytest.raises(SurpipeError, match=expect):
+        check_sd_model(str(tmp_path / "sd"))

@@ -38,7 +38,7 @@ def adapter_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
-    from surpipe.tiny_clip import build_tiny_clip
+    from surpipe.tiny import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", seed=0)
 
@@ -143,7 +143,7 @@ def test_tiny_model_note_reads_the_marker(tiny_models, tiny_clip, tmp_path):
 
 
 def test_results_md_says_the_models_are_tiny(tmp_path):
-    from stages.eval import _markdown, _stats
+    from surpipe.evaluate import markdown as _markdown, stats as _stats
 
     table = {"color": _stats([20.0, 21.0], [21.0, 23.0])}
     md = _markdown(table, table["color"], {"model": "x"}, note="random tiny test models (sd, clip): noise")
@@ -155,7 +155,7 @@ def test_results_md_says_the_models_are_tiny(tmp_path):
 
 
 def test_stats_standard_errors_match_a_hand_computation():
-    from stages.eval import _stats
+    from surpipe.evaluate import stats as _stats
 
     s = _stats([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 5.0, 5.0])
     # without: mean 2.5, sample variance 5/3 -> sem sqrt(5/12); with: mean 3.5, variance 3 -> sem sqrt(3/4)
@@ -175,7 +175,7 @@ def test_stats_standard_errors_match_a_hand_computation():
 
 
 def test_chart_axis_zooms_on_small_differences_and_keeps_zero_for_large_ones(tmp_path):
-    from stages.eval import _chart, _stats, chart_limits
+    from surpipe.evaluate import chart as _chart, chart_limits, stats as _stats
 
     rs = np.random.RandomState(0)
     w = rs.normal(26, 1.0, 30)

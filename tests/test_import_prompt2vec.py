@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(*args) -> tuple[int, str]:
-    from stages.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, err.getvalue()
+from helpers import run_cli_err as _run
+from helpers import sample_store
 
 
 @pytest.fixture
 def store(tmp_path):
-    from surpipe.data import open_dataset
-    from surpipe.store import FeatureStore
-
-    ds = open_dataset(str(REPO / "data" / "sample"), check_images="none", progress=False)
-    FeatureStore.create_or_open(tmp_path / "s.zarr", ds, block_rows=16)
-    return tmp_path / "s.zarr"
+    return sample_store(tmp_path / "s.zarr")
 
 
 def _prompts(store):
@@ -70,7 +53,7 @@ def test_import_aligns_to_store_rows_and_reports_unmatched(tmp_path, store):
             assert matched[i]
             np.testing.assert_array_equal(x[i], vec[key].numpy())
     s = grp.attrs["settings"]
-    assert s["layer"] == 39 and s["hidden_size"] == H and len(s["file_sha256"]) == 64
+    assert s["layers"] == [39] and "layer" not in s and s["hidden_size"] == H and len(s["file_sha256"]) == 64
     assert grp.attrs["provenance"]["model"] == "llama-13b" and grp.attrs["report"]["unmatched_rows"] == 1
     # train-side check: the group is complete and names the layer
     from surpipe.store import FeatureStore

@@ -3,31 +3,20 @@ imports, absurd adapter configs, and run folders given to SURAdapter.from_pretra
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from authors_reference import TEMPLATE_KEYS, TheirAdapter
+from helpers import run_cli_err as _run
+from helpers import sample_store
 from surpipe import SURAdapter, SurpipeError
 from surpipe.adapter import SURAdapterConfig
 
-REPO = Path(__file__).resolve().parents[1]
 D, H, FF, L = 32, 4, 48, 77
-
-
-def _run(*args) -> tuple[int, str]:
-    from stages.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, err.getvalue()
 
 
 def theirs_trained(seed=0, adapter_weight=0.1):
@@ -155,12 +144,7 @@ def test_import_official_refuses_nonfinite_and_absurd_settings(tmp_path):
 # ------------------------------------------------------------ prompt2vec
 @pytest.fixture
 def store(tmp_path):
-    from surpipe.data import open_dataset
-    from surpipe.store import FeatureStore
-
-    ds = open_dataset(str(REPO / "data" / "sample"), check_images="none", progress=False)
-    FeatureStore.create_or_open(tmp_path / "s.zarr", ds, block_rows=16)
-    return tmp_path / "s.zarr"
+    return sample_store(tmp_path / "s.zarr")
 
 
 def _prompts(store):

@@ -1,19 +1,9 @@
 """SDXL and other pipelines are refused by name in every command that takes an SD model, not
 silently mis-encoded or mis-trained (SDXL support is its own issue)."""
 
-import json
-import shutil
-
+from helpers import as_sdxl as _as_sdxl
 from stages.cli import main
 from tests.test_train import _args, make_store
-
-
-def _as_sdxl(src, dst):
-    shutil.copytree(src, dst)
-    idx = json.loads((dst / "model_index.json").read_text())
-    idx["_class_name"] = "StableDiffusionXLPipeline"
-    (dst / "model_index.json").write_text(json.dumps(idx))
-    return dst
 
 
 def test_train_and_generate_refuse_an_sdxl_folder_by_name(tmp_path, tiny_models, capsys):

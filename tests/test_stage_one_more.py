@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import as_sdxl
+
 REPO = Path(__file__).resolve().parents[1]
 SURPIPE = [sys.executable, "-m", "stages"]
 
@@ -220,12 +222,7 @@ def test_adding_layers_passes_verify_and_other_changes_are_refused(tiny_models, 
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tiny_models, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("sdxl") / "sdxl"
-    shutil.copytree(tiny_models / "sd", d)
-    idx = json.loads((d / "model_index.json").read_text())
-    idx["_class_name"] = "StableDiffusionXLPipeline"
-    (d / "model_index.json").write_text(json.dumps(idx))
-    return d
+    return as_sdxl(tiny_models / "sd", tmp_path_factory.mktemp("sdxl") / "sdxl")
 
 
 def test_sdxl_pipeline_is_refused_by_name(sdxl_dir, surd, tmp_path):

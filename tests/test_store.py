@@ -1,42 +1,22 @@
 """Feature store: creation, alignment, block writes and completion, refusal of mismatches,
 and the on-disk layout read back with plain zarr as docs/store-format.md describes it."""
 
-import hashlib
-import json
 import os
 import stat
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import zarr
 
+from helpers import SyntheticDataset
 from surpipe.errors import SurpipeError
-from surpipe.store import ArraySpec, FeatureStore, block_order, iter_block_rows, to_storage
+from surpipe.store import ArraySpec, FeatureStore, to_storage
 
 
-@dataclass(frozen=True)
-class _S:
-    key: str
-    simple: str
-    complex: str
-
-
-class FakeDataset:
-    """Stands in for surpipe.data.SurdDataset: samples, source and fingerprint."""
-
-    def __init__(self, n, tag=""):
-        self.samples = [_S(f"k{i:04d}", f"simple {i}{tag} ü😀", f"complex {i}, (masterpiece:1.2)") for i in range(n)]
-        self.source = f"fake{tag}"
-
-    def __len__(self):
-        return len(self.samples)
-
-    def fingerprint(self):
-        h = hashlib.sha256()
-        for s in self.samples:
-            h.update(json.dumps([s.key, s.simple, s.complex]).encode())
-        return h.hexdigest()
+def FakeDataset(n, tag=""):
+    """Stands in for surpipe.data.SurdDataset: ``n`` rows with non-ASCII prompts."""
+    return SyntheticDataset([(f"k{i:04d}", f"simple {i}{tag} ü😀", f"complex {i}, (masterpiece:1.2)")
+                             for i in range(n)], source=f"fake{tag}")
 
 
 def _group(store, **kw):
@@ -160,14 +140,6 @@ def test_read_only_store_refused_for_writing(tmp_path):
             FeatureStore(p, mode="a")
     finally:
         os.chmod(p, stat.S_IRWXU)
-
-
-def test_block_order_is_a_seeded_permutation():
-    a, b = block_order(10, epoch=0, seed=1), block_order(10, epoch=0, seed=1)
-    assert sorted(a.tolist()) == list(range(10)) and a.tolist() == b.tolist()
-    assert block_order(10, epoch=1, seed=1).tolist() != a.tolist()
-    ranges = list(iter_block_rows(10, 4, seed=0, epoch=0))
-    assert sorted(ranges) == [(0, 4), (4, 8), (8, 10)]
 
 
 def test_inspect_cli(tmp_path, capsys):

@@ -7,9 +7,7 @@ metadata are caught as data is read for training; damaged metadata gives one mes
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import threading
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
+from helpers import run_cli as _run
 from test_train import _DS, make_store
 
 from surpipe.errors import SurpipeError
@@ -24,15 +23,6 @@ from surpipe.store import ArraySpec, FeatureStore
 from surpipe.train_data import BlockReader, SampleStream, StoreGroups
 
 GROUPS = StoreGroups("llm/tiny", 3, "clip/sd", "vae/sd-16", True)
-
-
-def _run(*args) -> tuple[int, str, str]:
-    from stages.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _chunk(store, array, block):
@@ -44,12 +34,6 @@ def _flip(path, at=0):
     data = bytearray(path.read_bytes())
     data[at] ^= 0x01
     path.write_bytes(bytes(data))
-
-
-@pytest.fixture()
-def store(tmp_path):
-    make_store(tmp_path / "s.zarr")
-    return tmp_path / "s.zarr"
 
 
 # --------------------------------------------------------------------------- checksums (point 12)
@@ -172,7 +156,7 @@ def _llm(st, overwrite=False, model="m"):
 
 
 def test_overwrite_is_refused_while_another_job_writes_the_group(tmp_path):
-    from surpipe.parallel import writer_lock
+    from surpipe.locks import writer_lock
 
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _DS(8), block_rows=4)
     g = _llm(st)
@@ -247,7 +231,7 @@ def test_two_jobs_creating_the_same_group_at_once_share_one(tmp_path):
 
 
 @pytest.mark.parametrize("array, key", [("llm/tiny/layer_3/pooled", "llm"), ("clip/sd/simple", "clip_simple"),
-                                        ("vae/sd-16/std", "lat_std"), ("vae/sd-16/flip_mean", "flip_mean")])
+                                        ("vae/sd-16/std", "lat_std"), ("vae/sd-16/flip_mean", "lat_flip_mean")])
 def test_non_finite_stored_values_stop_the_reader_naming_rows_and_keys(store, array, key):
     raw = zarr.open_array(str(store / array), mode="r+")
     x = raw[8:16]

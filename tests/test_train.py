@@ -1,37 +1,23 @@
 """Stage two: `surpipe train` from a store, on the tiny SD UNet (CPU, fp32)."""
 
-import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import SyntheticDataset
 from stages.cli import main
 from surpipe.store import ArraySpec, FeatureStore
 
 LAT = (4, 8, 8)  # tiny VAE latents of 16 px crops: small and fast
 
 
-@dataclass(frozen=True)
-class _S:
-    key: str
-    simple: str
-    complex: str
-
-
-class _DS:
-    def __init__(self, n):
-        self.samples = [_S(f"r{i:03d}", f"a red cube number {i}", f"red cube {i}, masterpiece, 8k") for i in range(n)]
-        self.source = "synthetic"
-
-    def __len__(self):
-        return len(self.samples)
-
-    def fingerprint(self):
-        return hashlib.sha256(json.dumps([[s.key, s.simple, s.complex] for s in self.samples]).encode()).hexdigest()
+def _DS(n):
+    """``n`` rows of red-cube prompts as a dataset a FeatureStore accepts."""
+    return SyntheticDataset([(f"r{i:03d}", f"a red cube number {i}", f"red cube {i}, masterpiece, 8k")
+                             for i in range(n)])
 
 
 def make_store(path, n=24, width=32, llm_size=16, layers=(1, 3), block_rows=8, flip=True, seed=0,
@@ -64,12 +50,6 @@ def make_store(path, n=24, width=32, llm_size=16, layers=(1, 3), block_rows=8, f
             vals |= {"flip_mean": mean[..., ::-1], "flip_std": np.full((m, *LAT), 0.01)}
         vae.write_block(b, vals)
     return st
-
-
-@pytest.fixture()
-def store(tmp_path):
-    make_store(tmp_path / "s.zarr")
-    return tmp_path / "s.zarr"
 
 
 def _args(store, sd, out, *extra):
@@ -301,7 +281,7 @@ def test_learnable_projection_is_trained_and_saved(tmp_path, store, tiny_models)
 
 
 def test_second_job_on_the_same_run_folder_is_refused(tmp_path, store, tiny_models, capsys):
-    from surpipe.parallel import exclusive_lock
+    from surpipe.locks import exclusive_lock
 
     out = tmp_path / "run"
     out.mkdir()

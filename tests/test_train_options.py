@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.cli import main
-from test_train import _args, make_store
-
-
-@pytest.fixture()
-def store(tmp_path):
-    make_store(tmp_path / "s.zarr")
-    return tmp_path / "s.zarr"
+from test_train import _args
 
 
 def _named(err, key):

@@ -331,7 +331,7 @@ def test_full_disk_at_a_checkpoint(tmp_path, store_small, tiny_models, capsys, m
 
 
 def test_stale_tmp_step_folders_are_cleaned_at_the_next_start(run_copy, tiny_models, capsys):
-    from surpipe.parallel import exclusive_lock
+    from surpipe.locks import exclusive_lock
 
     store, out = run_copy
     ck = out / "checkpoints"

@@ -3,8 +3,6 @@ rows, chunk); --repair marks exactly the damaged done blocks incomplete, so a re
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 
@@ -12,24 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
+from helpers import run_cli as _run
 from test_train import make_store
 
 from surpipe.store import FeatureStore
-
-
-def _run(*args) -> tuple[int, str, str]:
-    from stages.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture()
-def store(tmp_path):
-    make_store(tmp_path / "s.zarr")
-    return tmp_path / "s.zarr"
 
 
 def _chunk(store, array, block):

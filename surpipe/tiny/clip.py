@@ -4,7 +4,7 @@ Used by tests and by ``surpipe run`` on the bundled sample as the ``--clip-model
 (numbers from it are meaningless; the machinery is the real one). The folder loads with plain
 ``CLIPModel.from_pretrained(out)`` / ``CLIPTokenizer.from_pretrained(out)`` and holds a
 ``preprocessor_config.json`` like the real ``openai/clip-vit-*`` repositories (image side 32, patch 8).
-The tokenizer is the REAL CLIP BPE (see :func:`surpipe.tiny.write_clip_tokenizer`).
+The tokenizer is the REAL CLIP BPE (see :func:`surpipe.tiny.tokenizers.write_clip_tokenizer`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from surpipe.tiny import CLIP_VOCAB_SIZE, _library_versions, write_clip_tokenizer
+from surpipe.tiny.common import write_marker
+from surpipe.tiny.tokenizers import CLIP_VOCAB_SIZE, write_clip_tokenizer
 
 # The standard CLIP (OpenAI) image normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -80,6 +81,6 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> P
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size), indent=2) + "\n",
                                                   encoding="utf-8")
     info = {"kind": "tiny-clip", "seed": seed, "image_size": image_size,
-            "patch_size": config.vision_config.patch_size, "versions": _library_versions()}
-    (out / "surpipe_tiny.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            "patch_size": config.vision_config.patch_size}
+    write_marker(out, info)
     return out

@@ -1,0 +1,44 @@
+"""Feature kinds: what each feature group of the store holds, as code (docs/store-format.md).
+
+One class per kind (``llm``, ``clip``, ``vae``) owns the kind's whole contract:
+
+* ``settings(...)``: the settings that determine its values (the writer adds its source's
+  identity: model, revision, hashes ...);
+* ``arrays(settings)``: the arrays those settings imply, ``{name: ArraySpec}``;
+* ``block(...)``: the values of one block as the store takes them (``FeatureGroup.write_block``);
+* ``check(group)`` / ``layout_problems``: a stored group against what its settings imply (row
+  shapes, dtypes, arrays the settings require, the numbers a reader relies on);
+* typed reads: what a trainer needs (``LLMFeatures.layers``, ``ClipFeatures.embedding_shape``,
+  ``VaeFeatures.latent_params``) and ``train_arrays``, the arrays the training reader loads.
+
+Writers (extract-llm, import-prompt2vec, encode-latents), ``surpipe.verify``, the store's layout
+check and the training reader all go through these classes: every stored array name is spelled in
+its kind's module (``surpipe/features/<kind>.py``) and nowhere else, so adding an array touches that
+module and the code computing it; adding a kind, one new module registered in ``KINDS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from surpipe.features.base import FeatureKind, Problems
+from surpipe.features.clip import ClipFeatures
+from surpipe.features.llm import LLMFeatures
+from surpipe.features.vae import LatentParams, VaeFeatures
+
+__all__ = ["KINDS", "ClipFeatures", "FeatureKind", "LLMFeatures", "LatentParams", "Problems", "VaeFeatures",
+           "feature_kind", "layout_problems"]
+
+KINDS: dict[str, type[FeatureKind]] = {k.kind: k for k in (LLMFeatures, ClipFeatures, VaeFeatures)}
+
+
+def feature_kind(kind: str) -> type[FeatureKind]:
+    """The class of feature kind ``kind`` (``llm``, ``clip``, ``vae``)."""
+    return KINDS[kind]
+
+
+def layout_problems(kind: str, settings: Mapping[str, Any], present: Mapping[str, Any],
+                    listed: Iterable[str]) -> Problems:
+    """``feature_kind(kind).layout_problems``; nothing for a kind this surpipe does not know."""
+    k = KINDS.get(kind)
+    return k.layout_problems(settings, present, listed) if k else []

@@ -1,0 +1,134 @@
+"""File locks: one job per run folder, one writer per (group, rank) of a store, and the group locks
+that keep a group from being deleted while it is written.
+
+Hand-written on ``fcntl.flock`` rather than a lock library: the refusal must name the process that
+holds the lock (its pid and host are written into the lock file), and the kernel releases a flock
+when its holder dies, so a killed job never leaves a stale lock behind. A store's lock files live
+beside it, in ``<store>.locks/`` (docs/store-format.md, "Locks"), never inside the Zarr hierarchy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from surpipe.errors import SurpipeError
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: str | os.PathLike, what: str):
+    """Hold an exclusive, non-blocking lock on ``lock_file``; a second holder is refused with a
+    message naming ``what`` and the process that holds it. Released when the process dies."""
+    fh = open(lock_file, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise SurpipeError(
+                f"{what} is being written by {holder}; wait for it to finish (or stop it) "
+                "before starting another job on it"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def lock_dir(store_path: str | os.PathLike) -> Path:
+    """The folder of a store's lock files, ``<store>.locks`` beside it (created when absent)."""
+    from surpipe.store.sidecar import sidecar_dir
+
+    d = sidecar_dir(store_path, "locks")
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _lock_file(store_path, group_path: str, what: str) -> Path:
+    return lock_dir(store_path) / f"{group_path.replace('/', '__')}.{what}.lock"
+
+
+def _holders(store_path, group_path: str) -> str:
+    """Who writes ``group_path`` now, from the rank lock files' contents (best effort)."""
+    out = []
+    for f in sorted(lock_dir(store_path).glob(f"{group_path.replace('/', '__')}.rank*.lock")):
+        try:
+            with open(f, "a+") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    continue  # nobody holds it
+                except BlockingIOError:
+                    fh.seek(0)
+                    out.append(fh.read().strip() or "another process")
+        except OSError:
+            pass
+    return ", ".join(out) or "another job"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int, wait_s: float, refuse: Callable[[], SurpipeError]):
+    fh = open(path, "a+")
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise refuse() from None
+                time.sleep(0.05)
+        yield
+    finally:
+        fh.close()
+
+
+@contextlib.contextmanager
+def group_lock(store_path: str | os.PathLike, group_path: str, *, exclusive: bool, wait_s: float = 0.0):
+    """Lock a whole group. Writers hold it shared while they write blocks (``writer_lock``);
+    deleting the group (``--overwrite``, or the leftovers of an interrupted creation) needs it
+    exclusively, so a group is never deleted while a job writes it. Waits up to ``wait_s``
+    seconds, then refuses naming the writers."""
+
+    def refuse():
+        return SurpipeError(
+            f"group {group_path} of store {store_path} is being written by {_holders(store_path, group_path)}; "
+            + ("it cannot be replaced (--overwrite) while that job runs: " if exclusive
+               else "it is being replaced: ")
+            + "wait for it to finish (or stop it) and retry")
+
+    with _flock(_lock_file(store_path, group_path, "group"), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
+                wait_s, refuse):
+        yield
+
+
+@contextlib.contextmanager
+def creation_lock(store_path: str | os.PathLike, group_path: str, wait_s: float = 120.0):
+    """Serialise creating (and deleting) group ``group_path``: two jobs creating the same new group
+    at once take turns, and the second then finds and opens the first's group. Held only for
+    the few metadata writes of a creation, so waiting is short."""
+
+    def refuse():
+        return SurpipeError(f"group {group_path} of store {store_path} has been being created by another job for "
+                            f"over {wait_s:.0f} s; if no other job runs, delete "
+                            f"{_lock_file(store_path, group_path, 'create')} and retry")
+
+    with _flock(_lock_file(store_path, group_path, "create"), fcntl.LOCK_EX, wait_s, refuse):
+        yield
+
+
+@contextlib.contextmanager
+def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
+    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused.
+    Also holds the group's lock shared, so nobody deletes (``--overwrite``) the group meanwhile."""
+    with exclusive_lock(_lock_file(store_path, group_path, f"rank{rank}"), f"group {group_path} of store {store_path}"):
+        with group_lock(store_path, group_path, exclusive=False, wait_s=30.0):
+            yield

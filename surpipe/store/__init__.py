@@ -1,0 +1,34 @@
+"""The feature store: one Zarr v3 group, row-aligned by sample key (layout: docs/store-format.md).
+
+Writers own whole row blocks: every array of a feature group is chunked by ``block_rows`` rows,
+so a block is one chunk file per array and two writers never touch the same file. A block is
+marked done (``<group>/done[b]``, one chunk file per block) only after every array of the group
+has its rows written, so an interrupted job never leaves a half-written block that looks complete.
+
+Integrity (format 2): every chunk ends with a crc32c checksum (zarr v3's ``crc32c`` codec, last in
+the chain), so a flipped byte is a read error naming store, array and block; every group carries a
+random ``generation`` id and ``done[b]`` records the generation that completed block b, so a block
+written into a group that was since replaced (``--overwrite``) is never taken for valid data.
+Groups are created and deleted only under the group's exclusive lock (:mod:`surpipe.locks`).
+
+Modules: ``core`` (the store object), ``rows`` (creating a store, matching it to a dataset),
+``opening`` (the one step a stage-one command calls), ``group`` (feature groups and their blocks),
+``integrity`` (checksums, generations, chunk files), ``sidecar`` (locks and configs beside a store).
+"""
+
+from surpipe.store.core import (DEFAULT_BLOCK_ROWS, FORMAT_VERSION, KINDS, READABLE_FORMATS, FeatureStore,
+                                StoreNotFound, check_writable, library_versions, settings_hash)
+from surpipe.store.group import ArraySpec, FeatureGroup
+from surpipe.store.integrity import (CODECS, _codecs, chunk_files, codec_chain, describe_codecs, fresh_attrs,
+                                     generation_id, has_checksums, missing_chunk, read_failure, recorded_layout,
+                                     to_storage)
+from surpipe.store.rows import DatasetMismatch, StoreExists, StoreMatch, create_store, match_store, open_or_create
+from surpipe.store.sidecar import config_file, sidecar_dir
+
+__all__ = [
+    "CODECS", "DEFAULT_BLOCK_ROWS", "FORMAT_VERSION", "KINDS", "READABLE_FORMATS",
+    "ArraySpec", "DatasetMismatch", "FeatureGroup", "FeatureStore", "StoreExists", "StoreMatch", "StoreNotFound",
+    "check_writable", "chunk_files", "codec_chain", "config_file", "create_store", "describe_codecs",
+    "fresh_attrs", "generation_id", "has_checksums", "library_versions", "match_store", "missing_chunk",
+    "open_or_create", "read_failure", "recorded_layout", "settings_hash", "sidecar_dir", "to_storage",
+]

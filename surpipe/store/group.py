@@ -1,0 +1,265 @@
+"""Feature groups: row-aligned arrays of one kind (``llm``, ``clip``, ``vae``) with per-block completion
+records, written in whole blocks and read back with checks (docs/store-format.md)."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from surpipe.errors import SurpipeError, first_line
+from surpipe.store.integrity import (chunk_files, fresh_attrs, generation_id, missing_chunk, read_failure,
+                                     recorded_layout, to_storage)
+
+if TYPE_CHECKING:
+    from surpipe.store.core import FeatureStore
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """An array of a feature group: ``row_shape`` per sample, stored dtype and codec.
+
+    ``block_capacity`` (optional) makes a *block-ragged* array for variable-length rows (e.g.
+    per-token states): shape ``[num_blocks * block_capacity, *row_shape]``, chunked by
+    ``block_capacity``, so block b owns exactly rows ``[b * cap, (b + 1) * cap)`` (one chunk file)
+    and writes its flat rows there, zero-padded to ``cap``; readers locate rows with offsets stored
+    in a row-aligned array. Without it (the default) the array is row-aligned ``[N, *row_shape]``.
+    """
+
+    row_shape: tuple[int, ...]
+    dtype: str = "float16"
+    codec: str = "zstd"
+    block_capacity: int | None = None
+
+
+class FeatureGroup:
+    """A group of row-aligned arrays (e.g. ``clip/sd15``) with per-block completion records."""
+
+    def __init__(self, store: "FeatureStore", path: str):
+        self.store = store
+        self.path = path
+        try:
+            self.group = store.root[path]
+            attrs = dict(self.group.attrs)
+        except Exception as e:  # garbage zarr.json: zarr raises JSONDecodeError, TypeError, ...
+            raise store.damaged(path, e) from None
+        # the generation this object was opened in: its blocks are done only with this id
+        self.generation = attrs.get("generation")
+        self.gen_id = generation_id(self.generation)
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def settings(self) -> dict:
+        return dict(self.group.attrs.get("settings", {}))
+
+    @property
+    def array_names(self) -> list[str]:
+        return list(self.group.attrs.get("arrays", []))
+
+    def array(self, name: str):
+        try:
+            return self.group[name]
+        except KeyError:
+            raise SurpipeError(
+                f"store {self.store.path}: group {self.path} has no array {name!r} "
+                f"(it has: {', '.join(self.array_names) or 'none'})"
+            ) from None
+
+    def done_record(self) -> np.ndarray:
+        """The raw ``done`` array: bool (format 1) or, per block, the generation id that completed it."""
+        try:
+            return np.asarray(self.group["done"][:])
+        except Exception as e:
+            raise self.store.damaged(f"{self.path}/done", e) from None
+
+    def done_mask(self) -> np.ndarray:
+        """Blocks complete in this group's generation (a block recorded by another generation of
+        the group, i.e. before an ``--overwrite``, is not done)."""
+        d = self.done_record()
+        if self.gen_id is None:
+            return d.astype(bool)
+        return d == self.gen_id
+
+    def foreign_blocks(self) -> list[int]:
+        """Blocks marked done by another generation of this group (never valid data)."""
+        if self.gen_id is None:
+            return []
+        d = self.done_record()
+        return np.flatnonzero((d != 0) & (d != self.gen_id)).tolist()
+
+    def check_generation(self, block: int | None = None) -> None:
+        """Refuse to go on when the group on disk is no longer the one this object opened (another
+        job replaced it with ``--overwrite``): its blocks must not land in the new group."""
+        now = fresh_attrs(self.store.path, self.path)
+        if now is None or now.get("generation") != self.generation:
+            at = f" before block {block} was marked done" if block is not None else ""
+            raise SurpipeError(
+                f"store {self.store.path}: group {self.path} was replaced or deleted by another job "
+                f"(--overwrite) while this job was writing it{at}; this job's blocks are not valid in the "
+                "new group. Rerun the command to write the group as it is now")
+
+    def completed_blocks(self) -> int:
+        return int(self.done_mask().sum())
+
+    def is_complete(self) -> bool:
+        return bool(self.done_mask().all())
+
+    def pending_blocks(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Blocks not yet done that belong to ``rank`` (block b belongs to rank b % world_size).
+
+        Ownership depends on the block index alone, never on timing, so ranks that list their
+        blocks at different moments still get disjoint sets; a resumed job may use another
+        world size.
+        """
+        pending = np.flatnonzero(~self.done_mask()).tolist()
+        return [b for b in pending if b % world_size == rank]
+
+    def write_block(self, block: int, values: Mapping[str, np.ndarray]) -> None:
+        """Write every array's rows of ``block`` (one chunk each), then mark the block done.
+
+        A failed write (full disk, I/O error) raises SurpipeError naming the group and block; the
+        block stays not done, so a rerun redoes it.
+        """
+        try:
+            self._write_block(block, values)
+        except OSError as e:
+            where = e.filename or self.store.path
+            what = "no space left on device" if e.errno == errno.ENOSPC else "write failed"
+            raise SurpipeError(
+                f"{what} while writing {self.path} block {block} of store {self.store.path} "
+                f"({where}: {e.strerror or e}); block {block} is not marked done: free space or fix "
+                "the disk, then rerun the same command (finished blocks are kept)") from None
+
+    def _write_block(self, block: int, values: Mapping[str, np.ndarray]) -> None:
+        start, stop = self.store.block_range(block)
+        missing = sorted(set(self.array_names) - set(values))
+        extra = sorted(set(values) - set(self.array_names))
+        if missing or extra:
+            raise ValueError(f"write_block({self.path}): missing arrays {missing}, unexpected {extra}")
+        self.check_generation(block)
+        for name, x in values.items():
+            # write_empty_chunks: an all-zero block still gets its chunk file, so a done block with a
+            # missing chunk file is always damage (surpipe verify checks it)
+            arr = self.group[name].with_config({"write_empty_chunks": True})
+            cap = arr.attrs.get("block_capacity")
+            if cap:  # block-ragged array: this block owns flat rows [block * cap, (block + 1) * cap)
+                cap = int(cap)
+                if x.ndim != arr.ndim or x.shape[0] > cap or x.shape[1:] != arr.shape[1:]:
+                    raise ValueError(f"{self.path}/{name}: block {block} expects at most {cap} rows of "
+                                     f"shape {arr.shape[1:]}, got {x.shape}")
+                full = np.zeros((cap, *arr.shape[1:]), dtype=x.dtype)
+                full[: x.shape[0]] = x
+                arr[block * cap:(block + 1) * cap] = to_storage(
+                    full, str(arr.dtype), f"{self.path}/{name} block {block} (rows {start}-{stop - 1})")
+                continue
+            if x.shape != (stop - start, *arr.shape[1:]):
+                raise ValueError(f"{self.path}/{name}: block {block} expects shape "
+                                 f"{(stop - start, *arr.shape[1:])}, got {x.shape}")
+            arr[start:stop] = to_storage(x, str(arr.dtype), f"{self.path}/{name} rows {start}-{stop - 1}")
+        self.check_generation(block)  # a job that lost its group never marks a block of the new one
+        self.group["done"][block] = self.gen_id if self.gen_id is not None else True
+
+    def mark_incomplete(self, block: int) -> None:
+        self.group["done"][block] = 0 if self.gen_id is not None else False
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of array ``name``. Every done block it touches must have its chunk
+        files (a missing one would read as zeros) and pass its checksum; otherwise SurpipeError."""
+        arr = self.array(name)
+        n = arr.shape[0]
+        start, stop, _ = slice(start, stop).indices(n)
+        if stop > start:
+            c = int(arr.chunks[0])
+            done = self.done_mask()
+            for b in range(start // c, -(-stop // c)):
+                if b < len(done) and done[b]:
+                    for f in chunk_files(self.store.path, arr, b):
+                        if not f.is_file():
+                            raise missing_chunk(self.store.path, f"{self.path}/{name}", b,
+                                                (b * c, min((b + 1) * c, n)), f)
+        try:
+            return arr[start:stop]
+        except Exception as e:
+            c = max(int(arr.chunks[0]), 1)
+            for b in range(start // c, -(-stop // c)):  # find the block that fails, to name it
+                try:
+                    arr[b * c:min((b + 1) * c, n)]
+                except Exception as eb:
+                    raise read_failure(self.store.path, f"{self.path}/{name}", b, (b * c, min((b + 1) * c, n)),
+                                       eb) from None
+            raise read_failure(self.store.path, f"{self.path}/{name}", start // c, None, e) from None
+
+    def layout_problems(self) -> list[str]:
+        """Problems of the group's metadata that make its data unreadable or misread: arrays
+        missing or unreadable, rows not aligned with the store, chunks that are not blocks, a
+        dtype or shape other than what the settings imply or what was recorded at creation."""
+        st = self.store
+        problems = []
+        attrs = self.attrs
+        kind = self.path.split("/")[0]
+        settings, listed = attrs.get("settings"), attrs.get("arrays")
+        if attrs.get("kind") != kind:
+            problems.append(f"attribute kind is {attrs.get('kind')!r}, expected {kind!r}")
+        if not isinstance(settings, dict):
+            problems.append("attribute settings missing or not a mapping")
+            settings = {}
+        if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+            problems.append("attribute arrays missing or not a list of names")
+            listed = []
+        present = {}
+        for name in listed:
+            try:
+                a = self.group[name]
+            except KeyError:
+                problems.append(f"array {name} is missing")
+                continue
+            except Exception as e:
+                problems.append(f"array {name}: metadata (zarr.json) cannot be read ({type(e).__name__}: "
+                                f"{first_line(e)[:120]})")
+                continue
+            if not hasattr(a, "dtype"):
+                problems.append(f"{name} is a group, expected an array")
+                continue
+            present[name] = a
+            cap = a.attrs.get("block_capacity")
+            if cap:
+                rows, chunk = st.num_blocks * int(cap), int(cap)
+            else:
+                rows, chunk = st.num_samples, min(st.block_rows, max(st.num_samples, 1))
+            if a.shape[0] != rows:
+                problems.append(f"array {name} has {a.shape[0]} rows, expected {rows}")
+            elif a.chunks[0] != chunk:
+                problems.append(f"array {name} is chunked by {a.chunks[0]} rows, expected {chunk}")
+        try:
+            d = self.group["done"]
+            want = np.dtype(bool) if self.gen_id is None else np.dtype("int64")
+            if tuple(d.shape) != (st.num_blocks,) or d.dtype != want or tuple(d.chunks) != (1,):
+                problems.append(f"done record has shape {tuple(d.shape)} dtype {d.dtype} chunks {tuple(d.chunks)}; "
+                                f"expected ({st.num_blocks},) {want} chunks (1,)")
+        except Exception as e:
+            problems.append(f"done record unreadable ({type(e).__name__})")
+        from surpipe.features import layout_problems  # each kind's contract lives there
+
+        for name, msg in recorded_layout(attrs, present) + layout_problems(kind, settings, present, listed):
+            problems.append(f"{name}: {msg}" if name else msg)
+        return problems
+
+    def require_complete(self) -> None:
+        """Refuse unless every block is done in this generation (extract-llm checks both groups
+        before it moves added layers from one into the other)."""
+        foreign = self.foreign_blocks()
+        if foreign:
+            raise SurpipeError(
+                f"store {self.store.path}: group {self.path} blocks {foreign[:10]} were completed by another "
+                "generation of the group (it was replaced with --overwrite since); run "
+                f"`surpipe verify --repair {self.store.path}` and rerun the stage that writes it")
+        n = self.store.num_blocks
+        done = self.completed_blocks()
+        if done < n:
+            raise SurpipeError(f"store {self.store.path}: group {self.path} is incomplete "
+                               f"({done}/{n} blocks done); rerun the stage that writes it")

@@ -1,0 +1,148 @@
+"""Opening the store of a stage-one command (extract-llm, encode-latents): the dataset is scanned,
+the store created from its rows or matched to them (:mod:`surpipe.store.rows`), in one step.
+
+Images: a NEW store's rows are the dataset rows whose images pass ``check_images`` (auto: a full
+decode), so that encode-latents can encode every row whichever command runs first. Matching an
+existing store reads keys and prompts only; the few dataset rows missing from the store are
+decoded to confirm that their images are why the creation left them out. Commands that read the
+images (encode-latents' VAE part) then check the store's rows' images (auto: headers) and refuse
+the rows that fail, by key, before any model work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+
+from surpipe.errors import SurpipeError, first_line
+from surpipe.store.core import DEFAULT_BLOCK_ROWS
+from surpipe.store.rows import open_or_create
+
+
+def _log(msg: str) -> None:
+    from surpipe.logs import get_logger
+
+    get_logger().info(msg)
+
+
+def image_problems(samples: Sequence, mode: str, progress: bool = False, desc: str = "") -> dict[int, str]:
+    """``{index: reason}`` of the samples whose image fails the check (``header``: format, size and
+    pixel limit from the header; ``full``: a full decode), checked on a few threads."""
+    if mode == "none" or not samples:
+        return {}
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surpipe.data.images import ImageProblem, probe
+    from surpipe.progress import progress_bar
+
+    def one(s) -> str | None:
+        try:
+            with s.open_image() as fh:
+                probe(fh, max_pixels=s.max_pixels, full=(mode == "full"))
+        except ImageProblem as e:
+            return str(e)
+        except (SurpipeError, OSError) as e:
+            return f"unreadable file: {first_line(e)[:160]}"
+        return None
+
+    out: dict[int, str] = {}
+    bar = progress_bar(total=len(samples), desc=desc or f"checking images ({mode})", unit="img",
+                       disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        for i, problem in enumerate(pool.map(one, samples)):
+            bar.update(1)
+            if problem is not None:
+                out[i] = problem
+    bar.close()
+    return out
+
+
+def open_store(data: str, store_path: str, *, block_rows: int | None = None, check_images: str = "auto",
+               images: bool = False, progress: bool = True, is_main: bool = True,
+               simple_field: str = "text", complex_field: str = "prompt"):
+    """The dataset and the store made from it, created when absent: returns ``(dataset, store)``,
+    with ``dataset.samples`` aligned with the store's rows and ``store.created_now`` True when this
+    call made it (for :func:`discard_new_store_on_error`).
+
+    ``check_images`` (auto, full, header, none) is the image check a new store's rows pass (auto:
+    full) and, with ``images`` (the command reads them), the check of an existing store's rows
+    (auto: header). A store made from another dataset raises
+    :class:`~surpipe.store.rows.DatasetMismatch` naming the first differing row. ``simple_field`` /
+    ``complex_field`` name the metadata fields of the two prompts.
+    """
+    from pathlib import Path
+
+    from surpipe.data import SurdDataset, open_dataset
+
+    exists = Path(store_path, "zarr.json").is_file()
+    creating = check_images if check_images != "auto" else "full"
+    ds = open_dataset(data, strict=False, check_images="none" if exists else creating,
+                      progress=progress and is_main, simple_field=simple_field, complex_field=complex_field)
+    if len(ds) == 0:
+        raise SurpipeError(f"dataset {data} has no usable rows")
+
+    def left_out(idx: Sequence[int]) -> dict[int, str]:
+        # dataset rows missing from the store: the creation's image check (whichever it was) dropped
+        # them only if their image fails a full decode; only these few rows are decoded
+        bad = image_problems([ds.samples[j] for j in idx], "full")
+        return {idx[i]: why for i, why in bad.items()}
+
+    store, match = open_or_create(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS, left_out)
+    rep = getattr(ds, "report", None)
+    if is_main and rep is not None and getattr(rep, "skipped", None):
+        _log(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}")
+    if is_main and match.left_out:
+        eg = "; ".join(f"{k}: {why}" for k, why in list(match.left_out.items())[:5])
+        _log(f"{len(match.left_out)} dataset rows are not in the store {store_path} (left out when it was "
+             f"created: their images fail the check), e.g. {eg}")
+    if is_main and block_rows is not None and store.block_rows != block_rows:
+        _log(f"note: store {store_path} exists with block_rows={store.block_rows}; "
+             f"--block-rows {block_rows} only applies when a store is created")
+    if images and not store.created_now:
+        mode = "header" if check_images == "auto" else check_images
+        bad = image_problems(match.samples, mode, progress and is_main)
+        if bad:
+            raise SurpipeError(
+                f"{len(bad)} rows of store {store_path} have images in {data} that fail the {mode} check now "
+                "(the store's rows are fixed when it is created): restore these images, or make a new store "
+                "with another --store", [f"row {i} ({match.samples[i].key}): {why}" for i, why in list(bad.items())[:20]])
+    if len(match.samples) != len(ds.samples):  # the store's rows only, with the scan's source and report
+        ds = SurdDataset(ds.source, list(match.samples), ds.report)
+    return ds, store
+
+
+def _any_block_done(store) -> bool:
+    """Whether any group of ``store`` has a block marked done (in any generation). Read raw: the
+    failure may have interrupted a group's creation, leaving it without its attributes."""
+    for p in store.group_paths():
+        g = store.root[p]
+        if "done" in g and np.asarray(g["done"][:]).any():
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def discard_new_store_on_error(store, is_main: bool = True):
+    """Remove the store this command created (``store.created_now``), and the folders beside it,
+    when the command fails before any block of any group is done, so a failed first command
+    leaves no empty store behind."""
+    try:
+        yield
+    except Exception:
+        if is_main and getattr(store, "created_now", False):
+            try:
+                used = _any_block_done(store)
+            except Exception:
+                used = True  # cannot tell: keep it
+            if not used:
+                import shutil
+
+                from surpipe.store.sidecar import remove_sidecars
+
+                shutil.rmtree(store.path, ignore_errors=True)
+                remove_sidecars(store.path)
+                _log(f"removed the store {store.path} this command had just created (nothing was written to it)")
+        raise

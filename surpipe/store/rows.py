@@ -1,0 +1,191 @@
+"""A store's rows: creating a store from a dataset, and matching an existing store to a dataset.
+
+A store's rows (sample keys, simple and complex prompts, in dataset order) are fixed when it is
+created; every feature group is row-aligned with them. Matching compares keys and prompts only,
+never images: a dataset row missing from the store is accepted only when the caller can explain
+why it was left out at creation (``left_out``: its image fails the check the creation applied).
+Works with any dataset-like object: ``samples`` (``key``, ``simple``, ``complex``), ``source``,
+``fingerprint()`` and ``len()``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from surpipe.errors import SurpipeError
+from surpipe.store.core import (DEFAULT_BLOCK_ROWS, FORMAT_VERSION, FeatureStore, StoreNotFound, check_writable,
+                                library_versions)
+from surpipe.store.integrity import codec_chain
+
+Row = tuple  # (key, simple, complex)
+LeftOut = Callable[[Sequence[int]], "dict[int, str]"]  # dataset indices -> {index: why it is not in the store}
+
+
+class StoreExists(SurpipeError):
+    """Another process created the store first (data-parallel ranks race to create it)."""
+
+
+class DatasetMismatch(SurpipeError):
+    """The store was made from other rows than the dataset's.
+
+    ``row`` is the first store row that differs (the store's row count when the dataset has rows
+    past the store's end), ``stored`` the store's (key, simple, complex) there or None, ``given``
+    the dataset's row at that place or None, ``detail`` one line saying how they differ."""
+
+    def __init__(self, message: str, *, row: int | None, stored: Row | None, given: Row | None, detail: str):
+        super().__init__(message)
+        self.row, self.stored, self.given, self.detail = row, stored, given, detail
+
+
+@dataclass
+class StoreMatch:
+    """A store matched to a dataset: ``samples`` are the dataset's samples of the store's rows, in
+    row order; ``left_out`` maps keys of dataset rows not in the store to the reason."""
+
+    samples: list
+    left_out: dict[str, str] = field(default_factory=dict)
+
+
+def create_store(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLOCK_ROWS) -> FeatureStore:
+    """Create the store of ``dataset``'s rows at ``path`` and open it for writing (``created_now``).
+
+    Atomic: built under a temporary name beside ``path``, then renamed, so data-parallel ranks may
+    all call this; the losers get :class:`StoreExists`. Full disk and unwritable folders raise
+    SurpipeError naming the store; nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists():
+        raise StoreExists(f"feature store {path} exists already")
+    if block_rows < 1:
+        raise SurpipeError(f"block_rows must be >= 1, got {block_rows}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SurpipeError(f"cannot create feature store {path}: {e.strerror or e}") from None
+    check_writable(path.parent, f"cannot create feature store {path}: folder {path.parent}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _build(tmp, dataset, block_rows)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise SurpipeError(f"cannot create feature store {path}: {what}"
+                           + (f" ({e.filename})" if e.filename else "")) from None
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreExists(f"feature store {path} was created by another process meanwhile") from None
+    store = FeatureStore(path, mode="a")
+    store.created_now = True  # read by surpipe.store.opening.discard_new_store_on_error
+    return store
+
+
+def _build(tmp: Path, dataset, block_rows: int) -> None:
+    import zarr
+
+    n = len(dataset)
+    root = zarr.open_group(str(tmp), mode="w")
+    root.attrs.update({
+        "surpipe_format": FORMAT_VERSION,
+        "num_samples": n,
+        "block_rows": int(block_rows),
+        "dataset_fingerprint": dataset.fingerprint(),
+        "dataset_source": str(dataset.source),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "library_versions": library_versions(),
+    })
+    samples = dataset.samples
+    chunk = max(1, min(n, 65536))
+    for name, values in (("keys", [s.key for s in samples]),
+                         ("prompts/simple", [s.simple for s in samples]),
+                         ("prompts/complex", [s.complex for s in samples])):
+        arr = root.create_array(name, shape=(n,), dtype=str, chunks=(chunk,), compressors=codec_chain("zstd"))
+        arr[:] = np.array(values, dtype=object)
+
+
+def match_store(store: FeatureStore, dataset, left_out: LeftOut | None = None) -> StoreMatch:
+    """Match ``store``'s rows to ``dataset`` by keys and prompts (no image is read here).
+
+    Every store row must be a dataset row with the same key and prompts, in the same order. A
+    dataset row not in the store is accepted only when ``left_out`` (called with the indices of
+    such rows, a chunk at a time) gives a reason for it; otherwise, or on any other difference, raises
+    :class:`DatasetMismatch` naming the first differing row.
+    """
+    samples = list(dataset.samples)
+    if store.num_samples == len(samples) and store.fingerprint == dataset.fingerprint():
+        return StoreMatch(samples)
+    keys = [str(k) for k in store.keys()]
+    simple, complex_ = store.prompts("simple"), store.prompts("complex")
+    where = {s.key: j for j, s in enumerate(samples)}
+    picked: list[int] = []
+    for i, k in enumerate(keys):
+        stored = (k, str(simple[i]), str(complex_[i]))
+        j = where.get(k)
+        if j is None:
+            _mismatch(store, dataset, i, stored, None, f"store row {i} (key {k!r}) is not in the dataset")
+        s = samples[j]
+        if picked and j < picked[-1]:
+            _mismatch(store, dataset, i, stored, _row(s),
+                      f"store row {i} (key {k!r}) comes before key {keys[i - 1]!r} in the dataset")
+        for what, a, b in (("simple", stored[1], s.simple), ("complex", stored[2], s.complex)):
+            if a != b:
+                _mismatch(store, dataset, i, stored, _row(s),
+                          f"store row {i} (key {k!r}): {what} prompt {_short(a)} in the store, {_short(b)} in the dataset")
+        picked.append(j)
+    extra = sorted(set(range(len(samples))) - set(picked))
+    reasons: dict[int, str] = {}
+    for c in range(0, len(extra), 64):  # in chunks: another dataset is refused after a few checks
+        chunk = extra[c:c + 64]
+        reasons.update(left_out(chunk) if left_out is not None else {})
+        j = next((j for j in chunk if j not in reasons), None)
+        if j is not None:
+            i = int(np.searchsorted(picked, j))  # where the row would be in the store
+            _mismatch(store, dataset, i, _store_row(keys, simple, complex_, i), _row(samples[j]),
+                      f"dataset row {j} (key {samples[j].key!r}) is not in the store"
+                      + (" (and its image passes the check)" if left_out is not None else ""))
+    return StoreMatch([samples[j] for j in picked], {samples[j].key: reasons[j] for j in extra})
+
+
+def open_or_create(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLOCK_ROWS,
+                   left_out: LeftOut | None = None) -> tuple[FeatureStore, StoreMatch]:
+    """The store of ``dataset`` at ``path``: created from the dataset's rows when absent, else
+    opened for writing and matched (:func:`match_store`). ``store.created_now`` says which."""
+    try:
+        store = FeatureStore(path, mode="a")
+    except StoreNotFound:
+        try:
+            return create_store(path, dataset, block_rows), StoreMatch(list(dataset.samples))
+        except StoreExists:
+            store = FeatureStore(path, mode="a")
+    return store, match_store(store, dataset, left_out)
+
+
+def _row(s) -> Row:
+    return (s.key, s.simple, s.complex)
+
+
+def _store_row(keys, simple, complex_, i) -> Row | None:
+    return (keys[i], str(simple[i]), str(complex_[i])) if i < len(keys) else None
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _mismatch(store: FeatureStore, dataset, row, stored, given, detail: str):
+    raise DatasetMismatch(
+        f"feature store {store.path} was made from a different dataset "
+        f"({store.num_samples} rows from {store.root.attrs.get('dataset_source')!s}, "
+        f"fingerprint {store.fingerprint[:12]}) than {dataset.source} "
+        f"({len(dataset)} rows, fingerprint {dataset.fingerprint()[:12]}): {detail}; use another --store",
+        row=row, stored=stored, given=given, detail=detail)

@@ -1,0 +1,35 @@
+"""What surpipe keeps beside a store rather than in it.
+
+A Zarr reader treats every entry of the store's folder as a node of the hierarchy and warns about
+anything else (``ZarrUserWarning: Object at .locks is not recognized``), so files that are not zarr
+data live in sibling folders named after the store: ``<store>.locks/`` (lock files) and
+``<store>.configs/`` (the run configs the stages save, reusable with ``--config``; each group's
+``config`` attribute holds the same config inside the store). docs/store-format.md, "Beside the store".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+SIDECARS = ("locks", "configs")
+
+
+def sidecar_dir(store_path: str | os.PathLike, what: str) -> Path:
+    """``<store>.<what>``: the folder beside the store holding its ``what`` (locks, configs)."""
+    p = Path(store_path)
+    if not p.name:  # "." or "/": name the folder after the resolved path
+        p = p.resolve()
+    return p.with_name(f"{p.name}.{what}")
+
+
+def config_file(store_path: str | os.PathLike, stage: str, name: str) -> Path:
+    """Where ``stage`` (e.g. ``extract-llm``) saves its resolved config for group ``name``."""
+    return sidecar_dir(store_path, "configs") / f"{stage}-{name}.json"
+
+
+def remove_sidecars(store_path: str | os.PathLike) -> None:
+    """Delete the folders beside a store (with the store itself, e.g. a just-created one)."""
+    for what in SIDECARS:
+        shutil.rmtree(sidecar_dir(store_path, what), ignore_errors=True)
