@@ -252,9 +252,10 @@ def cached_model_and_activations(kind: str, cache: Path, rows: int | None) -> tu
         return mdir, Activations(**{k: z[k] for k in z.files if k not in ("resolution", "scaling_factor")},
                                  resolution=int(z["resolution"]), scaling_factor=float(z["scaling_factor"]))
     act = real_activations(mdir, rows)
-    tmp = npz.with_suffix(".tmp.npz")
-    np.savez(tmp, **act.arrays(), resolution=act.resolution, scaling_factor=act.scaling_factor)
-    os.replace(tmp, npz)
+    from surpipe.config import atomic_path
+
+    with atomic_path(npz) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+        np.savez(f, **act.arrays(), resolution=act.resolution, scaling_factor=act.scaling_factor)
     return mdir, act
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -119,6 +118,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from bench._common import host_info
     from stages.encode_latents import EncodeLatentsConfig, run
     from surpipe import sd
     from surpipe.data import open_dataset
@@ -139,10 +139,7 @@ def main(argv=None) -> int:
     prompts = [s.complex for s in ds.samples]
     result = {
         "command": "python bench/encode_latents.py" + (" --quick" if quick else "") + f" --device {args.device}",
-        "host": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                 "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                 "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                 "load_average_at_start": os.getloadavg()},
+        "host": {**host_info(), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
         "data": str(data), "rows": len(ds), "dtype": dtype, "models": {},
     }
     tmp = Path(tempfile.mkdtemp(prefix="surpipe-bench-"))

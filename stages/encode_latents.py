@@ -18,7 +18,6 @@ Only the tokenizer, the text encoder and the VAE are loaded; never the UNet.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ import numpy as np
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
-from surpipe.errors import SurpipeError
+from surpipe.errors import SurpipeError, first_line
+from surpipe.logs import get_logger
 
 PARTS = ("clip", "vae")
 
@@ -108,9 +108,7 @@ def _validate(cfg: EncodeLatentsConfig) -> None:
         raise SurpipeError("invalid encode-latents options:", problems)
 
 
-def _log(msg: str, env) -> None:
-    if env.is_main:
-        print(f"surpipe: {msg}", file=sys.stderr, flush=True)
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 # --------------------------------------------------------------------------- image loading
@@ -156,7 +154,7 @@ def loader_error(e: BaseException, workers: int, timeout: float) -> SurpipeError
     text = str(e)
     if not workers or not isinstance(e, RuntimeError) or "DataLoader" not in text:
         return None
-    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    first = first_line(e)
     stalled = "timed out" in first
     why = (f"no batch arrived within --loader-timeout {timeout:g} s" if stalled
            else f"a loader worker failed: {first}")
@@ -298,7 +296,7 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
     # Local paths are recorded absolute, so a resume from another directory matches the settings.
     model_id = str(Path(cfg.model).expanduser().resolve()) if sd.is_local(cfg.model) else cfg.model
     if sd.is_local(cfg.model) and cfg.revision:
-        _log(f"note: --revision {cfg.revision} is ignored for the local folder {cfg.model}", env)
+        log.info(f"note: --revision {cfg.revision} is ignored for the local folder {cfg.model}")
     report: dict[str, Any] = {"store": str(cfg.store), "rows": store.num_samples, "device": device,
                               "world_size": env.world_size}
     base_prov = {"model": model_id, "revision": cfg.revision, "variant": cfg.variant, "device": device,
@@ -322,7 +320,7 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
 
     # ---- CLIP ----------------------------------------------------------------------------------
     if want_clip:
-        _log(f"loading tokenizer + text encoder from {cfg.model} ...", env)
+        log.info(f"loading tokenizer + text encoder from {cfg.model} ...")
         te = sd.load_text_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
         L, D = te.max_length, te.hidden_size
         settings = ClipFeatures.settings(
@@ -347,8 +345,8 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
             return ClipFeatures.block(embs, lens)
 
         path = f"clip/{name}"
-        _log(f"CLIP -> {path}: [{store.num_samples}, {L}, {D}] x 2 prompts ({cfg.dtype} compute, "
-             f"{cfg.store_dtype} stored)", env)
+        log.info(f"CLIP -> {path}: [{store.num_samples}, {L}, {D}] x 2 prompts ({cfg.dtype} compute, "
+                f"{cfg.store_dtype} stored)")
         prov = {**base_prov, **te.info}
         save_config()
         res = run_block_job(store=store, kind="clip", name=name, settings=settings, arrays=arrays,
@@ -372,10 +370,10 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         }
         report["clip"] = clip_report
         if res.already_complete:
-            _log(f"{path}: nothing to do (all {store.num_blocks} blocks done)", env)
-        _log(f"{path}: {clip_report['complex_truncated']} of {clip_report['rows_complete']} complex and "
-             f"{clip_report['simple_truncated']} simple prompts exceed {L} tokens and were truncated "
-             f"(longest: complex {clip_report['complex_max_tokens']}, simple {clip_report['simple_max_tokens']})", env)
+            log.info(f"{path}: nothing to do (all {store.num_blocks} blocks done)")
+        log.info(f"{path}: {clip_report['complex_truncated']} of {clip_report['rows_complete']} complex and "
+                f"{clip_report['simple_truncated']} simple prompts exceed {L} tokens and were truncated "
+                f"(longest: complex {clip_report['complex_max_tokens']}, simple {clip_report['simple_max_tokens']})")
         _finish_group(store, path, cfgmod.to_dict(resolved), clip_report, env)
         del te
         if device.startswith("cuda"):
@@ -383,7 +381,7 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
 
     # ---- VAE -----------------------------------------------------------------------------------
     if want_vae:
-        _log(f"loading VAE encoder from {cfg.model} ...", env)
+        log.info(f"loading VAE encoder from {cfg.model} ...")
         vae = sd.load_vae_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
         R = cfg.resolution or sd.default_resolution(cfg.model, cfg.revision, vae)
         if R % vae.downsample:
@@ -417,9 +415,9 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
             cols = [np.concatenate(c) for c in zip(*parts)]
             return VaeFeatures.block(*cols[:2], *(cols[2:] if cfg.flip else ()))
 
-        _log(f"VAE -> {path}: [{store.num_samples}, {C}, {h}, {h}] from {R}x{R} center crops"
-             f"{' + flipped' if cfg.flip else ''} ({cfg.dtype} compute, {cfg.store_dtype} stored, "
-             f"{cfg.workers} loader workers)", env)
+        log.info(f"VAE -> {path}: [{store.num_samples}, {C}, {h}, {h}] from {R}x{R} center crops"
+                f"{' + flipped' if cfg.flip else ''} ({cfg.dtype} compute, {cfg.store_dtype} stored, "
+                f"{cfg.workers} loader workers)")
         prov = {**base_prov, **vae.info}
         save_config()
         try:
@@ -435,7 +433,7 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
             if feeder is not None:
                 feeder.close()
         if res.already_complete:
-            _log(f"{path}: nothing to do (all {store.num_blocks} blocks done)", env)
+            log.info(f"{path}: nothing to do (all {store.num_blocks} blocks done)")
         vae_report = {"group": path, "rows_done_now": res.rows_done_now, "already_complete": res.already_complete,
                       "seconds": round(res.seconds, 2), "resolution": R, "latent_shape": [C, h, h],
                       "flip": cfg.flip,
@@ -445,5 +443,5 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
 
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     barrier(env)
-    _log(f"encode-latents done in {report['seconds']} s; repeat with --config {cfg_path}", env)
+    log.info(f"encode-latents done in {report['seconds']} s; repeat with --config {cfg_path}")
     return report

@@ -38,6 +38,9 @@ from surpipe.config import opt
 from surpipe.errors import SurpipeError
 from surpipe.evaluate import DEFAULT_SUITE
 from surpipe.inference import DtypeName, SchedulerName, option
+from surpipe.logs import get_logger
+
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 @dataclass
@@ -110,9 +113,8 @@ def run(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     note = render.tiny_model_note(cfg.model, cfg.clip_model)
     if note:
-        print(f"surpipe: note: {note}", file=sys.stderr, flush=True)
-    print(f"surpipe: eval: {len(items)} image(s) per arm in {len(suite)} categories on {models.device}",
-          file=sys.stderr, flush=True)
+        log.info(f"note: {note}")
+    log.info(f"eval: {len(items)} image(s) per arm in {len(suite)} categories on {models.device}")
     texts = [it[2] for it in items]
     images = inference.render_arms(models, texts, arms=evaluate.ARMS, label="eval", seeds=[it[3] for it in items],
                                    steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
@@ -141,5 +143,5 @@ def run(cfg: EvalConfig) -> dict:
     evaluate.write_results(out, result, rows, header, note)
     cfgmod.save(cfg, out / "config.json")
     print(evaluate.markdown(table, overall, {}).split("\n\n", 1)[-1], file=sys.stderr)
-    print(f"surpipe: wrote {out / 'results.md'}, results.json, clip_scores.png", file=sys.stderr)
+    log.info(f"wrote {out / 'results.md'}, results.json, clip_scores.png")
     return result

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from surpipe import config as cfgmod
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
+from surpipe.logs import get_logger
 
 
 @dataclass
@@ -104,9 +104,7 @@ def _validate(cfg: ExtractLLMConfig) -> None:
         raise SurpipeError("invalid extract-llm options:", problems)
 
 
-def _log(msg: str, env) -> None:
-    if env.is_main:
-        print(f"surpipe: {msg}", file=sys.stderr, flush=True)
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 def default_name(model: str, quant: str, pooling: str) -> str:
@@ -121,7 +119,7 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     from surpipe.features import LLMFeatures
     from surpipe.hub import check_model_source
     from surpipe.blockjob import dist_env, init_distributed
-    from surpipe.devices import resolve_device
+    from surpipe.devices import resolve_device, resolve_dtype
     from surpipe.store.opening import discard_new_store_on_error, open_store
     from surpipe.store.sidecar import config_file
 
@@ -140,7 +138,7 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     layers = L.resolve_layers(cfg.layers, n_layers)
     tok = L.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     max_tokens = cfg.max_tokens or L.default_max_tokens(mcfg, tok)
-    dtype = L.resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.quant != "none" and not device.startswith("cuda"):
         dtype = "float32"  # bitsandbytes on CPU: fp32 compute (bf16 is several times slower there)
     hidden = int(getattr(mcfg, "hidden_size", 0) or 0)
@@ -193,8 +191,11 @@ def added_layers(store, path: str, settings: dict) -> tuple[list[int], list[int]
 
 
 def _side_store(cfg: ExtractLLMConfig, name: str, extra: list[int]) -> Path:
-    """Where layers being added to group llm/<name> are computed before they join it."""
-    return Path(cfg.store) / ".adding-layers" / f"{name}-L{'_'.join(map(str, extra))}.zarr"
+    """Where layers being added to group llm/<name> are computed before they join it: beside the
+    store (``<store>.adding-layers/``), so a zarr reader of the store never meets the scratch folder."""
+    from surpipe.store.sidecar import sidecar_dir
+
+    return sidecar_dir(cfg.store, "adding-layers") / f"{name}-L{'_'.join(map(str, extra))}.zarr"
 
 
 def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None):
@@ -216,7 +217,7 @@ def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None
     for top in sorted({a.split("/")[0] for a in names}):
         target = Path(store.path) / path / top
         if not target.exists():
-            os.replace(Path(src.store.path) / src.path / top, target)
+            os.replace(Path(src.store.path) / src.path / top, target)  # moves a whole array folder
     attrs = dst.attrs
     settings = json.loads(json.dumps(dict(settings), default=str))
     prov = dict(attrs.get("provenance") or {})
@@ -252,14 +253,14 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
         resolved = dataclasses.replace(resolved, layers=all_layers)
         report["layers"] = all_layers
         requested_stored = sorted(set(layers) & set(stored))
-        _log(f"{path}: holds layers {stored}; "
-             + (f"adding layers {extra} (stored layers are not recomputed)" if extra else
-                f"requested layers {requested_stored} are already stored"), env)
+        log.info(f"{path}: holds layers {stored}; "
+                + (f"adding layers {extra} (stored layers are not recomputed)" if extra else
+                   f"requested layers {requested_stored} are already stored"))
     if not cfg.overwrite:
         store.check_settings("llm", name, base_settings)
         if store.has_group(path) and store.group(path).is_complete() and not extra:
-            _log(f"{path}: nothing to do, all {store.num_blocks} blocks are already done "
-                 f"({store.num_samples} prompts, layers {base_layers})", env)
+            log.info(f"{path}: nothing to do, all {store.num_blocks} blocks are already done "
+                    f"({store.num_samples} prompts, layers {base_layers})")
             report.update(already_complete=True, prompts_done_now=0, seconds=round(time.perf_counter() - t_start, 2))
             return report
 
@@ -271,8 +272,8 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
         if int(lengths.max()) >= max_tokens else lengths
     n_trunc = int((full_lengths > max_tokens).sum())
     if n_trunc:
-        _log(f"{n_trunc} prompts are longer than {max_tokens} tokens and were truncated "
-             f"(longest {int(full_lengths.max())}); --max-tokens changes the limit", env)
+        log.info(f"{n_trunc} prompts are longer than {max_tokens} tokens and were truncated "
+                f"(longest {int(full_lengths.max())}); --max-tokens changes the limit")
 
     offsets = None
     cap = 0
@@ -283,8 +284,7 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
     # ---- model ---------------------------------------------------------------------------------
     if env.is_main:
         cfgmod.save(resolved, cfg_path)  # saved before the work, so an interrupted run repeats with --config
-    _log(f"loading {cfg.model} (layers 0..{all_layers[-1]} of {n_layers}, quant {cfg.quant}, {dtype}, {device}) ...",
-         env)
+    log.info(f"loading {cfg.model} (layers 0..{all_layers[-1]} of {n_layers}, quant {cfg.quant}, {dtype}, {device}) ...")
     t_load = time.perf_counter()
     llm = L.load_llm(cfg.model, all_layers, quant=cfg.quant, dtype=cfg.dtype, device=device, revision=cfg.revision,
                      trust_remote_code=cfg.trust_remote_code, double_quant=cfg.double_quant, config=mcfg,
@@ -322,8 +322,8 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
             "tokens_block_capacity": cap or None, **{f"model_{k}": v for k, v in llm.info.items()},
         }
 
-    _log(f"{path}: {store.num_samples} prompts, layers {all_layers} of {n_layers}, H={hidden}, pooling {cfg.pooling}, "
-         f"{cfg.store_dtype} stored (model loaded in {load_s:.1f} s)", env)
+    log.info(f"{path}: {store.num_samples} prompts, layers {all_layers} of {n_layers}, H={hidden}, pooling {cfg.pooling}, "
+            f"{cfg.store_dtype} stored (model loaded in {load_s:.1f} s)")
 
     def job(target, lays, sets, arrs, with_counts, desc):
         try:
@@ -366,11 +366,11 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
                 remove_sidecars(p)  # its lock folder
             with contextlib.suppress(OSError):
                 side_path.parent.rmdir()
-            _log(f"{path}: layers {extra} added; it now holds layers {all_layers}", env)
+            log.info(f"{path}: layers {extra} added; it now holds layers {all_layers}")
         barrier(env)
         res = dataclasses.replace(res, already_complete=False)
     if res.already_complete:
-        _log(f"{path}: nothing to do, all {store.num_blocks} blocks are already done", env)
+        log.info(f"{path}: nothing to do, all {store.num_blocks} blocks are already done")
     secs = max(secs_total, 1e-9)
     waste = (counters["padded"] - counters["tok"]) / counters["padded"] if counters["padded"] else 0.0
     report.update(
@@ -385,10 +385,10 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
     if env.is_main and not res.already_complete:
         g = store.root[path]
         g.attrs.update({"config": cfgmod.to_dict(resolved), "report": report})
-        print(f"surpipe: extract-llm {path}: {rows_now} prompts, {counters['tok']} tokens in "
-              f"{secs_total:.1f} s ({report['prompts_per_s']} prompts/s, {report['tokens_per_s']} tok/s, "
-              f"padding {100 * waste:.1f}%"
-              f"{', this rank of ' + str(env.world_size) if env.world_size > 1 else ''}); "
-              f"repeat with --config {cfg_path}", file=sys.stderr, flush=True)
+        log.info(f"extract-llm {path}: {rows_now} prompts, {counters['tok']} tokens in "
+                 f"{secs_total:.1f} s ({report['prompts_per_s']} prompts/s, {report['tokens_per_s']} tok/s, "
+                 f"padding {100 * waste:.1f}%"
+                 f"{', this rank of ' + str(env.world_size) if env.world_size > 1 else ''}); "
+                 f"repeat with --config {cfg_path}")
     barrier(env)
     return report

@@ -22,7 +22,6 @@ weights, or one whose output is not finite, is refused before any image is writt
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,9 @@ from typing import Optional
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
 from surpipe.inference import DtypeName, SchedulerName, option
+from surpipe.logs import get_logger
+
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 @dataclass
@@ -91,17 +93,16 @@ def run(cfg: GenerateConfig) -> dict:
     out = Path(cfg.out)
     done = None if cfg.overwrite else inference.finished_run(out, cfg)
     if done is not None:
-        print(f"surpipe: {out} already holds this generate's {len(done['images'])} image(s) (same settings "
-              f"and adapter): nothing to do (--overwrite renders them again)", file=sys.stderr)
+        log.info(f"{out} already holds this generate's {len(done['images'])} image(s) (same settings "
+                 f"and adapter): nothing to do (--overwrite renders them again)")
         return done
     inference.prepare_out(out, cfg.overwrite)  # before loading anything: a wrong --out fails at once
     models = inference.open_models(cfg.model, cfg.adapter, revision=cfg.revision, device=cfg.device,
                                    dtype=cfg.dtype, scheduler=cfg.scheduler, adapter_weight=cfg.adapter_weight)
     note = render.tiny_model_note(cfg.model)
     if note:
-        print(f"surpipe: note: {note}", file=sys.stderr, flush=True)
-    print(f"surpipe: generating {len(items)} image(s){' x 2 (compare)' if cfg.compare else ''} on {models.device}",
-          file=sys.stderr, flush=True)
+        log.info(f"note: {note}")
+    log.info(f"generating {len(items)} image(s){' x 2 (compare)' if cfg.compare else ''} on {models.device}")
     seeds = [s for _, s in items]
     images = inference.render_arms(models, [p for p, _ in items], arms=("without", "with") if cfg.compare else ("",),
                                    label="generate", seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
@@ -138,5 +139,5 @@ def run(cfg: GenerateConfig) -> dict:
     }
     cfgmod.atomic_write_text(out / "generate.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     cfgmod.save(cfg, out / "config.json")
-    print(f"surpipe: wrote {len(records)} image(s){' and ' + grid if grid else ''} to {out}", file=sys.stderr)
+    log.info(f"wrote {len(records)} image(s){' and ' + grid if grid else ''} to {out}")
     return record

@@ -12,7 +12,6 @@ Tensors that are not dense real floating point (sparse, quantized, complex, inte
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,9 @@ from surpipe import config as cfgmod
 from surpipe.limits import MAX_SIZES
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
+from surpipe.logs import get_logger
+
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "adapter", "module")
 
@@ -125,7 +127,7 @@ def run(cfg: ImportOfficialConfig) -> Path:
     n = sum(v.numel() for v in state.values())
     note = (f"; left out {len(unused)} encoder_layer.* tensors: the authors' template layer, which "
             f"their forward never uses" if unused else "")
-    print(f"surpipe: imported {src} ({n / 1e6:.2f}M parameters, {'/'.join(src_dtypes)} -> float32, "
-          f"width {width}, feed-forward {ff}) into {out} as a SURAdapter "
-          f"(token_mixing=tokenwise, adapter_weight={cfg.adapter_weight}){note}", file=sys.stderr, flush=True)
+    log.info(f"imported {src} ({n / 1e6:.2f}M parameters, {'/'.join(src_dtypes)} -> float32, "
+             f"width {width}, feed-forward {ff}) into {out} as a SURAdapter "
+             f"(token_mixing=tokenwise, adapter_weight={cfg.adapter_weight}){note}")
     return out

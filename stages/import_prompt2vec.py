@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +29,10 @@ import numpy as np
 
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
+from surpipe.logs import get_logger
 from surpipe.safeload import file_sha256, load_torch_file, tensor_kind_problem
+
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 FP16_MAX = 65504.0
 
@@ -170,9 +172,6 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
         "rows_with_unusable_vector": len(bad_rows),
     }
 
-    def show(msg: str) -> None:
-        print(f"surpipe: {msg}", file=sys.stderr, flush=True)
-
     lines = [f"{src.name}: {len(vecs)} prompts, H={H}; {report['matched_rows']}/{len(prompts)} store rows matched"
              + (f" ({by_norm} after whitespace normalisation)" if by_norm else "")]
     if skipped:
@@ -187,7 +186,7 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
                      + "; ".join(f"{keys[i]}: {prompts[i][:70]!r}" for i in absent[:5]))
     if unused:
         lines.append(f"{len(unused)} file prompts match no store row, e.g. " + "; ".join(repr(u[:70]) for u in unused[:5]))
-    show("\n  ".join(lines))
+    log.info("\n  ".join(lines))
     if skipped and cfg.strict:
         raise SurpipeError(f"{len(skipped)} vectors in {src} are unusable (--strict):",
                            [f"{k[:70]!r}: {r}" for k, r in list(skipped.items())[:20]])
@@ -229,10 +228,10 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
     report.update(already_complete=res.already_complete, rows_done_now=res.rows_done_now,
                   seconds=round(time.perf_counter() - t0, 2))
     if res.already_complete:
-        show(f"llm/{cfg.name}: nothing to do, already imported")
+        log.info(f"llm/{cfg.name}: nothing to do, already imported")
     else:
         store.root[f"llm/{cfg.name}"].attrs.update({"config": cfgmod.to_dict(cfg), "report": report})
         cfgmod.save(dataclasses.replace(cfg, overwrite=False), config_file(cfg.store, "import-prompt2vec", cfg.name))
-        show(f"imported {src.name} into llm/{cfg.name}/{LLMFeatures.pooled(cfg.layer)} [{len(prompts)}, {H}] "
-             f"in {report['seconds']} s")
+        log.info(f"imported {src.name} into llm/{cfg.name}/{LLMFeatures.pooled(cfg.layer)} [{len(prompts)}, {H}] "
+                 f"in {report['seconds']} s")
     return report

@@ -4,7 +4,6 @@ offline, in standard Hugging Face folder layouts."""
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,9 @@ from typing import Literal
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
+from surpipe.logs import get_logger
+
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 @dataclass
@@ -36,7 +38,7 @@ def run(cfg: TinyModelsConfig) -> Path:
     out = make_tiny_models(cfg.out, seed=cfg.seed, overwrite=cfg.overwrite, llm_tokenizer=cfg.llm_tokenizer,
                            clip=cfg.clip)
     cfgmod.save(cfg, out / "tiny_models_config.json")
-    print(f"surpipe: tiny models ready in {out} ({time.perf_counter() - t0:.1f} s): "
-          f"{out / 'llm'} (causal LM), {out / 'sd'} (Stable Diffusion)"
-          + (f", {out / 'clip'} (CLIP image-text, for eval)" if cfg.clip else ""), file=sys.stderr, flush=True)
+    log.info(f"tiny models ready in {out} ({time.perf_counter() - t0:.1f} s): "
+             f"{out / 'llm'} (causal LM), {out / 'sd'} (Stable Diffusion)"
+             + (f", {out / 'clip'} (CLIP image-text, for eval)" if cfg.clip else ""))
     return out

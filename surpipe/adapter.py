@@ -51,8 +51,9 @@ from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from surpipe.adapter_io import (  # noqa: F401  (re-exported: the adapter's public names)
-    CLASS_NAME, CONFIG_NAME, TEMPLATE_PREFIX, WEIGHTS_NAME, _load_safetensors, check_state_dict, parse_dtype,
+    CLASS_NAME, CONFIG_NAME, TEMPLATE_PREFIX, WEIGHTS_NAME, _load_safetensors, check_state_dict,
     resolve_adapter_dir, split_template_layer)
+from surpipe.devices import torch_dtype as parse_dtype  # public name: a dtype name or alias -> torch dtype
 from surpipe.config import from_dict, opt, read_json_object
 from surpipe.errors import SurpipeError
 # Largest sizes a config may ask for (SD text encoders are 768-4096 wide); checked before allocating.
@@ -278,6 +279,8 @@ class SURAdapter(nn.Module, ModelHubMixin, library_name="surpipe", paper_url="ht
         cfg["_class_name"] = CLASS_NAME
         cfg["_surpipe_version"] = __version__
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        # Not surpipe.config.atomic_path: the two files are published together, both written before
+        # either is renamed (weights first), so a failed save leaves the previous pair whole.
         tag = uuid.uuid4().hex[:8]
         tmp_w = out / f".{WEIGHTS_NAME}.tmp-{tag}"
         tmp_c = out / f".{CONFIG_NAME}.tmp-{tag}"

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from surpipe.errors import SurpipeError
+from surpipe.errors import SurpipeError, first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -22,14 +22,6 @@ CLASS_NAME = "SURAdapter"
 # The authors' Adapter keeps its template nn.TransformerEncoderLayer as `encoder_layer`: their
 # state dicts carry it (12 keys), but their forward never uses it.
 TEMPLATE_PREFIX = "encoder_layer."
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
-
 
 def _refuse_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tuple],
                      source: str, whose: str, missing_note: str = "") -> None:
@@ -116,7 +108,7 @@ def _download_adapter(repo_id: str, revision: Optional[str] = None, cache_dir=No
     except SurpipeError as e:
         raise SurpipeError(f"adapter folder not found: {repo_id}, and as a hub id: {e}") from None
     except Exception as e:  # hub errors: missing repo or revision, not cached offline, network
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise SurpipeError(f"adapter folder not found: {repo_id}, and the hub id {repo_id} cannot be "
                            f"loaded: {first}") from None
     return Path(folder)
@@ -128,16 +120,6 @@ def _describe(model: nn.Module) -> str:
         return type(model).__name__
     return (f"width={cfg.width}, nhead={cfg.nhead}, dim_feedforward={cfg.dim_feedforward}, "
             f"num_layers={cfg.num_layers}")
-
-
-def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """``torch.float16`` or a name such as ``"float16"``/``"fp16"``/``"bf16"`` -> a torch dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name not in _DTYPES:
-        raise SurpipeError(f"unknown dtype {dtype!r} (valid: {', '.join(sorted(_DTYPES))})")
-    return _DTYPES[name]
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ _DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
     "float16": "float16", "fp16": "float16", "half": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "double": "float64",  # adapters can be loaded in float64
 }
 
 
@@ -55,11 +56,11 @@ def resolve_dtype(dtype: str, device: str, *, cuda: str = "bfloat16") -> str:
 
 
 def dtype_name(dtype) -> str:
-    """The canonical name (float32, float16, bfloat16) of a name, an alias or a torch dtype."""
+    """The canonical name (float32, float16, bfloat16, float64) of a name, an alias or a torch dtype."""
     name = str(dtype).lower().removeprefix("torch.")
     if name not in _DTYPE_NAMES:
-        raise SurpipeError(f"unknown dtype {dtype!r}; valid choices: float32, float16, bfloat16 "
-                           "(or fp32, fp16, bf16)")
+        raise SurpipeError(f"unknown dtype {dtype!r}; valid choices: float32, float16, bfloat16, float64 "
+                           "(or fp32, fp16, bf16, fp64)")
     return _DTYPE_NAMES[name]
 
 

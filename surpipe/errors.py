@@ -14,7 +14,7 @@ class SurpipeError(Exception):
         super().__init__(message)
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its class name when the message is empty): the
-    part of a library's error worth showing in a one-line SurpipeError."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def first_line(e: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message (``empty``, by default its class name, when the
+    message is empty): the part of a library's error worth showing in a one-line SurpipeError."""
+    return (str(e).strip().splitlines() or [type(e).__name__ if empty is None else empty])[0]

@@ -3,13 +3,15 @@ up front, that a model argument can be read at all (:func:`check_model_source`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 from pathlib import Path
 
+from surpipe.config import read_json_object
 from surpipe.errors import SurpipeError, first_line
+from surpipe.logs import get_logger
+
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 _CONFIG_NAMES = {"scheduler": "scheduler_config.json"}
 
@@ -36,13 +38,7 @@ def read_model_config(model: str, subfolder: str, revision: str | None = None) -
         except Exception as e:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise SurpipeError(f"cannot read {subfolder}/{fname} of {model}{offline}: {first_line(e)}") from None
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurpipeError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise SurpipeError(f"{path} does not hold a JSON object")
-    return cfg
+    return read_json_object(path)
 
 
 # --------------------------------------------------------------------------- reachability
@@ -208,8 +204,8 @@ def check_model_source(model: str, option: str = "--model", what: str = "model",
         _checked[model] = "hub"
         return "hub"
     if cached_snapshot(model) is not None:
-        print(f"surpipe: the Hugging Face hub cannot be reached ({detail}); using the cached copy of {model} "
-              "(offline mode for this run; set HF_HUB_OFFLINE=1 to skip this check)", file=sys.stderr, flush=True)
+        log.warning(f"the Hugging Face hub cannot be reached ({detail}); using the cached copy of {model} "
+                    "(offline mode for this run; set HF_HUB_OFFLINE=1 to skip this check)")
         _go_offline()
         _checked[model] = "cache"
         return "cache"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
+from surpipe.config import read_json_object
 from surpipe.errors import SurpipeError
 from surpipe.render import SCHEDULERS
 
@@ -165,14 +166,12 @@ def load_adapter(path: str, device, adapter_weight: Optional[float] = None):
             raise SurpipeError(f"adapter_weight must be within [0, 1] (got {adapter_weight})")
         adapter.config = dataclasses.replace(adapter.config, adapter_weight=float(adapter_weight))
     check_adapter_finite(adapter, folder)
-    saved = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    return adapter, folder, saved
+    return adapter, folder, read_json_object(folder / CONFIG_NAME)
 
 
 def check_sd_model(model: str, revision: Optional[str] = None) -> Optional[int]:
     """Refuse early a local folder that is not a diffusers Stable Diffusion model; return the text
     encoder's width when it can be read without loading weights."""
-    from surpipe.config import read_json_object
     from surpipe.hub import check_model_source, is_local_model, read_model_config
     from surpipe.sd import check_pipeline_class
 

@@ -20,8 +20,6 @@ _NOISY_WARNINGS = (
     (r".*torch_dtype.*deprecated.*", None),
     (r".*`torch_dtype` is deprecated.*", None),
     (r".*torchvision.*", None),
-    (r".*Object at \.locks is not recognized.*", None),
-    (r".*Object at configs is not recognized.*", None),
     (r".*TypedStorage is deprecated.*", None),
     (r".*upcast_vae.*", None),
     (r".*weights_only.*", FutureWarning),

@@ -9,7 +9,7 @@ import os
 import pickle
 from pathlib import Path
 
-from surpipe.errors import SurpipeError
+from surpipe.errors import SurpipeError, first_line
 
 
 def load_torch_file(path: str | os.PathLike, what: str):
@@ -31,7 +31,7 @@ def load_torch_file(path: str | os.PathLike, what: str):
         raise SurpipeError(f"refusing {p}: it holds objects other than tensors, which could run code "
                            f"when loaded (read with weights_only=True); nothing from it was executed{why}") from None
     except Exception as e:  # not a torch file, truncated zip, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise SurpipeError(f"cannot read {p} as a torch file of tensors (weights_only=True): {first}") from None
 
 

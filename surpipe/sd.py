@@ -35,7 +35,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from surpipe.errors import SurpipeError
+from surpipe.devices import torch_dtype
+from surpipe.errors import SurpipeError, first_line
 from surpipe.hub import is_local_model as is_local  # one rule for every model argument
 from surpipe.hub import model_basename, sanitize_name  # noqa: F401  (re-exported: stages name sd.*)
 
@@ -51,17 +52,6 @@ _TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 # Config keys that describe where/how a config was saved, not the model: left out of config hashes.
 _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash",
                   "torch_dtype", "dtype", "_use_default_values", "_class_name", "name_or_path"}
-
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise SurpipeError(f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
 
 # --------------------------------------------------------------------------- model location
 
@@ -107,7 +97,7 @@ def validate_folder(model: str, components: Iterable[str]) -> None:
 def _load_error(what: str, model: str, revision: str | None, e: Exception) -> SurpipeError:
     where = model + (f"@{revision}" if revision else "")
     offline = " (HF_HUB_OFFLINE is set: hub ids resolve only from the local cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = first_line(e)
     return SurpipeError(f"cannot load the {what} of {where}{offline}: {msg}")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from surpipe.errors import SurpipeError
+from surpipe.errors import SurpipeError, first_line
 
 _FLOAT_KINDS = "fc"
 
@@ -126,7 +126,7 @@ class _Checker:
             self.problem(where, "missing")
         except Exception as e:
             self.problem(where, f"metadata (zarr.json) cannot be read ({type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0][:160]})")
+                         f"{first_line(e, '')[:160]})")
         return None
 
     def _chunk_file(self, arr, coords: tuple[int, ...]) -> Path:
@@ -147,7 +147,7 @@ class _Checker:
             self.rep.chunks_read += 1
             return out
         except Exception as e:  # zarr surfaces codec failures as RuntimeError, ValueError, EOFError, OSError ...
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e, "")[:200]
             if "checksum" in first.lower():
                 self.problem(where, "chunk cannot be decoded: checksum mismatch (crc32c): the chunk file was "
                              "altered, truncated or overwritten after it was written", **loc)
@@ -266,7 +266,7 @@ class _Checker:
                 kg = root[kind]
             except Exception as e:
                 self.problem(kind, f"metadata (zarr.json) cannot be read ({type(e).__name__}: "
-                             f"{(str(e).strip().splitlines() or [''])[0][:160]})")
+                             f"{first_line(e, '')[:160]})")
                 continue
             try:
                 names = sorted(kg.group_keys())
@@ -322,7 +322,7 @@ class _Checker:
                 continue
             except Exception as e:
                 self.problem(f"{path}/{name}", f"metadata (zarr.json) cannot be read ({type(e).__name__}: "
-                             f"{(str(e).strip().splitlines() or [''])[0][:160]})")
+                             f"{first_line(e, '')[:160]})")
                 continue
             if not hasattr(obj, "shape"):
                 self.problem(f"{path}/{name}", "is a group, expected an array")

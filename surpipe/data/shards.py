@@ -130,7 +130,8 @@ def _fsync_dir(folder: str) -> None:
 
 def publish_folder(tmp: str, out: str, overwrite: bool) -> None:
     """Move the finished folder ``tmp`` to ``out`` in one step: a rename when ``out`` is absent or
-    empty, an atomic exchange with a previous pack (``overwrite``), which is then deleted."""
+    empty, an atomic exchange with a previous pack (``overwrite``), which is then deleted. (Folders,
+    so not surpipe.config.atomic_path, which publishes one file.)"""
     import errno
 
     try:

@@ -27,12 +27,12 @@ from surpipe.llm.extract import (PADDING_SIDES, POOLINGS, Extracted, extract, la
 from surpipe.llm.identity import (config_hash, is_local, model_basename, sanitize_name, tokenizer_hash,
                                   tokenizer_settings, weights_fingerprint)
 from surpipe.llm.load import (DTYPES, QUANTS, LoadedLLM, check_cpu_nf4_shapes, default_max_tokens,
-                              find_decoder_layers, load_llm, load_tokenizer, resolve_dtype, torch_dtype)
+                              find_decoder_layers, load_llm, load_tokenizer)
 
 __all__ = [
     "DTYPES", "PADDING_SIDES", "POOLINGS", "QUANTS", "Extracted", "LoadedLLM", "check_causal_lm",
     "check_cpu_nf4_shapes", "config_hash", "default_max_tokens", "extract", "find_decoder_layers", "is_local",
     "layer_states", "length_buckets", "load_llm", "load_tokenizer", "model_basename", "num_layers_of", "pad_batch",
-    "padding_stats", "pool", "quiet_libraries", "read_config", "resolve_dtype", "resolve_layers", "sanitize_name",
-    "tokenize", "tokenizer_hash", "tokenizer_settings", "torch_dtype", "truncated_config", "weights_fingerprint",
+    "padding_stats", "pool", "quiet_libraries", "read_config", "resolve_layers", "sanitize_name",
+    "tokenize", "tokenizer_hash", "tokenizer_settings", "truncated_config", "weights_fingerprint",
 ]

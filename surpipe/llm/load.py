@@ -7,33 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from surpipe.devices import resolve_dtype, torch_dtype
 from surpipe.errors import SurpipeError, first_line
 from surpipe.llm.checks import (check_causal_lm, num_layers_of, quiet_libraries, read_config,
                                 resolve_layers, truncated_config)
 
 QUANTS = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-# --------------------------------------------------------------------------- dtype / device
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto``: float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA when supported, else
-    float16."""
-    if dtype != "auto":
-        return dtype
-    if not str(device).startswith("cuda"):
-        return "float32"
-    import torch
-
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 # --------------------------------------------------------------------------- loading

@@ -17,14 +17,12 @@ from typing import Sequence
 import numpy as np
 
 from surpipe.errors import SurpipeError, first_line
+from surpipe.logs import get_logger
 from surpipe.store.core import DEFAULT_BLOCK_ROWS
 from surpipe.store.rows import open_or_create
 
 
-def _log(msg: str) -> None:
-    from surpipe.logs import get_logger
-
-    get_logger().info(msg)
+log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 def image_problems(samples: Sequence, mode: str, progress: bool = False, desc: str = "") -> dict[int, str]:
@@ -93,14 +91,14 @@ def open_store(data: str, store_path: str, *, block_rows: int | None = None, che
     store, match = open_or_create(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS, left_out)
     rep = getattr(ds, "report", None)
     if is_main and rep is not None and getattr(rep, "skipped", None):
-        _log(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}")
+        log.info(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}")
     if is_main and match.left_out:
         eg = "; ".join(f"{k}: {why}" for k, why in list(match.left_out.items())[:5])
-        _log(f"{len(match.left_out)} dataset rows are not in the store {store_path} (left out when it was "
-             f"created: their images fail the check), e.g. {eg}")
+        log.info(f"{len(match.left_out)} dataset rows are not in the store {store_path} (left out when it was "
+                 f"created: their images fail the check), e.g. {eg}")
     if is_main and block_rows is not None and store.block_rows != block_rows:
-        _log(f"note: store {store_path} exists with block_rows={store.block_rows}; "
-             f"--block-rows {block_rows} only applies when a store is created")
+        log.info(f"note: store {store_path} exists with block_rows={store.block_rows}; "
+                 f"--block-rows {block_rows} only applies when a store is created")
     if images and not store.created_now:
         mode = "header" if check_images == "auto" else check_images
         bad = image_problems(match.samples, mode, progress and is_main)
@@ -144,5 +142,5 @@ def discard_new_store_on_error(store, is_main: bool = True):
 
                 shutil.rmtree(store.path, ignore_errors=True)
                 remove_sidecars(store.path)
-                _log(f"removed the store {store.path} this command had just created (nothing was written to it)")
+                log.info(f"removed the store {store.path} this command had just created (nothing was written to it)")
         raise

@@ -81,7 +81,7 @@ def create_store(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLO
         raise SurpipeError(f"cannot create feature store {path}: {what}"
                            + (f" ({e.filename})" if e.filename else "")) from None
     try:
-        os.rename(tmp, path)
+        os.rename(tmp, path)  # publishes the whole store folder; fails (never replaces) when one appeared
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreExists(f"feature store {path} was created by another process meanwhile") from None

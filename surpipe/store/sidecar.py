@@ -4,7 +4,8 @@ A Zarr reader treats every entry of the store's folder as a node of the hierarch
 anything else (``ZarrUserWarning: Object at .locks is not recognized``), so files that are not zarr
 data live in sibling folders named after the store: ``<store>.locks/`` (lock files) and
 ``<store>.configs/`` (the run configs the stages save, reusable with ``--config``; each group's
-``config`` attribute holds the same config inside the store). docs/store-format.md, "Beside the store".
+``config`` attribute holds the same config inside the store), and ``<store>.adding-layers/`` (layers
+being added by ``extract-llm --layers``, while they are computed). docs/store-format.md, "Beside the store".
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-SIDECARS = ("locks", "configs")
+SIDECARS = ("locks", "configs", "adding-layers")  # adding-layers: extract-llm --layers scratch
 
 
 def sidecar_dir(store_path: str | os.PathLike, what: str) -> Path:

@@ -92,7 +92,7 @@ def make_tiny_models(
             final = out / name
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # publishes a whole folder (not atomic_path, which is for files)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
