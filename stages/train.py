@@ -13,32 +13,19 @@ latest checkpoint in ``--out``; a run folder made with other settings is refused
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
+# torch-free at import; the names are this module's so tests can replace them
+from surpipe.train_log import loss_curve as _loss_curve
+from surpipe.train_log import tracker_problem as _tracker_problem
 
-# Settings that may change between a run and its resume: they do not change what is learned.
-RESUMABLE_CHANGES = {
-    "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "report_to", "workers",
-    "progress", "device", "validation_every", "validation_prompts", "validation_steps",
-    "validation_size", "validation_seed", "loss_curve",
-}
-
-# Settings compared resolved at a resume (``TrainRecipe._run_identity``), not as typed: the same
-# store or model given by a relative path, a symlink or with a trailing slash is the same.
-IDENTITY_KEYS = {"store", "out", "model", "llm_group", "clip_group", "vae_group", "llm_layer"}
-
-# --report-to choice -> the packages that provide it (any one suffices), as accelerate looks for them
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+if TYPE_CHECKING:
+    from surpipe.train_inputs import TrainingInputs
 
 _SEED_MAX = 2**63 - 1
 
@@ -174,258 +161,88 @@ def _validate_numbers(cfg: TrainConfig) -> list[str]:
         p.append(problem)
     return p
 
-
-def _tracker_problem(report_to: str) -> Optional[str]:
-    """Why ``report_to`` cannot be used here (its package is missing), or None."""
-    import importlib.util
-
-    if report_to == "none":
-        return None
-    for mod in TRACKER_PACKAGES[report_to]:
-        try:
-            if importlib.util.find_spec(mod) is not None:
-                return None
-        except (ImportError, ValueError):
-            continue
-    return (f"report_to: {report_to} needs the {report_to} package, which is not installed: "
-            f"pip install 'surpipe[tracking]' (or pip install {TRACKER_PACKAGES[report_to][0]})")
-
-
 def _log_with(report_to: str):
     """The ``log_with`` argument of ``Accelerator`` for ``report_to`` (tests replace this)."""
     return None if report_to == "none" else [report_to]
 
 
+
+
 class TrainRecipe:
-    """One training program: ``setup`` checks everything and loads, ``train`` loops, ``save`` writes."""
+    """One training program, read top to bottom: ``check`` (every problem at once, before any
+    compute) -> ``setup`` (models, optimizer, resume) -> ``train`` (the loop) -> ``save_final``."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.lock_held = False  # set by run() while it holds the run folder's lock
+        self.inputs: Optional[TrainingInputs] = None
 
-    # ------------------------------------------------------------------ checks, before any compute
-    def check(self) -> None:
-        """Find every problem of the setup at once (store, groups, UNet width, options, run folder)."""
-        from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
-        from surpipe.hub import read_model_config
-        from surpipe.store import FeatureStore
-        from surpipe.train_data import resolve_groups
+    def __getattr__(self, name: str):
+        # after check(): recipe.store, recipe.groups, recipe.width ... are the checked inputs'
+        inputs = self.__dict__.get("inputs")
+        if inputs is not None and name in inputs.__dataclass_fields__:
+            return getattr(inputs, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-        cfg = self.cfg
-        problems = _validate_numbers(cfg)
-        self.store = None
-        try:
-            self.store = FeatureStore(cfg.store)
-        except SurpipeError as e:
-            problems.append(str(e))
-        unet_cfg = sched_cfg = None
-        try:
-            from surpipe.sd import check_pipeline_class
+    # ------------------------------------------------------------------ check, before any compute
+    def check(self) -> TrainingInputs:
+        """Find every problem of the setup at once (options, store, groups, UNet width, run folder)
+        and return what ``setup`` needs; raises SurpipeError listing them all."""
+        from surpipe.run_folder import check_run_folder
+        from surpipe.train_inputs import TrainingInputs, gather
 
-            check_pipeline_class(cfg.model, cfg.revision)  # SDXL and others: refused by name
-            unet_cfg = read_model_config(cfg.model, "unet", cfg.revision)
-            sched_cfg = read_model_config(cfg.model, "scheduler", cfg.revision)
-        except SurpipeError as e:
-            problems.append(str(e))
-        if unet_cfg is not None and (unet_cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel"
-                                     or "cross_attention_dim" not in unet_cfg):
-            problems.append(f"{cfg.model}: unet/config.json is not a Stable Diffusion UNet (_class_name "
-                            f"{unet_cfg.get('_class_name')!r}, model_type {unet_cfg.get('model_type')!r}); "
-                            "give a diffusers Stable Diffusion folder or hub id")
-            unet_cfg = None
-        self.groups = None
-        if self.store is not None:
-            # read after the UNet config: among several CLIP/VAE groups, the one that fits --model is picked
-            self.groups, gp = resolve_groups(
-                self.store, llm_layer=cfg.llm_layer, llm_group=cfg.llm_group, clip_group=cfg.clip_group,
-                vae_group=cfg.vae_group, use_flip=cfg.flip, model=cfg.model, revision=cfg.revision,
-                unet_config=unet_cfg)
-            problems += gp
-        g = self.groups
-        shape = ClipFeatures.embedding_shape(self.store.group(g.clip_group)) if g is not None and g.clip_group else None
-        if shape is not None:
-            self.seq_len, self.width = shape
-            if unet_cfg is not None:
-                cad = unet_cfg.get("cross_attention_dim")
-                if isinstance(cad, (list, tuple)):
-                    cad = cad[0]
-                if cad != self.width:
-                    problems.append(f"width mismatch: the store's CLIP embeddings are {self.width} wide but "
-                                    f"the UNet of {cfg.model} expects cross_attention_dim {cad}; "
-                                    "use the SD model whose text encoder made the store")
-            if self.width % cfg.nhead:
-                problems.append(f"nhead {cfg.nhead} does not divide the embedding width {self.width}")
-        size = LLMFeatures.width(self.store.group(g.llm_group), g.llm_layer) if g is not None and g.llm_group else None
-        if size is not None:  # g.llm_layer: --llm-layer -1 resolved
-            self.llm_size = size
-        lat = VaeFeatures.latent_params(self.store.group(g.vae_group)) if g is not None and g.vae_group else None
-        if lat is not None:
-            self.latent_shape = lat.shape
-            if lat.scaling_factor is None:
-                problems.append(f"{g.vae_group} does not record the VAE scaling_factor")
-            self.scaling_factor = 1.0 if lat.scaling_factor is None else lat.scaling_factor
-            self.shift_factor = lat.shift_factor
-            if unet_cfg is not None and unet_cfg.get("in_channels") != self.latent_shape[0]:
-                problems.append(f"latent channels mismatch: store {self.latent_shape[0]}, "
-                                f"UNet in_channels {unet_cfg.get('in_channels')}")
-        if sched_cfg is not None:
-            pt = cfg.prediction_type or sched_cfg.get("prediction_type", "epsilon")
-            if pt not in ("epsilon", "v_prediction"):
-                problems.append(f"prediction type {pt!r} is not supported; valid choices: epsilon, v_prediction")
-            self.prediction_type = pt
-            self.sched_cfg = sched_cfg
-        problems += self._check_run_folder()
+        found, problems = gather(self.cfg)
+        problems = _validate_numbers(self.cfg) + problems
+        problems += check_run_folder(self.cfg, found["store"], found["groups"])
         if problems:
             raise SurpipeError("cannot start training:", problems)
-
-    def _settings(self) -> dict:
-        """The settings a resume must share with the run, with the identity keys (store, model,
-        groups, layer, out) left out: those are compared resolved, through ``_run_identity``."""
-        from surpipe.config import to_dict
-
-        d = to_dict(self.cfg)
-        return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS}
-
-    def _run_identity(self) -> Optional[dict]:
-        """What this run trains on, resolved: the store (path, dataset fingerprint, rows, blocks),
-        the model, the LLM layer and each group with its settings. Recorded in config.json and
-        compared at every resume; None when the store or a group could not be resolved."""
-        from surpipe.store import settings_hash
-        from surpipe.train_data import model_id
-
-        cfg, g = self.cfg, self.groups
-        if self.store is None or g is None or None in (g.llm_group, g.clip_group, g.vae_group):
-            return None
-        groups = {}
-        for kind, path, req in (("llm", g.llm_group, cfg.llm_group), ("clip", g.clip_group, cfg.clip_group),
-                                ("vae", g.vae_group, cfg.vae_group)):
-            s = self.store.group(path).settings
-            if kind == "llm":  # layers added to the group later leave the stored ones unchanged
-                s = {k: v for k, v in s.items() if k != "layers"}
-            groups[kind] = {"path": path, "picked": "auto" if req is None else "option",
-                            "settings_hash": settings_hash(s), "settings": s}
-        return {"store": str(Path(cfg.store).expanduser().resolve()),
-                "dataset_fingerprint": self.store.fingerprint, "num_samples": self.store.num_samples,
-                "block_rows": self.store.block_rows, "model": model_id(cfg.model), "llm_layer": g.llm_layer,
-                "groups": groups}
-
-    def _identity_changes(self, old: dict, meta: dict) -> list[str]:
-        """What differs between the run folder's recorded identity and this run's (one line each)."""
-        new = self._run_identity()
-        if new is None:
-            return []  # the store or a group is unusable: reported by check() already
-        rec = meta.get("run")
-        if not isinstance(rec, dict):  # a run folder from before identities were recorded
-            fp = meta.get("store_fingerprint")
-            changes = []
-            if fp is not None and fp != new["dataset_fingerprint"]:
-                changes.append(f"the store's dataset changed: fingerprint {str(fp)[:12]} then, "
-                               f"{new['dataset_fingerprint'][:12]} now")
-            for k, now in (("llm_layer", new["llm_layer"]), ("model", new["model"])):
-                then = old.get(k)
-                if k == "model" and isinstance(then, str):
-                    from surpipe.train_data import model_id
-
-                    then = model_id(then)
-                if then != now:
-                    changes.append(f"{k}: {then!r} then, {now!r} now")
-            for kind in ("llm", "clip", "vae"):
-                then = old.get(f"{kind}_group")
-                if isinstance(then, str) and not then.startswith(kind + "/"):
-                    then = f"{kind}/{then}"
-                if then is not None and then != new["groups"][kind]["path"]:
-                    changes.append(f"{kind} group: {then!r} then, {new['groups'][kind]['path']!r} now")
-            return changes
-        changes = []
-        if rec.get("dataset_fingerprint") != new["dataset_fingerprint"]:
-            changes.append(
-                f"the store's dataset changed: {rec.get('store')} held {rec.get('num_samples')} rows (dataset "
-                f"fingerprint {str(rec.get('dataset_fingerprint'))[:12]}), {new['store']} holds "
-                f"{new['num_samples']} rows (fingerprint {new['dataset_fingerprint'][:12]})")
-        else:
-            for k in ("num_samples", "block_rows"):
-                if rec.get(k) != new[k]:
-                    changes.append(f"store {k}: {rec.get(k)!r} then, {new[k]!r} now")
-        if rec.get("model") != new["model"]:
-            changes.append(f"model: {rec.get('model')!r} then, {new['model']!r} now")
-        if rec.get("llm_layer") != new["llm_layer"]:
-            hint = " (--llm-layer -1 means the last stored layer, and the group's layers changed)" \
-                if self.cfg.llm_layer < 0 else ""
-            changes.append(f"llm layer: {rec.get('llm_layer')!r} then, {new['llm_layer']!r} now{hint}")
-        old_groups = rec.get("groups") if isinstance(rec.get("groups"), dict) else {}
-        for kind in ("llm", "clip", "vae"):
-            was, now = old_groups.get(kind), new["groups"][kind]
-            if not isinstance(was, dict):
-                changes.append(f"{kind} group: not recorded then, {now['path']} now")
-                continue
-            if was.get("path") != now["path"]:
-                how = "picked automatically" if now["picked"] == "auto" else f"given by --{kind}-group"
-                changes.append(f"{kind} group: {was.get('path')} then, {now['path']} now ({how})")
-            elif was.get("settings_hash") != now["settings_hash"]:
-                ws = was.get("settings") if isinstance(was.get("settings"), dict) else {}
-                diff = sorted(k for k in set(ws) | set(now["settings"]) if ws.get(k) != now["settings"].get(k))
-                what = "; ".join(f"{k}: {ws.get(k)!r} then, {now['settings'].get(k)!r} now" for k in diff[:6])
-                changes.append(f"{now['path']} was rewritten with other settings since the run began "
-                               f"({what or 'settings hash ' + str(was.get('settings_hash')) + ' then, ' + now['settings_hash'] + ' now'})")
-        return changes
-
-    def _check_run_folder(self) -> list[str]:
-        from dataclasses import MISSING
-
-        out = self.out
-        for folder in (out, *out.parents):  # a file where the run folder (or a folder above it) goes
-            if folder.exists() or folder.is_symlink():
-                if not folder.is_dir():
-                    return [f"--out {out}: {folder} is a file, not a folder; choose another --out"]
-                break
-        saved = out / "config.json"
-        if not saved.exists():
-            if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
-                return [f"{out} exists and is not a surpipe run folder (no config.json); choose another --out"]
-            return []
-        damaged = (f"; restore it, or choose another --out (deleting {out} starts the run over)")
-        ck = self._ckpt_dir()
-        if (ck.exists() or ck.is_symlink()) and not ck.is_dir():
-            return [f"{ck} is not a folder (a run folder keeps its checkpoints there){damaged}"]
-        try:
-            old = json.loads(saved.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            return [f"{saved} is damaged, not the JSON surpipe wrote ({e}){damaged}"]
-        meta = old.pop("_surpipe", None) if isinstance(old, dict) else None
-        if not isinstance(old, dict) or not isinstance(meta, dict):
-            return [f"{saved} is damaged: it does not hold a surpipe training config (a JSON object with "
-                    f"its _surpipe record){damaged}"]
-        identity = {k: v for k, v in old.items() if k in IDENTITY_KEYS}
-        new = self._settings()
-        # a key missing from an older run folder holds its default (options added since keep it)
-        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg) if f.default is not MISSING}
-        old = {k: v for k, v in old.items() if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS}
-        diff = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
-        problems = [f"run folder {out} was started with other settings ({k}: {old.get(k, defaults.get(k))!r} "
-                    f"there, {new.get(k)!r} now); resume with the same settings or choose another --out"
-                    for k in diff]
-        changes = self._identity_changes(identity, meta)
-        if changes:
-            problems.append(f"run folder {out} was trained on other data than this run would read; a resume "
-                            "must see the same store, groups and layer (restore them, or choose another --out "
-                            "for a new run). Changed since the run began: " + "; ".join(changes))
-        return problems
+        self.inputs = TrainingInputs(**found)
+        return self.inputs
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup(self, inputs: Optional[TrainingInputs] = None) -> None:
+        """Load the frozen UNet, build the adapter, projection, optimizer and schedule, and resume
+        from the latest checkpoint of the run folder (``check`` runs first unless given its result)."""
         import numpy as np
         import torch
-        from accelerate import Accelerator
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-        from diffusers.optimization import get_scheduler
+        from diffusers import DDPMScheduler
 
-        from surpipe.adapter import SURAdapter, SURAdapterConfig
+        from surpipe import checkpoint as C
         from surpipe.config import save
-        from surpipe.losses import LLMProjection
+        from surpipe.numerics import param_names
+        from surpipe.run_folder import run_identity
+
+        inputs = inputs or self.inputs or self.check()
+        self.inputs = inputs
+        cfg = self.cfg
+        self._start_accelerator()
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # data flips, noise, timesteps
+        self.unet = self._load_unet()
+        self.noise_scheduler = DDPMScheduler.from_config(inputs.sched_config)
+        self._build_trainables()
+        self.param_names = param_names(adapter=self._unwrapped("adapter"), projection=self._unwrapped("projection"))
+        self.step, self.position = 0, None
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.lock_held:  # only then can no live writer own a .tmp-step-* folder
+            C.clean_stale_tmp(self.out / "checkpoints")
+        latest = C.latest(self.out / "checkpoints")
+        if latest is not None:
+            self.load_checkpoint(latest)
+        try:
+            save(cfg, self.out / "config.json", extra={"store_fingerprint": inputs.store.fingerprint,
+                                                       "run": run_identity(cfg, inputs.store, inputs.groups)})
+        except OSError as e:
+            raise SurpipeError(C.write_failure(self.out, "config.json", e)) from None
+
+    def _start_accelerator(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         cfg = self.cfg
-        self.check()
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise SurpipeError(f"device {cfg.device!r} requested but CUDA is not available")
@@ -434,8 +251,6 @@ class TrainRecipe:
             mp = "no" if cpu else "fp16"  # the authors trained in fp16; CPU has no fast fp16
         # accelerate keeps one state per process; ``run`` may be called again in the same process
         # (tests, notebooks) with another precision, so start from a clean state
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(mixed_precision=mp, cpu=cpu, log_with=_log_with(cfg.report_to),
                                        project_dir=str(self.out))
@@ -443,63 +258,54 @@ class TrainRecipe:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
         self.mixed_precision = mp
 
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    def _load_unet(self):
+        from diffusers import UNet2DConditionModel
 
+        from surpipe.errors import first_line
+
+        cfg = self.cfg
         try:
-            self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", revision=cfg.revision,
-                                                             torch_dtype=self.weight_dtype)
+            unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", revision=cfg.revision,
+                                                        torch_dtype=self.weight_dtype)
         except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SurpipeError(f"cannot load the UNet of {cfg.model}: {first}") from None
-        self.unet.requires_grad_(False)
-        self.unet.eval()
+            raise SurpipeError(f"cannot load the UNet of {cfg.model}: {first_line(e)}") from None
+        unet.requires_grad_(False)
+        unet.eval()
         if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.to(self.device)
-        self.noise_scheduler = DDPMScheduler.from_config(self.sched_cfg)
+            unet.enable_gradient_checkpointing()
+        return unet.to(self.device)
 
-        self.adapter = SURAdapter(SURAdapterConfig(
-            width=self.width, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward, num_layers=cfg.num_layers,
+    def _build_trainables(self) -> None:
+        """The adapter and the LLM projection (seeded by cfg.seed / projection_seed), AdamW and the
+        LR schedule, prepared by accelerate."""
+        import torch
+        from diffusers.optimization import get_scheduler
+
+        from surpipe.adapter import SURAdapter, SURAdapterConfig
+        from surpipe.losses import LLMProjection
+
+        cfg, inp = self.cfg, self.inputs
+        adapter = SURAdapter(SURAdapterConfig(
+            width=inp.width, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward, num_layers=cfg.num_layers,
             dropout=cfg.dropout, adapter_weight=cfg.adapter_weight, token_mixing=cfg.token_mixing))
-        self.projection = LLMProjection(self.llm_size, self.width, seed=cfg.projection_seed,
-                                        learnable=cfg.projection == "learnable")
-        params = list(self.adapter.parameters())
-        if cfg.projection == "learnable":
-            params += list(self.projection.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
+        projection = LLMProjection(inp.llm_size, inp.width, seed=cfg.projection_seed,
+                                   learnable=cfg.projection == "learnable")
+        params = list(adapter.parameters()) + (list(projection.parameters()) if cfg.projection == "learnable" else [])
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
-        self.adapter, self.projection, self.optimizer = self.accelerator.prepare(
-            self.adapter, self.projection, self.optimizer)
+        self.adapter, self.projection, self.optimizer = self.accelerator.prepare(adapter, projection, optimizer)
         self.adapter.train()
-        # names for the messages of the non-finite checks (the optimizer holds the same tensors)
-        self.param_names = {id(p): f"adapter.{n}" for n, p in self.accelerator.unwrap_model(self.adapter).named_parameters()}
-        self.param_names |= {id(p): f"projection.{n}"
-                             for n, p in self.accelerator.unwrap_model(self.projection).named_parameters()}
 
-        self.step = 0
-        self.position = None
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.lock_held:  # only then can no live writer own a .tmp-step-* folder
-            self.clean_stale_tmp()
-        latest = self.latest_checkpoint()
-        if latest is not None:
-            self.load_checkpoint(latest)
-        try:
-            save(cfg, self.out / "config.json",
-                 extra={"store_fingerprint": self.store.fingerprint, "run": self._run_identity()})
-        except OSError as e:
-            raise SurpipeError(self._write_failure("config.json", e)) from None
+    def _unwrapped(self, name: str):
+        return self.accelerator.unwrap_model(getattr(self, name))
 
     # ------------------------------------------------------------------ data
     def _stream(self):
         from surpipe.train_data import BlockReader, Position, SampleStream
 
-        reader = BlockReader(self.cfg.store, self.groups, self.store.block_rows)
+        reader = BlockReader(self.cfg.store, self.inputs.groups, self.inputs.store.block_rows)
         pos = Position(**self.position) if self.position else None
         workers = self.cfg.workers
         if workers is None:
@@ -509,83 +315,54 @@ class TrainRecipe:
         return SampleStream(reader, self.cfg.batch_size, self.cfg.seed, workers=workers, position=pos)
 
     def _batch_to_tensors(self, batch):
+        """A loaded batch as tensors on the device, the latents sampled from the stored distributions."""
         import torch
 
-        dev = self.device
-        t = {k: torch.from_numpy(v) for k, v in batch.items()}
-        mean, std = t["lat_mean"].float(), t["lat_std"].float()
-        bsz = mean.shape[0]
-        if self.groups.use_flip:
-            flip = torch.rand(bsz, generator=self.gen) < 0.5
-            fm = flip.view(-1, *([1] * (mean.dim() - 1)))
-            mean = torch.where(fm, t["lat_flip_mean"].float(), mean)
-            std = torch.where(fm, t["lat_flip_std"].float(), std)
-        eps = torch.randn(mean.shape, generator=self.gen)
-        latents = ((mean + std * eps) - self.shift_factor) * self.scaling_factor
+        from surpipe.losses import sample_latents
+
+        dev, inp = self.device, self.inputs
+        latents = sample_latents(batch, use_flip=inp.groups.use_flip, scaling_factor=inp.scaling_factor,
+                                 shift_factor=inp.shift_factor, generator=self.gen)
+        t = {k: torch.from_numpy(batch[k]) for k in ("clip_simple", "clip_complex", "llm")}
         return {
-            "latents": latents.to(dev),
-            "clip_simple": t["clip_simple"].float().to(dev),
-            "clip_complex": t["clip_complex"].float().to(dev),
-            "llm": t["llm"].float().to(dev),
+            "latents": latents.to(dev), **{k: v.float().to(dev) for k, v in t.items()},
             # rows whose LLM vector is missing (zeros, matched=false) take no part in the LLM term
-            "llm_mask": t["llm_matched"].bool().to(dev) if "llm_matched" in t else None,
+            "llm_mask": torch.from_numpy(batch["llm_matched"]).bool().to(dev) if "llm_matched" in batch else None,
         }
 
-    # ------------------------------------------------------------------ one micro-batch
     def loss(self, b):
-        """The three losses of one micro-batch (method.md), as a dict of scalar tensors."""
-        import torch
+        """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors."""
+        from surpipe.losses import composed_loss
 
-        from surpipe import losses as L
-
-        cfg = self.cfg
-        latents = b["latents"]
-        bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.gen).to(self.device)
-        if cfg.noise_offset:
-            noise = L.apply_noise_offset(noise, cfg.noise_offset, self.gen)
-        T = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, T, (bsz,), generator=self.gen).to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-
-        out, e, fc = _adapter_aux(self.adapter, b["clip_simple"])
-        llm_loss = L.llm_loss(self.projection(b["llm"]), e, mask=b.get("llm_mask"))
-        # prompt_target: the authors compared with fc(a) until 2023-11-29, with out since (method-decisions.md)
-        prompt_loss = L.prompt_loss(b["clip_complex"], out if cfg.prompt_target == "out" else fc)
-        cond = out if cfg.gradient_path == "paper" else out.detach()
-        pred = self.unet(noisy.to(self.weight_dtype), timesteps, cond.to(self.weight_dtype)).sample.float()
-        target = L.denoise_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        weights = None
-        if cfg.min_snr_gamma is not None:
-            weights = L.min_snr_weights(self.noise_scheduler, timesteps, cfg.min_snr_gamma, self.prediction_type)
-        denoise = L.denoise_loss(pred, target.float(), weights)
-        total = denoise + cfg.llm_weight * llm_loss + cfg.prompt_weight * prompt_loss
-        return {"loss": total, "denoise": denoise, "llm": llm_loss, "prompt": prompt_loss}
+        return composed_loss(b, adapter=self.adapter, projection=self.projection, unet=self.unet,
+                             scheduler=self.noise_scheduler, generator=self.gen, cfg=self.cfg,
+                             prediction_type=self.inputs.prediction_type, weight_dtype=self.weight_dtype)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        """Train (or resume) to max_steps, then write the final adapter and the loss curve."""
+        from surpipe import checkpoint as C
+        from surpipe import train_log
+        from surpipe.config import to_dict
         from surpipe.progress import progress_bar
 
         cfg = self.cfg
         if self.step >= cfg.max_steps:
-            if self._final_adapter_stale():  # killed after the last checkpoint, before the adapter was written
+            if C.final_adapter_stale(self.out):  # killed after the last checkpoint, before the adapter was written
                 self.save_final()
-            msg = f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps"
-            print(msg)
+            print(f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps")
             return {"step": self.step, "resumed": True, "nothing_to_do": True}
         stream = self._stream()
-        it = iter(stream)
+        it = iter(stream)  # loader workers start here, before the trackers
         start_step = self.step
         if start_step:  # steps logged after the checkpoint by a killed run are replayed: drop them
-            _drop_metrics_after(self.out / "metrics.jsonl", start_step)
-        self._init_trackers()
-        logger = _RunLogger(self.out, start_step, self.accelerator)
-        bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step",
-                           desc="train", disable=not cfg.progress)
+            train_log.drop_metrics_after(self.out / "metrics.jsonl", start_step)
+        train_log.init_trackers(self.accelerator, cfg.report_to, to_dict(cfg), self.out)
+        logger = train_log.RunLogger(self.out, self.accelerator)
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step", desc="train", disable=not cfg.progress)
         if start_step:
             logger.log_text(f"resumed from step {start_step}")
         t_run = time.perf_counter()
-        last = {}
         try:
             last = self._loop(stream, it, logger, bar)
         except SurpipeError as e:
@@ -599,103 +376,82 @@ class TrainRecipe:
             from surpipe.render import tiny_model_note
 
             _loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png", note=tiny_model_note(cfg.model))
-        elapsed = time.perf_counter() - t_run
-        summary = {"step": self.step, "steps_run": self.step - start_step, "seconds": round(elapsed, 2),
-                   "final": last, "adapter": str(self.out / "adapter")}
-        print(f"trained {self.step - start_step} steps in {elapsed:.1f}s "
-              f"({(self.step - start_step) / max(elapsed, 1e-9):.2f} steps/s); last loss {last.get('loss', float('nan')):.5f}; "
-              f"adapter: {self.out / 'adapter'}")
-        return summary
+        elapsed, n = time.perf_counter() - t_run, self.step - start_step
+        print(f"trained {n} steps in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.2f} steps/s); last loss "
+              f"{last.get('loss', float('nan')):.5f}; adapter: {self.out / 'adapter'}")
+        return {"step": self.step, "steps_run": n, "seconds": round(elapsed, 2), "final": last,
+                "adapter": str(self.out / "adapter")}
 
-    def _loop(self, stream, it, logger: "_RunLogger", bar) -> dict:
+    def _loop(self, stream, it, logger, bar) -> dict:
         """Steps until max_steps; stops with a SurpipeError (before anything is saved) on a
         non-finite loss, gradient or weight."""
-        import torch
+        from surpipe import numerics as N
 
         cfg = self.cfg
         last: dict = {}
         skipped = 0  # consecutive optimizer steps skipped by the fp16 loss scaler
+        params = list(self.optimizer.param_groups[0]["params"])
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
-            wait = fwd = bwd = 0.0
-            sums = {"loss": 0.0, "denoise": 0.0, "llm": 0.0, "prompt": 0.0}
-            for _ in range(cfg.grad_accum):
-                ta = time.perf_counter()
-                batch = self._batch_to_tensors(next(it))
-                tb = time.perf_counter()
-                with self.accelerator.autocast():
-                    losses = self.loss(batch)
-                tc = time.perf_counter()
-                self.accelerator.backward(losses["loss"] / cfg.grad_accum)
-                td = time.perf_counter()
-                wait += tb - ta
-                fwd += tc - tb
-                bwd += td - tc
-                for k in sums:
-                    sums[k] += float(losses[k].detach()) / cfg.grad_accum
+            sums, times = self._accumulate(it)
             # a non-finite term stops the run here, before the optimizer step: the weights and the
             # last checkpoint stay as they were
-            bad = [k for k in ("denoise", "llm", "prompt", "loss") if not math.isfinite(sums[k])]
-            if bad:
-                what = "the total loss" if bad == ["loss"] else f"the {bad[0]} loss"
-                self._stop_nonfinite(f"{what} is not finite ({sums[bad[0]]})")
+            self._stop_if(N.loss_problem(sums))
             te = time.perf_counter()
-            params = [p for p in self.optimizer.param_groups[0]["params"]]
-            if self.accelerator.scaler is None:
-                # checked before clipping, which would spread a NaN norm over every gradient; with
-                # fp16 loss scaling overflows are expected (the scaler skips the step, lowers its scale)
-                with_grad = [p for p in params if p.grad is not None]
-                gnorms = torch._foreach_norm([p.grad for p in with_grad])
-                if not bool(torch.stack([n.float() for n in gnorms]).isfinite().all()):
-                    self._stop_nonfinite(f"the gradient is not finite in {self._nonfinite_names(with_grad, gnorms)}")
+            if self.accelerator.scaler is None:  # with fp16 loss scaling overflows are expected (skipped steps)
+                self._stop_if(N.gradient_problem(params, self.param_names))
             grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
             self.optimizer.step()
-            if getattr(self.optimizer, "step_was_skipped", False):
-                skipped += 1
-                if skipped >= 30:  # the scale fell by 2**30: the gradients overflow even unscaled
-                    self._stop_nonfinite(f"the fp16 loss scaler skipped {skipped} steps in a row "
-                                         "(non-finite gradients); try --mixed-precision bf16 or no")
-            else:
-                skipped = 0
-            norms = torch._foreach_norm([p.detach() for p in params])
-            if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-                self._stop_nonfinite(f"a weight became non-finite after the optimizer step in "
-                                     f"{self._nonfinite_names(params, norms)}")
+            skipped = skipped + 1 if getattr(self.optimizer, "step_was_skipped", False) else 0
+            if skipped >= 30:  # the scale fell by 2**30: the gradients overflow even unscaled
+                self._stop_if(f"the fp16 loss scaler skipped {skipped} steps in a row "
+                              "(non-finite gradients); try --mixed-precision bf16 or no")
+            self._stop_if(N.weight_problem(params, self.param_names))
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.position = stream.position.to_dict()
             step_s = time.perf_counter() - t0
-            last = {
-                "step": self.step, **sums, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "step_s": step_s, "data_wait_s": wait, "forward_s": fwd, "backward_s": bwd,
-                "optimizer_s": time.perf_counter() - te,
-                "samples_per_s": cfg.batch_size * cfg.grad_accum / step_s,
-                "epoch": stream.position.epoch,
-            }
+            last = {"step": self.step, **sums, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "step_s": step_s, **times, "optimizer_s": time.perf_counter() - te,
+                    "samples_per_s": cfg.batch_size * cfg.grad_accum / step_s, "epoch": stream.position.epoch}
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 logger.log(last)
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss']:.4f}", wait=f"{wait / step_s:.0%}", refresh=False)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", wait=f"{times['data_wait_s'] / step_s:.0%}", refresh=False)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
             if cfg.validation_every and (self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
-                grid = self.validate()
-                if grid is not None:
-                    logger.log_image("validation", grid, self.step)
+                logger.log_image("validation", self.validate(), self.step)
         return last
 
-    def _nonfinite_names(self, params, values) -> str:
-        """The names (at most 5) of the ``params`` whose entry in ``values`` (a tensor or its norm)
-        holds a NaN or an infinity."""
-        import torch
+    def _accumulate(self, it) -> tuple[dict, dict]:
+        """Forward and backward of grad_accum micro-batches: the mean loss terms and the times spent."""
+        cfg = self.cfg
+        times = {"data_wait_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
+        sums = {"loss": 0.0, "denoise": 0.0, "llm": 0.0, "prompt": 0.0}
+        for _ in range(cfg.grad_accum):
+            ta = time.perf_counter()
+            batch = self._batch_to_tensors(next(it))
+            tb = time.perf_counter()
+            with self.accelerator.autocast():
+                losses = self.loss(batch)
+            tc = time.perf_counter()
+            self.accelerator.backward(losses["loss"] / cfg.grad_accum)
+            times["data_wait_s"] += tb - ta
+            times["forward_s"] += tc - tb
+            times["backward_s"] += time.perf_counter() - tc
+            for k in sums:
+                sums[k] += float(losses[k].detach()) / cfg.grad_accum
+        return sums, times
 
-        bad = [self.param_names.get(id(p), f"parameter {i}") for i, (p, t) in enumerate(zip(params, values))
-               if not bool(torch.isfinite(t).all())]
-        return ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else "(none found)"
+    def _stop_if(self, what: Optional[str]) -> None:
+        """Stop the run on a non-finite number (``what`` says where), keeping the last checkpoint."""
+        from surpipe.checkpoint import latest as latest_checkpoint
 
-    def _stop_nonfinite(self, what: str) -> None:
-        latest = self.latest_checkpoint()
+        if what is None:
+            return
+        latest = latest_checkpoint(self.out / "checkpoints")
         kept = (f"the last good checkpoint {latest} is kept" if latest is not None
                 else "no checkpoint had been written yet")
         raise SurpipeError(
@@ -703,423 +459,64 @@ class TrainRecipe:
             "Check the store (surpipe verify) and the options (learning_rate, loss weights, noise_offset, "
             "min_snr_gamma); a rerun resumes from the last checkpoint.")
 
-    def _init_trackers(self) -> None:
-        """Start the --report-to tracker (TensorBoard under OUT/tensorboard, or a W&B run)."""
-        cfg = self.cfg
-        if cfg.report_to == "none" and not self.accelerator.log_with:
-            return
-        from surpipe.config import to_dict
-
-        # trackers take flat scalars: lists and None as text
-        values = {k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v))
-                  for k, v in to_dict(cfg).items()}
-        project = "tensorboard" if cfg.report_to == "tensorboard" else "surpipe"
-        try:
-            self.accelerator.init_trackers(project, config=values,
-                                           init_kwargs={"wandb": {"name": self.out.name, "dir": str(self.out)}})
-        except Exception as e:  # e.g. wandb without a login: say so, no traceback
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            hint = " (run `wandb login`, or set WANDB_MODE=offline)" if cfg.report_to == "wandb" else ""
-            raise SurpipeError(f"cannot start the {cfg.report_to} tracker: {first}{hint}") from None
-
-    # ------------------------------------------------------------------ checkpoints
-    def _ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
-
-    def checkpoints(self) -> list[Path]:
-        """The checkpoint folders (``step-<8 digits>``), oldest first. They appear by one atomic
-        rename, so a damaged one (even without state.json) is reported at load, never skipped."""
-        import re
-
-        d = self._ckpt_dir()
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.iterdir() if re.fullmatch(r"step-\d{8}", p.name) and p.is_dir())
-
-    def latest_checkpoint(self) -> Optional[Path]:
-        done = self.checkpoints()
-        return done[-1] if done else None
-
-    def clean_stale_tmp(self) -> list[Path]:
-        """Delete the ``.tmp-step-*`` folders that killed runs left in the checkpoint folder (only
-        those; call it only with the run folder's lock held, so no live writer owns one)."""
-        d = self._ckpt_dir()
-        if not d.is_dir():
-            return []
-        stale = [p for p in d.iterdir() if p.name.startswith(".tmp-step-") and p.is_dir() and not p.is_symlink()]
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
-        return stale
-
-    def save_checkpoint(self) -> Path:
-        """Adapter, projection, optimizer, LR schedule, step, RNG states and data position,
-        written under a temporary name and renamed, then older checkpoints pruned.
-
-        A failed write (full disk, I/O error) raises SurpipeError; the earlier checkpoints are kept."""
-        import torch
-        from safetensors.torch import save_file
-
-        self._refuse_nonfinite_weights("checkpoint")
-        final = self._ckpt_dir() / f"step-{self.step:08d}"
-        tmp = self._ckpt_dir() / f".tmp-step-{self.step:08d}-{os.getpid()}"
-        try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            self.accelerator.unwrap_model(self.adapter).save_pretrained(tmp / "adapter")
-            self.accelerator.unwrap_model(self.projection).save(tmp / "projection.safetensors")
-            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None},
-                       tmp / "optimizer.pt")
-            rng = {"torch_cpu": torch.get_rng_state(), "generator": self.gen.get_state()}
-            if torch.cuda.is_available():
-                rng["torch_cuda"] = torch.cuda.get_rng_state()
-            save_file(rng, str(tmp / "rng.safetensors"))
-            state = {"step": self.step, "position": self.position, "python_random": repr(random.getstate()),
-                     "max_steps": self.cfg.max_steps}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SurpipeError(self._write_failure(f"checkpoint step-{self.step:08d}", e)) from None
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpts = sorted(p for p in self._ckpt_dir().iterdir() if p.name.startswith("step-"))
-        for old in ckpts[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def _write_failure(self, what: str, e: Exception) -> str:
-        """The message of a failed write into the run folder: what failed, what is kept, what to do."""
-        import errno as _errno
-
-        full = getattr(e, "errno", None) == _errno.ENOSPC or "No space left" in str(e)
-        why = "no space left on device" if full else f"write failed: {getattr(e, 'strerror', None) or e}"
-        prev = self.latest_checkpoint()
-        kept = (f"the previous checkpoint {prev.name} (step {prev.name[5:].lstrip('0') or 0}) is intact"
-                if prev else "no earlier checkpoint exists")
-        return (f"{why} while writing the {what} of run folder {self.out}; nothing of it was kept and {kept}. "
-                f"{'Free space' if full else 'Fix the disk'}, then rerun the same command: it resumes from the "
-                "latest checkpoint")
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore a checkpoint; a damaged one raises SurpipeError naming the file and the previous
-        checkpoint (never a silent fall-back: deleting the damaged folder is the user's choice)."""
-        try:
-            self._load_checkpoint(path)
-        except _Damaged as e:
-            earlier = [p for p in self.checkpoints() if p.name < path.name]
-            todo = (f"delete {path} to resume from the previous checkpoint {earlier[-1].name}" if earlier
-                    else f"it is the only checkpoint: delete {path} to start the run over from step 0")
-            raise SurpipeError(f"checkpoint {path} cannot be loaded, it is damaged: {e}; {todo}") from None
-        print(f"resuming {self.out} from {path.name} (step {self.step})")
-
-    def _load_checkpoint(self, path: Path) -> None:
-        import torch
-
-        from surpipe.safeload import load_torch_file
-
-        # state.json first: cheap, and it says which step the rest must belong to
-        try:
-            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _Damaged(f"state.json is missing, unreadable or truncated ({e})") from None
-        step, pos = (state.get("step"), state.get("position")) if isinstance(state, dict) else (None, None)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1 or f"step-{step:08d}" != path.name:
-            raise _Damaged(f"state.json has step {step!r}, not the step of {path.name}")
-        if not (isinstance(pos, dict) and set(pos) == {"epoch", "block_idx", "row_idx"}
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos.values())
-                and pos["block_idx"] <= self.store.num_blocks and pos["row_idx"] < self.store.block_rows):
-            raise _Damaged(f"state.json has an invalid data position {pos!r}")
-
-        # weights: shapes checked against this run's modules before any tensor is read
-        adapter = self.accelerator.unwrap_model(self.adapter)
-        try:
-            acfg = json.loads((path / "adapter" / "config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _Damaged(f"adapter/config.json is unreadable ({e})") from None
-        if not isinstance(acfg, dict):
-            raise _Damaged("adapter/config.json does not hold a JSON object")
-        for k in ("width", "nhead", "dim_feedforward", "num_layers", "token_mixing", "adapter_weight"):
-            if acfg.get(k) != getattr(adapter.config, k):
-                raise _Damaged(f"adapter/config.json has {k} {acfg.get(k)!r} where this run's adapter has "
-                               f"{getattr(adapter.config, k)!r}")
-        _load_weights(adapter, path / "adapter" / "model.safetensors", "adapter/model.safetensors")
-        _load_weights(self.accelerator.unwrap_model(self.projection), path / "projection.safetensors",
-                      "projection.safetensors")
-
-        # optimizer and schedule: read with weights_only (no pickled code runs), then checked
-        try:
-            opt = load_torch_file(path / "optimizer.pt", "optimizer state")
-        except SurpipeError as e:
-            raise _Damaged(str(e)) from None
-        if not (isinstance(opt, dict) and isinstance(opt.get("optimizer"), dict)
-                and isinstance(opt.get("lr_scheduler"), dict)):
-            raise _Damaged("optimizer.pt does not hold an optimizer state (a dict with 'optimizer' and "
-                           "'lr_scheduler')")
-        try:
-            self.optimizer.load_state_dict(opt["optimizer"])
-            _check_optimizer(self.optimizer)
-            self.lr_scheduler.load_state_dict(dict(opt["lr_scheduler"]))
-            last = self.lr_scheduler.get_last_lr()
-            if self.lr_scheduler.last_epoch != step or not all(
-                    isinstance(x, (int, float)) and math.isfinite(x) for x in last):
-                raise ValueError(f"the learning-rate schedule is at step {self.lr_scheduler.last_epoch!r}, "
-                                 f"the checkpoint at {step}")
-            if opt.get("scaler") and self.accelerator.scaler:
-                self.accelerator.scaler.load_state_dict(opt["scaler"])
-        except _Damaged:
-            raise
-        except Exception as e:  # torch raises ValueError, KeyError, TypeError ... for a wrong state
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise _Damaged(f"optimizer.pt does not match this run's optimizer ({first})") from None
-
-        # RNG states
-        try:
-            from safetensors.torch import load_file
-
-            rng = load_file(str(path / "rng.safetensors"))
-        except Exception as e:
-            raise _Damaged(f"rng.safetensors is unreadable ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
-        missing = [k for k in ("torch_cpu", "generator") if k not in rng]
-        if missing:
-            raise _Damaged(f"rng.safetensors lacks {', '.join(missing)}")
-        try:
-            torch.set_rng_state(rng["torch_cpu"])
-            self.gen.set_state(rng["generator"])
-            if "torch_cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["torch_cuda"])
-        except Exception as e:
-            raise _Damaged(f"rng.safetensors holds an invalid RNG state ({type(e).__name__}: "
-                           f"{(str(e).strip().splitlines() or [''])[0]})") from None
-        self.step = step
-        self.position = pos
-
-    def _final_adapter_stale(self) -> bool:
-        """True when OUT/adapter is missing or older than the latest checkpoint."""
-        from surpipe.adapter import WEIGHTS_NAME
-
-        final = self.out / "adapter" / WEIGHTS_NAME
-        latest = self.latest_checkpoint()
-        if not final.is_file():
-            return True
-        return latest is not None and final.stat().st_mtime_ns < (latest / "state.json").stat().st_mtime_ns
+    # ------------------------------------------------------------------ checkpoints and the final adapter
+    def _modules(self) -> dict:
+        return {"adapter": self._unwrapped("adapter"), "projection": self._unwrapped("projection")}
 
     def _refuse_nonfinite_weights(self, what: str) -> None:
         """Never write a NaN/Inf adapter or projection: raise naming the tensors instead."""
-        import torch
+        from surpipe.numerics import listing, nonfinite_tensors
 
-        bad = [f"{prefix}.{k}" for prefix, mod in (("adapter", self.adapter), ("projection", self.projection))
-               for k, v in self.accelerator.unwrap_model(mod).state_dict().items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = nonfinite_tensors(**self._modules())
         if bad:
             raise SurpipeError(f"refusing to write a {what} of {self.out} at step {self.step}: non-finite "
-                               f"values in {', '.join(bad[:5])}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+                               f"values in {listing(bad)}")
+
+    def save_checkpoint(self) -> Path:
+        """Adapter, projection, optimizer, LR schedule, step, RNG states and data position (atomic;
+        older checkpoints pruned to keep_checkpoints)."""
+        from surpipe.checkpoint import save_checkpoint
+
+        self._refuse_nonfinite_weights("checkpoint")
+        return save_checkpoint(self.out, self.step, **self._modules(), optimizer=self.optimizer,
+                               lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler, gen=self.gen,
+                               position=self.position, max_steps=self.cfg.max_steps, keep=self.cfg.keep_checkpoints)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint (a damaged one raises SurpipeError naming it and the previous one)."""
+        from surpipe.checkpoint import load_checkpoint
+
+        self.step, self.position = load_checkpoint(
+            path, **self._modules(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            scaler=self.accelerator.scaler, gen=self.gen, num_blocks=self.inputs.store.num_blocks,
+            block_rows=self.inputs.store.block_rows)
+        print(f"resuming {self.out} from {path.name} (step {self.step})")
 
     def save_final(self) -> None:
         """The final adapter in ``OUT/adapter`` (save_pretrained layout) and the projection."""
+        from surpipe.checkpoint import save_final
+
         self._refuse_nonfinite_weights("final adapter")
-        tmp = self.out / ".tmp-adapter"
-        try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self.accelerator.unwrap_model(self.adapter).save_pretrained(tmp)
-            self.accelerator.unwrap_model(self.projection).save(tmp / "llm_projection.safetensors")
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SurpipeError(self._write_failure("final adapter", e)) from None
-        final = self.out / "adapter"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        save_final(self.out, **self._modules())
 
     # ------------------------------------------------------------------ validation pictures
-    def validate(self) -> Optional[Path]:
+    def validate(self) -> Path:
         """Render the validation prompts without and with the adapter (same seeds) into a grid."""
         from surpipe.render import compare_grid
 
-        prompts = self.cfg.validation_prompts or [str(p) for p in self.store.prompts("simple")[:4]]
-        adapter = self.accelerator.unwrap_model(self.adapter)
+        cfg = self.cfg
+        prompts = cfg.validation_prompts or [str(p) for p in self.inputs.store.prompts("simple")[:4]]
+        adapter = self._unwrapped("adapter")
         was_training = adapter.training
         adapter.eval()
         path = self.out / "validation" / f"step-{self.step:08d}.png"
         try:
-            compare_grid(self.cfg.model, adapter, prompts, path, unet=self.unet, steps=self.cfg.validation_steps,
-                         seed=self.cfg.validation_seed, size=self.cfg.validation_size, revision=self.cfg.revision,
+            compare_grid(cfg.model, adapter, prompts, path, unet=self.unet, steps=cfg.validation_steps,
+                         seed=cfg.validation_seed, size=cfg.validation_size, revision=cfg.revision,
                          device=self.device, dtype=self.weight_dtype, progress=False)
         finally:
             adapter.train(was_training)
         return path
-
-
-class _Damaged(Exception):
-    """A checkpoint file that is not what surpipe wrote (load_checkpoint words the message)."""
-
-
-def _load_weights(module, path: Path, name: str) -> None:
-    """Load a safetensors file into ``module`` strictly, checking names, shapes and finiteness
-    before reading any tensor (a damaged header cannot make us allocate)."""
-    import torch
-    from safetensors import safe_open
-
-    want = module.state_dict()
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            if keys != set(want):
-                extra, missing = sorted(keys - set(want)), sorted(set(want) - keys)
-                raise _Damaged(f"{name} does not hold this run's tensors (unexpected {extra[:3]}, missing {missing[:3]})")
-            for k in sorted(keys):
-                shape = tuple(f.get_slice(k).get_shape())
-                if shape != tuple(want[k].shape):
-                    raise _Damaged(f"{name}: tensor {k} has shape {list(shape)}, this run's has {list(want[k].shape)}")
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except _Damaged:
-        raise
-    except Exception as e:
-        raise _Damaged(f"{name} is unreadable ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise _Damaged(f"{name} holds non-finite values (in {', '.join(bad[:3])})")
-    module.load_state_dict(tensors)
-
-
-def _check_optimizer(optimizer) -> None:
-    """Raise _Damaged when the loaded AdamW state does not fit its parameters (torch checks only the
-    group sizes: a moment of another shape would fail at the next step)."""
-    import torch
-
-    for group in optimizer.param_groups:
-        for k in ("lr", "eps", "weight_decay"):
-            v = group.get(k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise _Damaged(f"optimizer.pt has an invalid {k} {v!r}")
-        betas = group.get("betas")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(isinstance(b, (int, float)) and math.isfinite(b) for b in betas)):
-            raise _Damaged(f"optimizer.pt has invalid betas {betas!r}")
-        for p in group["params"]:
-            for k, v in optimizer.state.get(p, {}).items():
-                if not isinstance(v, torch.Tensor):
-                    raise _Damaged(f"optimizer.pt: state {k!r} is a {type(v).__name__}, not a tensor")
-                if k != "step" and tuple(v.shape) != tuple(p.shape):
-                    raise _Damaged(f"optimizer.pt: state {k!r} has shape {list(v.shape)} for a parameter of "
-                                   f"shape {list(p.shape)}")
-                if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                    raise _Damaged(f"optimizer.pt: state {k!r} holds non-finite values")
-
-
-def _adapter_aux(adapter, x):
-    """(out, e, fc(a)) of a possibly wrapped adapter: the wrapper's forward keeps autocast hooks."""
-    return adapter(x, return_aux=True)
-
-
-class _RunLogger:
-    """metrics.jsonl (one JSON object per logged step) + a human train.log + the accelerate
-    trackers of ``--report-to`` (TensorBoard, W&B), which also receive the validation grids."""
-
-    def __init__(self, out: Path, start_step: int, accelerator=None):
-        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-        self.human = open(out / "train.log", "a", encoding="utf-8")
-        self.accelerator = accelerator if accelerator is not None and accelerator.trackers else None
-        self.t0 = time.perf_counter()
-
-    def log_text(self, msg: str) -> None:
-        self.human.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
-        self.human.flush()
-
-    def log(self, m: dict) -> None:
-        self.metrics.write(json.dumps(m) + "\n")
-        self.metrics.flush()
-        self.log_text(
-            f"step {m['step']} loss {m['loss']:.5f} (denoise {m['denoise']:.5f} llm {m['llm']:.4f} "
-            f"prompt {m['prompt']:.4f}) lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
-            f"{m['samples_per_s']:.1f} samples/s wait {m['data_wait_s'] / m['step_s']:.0%}")
-        if self.accelerator is not None:
-            self.accelerator.log({k: v for k, v in m.items() if k != "step" and isinstance(v, (int, float))},
-                                 step=m["step"])
-
-    def log_image(self, tag: str, png: Path, step: int) -> None:
-        """Send a picture (the validation grid) to the trackers: TensorBoard add_image, W&B wandb.Image."""
-        if self.accelerator is None:
-            return
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(png) as im:
-            arr = np.asarray(im.convert("RGB"))
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image(tag, arr, global_step=step, dataformats="HWC")
-                tracker.writer.flush()
-            else:  # accelerate's W&B tracker wraps each array in a wandb.Image
-                tracker.log_images({tag: [arr]}, step=step)
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.human.close()
-        if self.accelerator is not None:
-            self.accelerator.end_training()
-
-
-def _drop_metrics_after(metrics: Path, step: int) -> None:
-    """Keep only the rows of metrics.jsonl up to ``step`` (atomically)."""
-    if not metrics.is_file():
-        return
-    keep = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by a kill
-    tmp = metrics.with_name(metrics.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    os.replace(tmp, metrics)
-
-
-def _smooth(values: list[float], weight: float) -> list[float]:
-    """Debiased exponential moving average (TensorBoard's smoothing): ``s_i = w*s_{i-1} + (1-w)*v_i``
-    from ``s_{-1} = 0``, divided by ``1 - w**(i+1)`` so the start is not pulled towards 0."""
-    out, s = [], 0.0
-    for i, v in enumerate(values):
-        s = weight * s + (1.0 - weight) * v
-        out.append(s / (1.0 - weight ** (i + 1)) if weight else s)
-    return out
-
-
-def _smoothing_weight(n: int) -> float:
-    """An EMA weight averaging over about a tenth of ``n`` points (none for 10 points or fewer)."""
-    return min(0.98, max(0.0, 1.0 - 10.0 / n)) if n else 0.0
-
-
-def _loss_curve(metrics: Path, png: Path, note: Optional[str] = None) -> None:
-    """The four loss terms per logged step (thin) with their smoothed line; ``note`` (e.g. that the
-    models are random tiny ones) goes into the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    weight = _smoothing_weight(len(rows))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6 if note else 3.2))
-    for ax, key in zip(axes, ("loss", "denoise", "llm", "prompt")):
-        vals = [r[key] for r in rows]
-        ax.plot(steps, vals, lw=0.8, alpha=0.35, marker="." if len(rows) <= 200 else None, ms=3,
-                color="tab:blue", label="per step")
-        ax.plot(steps, _smooth(vals, weight), lw=1.8, color="tab:orange", label=f"EMA {weight:.2f}")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
-    if note:
-        fig.suptitle(note, color="red", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -1130,12 +527,12 @@ def run(cfg: TrainConfig) -> dict:
     from surpipe.locks import exclusive_lock
 
     recipe = TrainRecipe(cfg)
-    recipe.check()  # every problem at once, before anything is written
+    inputs = recipe.check()  # every problem at once, before anything is written
     try:
         recipe.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SurpipeError(f"cannot create run folder {recipe.out}: {e.strerror or e}; choose another --out") from None
     with exclusive_lock(recipe.out / ".lock", f"run folder {recipe.out}"):
         recipe.lock_held = True
-        recipe.setup()
+        recipe.setup(inputs)
         return recipe.train()

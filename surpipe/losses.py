@@ -242,3 +242,52 @@ def apply_noise_offset(noise: torch.Tensor, offset: float,
     dev = generator.device if generator is not None else noise.device
     extra = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
     return noise + float(offset) * extra.to(device=noise.device, dtype=noise.dtype)
+
+
+# --------------------------------------------------------------------------- one training micro-batch
+def sample_latents(batch: dict, *, use_flip: bool, scaling_factor: float, shift_factor: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Latents drawn from the stored VAE distributions (``lat_mean``/``lat_std`` numpy arrays; the
+    flipped ones for a random half of the rows when ``use_flip``), shifted and scaled as the VAE's
+    ``encode(...).sample()`` would feed the UNet. Draws the flips, then the noise, from ``generator``."""
+    t = {k: torch.from_numpy(batch[k]).float() for k in batch if k.startswith("lat_")}
+    mean, std = t["lat_mean"], t["lat_std"]
+    if use_flip:
+        flip = torch.rand(mean.shape[0], generator=generator) < 0.5
+        fm = flip.view(-1, *([1] * (mean.dim() - 1)))
+        mean = torch.where(fm, t["lat_flip_mean"], mean)
+        std = torch.where(fm, t["lat_flip_std"], std)
+    eps = torch.randn(mean.shape, generator=generator)
+    return ((mean + std * eps) - shift_factor) * scaling_factor
+
+
+def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: torch.Generator, cfg: Any,
+                  prediction_type: str, weight_dtype: torch.dtype = torch.float32) -> dict:
+    """The three losses of one micro-batch and their sum (method.md), as a dict of scalar tensors.
+
+    ``b``: latents, clip_simple, clip_complex, llm, llm_mask (tensors on the device). Draws the noise,
+    (its offset,) then the timesteps from ``generator``. ``cfg`` gives llm_weight, prompt_weight,
+    prompt_target, gradient_path, min_snr_gamma, noise_offset (a TrainConfig)."""
+    latents = b["latents"]
+    dev = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(dev)
+    if cfg.noise_offset:
+        noise = apply_noise_offset(noise, cfg.noise_offset, generator)
+    T = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator).to(dev)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+
+    # through the (possibly wrapped) adapter's forward, which keeps accelerate's autocast hooks
+    out, e, fc = adapter(b["clip_simple"], return_aux=True)
+    llm = llm_loss(projection(b["llm"]), e, mask=b.get("llm_mask"))
+    # prompt_target: the authors compared with fc(a) until 2023-11-29, with out since (method-decisions.md)
+    prompt = prompt_loss(b["clip_complex"], out if cfg.prompt_target == "out" else fc)
+    cond = out if cfg.gradient_path == "paper" else out.detach()
+    pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample.float()
+    target = denoise_target(scheduler, latents, noise, timesteps, prediction_type)
+    weights = None
+    if cfg.min_snr_gamma is not None:
+        weights = min_snr_weights(scheduler, timesteps, cfg.min_snr_gamma, prediction_type)
+    denoise = denoise_loss(pred, target.float(), weights)
+    total = denoise + cfg.llm_weight * llm + cfg.prompt_weight * prompt
+    return {"loss": total, "denoise": denoise, "llm": llm, "prompt": prompt}

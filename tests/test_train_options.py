@@ -281,7 +281,8 @@ def test_metrics_and_validation_grids_reach_the_tracker(tmp_path, store, tiny_mo
 
 # --------------------------------------------------------------------------- loss curve
 def test_smoothing_is_a_debiased_ema():
-    from stages.train import _smooth, _smoothing_weight
+    from surpipe.train_log import smooth as _smooth
+    from surpipe.train_log import smoothing_weight as _smoothing_weight
 
     # by hand: s = 0.5*s + 0.5*v, then / (1 - 0.5**(i+1))
     assert _smooth([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75, 2.125 / 0.875])

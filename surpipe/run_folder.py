@@ -1,0 +1,164 @@
+"""A training run folder's identity: what it was trained on, recorded in ``config.json`` and
+compared at every resume, so a resume never silently mixes two stores, models, groups or settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+# Settings that may change between a run and its resume: they do not change what is learned.
+RESUMABLE_CHANGES = {
+    "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "report_to", "workers",
+    "progress", "device", "validation_every", "validation_prompts", "validation_steps",
+    "validation_size", "validation_seed", "loss_curve",
+}
+
+# Settings compared resolved at a resume (``run_identity``), not as typed: the same store or model
+# given by a relative path, a symlink or with a trailing slash is the same.
+IDENTITY_KEYS = {"store", "out", "model", "llm_group", "clip_group", "vae_group", "llm_layer"}
+
+KINDS = ("llm", "clip", "vae")
+
+
+def resume_settings(cfg: Any) -> dict:
+    """The settings a resume must share with the run, with the identity keys (store, model,
+    groups, layer, out) left out: those are compared resolved, through ``run_identity``."""
+    from surpipe.config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS}
+
+
+def run_identity(cfg: Any, store, groups) -> Optional[dict]:
+    """What this run trains on, resolved: the store (path, dataset fingerprint, rows, blocks),
+    the model, the LLM layer and each group with its settings; None when the store or a group
+    could not be resolved."""
+    from surpipe.store import settings_hash
+    from surpipe.train_data import model_id
+
+    g = groups
+    if store is None or g is None or None in (g.llm_group, g.clip_group, g.vae_group):
+        return None
+    recorded = {}
+    for kind in KINDS:
+        path, req = getattr(g, f"{kind}_group"), getattr(cfg, f"{kind}_group")
+        s = store.group(path).settings
+        if kind == "llm":  # layers added to the group later leave the stored ones unchanged
+            s = {k: v for k, v in s.items() if k != "layers"}
+        recorded[kind] = {"path": path, "picked": "auto" if req is None else "option",
+                          "settings_hash": settings_hash(s), "settings": s}
+    return {"store": str(Path(cfg.store).expanduser().resolve()),
+            "dataset_fingerprint": store.fingerprint, "num_samples": store.num_samples,
+            "block_rows": store.block_rows, "model": model_id(cfg.model), "llm_layer": g.llm_layer,
+            "groups": recorded}
+
+
+def _legacy_changes(old: dict, meta: dict, new: dict) -> list[str]:
+    """Changes against a run folder from before identities were recorded (typed options only)."""
+    from surpipe.train_data import model_id
+
+    fp = meta.get("store_fingerprint")
+    changes = []
+    if fp is not None and fp != new["dataset_fingerprint"]:
+        changes.append(f"the store's dataset changed: fingerprint {str(fp)[:12]} then, "
+                       f"{new['dataset_fingerprint'][:12]} now")
+    for k, now in (("llm_layer", new["llm_layer"]), ("model", new["model"])):
+        then = old.get(k)
+        if k == "model" and isinstance(then, str):
+            then = model_id(then)
+        if then != now:
+            changes.append(f"{k}: {then!r} then, {now!r} now")
+    for kind in KINDS:
+        then = old.get(f"{kind}_group")
+        if isinstance(then, str) and not then.startswith(kind + "/"):
+            then = f"{kind}/{then}"
+        if then is not None and then != new["groups"][kind]["path"]:
+            changes.append(f"{kind} group: {then!r} then, {new['groups'][kind]['path']!r} now")
+    return changes
+
+
+def identity_changes(cfg: Any, store, groups, old: dict, meta: dict) -> list[str]:
+    """What differs between the run folder's recorded identity (``meta["run"]``, or the typed
+    options ``old`` of an older folder) and this run's, one line each."""
+    new = run_identity(cfg, store, groups)
+    if new is None:
+        return []  # the store or a group is unusable: reported by the checks already
+    rec = meta.get("run")
+    if not isinstance(rec, dict):
+        return _legacy_changes(old, meta, new)
+    changes = []
+    if rec.get("dataset_fingerprint") != new["dataset_fingerprint"]:
+        changes.append(
+            f"the store's dataset changed: {rec.get('store')} held {rec.get('num_samples')} rows (dataset "
+            f"fingerprint {str(rec.get('dataset_fingerprint'))[:12]}), {new['store']} holds "
+            f"{new['num_samples']} rows (fingerprint {new['dataset_fingerprint'][:12]})")
+    else:
+        for k in ("num_samples", "block_rows"):
+            if rec.get(k) != new[k]:
+                changes.append(f"store {k}: {rec.get(k)!r} then, {new[k]!r} now")
+    if rec.get("model") != new["model"]:
+        changes.append(f"model: {rec.get('model')!r} then, {new['model']!r} now")
+    if rec.get("llm_layer") != new["llm_layer"]:
+        hint = " (--llm-layer -1 means the last stored layer, and the group's layers changed)" \
+            if cfg.llm_layer < 0 else ""
+        changes.append(f"llm layer: {rec.get('llm_layer')!r} then, {new['llm_layer']!r} now{hint}")
+    old_groups = rec.get("groups") if isinstance(rec.get("groups"), dict) else {}
+    for kind in KINDS:
+        was, now = old_groups.get(kind), new["groups"][kind]
+        if not isinstance(was, dict):
+            changes.append(f"{kind} group: not recorded then, {now['path']} now")
+            continue
+        if was.get("path") != now["path"]:
+            how = "picked automatically" if now["picked"] == "auto" else f"given by --{kind}-group"
+            changes.append(f"{kind} group: {was.get('path')} then, {now['path']} now ({how})")
+        elif was.get("settings_hash") != now["settings_hash"]:
+            ws = was.get("settings") if isinstance(was.get("settings"), dict) else {}
+            diff = sorted(k for k in set(ws) | set(now["settings"]) if ws.get(k) != now["settings"].get(k))
+            what = "; ".join(f"{k}: {ws.get(k)!r} then, {now['settings'].get(k)!r} now" for k in diff[:6])
+            changes.append(f"{now['path']} was rewritten with other settings since the run began "
+                           f"({what or 'settings hash ' + str(was.get('settings_hash')) + ' then, ' + now['settings_hash'] + ' now'})")
+    return changes
+
+
+def check_run_folder(cfg: Any, store, groups) -> list[str]:
+    """Problems with resuming (or starting) in ``cfg.out``: a file in the way, a foreign folder, a
+    damaged config.json, other settings, or other data than recorded (every one at once)."""
+    out = Path(cfg.out)
+    for folder in (out, *out.parents):  # a file where the run folder (or a folder above it) goes
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                return [f"--out {out}: {folder} is a file, not a folder; choose another --out"]
+            break
+    saved = out / "config.json"
+    if not saved.exists():
+        if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+            return [f"{out} exists and is not a surpipe run folder (no config.json); choose another --out"]
+        return []
+    damaged = f"; restore it, or choose another --out (deleting {out} starts the run over)"
+    ck = out / "checkpoints"
+    if (ck.exists() or ck.is_symlink()) and not ck.is_dir():
+        return [f"{ck} is not a folder (a run folder keeps its checkpoints there){damaged}"]
+    try:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{saved} is damaged, not the JSON surpipe wrote ({e}){damaged}"]
+    meta = old.pop("_surpipe", None) if isinstance(old, dict) else None
+    if not isinstance(old, dict) or not isinstance(meta, dict):
+        return [f"{saved} is damaged: it does not hold a surpipe training config (a JSON object with "
+                f"its _surpipe record){damaged}"]
+    identity = {k: v for k, v in old.items() if k in IDENTITY_KEYS}
+    new = resume_settings(cfg)
+    # a key missing from an older run folder holds its default (options added since keep it)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    old = {k: v for k, v in old.items() if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
+    problems = [f"run folder {out} was started with other settings ({k}: {old.get(k, defaults.get(k))!r} "
+                f"there, {new.get(k)!r} now); resume with the same settings or choose another --out"
+                for k in diff]
+    changes = identity_changes(cfg, store, groups, identity, meta)
+    if changes:
+        problems.append(f"run folder {out} was trained on other data than this run would read; a resume "
+                        "must see the same store, groups and layer (restore them, or choose another --out "
+                        "for a new run). Changed since the run began: " + "; ".join(changes))
+    return problems

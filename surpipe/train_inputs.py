@@ -1,0 +1,107 @@
+"""What a training run reads before any compute, checked at once: the store, its resolved groups,
+the UNet and scheduler configs, the shapes and latent parameters. ``gather`` reports every problem
+together; ``TrainingInputs`` holds the result that ``TrainRecipe.setup`` needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from surpipe.errors import SurpipeError
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """The checked inputs of one training run (returned by ``TrainRecipe.check``)."""
+
+    store: Any  # surpipe.store.FeatureStore
+    groups: Any  # surpipe.train_data.Groups: llm/clip/vae group paths, resolved llm_layer, use_flip
+    unet_config: dict
+    sched_config: dict
+    seq_len: int  # CLIP tokens (77)
+    width: int  # CLIP embedding width = the UNet's cross_attention_dim
+    llm_size: int  # width of the LLM layer fed to the LLM-alignment loss
+    latent_shape: tuple  # (channels, height, width) of the stored VAE latents
+    scaling_factor: float
+    shift_factor: float
+    prediction_type: str  # epsilon or v_prediction
+
+
+def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[dict]]:
+    """The UNet and scheduler configs of ``cfg.model`` (None where unreadable, the problem noted)."""
+    from surpipe.hub import read_model_config
+    from surpipe.sd import check_pipeline_class
+
+    unet_cfg = sched_cfg = None
+    try:
+        check_pipeline_class(cfg.model, cfg.revision)  # SDXL and others: refused by name
+        unet_cfg = read_model_config(cfg.model, "unet", cfg.revision)
+        sched_cfg = read_model_config(cfg.model, "scheduler", cfg.revision)
+    except SurpipeError as e:
+        problems.append(str(e))
+    if unet_cfg is not None and (unet_cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel"
+                                 or "cross_attention_dim" not in unet_cfg):
+        problems.append(f"{cfg.model}: unet/config.json is not a Stable Diffusion UNet (_class_name "
+                        f"{unet_cfg.get('_class_name')!r}, model_type {unet_cfg.get('model_type')!r}); "
+                        "give a diffusers Stable Diffusion folder or hub id")
+        unet_cfg = None
+    return unet_cfg, sched_cfg
+
+
+def gather(cfg) -> tuple[dict, list[str]]:
+    """Read and check everything ``cfg`` (a TrainConfig) trains on. Returns the fields of
+    ``TrainingInputs`` found (possibly partial) and every problem, without raising."""
+    from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
+    from surpipe.store import FeatureStore
+    from surpipe.train_data import resolve_groups
+
+    problems: list[str] = []
+    found: dict = {"store": None, "groups": None}
+    try:
+        found["store"] = store = FeatureStore(cfg.store)
+    except SurpipeError as e:
+        problems.append(str(e))
+        store = None
+    unet_cfg, sched_cfg = _model_configs(cfg, problems)
+    found["unet_config"] = unet_cfg
+    g = None
+    if store is not None:
+        # read after the UNet config: among several CLIP/VAE groups, the one that fits --model is picked
+        g, gp = resolve_groups(store, llm_layer=cfg.llm_layer, llm_group=cfg.llm_group, clip_group=cfg.clip_group,
+                               vae_group=cfg.vae_group, use_flip=cfg.flip, model=cfg.model, revision=cfg.revision,
+                               unet_config=unet_cfg)
+        found["groups"] = g
+        problems += gp
+    shape = ClipFeatures.embedding_shape(store.group(g.clip_group)) if g is not None and g.clip_group else None
+    if shape is not None:
+        found["seq_len"], found["width"] = seq_len, width = shape
+        if unet_cfg is not None:
+            cad = unet_cfg.get("cross_attention_dim")
+            if isinstance(cad, (list, tuple)):
+                cad = cad[0]
+            if cad != width:
+                problems.append(f"width mismatch: the store's CLIP embeddings are {width} wide but "
+                                f"the UNet of {cfg.model} expects cross_attention_dim {cad}; "
+                                "use the SD model whose text encoder made the store")
+        if width % cfg.nhead:
+            problems.append(f"nhead {cfg.nhead} does not divide the embedding width {width}")
+    size = LLMFeatures.width(store.group(g.llm_group), g.llm_layer) if g is not None and g.llm_group else None
+    if size is not None:  # g.llm_layer: --llm-layer -1 resolved
+        found["llm_size"] = size
+    lat = VaeFeatures.latent_params(store.group(g.vae_group)) if g is not None and g.vae_group else None
+    if lat is not None:
+        found["latent_shape"] = lat.shape
+        if lat.scaling_factor is None:
+            problems.append(f"{g.vae_group} does not record the VAE scaling_factor")
+        found["scaling_factor"] = 1.0 if lat.scaling_factor is None else lat.scaling_factor
+        found["shift_factor"] = lat.shift_factor
+        if unet_cfg is not None and unet_cfg.get("in_channels") != lat.shape[0]:
+            problems.append(f"latent channels mismatch: store {lat.shape[0]}, "
+                            f"UNet in_channels {unet_cfg.get('in_channels')}")
+    if sched_cfg is not None:
+        pt = cfg.prediction_type or sched_cfg.get("prediction_type", "epsilon")
+        if pt not in ("epsilon", "v_prediction"):
+            problems.append(f"prediction type {pt!r} is not supported; valid choices: epsilon, v_prediction")
+        found["prediction_type"] = pt
+        found["sched_config"] = sched_cfg
+    return found, problems
