@@ -133,6 +133,12 @@ class TrainConfig:
                                          group="validation", ge=8, le=4096)
     validation_seed: int = opt(0, help="First seed of the validation images (one per prompt).",
                                group="validation", ge=0, le=_SEED_MAX)
+    val_rows: int = opt(0, help="Hold out this many store rows (never trained on) for validation losses "
+                                "(0: off).", group="validation", ge=0)
+    val_fraction: float = opt(0.0, help="Hold out about this fraction of the store rows instead of --val-rows "
+                                        "(0: off).", group="validation", ge=0, le=0.5)
+    val_seed: int = opt(0, help="Seed choosing the held-out rows and their fixed validation noise.",
+                        group="validation", ge=0, le=2**32 - 1)
 
     def __post_init__(self):
         # config files written before report_to existed hold "tensorboard": true/false
@@ -177,6 +183,8 @@ class TrainRecipe:
         self.out = Path(cfg.out)
         self.lock_held = False  # set by run() while it holds the run folder's lock
         self.inputs: Optional[TrainingInputs] = None
+        self.vset = None  # the held-out ValidationSet (setup), None without a split
+        self.last_val: dict = {}  # the latest held-out metrics, with their step
 
     def __getattr__(self, name: str):
         # after check(): recipe.store, recipe.groups, recipe.width ... are the checked inputs'
@@ -194,7 +202,7 @@ class TrainRecipe:
 
         found, problems = gather(self.cfg)
         problems = _validate_numbers(self.cfg) + problems
-        problems += check_run_folder(self.cfg, found["store"], found["groups"])
+        problems += check_run_folder(self.cfg, found["store"], found["groups"], split=found.get("split"))
         if problems:
             raise SurpipeError("cannot start training:", problems)
         self.inputs = TrainingInputs(**found)
@@ -231,9 +239,11 @@ class TrainRecipe:
         latest = C.latest(self.out / "checkpoints")
         if latest is not None:
             self.load_checkpoint(latest)
+        self.vset = self._validation_set()
         try:
             save(cfg, self.out / "config.json", extra={"store_fingerprint": inputs.store.fingerprint,
-                                                       "run": run_identity(cfg, inputs.store, inputs.groups)})
+                                                       "run": run_identity(cfg, inputs.store, inputs.groups,
+                                                                           split=inputs.split)})
         except OSError as e:
             raise SurpipeError(C.write_failure(self.out, "config.json", e)) from None
 
@@ -312,7 +322,19 @@ class TrainRecipe:
             # a block read costs ~0.2 ms against steps of hundreds of ms: on CPU, forked loader
             # processes only compete with the step for cores (bench/store_io.py, docs/performance.md)
             workers = 2 if self.device.type == "cuda" else 0
-        return SampleStream(reader, self.cfg.batch_size, self.cfg.seed, workers=workers, position=pos)
+        return SampleStream(reader, self.cfg.batch_size, self.cfg.seed, workers=workers, position=pos,
+                            keep=self._training_mask())
+
+    def _training_mask(self):
+        """Bool per store row, False on the held-out rows (None without a split)."""
+        import numpy as np
+
+        held = self.inputs.held_out
+        if held is None or not len(held):
+            return None
+        keep = np.ones(self.inputs.store.num_samples, dtype=bool)
+        keep[np.asarray(held, dtype=np.int64)] = False
+        return keep
 
     def _batch_to_tensors(self, batch):
         """A loaded batch as tensors on the device, the latents sampled from the stored distributions."""
@@ -379,6 +401,8 @@ class TrainRecipe:
         elapsed, n = time.perf_counter() - t_run, self.step - start_step
         print(f"trained {n} steps in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.2f} steps/s); last loss "
               f"{last.get('loss', float('nan')):.5f}; adapter: {self.out / 'adapter'}")
+        if self.last_val:
+            print(train_log.validation_summary(self.last_val, len(self.vset)))
         return {"step": self.step, "steps_run": n, "seconds": round(elapsed, 2), "final": last,
                 "adapter": str(self.out / "adapter")}
 
@@ -421,6 +445,10 @@ class TrainRecipe:
             bar.set_postfix(loss=f"{sums['loss']:.4f}", wait=f"{times['data_wait_s'] / step_s:.0%}", refresh=False)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
+            if self.vset is not None and (self.step == cfg.max_steps or (
+                    cfg.validation_every and self.step % cfg.validation_every == 0)):
+                self.last_val = {"step": self.step, **self.evaluate_held_out()}
+                logger.log_validation(self.last_val)
             if cfg.validation_every and (self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
                 logger.log_image("validation", self.validate(), self.step)
         return last
@@ -498,6 +526,32 @@ class TrainRecipe:
 
         self._refuse_nonfinite_weights("final adapter")
         save_final(self.out, **self._modules())
+
+    # ------------------------------------------------------------------ held-out validation
+    def _validation_set(self):
+        """The held-out rows with their fixed latents, noise and timesteps (None without a split)."""
+        from surpipe.validation import ValidationSet
+
+        inp, cfg = self.inputs, self.cfg
+        if inp.held_out is None or not len(inp.held_out):
+            return None
+        return ValidationSet.from_store(cfg.store, inp.groups, inp.held_out, scaling_factor=inp.scaling_factor,
+                                        shift_factor=inp.shift_factor,
+                                        num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+                                        seed=cfg.val_seed)
+
+    def evaluate_held_out(self) -> dict:
+        """The held-out metrics (surpipe.validation.METRICS) of the adapter as it is now, under the
+        training autocast; draws nothing from the training random generators."""
+        from surpipe.validation import evaluate
+
+        if self.vset is None:
+            raise SurpipeError("no held-out rows: give --val-rows or --val-fraction")
+        with self.accelerator.autocast():
+            return evaluate(self._unwrapped("adapter"), self._unwrapped("projection"), self.unet,
+                            self.noise_scheduler, self.vset, prediction_type=self.inputs.prediction_type,
+                            min_snr_gamma=self.cfg.min_snr_gamma, prompt_target=self.cfg.prompt_target,
+                            weight_dtype=self.weight_dtype)
 
     # ------------------------------------------------------------------ validation pictures
     def validate(self) -> Path:

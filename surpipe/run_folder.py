@@ -21,19 +21,25 @@ IDENTITY_KEYS = {"store", "out", "model", "llm_group", "clip_group", "vae_group"
 
 KINDS = ("llm", "clip", "vae")
 
+# The held-out split's settings: compared through the recorded split (``check_same_split``), which
+# also notices when the same settings pick other rows (the store's keys changed).
+SPLIT_KEYS = {"val_rows", "val_fraction", "val_seed"}
+
 
 def resume_settings(cfg: Any) -> dict:
     """The settings a resume must share with the run, with the identity keys (store, model,
     groups, layer, out) left out: those are compared resolved, through ``run_identity``."""
     from surpipe.config import to_dict
 
-    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS}
+    return {k: v for k, v in to_dict(cfg).items()
+            if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS}
 
 
-def run_identity(cfg: Any, store, groups) -> Optional[dict]:
+def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optional[dict]:
     """What this run trains on, resolved: the store (path, dataset fingerprint, rows, blocks),
-    the model, the LLM layer and each group with its settings; None when the store or a group
-    could not be resolved."""
+    the model, the LLM layer, each group with its settings and the held-out ``split``
+    (``surpipe.validation.split_record``, when given); None when the store or a group could not be
+    resolved."""
     from surpipe.store import settings_hash
     from surpipe.train_data import model_id
 
@@ -51,7 +57,7 @@ def run_identity(cfg: Any, store, groups) -> Optional[dict]:
     return {"store": str(Path(cfg.store).expanduser().resolve()),
             "dataset_fingerprint": store.fingerprint, "num_samples": store.num_samples,
             "block_rows": store.block_rows, "model": model_id(cfg.model), "llm_layer": g.llm_layer,
-            "groups": recorded}
+            "groups": recorded, **({"split": split} if split is not None else {})}
 
 
 def _legacy_changes(old: dict, meta: dict, new: dict) -> list[str]:
@@ -121,9 +127,10 @@ def identity_changes(cfg: Any, store, groups, old: dict, meta: dict) -> list[str
     return changes
 
 
-def check_run_folder(cfg: Any, store, groups) -> list[str]:
+def check_run_folder(cfg: Any, store, groups, split: Optional[dict] = None) -> list[str]:
     """Problems with resuming (or starting) in ``cfg.out``: a file in the way, a foreign folder, a
-    damaged config.json, other settings, or other data than recorded (every one at once)."""
+    damaged config.json, other settings, other data than recorded, or another held-out ``split``
+    (every one at once)."""
     out = Path(cfg.out)
     for folder in (out, *out.parents):  # a file where the run folder (or a folder above it) goes
         if folder.exists() or folder.is_symlink():
@@ -151,7 +158,8 @@ def check_run_folder(cfg: Any, store, groups) -> list[str]:
     new = resume_settings(cfg)
     # a key missing from an older run folder holds its default (options added since keep it)
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    old = {k: v for k, v in old.items() if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS}
+    old = {k: v for k, v in old.items()
+           if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS}
     diff = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
     problems = [f"run folder {out} was started with other settings ({k}: {old.get(k, defaults.get(k))!r} "
                 f"there, {new.get(k)!r} now); resume with the same settings or choose another --out"
@@ -161,4 +169,10 @@ def check_run_folder(cfg: Any, store, groups) -> list[str]:
         problems.append(f"run folder {out} was trained on other data than this run would read; a resume "
                         "must see the same store, groups and layer (restore them, or choose another --out "
                         "for a new run). Changed since the run began: " + "; ".join(changes))
+    if split is not None:  # a folder from before splits existed recorded none: the split was off
+        from surpipe.validation import check_same_split
+
+        rec = meta.get("run") if isinstance(meta.get("run"), dict) else {}
+        saved_split = rec.get("split") if isinstance(rec.get("split"), dict) else None
+        problems += [f"run folder {out}: {p}" for p in check_same_split(saved_split, split)]
     return problems

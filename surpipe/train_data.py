@@ -364,14 +364,26 @@ def _done_value(store_path: str, done, block: int, gen: int | None):
     return done[block]
 
 
-def epoch_plan(num_rows: int, block_rows: int, seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
-    """The visiting plan of one epoch: [(block, row order inside the block)], from (seed, epoch)."""
+def epoch_plan(num_rows: int, block_rows: int, seed: int, epoch: int,
+               keep: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+    """The visiting plan of one epoch: [(block, row order inside the block)], from (seed, epoch).
+
+    ``keep`` (bool per store row; None: every row) removes the rows it marks False, the held-out
+    validation rows, from each block's order AFTER all the random draws, so the rows kept are
+    visited in the same relative order as without a split; a block left empty is dropped.
+    """
     nb = max(1, -(-num_rows // block_rows))
     rng = np.random.default_rng([seed, epoch, 7])
     plan = []
     for b in rng.permutation(nb):
         n = min(block_rows, num_rows - int(b) * block_rows)
         plan.append((int(b), rng.permutation(n)))
+    if keep is not None:
+        keep = np.asarray(keep, dtype=bool)
+        if len(keep) != num_rows:
+            raise SurpipeError(f"training row mask has {len(keep)} rows, the store {num_rows}")
+        plan = [(b, order[keep[b * block_rows + order]]) for b, order in plan]
+        plan = [(b, order) for b, order in plan if len(order)]
     return plan
 
 
@@ -392,12 +404,17 @@ class SampleStream:
 
     Blocks come from a DataLoader (``workers`` processes prefetch whole blocks); the main process
     slices them into batches following the epoch plan, so ``position`` is exact at any step.
+    ``keep`` (bool per store row) leaves out held-out rows: see :func:`epoch_plan`; ``position``
+    then counts in the filtered plan.
     """
 
     def __init__(self, reader: BlockReader, batch_size: int, seed: int, workers: int = 0,
-                 position: Position | None = None, prefetch: int = 2):
+                 position: Position | None = None, prefetch: int = 2, keep: np.ndarray | None = None):
         if batch_size < 1:
             raise SurpipeError(f"batch size must be >= 1, got {batch_size}")
+        if keep is not None and not np.asarray(keep, dtype=bool).any():
+            raise SurpipeError("no training rows: every row of the store is held out")
+        self.keep = keep  # bool per store row: False rows (held out for validation) are never read
         self.reader = reader
         self.batch_size = batch_size
         self.seed = seed
@@ -409,7 +426,7 @@ class SampleStream:
         import torch
         import torch.utils.data as tud
 
-        plan = epoch_plan(self.reader.num_rows, self.reader.block_rows, self.seed, epoch)
+        plan = epoch_plan(self.reader.num_rows, self.reader.block_rows, self.seed, epoch, self.keep)
         order = [b for b, _ in plan[first:]]
         loader = tud.DataLoader(
             _Subset(self.reader, order), batch_size=None, shuffle=False, num_workers=self.workers,

@@ -25,6 +25,8 @@ class TrainingInputs:
     scaling_factor: float
     shift_factor: float
     prediction_type: str  # epsilon or v_prediction
+    held_out: Any = None  # sorted row indices of the validation rows (numpy int64; empty: no split)
+    split: Optional[dict] = None  # surpipe.validation.split_record of the split, recorded in the run folder
 
 
 def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[dict]]:
@@ -48,6 +50,24 @@ def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[d
     return unet_cfg, sched_cfg
 
 
+def _split(cfg, store, found: dict, problems: list[str]) -> None:
+    """The held-out validation rows of ``--val-rows``/``--val-fraction`` (chosen from the sample
+    keys, surpipe.validation.held_out_rows) and their record, into ``found``."""
+    import numpy as np
+
+    from surpipe.validation import held_out_rows, split_record
+
+    rows, fraction, seed = cfg.val_rows, cfg.val_fraction, cfg.val_seed
+    try:
+        keys = store.keys() if (rows or fraction) else np.zeros(0, dtype=object)
+        held = held_out_rows(keys, rows=rows, fraction=fraction, seed=seed)
+    except SurpipeError as e:
+        problems.append(str(e))
+        return
+    found["held_out"] = held
+    found["split"] = split_record(keys, held, rows=rows, fraction=fraction, seed=seed)
+
+
 def gather(cfg) -> tuple[dict, list[str]]:
     """Read and check everything ``cfg`` (a TrainConfig) trains on. Returns the fields of
     ``TrainingInputs`` found (possibly partial) and every problem, without raising."""
@@ -62,6 +82,8 @@ def gather(cfg) -> tuple[dict, list[str]]:
     except SurpipeError as e:
         problems.append(str(e))
         store = None
+    if store is not None:
+        _split(cfg, store, found, problems)
     unet_cfg, sched_cfg = _model_configs(cfg, problems)
     found["unet_config"] = unet_cfg
     g = None

@@ -72,6 +72,16 @@ class RunLogger:
             self.accelerator.log({k: v for k, v in m.items() if k != "step" and isinstance(v, (int, float))},
                                  step=m["step"])
 
+    def log_validation(self, m: dict) -> None:
+        """A held-out validation row ``{"step": s, "val/...": ...}``: metrics.jsonl, train.log, trackers."""
+        self.metrics.write(json.dumps(m) + "\n")
+        self.metrics.flush()
+        self.log_text(f"step {m['step']} held-out " + " ".join(
+            f"{k[4:]} {v:.5f}" for k, v in m.items() if k.startswith("val/")))
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in m.items() if k != "step" and isinstance(v, (int, float))},
+                                 step=m["step"])
+
     def log_image(self, tag: str, png: Path, step: int) -> None:
         """Send a picture (the validation grid) to the trackers: TensorBoard add_image, W&B wandb.Image."""
         if self.accelerator is None:
@@ -93,6 +103,21 @@ class RunLogger:
         self.human.close()
         if self.accelerator is not None:
             self.accelerator.end_training()
+
+
+def validation_summary(m: dict, rows: int) -> str:
+    """One line: the held-out prompt term with vs without the adapter and the cosines to the
+    complex prompt (``m``: surpipe.validation.evaluate's metrics)."""
+    p, b = m.get("val/prompt"), m.get("val/prompt_baseline")
+    line = f"held-out ({rows} rows, step {m.get('step')}):"
+    if p is not None and b is not None:
+        gain = f" ({(b - p) / b:+.1%} gain)" if b else ""
+        line += f" prompt term {p:.5f} with the adapter vs {b:.5f} without{gain};"
+    ca, cb = m.get("val/cos_adapter"), m.get("val/cos_baseline")
+    if ca is not None and cb is not None:
+        line += f" cosine to the complex prompt {ca:.4f} vs {cb:.4f};"
+    extra = [f"{k[4:]} {m[k]:.5f}" for k in ("val/llm", "val/denoise") if k in m]
+    return line + (" " + ", ".join(extra) if extra else "")
 
 
 def drop_metrics_after(metrics: Path, step: int) -> None:
@@ -136,6 +161,8 @@ def loss_curve(metrics: Path, png: Path, note: Optional[str] = None) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    val = [r for r in rows if "loss" not in r]  # held-out validation rows: val/* only
+    rows = [r for r in rows if "loss" in r]
     if not rows:
         return
     steps = [r["step"] for r in rows]
@@ -146,6 +173,12 @@ def loss_curve(metrics: Path, png: Path, note: Optional[str] = None) -> None:
         ax.plot(steps, vals, lw=0.8, alpha=0.35, marker="." if len(rows) <= 200 else None, ms=3,
                 color="tab:blue", label="per step")
         ax.plot(steps, smooth(vals, weight), lw=1.8, color="tab:orange", label=f"EMA {weight:.2f}")
+        for vkey, style in ((f"val/{key}", "-"), (f"val/{key}_baseline", "--")):
+            pts = [(r["step"], r[vkey]) for r in val if r.get(vkey) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, lw=1.4, marker="o", ms=3, color="tab:green" if style == "-" else "tab:gray",
+                        label="held-out" if style == "-" else "held-out, no adapter")
+                ax.legend(fontsize=7)
         ax.set_title(key)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
