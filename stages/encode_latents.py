@@ -75,23 +75,14 @@ class EncodeLatentsConfig:
 
 
 def _validate(cfg: EncodeLatentsConfig) -> None:
-    problems = []
+    from surpipe.config import declared_problems
+
+    problems = declared_problems(cfg)  # types and declared ranges, also for configs built in Python
     bad = [p for p in cfg.parts if p not in PARTS]
     if bad or not cfg.parts:
         problems.append(f"parts: {cfg.parts!r}; choose one or more of {', '.join(PARTS)}")
     if len(set(cfg.parts)) != len(cfg.parts):
         problems.append(f"parts: {cfg.parts!r} lists a part twice")
-    for k in ("batch_size", "text_batch_size"):
-        if getattr(cfg, k) < 1:
-            problems.append(f"{k}: must be >= 1, got {getattr(cfg, k)}")
-    if cfg.workers < 0:
-        problems.append(f"workers: must be >= 0, got {cfg.workers}")
-    if not cfg.loader_timeout > 0:
-        problems.append(f"loader_timeout: must be > 0 seconds, got {cfg.loader_timeout}")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        problems.append(f"resolution: must be >= 8, got {cfg.resolution}")
-    if cfg.block_rows is not None and cfg.block_rows < 1:
-        problems.append(f"block_rows: must be >= 1, got {cfg.block_rows}")
     from surpipe.devices import device_problem
 
     if device_problem(cfg.device):

@@ -82,17 +82,12 @@ class ExtractLLMConfig:
 
 
 def _validate(cfg: ExtractLLMConfig) -> None:
+    from surpipe.config import declared_problems
     from surpipe.llm import sanitize_name
 
-    problems = []
+    problems = declared_problems(cfg)  # types and declared ranges, also for configs built in Python
     if not cfg.layers:
         problems.append("layers: give at least one decoder layer index (e.g. --layers 39 or --layers 20,39)")
-    if cfg.batch_size < 1:
-        problems.append(f"batch_size: must be >= 1, got {cfg.batch_size}")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        problems.append(f"max_tokens: must be >= 1, got {cfg.max_tokens}")
-    if cfg.block_rows is not None and cfg.block_rows < 1:
-        problems.append(f"block_rows: must be >= 1, got {cfg.block_rows}")
     from surpipe.devices import device_problem
 
     if device_problem(cfg.device):
