@@ -338,7 +338,9 @@ def describe_unexpected(e: BaseException) -> str:
         if e.errno == errno.ENOSPC:
             return f"no space left on device{where}: free space and rerun (finished work is kept)"
         return f"{e.strerror or e}{where}"
-    first = (str(e).strip().splitlines() or [""])[0][:300]
+    from surpipe.errors import first_line
+
+    first = first_line(e, "")[:300]
     return (f"unexpected {type(e).__name__}: {first}\n"
             "  this is a bug in surpipe or an environment it does not handle: rerun with --verbose for the "
             "full traceback and report it")
