@@ -14,141 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Optional
 
-from surpipe.config import opt
 from surpipe.errors import SurpipeError
 # torch-free at import; the names are this module's so tests can replace them
 from surpipe.train_log import loss_curve as _loss_curve
 from surpipe.train_log import tracker_problem as _tracker_problem
+from surpipe.train_config import TrainConfig  # noqa: F401  (the stage's config: CLI, surpipe run)
 
 if TYPE_CHECKING:
     from surpipe.train_inputs import TrainingInputs
-
-_SEED_MAX = 2**63 - 1
-
-
-@dataclass
-class TrainConfig:
-    """Every hyper-parameter of the authors' run, with their values as defaults (method.md)."""
-
-    # data
-    store: str = opt(help="Feature store (Zarr) made by extract-llm and encode-latents.", group="data")
-    model: str = opt(help="Stable Diffusion folder or hub id whose frozen UNet is trained against "
-                          "(the one whose text encoder filled the store).", group="model")
-    out: str = opt(help="Run folder: checkpoints, final adapter, metrics; rerunning resumes from it.",
-                   group="output")
-    llm_layer: int = opt(help="Which stored LLM layer feeds the LLM-alignment loss (-1: the last stored one).",
-                         group="data")
-    llm_group: Optional[str] = opt(None, help="LLM feature group of the store (default: the only one).",
-                                   group="data")
-    clip_group: Optional[str] = opt(None, help="CLIP embedding group of the store (default: the one matching "
-                                               "--model).", group="data")
-    vae_group: Optional[str] = opt(None, help="VAE latent group of the store (default: the only one).", group="data")
-    revision: Optional[str] = opt(None, help="Hub revision (branch, tag or commit) of --model.", group="model")
-    flip: bool = opt(True, help="Use the stored horizontally flipped latents for half the samples (augmentation).",
-                     group="data")
-    # optimisation (authors: batch 1 x accumulation 4, 5000 steps, AdamW 1e-5 constant, clip 1.0)
-    max_steps: int = opt(5000, help="Optimizer steps to train (raise it and rerun to continue a finished run).",
-                         group="optimisation", ge=1)
-    batch_size: int = opt(1, help="Samples per micro-batch.", group="optimisation", ge=1)
-    grad_accum: int = opt(4, help="Micro-batches accumulated per optimizer step (effective batch = "
-                                  "batch-size x grad-accum).", group="optimisation", ge=1)
-    learning_rate: float = opt(1e-5, help="AdamW learning rate.", group="optimisation", gt=0, le=1)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = opt(
-        "constant", help="Learning-rate schedule over max-steps.", group="optimisation")
-    lr_warmup_steps: int = opt(0, help="Linear warm-up steps of the learning rate (not with the constant "
-                                       "schedule).", group="optimisation", ge=0)
-    adam_beta1: float = opt(0.9, help="AdamW beta1 (first-moment decay).", group="optimisation", ge=0, lt=1)
-    adam_beta2: float = opt(0.999, help="AdamW beta2 (second-moment decay).", group="optimisation", ge=0, lt=1)
-    weight_decay: float = opt(1e-2, help="AdamW decoupled weight decay.", group="optimisation", ge=0)
-    adam_epsilon: float = opt(1e-8, help="AdamW epsilon (denominator floor).", group="optimisation", gt=0, le=1)
-    max_grad_norm: float = opt(1.0, help="Clip the gradient norm to this value before each step.",
-                               group="optimisation", gt=0)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt(
-        "auto", help="UNet/autocast precision; auto: fp16 on CUDA (as the authors), fp32 on CPU.", group="running")
-    gradient_checkpointing: bool = opt(False, help="Recompute UNet activations in backward: less memory, "
-                                                   "slower steps.", group="running")
-    seed: int = opt(0, help="Seed of the data order, noise, timesteps and adapter initialisation.",
-                    group="optimisation", ge=0, le=2**32 - 1)
-    # the adapter (authors: 2 encoder layers, 8 heads, FFN 2048, adapter_weight 0.1)
-    adapter_weight: float = opt(0.1, help="Mix of the adapter branch in the output: out = w*fc(a) + (1-w)*x.",
-                                group="model", ge=0, le=1)
-    token_mixing: Literal["sequence", "tokenwise"] = opt(
-        "sequence", help="Adapter attention across the 77 tokens (sequence, the paper) or per token (tokenwise, "
-                         "the authors' code).", group="model")
-    nhead: int = opt(8, help="Attention heads of the adapter (must divide the CLIP width).", group="model",
-                     ge=1, le=256)
-    dim_feedforward: int = opt(2048, help="Feed-forward width of the adapter's encoder layers.", group="model",
-                               ge=1, le=65536)
-    num_layers: int = opt(2, help="Transformer encoder layers in the adapter.", group="model", ge=1, le=64)
-    dropout: float = opt(0.1, help="Dropout inside the adapter's encoder layers while training.", group="model",
-                         ge=0, lt=1)
-    # losses (authors: llm 1e-5, prompt 1e-5; denoising loss through the UNet in the paper)
-    llm_weight: float = opt(1e-5, help="Weight of the LLM-alignment KL loss.", group="losses", ge=0)
-    prompt_weight: float = opt(1e-5, help="Weight of the prompt-alignment KL loss (complex prompt vs adapter).",
-                               group="losses", ge=0)
-    prompt_target: Literal["out", "fc"] = opt(
-        "out", help="What the prompt-alignment loss compares with the complex prompt: the adapter output (out) or "
-                    "its fc branch (fc, the authors' code before 2023-11-29).", group="losses")
-    gradient_path: Literal["paper", "authors"] = opt(
-        "paper", help="paper: the denoising loss trains the adapter; authors: the UNet sees a detached output "
-                      "(only the KL losses train it).", group="losses")
-    projection: Literal["frozen", "learnable"] = opt(
-        "frozen", help="The LLM-to-CLIP-width projection: seeded random and frozen (authors) or trained.",
-        group="model")
-    projection_seed: int = opt(0, help="Seed of the LLM projection's random weights.", group="model", ge=0,
-                               le=_SEED_MAX)
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = opt(
-        None, help="UNet target (default: the model's scheduler config).", group="losses")
-    min_snr_gamma: Optional[float] = opt(None, help="Min-SNR loss weighting with this gamma (e.g. 5; default: "
-                                                    "off, plain MSE).", group="losses", gt=0)
-    noise_offset: float = opt(0.0, help="Noise offset: add this times a per-channel N(0,1) shift to the noise "
-                                        "(0: off).", group="losses", ge=0)
-    # running
-    device: str = opt("auto", help="auto (CUDA if available), cpu, cuda or cuda:N.", group="running")
-    workers: Optional[int] = opt(None, help="Loader processes (default: 0 on CPU, 2 on CUDA).", group="running",
-                                 ge=0, le=256)
-    checkpoint_every: int = opt(500, help="Write a resumable checkpoint every N steps (and at the end).",
-                                group="running", ge=1)
-    keep_checkpoints: int = opt(3, help="Keep the newest N checkpoints, delete older ones.", group="running", ge=1)
-    log_every: int = opt(1, help="Log metrics every N steps (metrics.jsonl, train.log, tracker).",
-                         group="running", ge=1)
-    report_to: Literal["none", "tensorboard", "wandb"] = opt(
-        "none", help="Also send metrics and validation grids to TensorBoard or Weights & Biases "
-                     "(pip install 'surpipe[tracking]').", group="running")
-    tensorboard: Optional[bool] = opt(None, help="Deprecated: use report_to (true means report_to tensorboard).",
-                                      group="running", cli=False)
-    progress: bool = opt(True, help="Show a progress bar.", group="running")
-    loss_curve: bool = opt(True, help="Draw loss_curve.png at the end of training.", group="output")
-    validation_every: int = opt(0, help="Render a with/without-adapter grid every N steps (0: never).",
-                                group="validation", ge=0)
-    validation_prompts: list[str] = opt(default_factory=list, help="Prompts of the validation grid "
-                                        "(default: the first 4 of the store).", group="validation")
-    validation_steps: int = opt(20, help="Sampling steps of each validation image.", group="validation",
-                                ge=1, le=1000)
-    validation_size: Optional[int] = opt(None, help="Validation image size in pixels (default: the model's).",
-                                         group="validation", ge=8, le=4096)
-    validation_seed: int = opt(0, help="First seed of the validation images (one per prompt).",
-                               group="validation", ge=0, le=_SEED_MAX)
-    val_rows: int = opt(0, help="Hold out this many store rows (never trained on) for validation losses "
-                                "(0: off).", group="validation", ge=0)
-    val_fraction: float = opt(0.0, help="Hold out about this fraction of the store rows instead of --val-rows "
-                                        "(0: off).", group="validation", ge=0, le=0.5)
-    val_seed: int = opt(0, help="Seed choosing the held-out rows and their fixed validation noise.",
-                        group="validation", ge=0, le=2**32 - 1)
-
-    def __post_init__(self):
-        # config files written before report_to existed hold "tensorboard": true/false
-        if self.tensorboard is not None:
-            if self.tensorboard and self.report_to not in ("none", "tensorboard"):
-                raise SurpipeError(f"tensorboard: true conflicts with report_to {self.report_to!r}; "
-                                   "tensorboard is replaced by report_to: keep only report_to")
-            if self.tensorboard:
-                self.report_to = "tensorboard"
-            self.tensorboard = None
 
 
 def _validate_numbers(cfg: TrainConfig) -> list[str]:
@@ -220,6 +96,7 @@ class TrainRecipe:
         from surpipe.config import save
         from surpipe.numerics import param_names
         from surpipe.run_folder import run_identity
+        from surpipe.train_setup import build_trainables, load_unet
 
         inputs = inputs or self.inputs or self.check()
         self.inputs = inputs
@@ -228,9 +105,9 @@ class TrainRecipe:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # data flips, noise, timesteps
-        self.unet = self._load_unet()
+        self.unet = load_unet(cfg, self.runtime)
         self.noise_scheduler = DDPMScheduler.from_config(inputs.sched_config)
-        self._build_trainables()
+        self.adapter, self.projection, self.optimizer, self.lr_scheduler = build_trainables(cfg, inputs, self.runtime)
         self.param_names = param_names(adapter=self._unwrapped("adapter"), projection=self._unwrapped("projection"))
         self.step, self.position = 0, None
         self.out.mkdir(parents=True, exist_ok=True)
@@ -248,65 +125,12 @@ class TrainRecipe:
             raise SurpipeError(C.write_failure(self.out, "config.json", e)) from None
 
     def _start_accelerator(self) -> None:
-        import torch
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
+        from surpipe.train_setup import start_accelerator
 
-        cfg = self.cfg
-        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SurpipeError(f"device {cfg.device!r} requested but CUDA is not available")
-        mp = cfg.mixed_precision
-        if mp == "auto":
-            mp = "no" if cpu else "fp16"  # the authors trained in fp16; CPU has no fast fp16
-        # accelerate keeps one state per process; ``run`` may be called again in the same process
-        # (tests, notebooks) with another precision, so start from a clean state
-        AcceleratorState._reset_state(reset_partial_state=True)
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=cpu, log_with=_log_with(cfg.report_to),
-                                       project_dir=str(self.out))
-        self.device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
-        self.mixed_precision = mp
-
-    def _load_unet(self):
-        from diffusers import UNet2DConditionModel
-
-        from surpipe.errors import first_line
-
-        cfg = self.cfg
-        try:
-            unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", revision=cfg.revision,
-                                                        torch_dtype=self.weight_dtype)
-        except (OSError, ValueError) as e:
-            raise SurpipeError(f"cannot load the UNet of {cfg.model}: {first_line(e)}") from None
-        unet.requires_grad_(False)
-        unet.eval()
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        return unet.to(self.device)
-
-    def _build_trainables(self) -> None:
-        """The adapter and the LLM projection (seeded by cfg.seed / projection_seed), AdamW and the
-        LR schedule, prepared by accelerate."""
-        import torch
-        from diffusers.optimization import get_scheduler
-
-        from surpipe.adapter import SURAdapter, SURAdapterConfig
-        from surpipe.losses import LLMProjection
-
-        cfg, inp = self.cfg, self.inputs
-        adapter = SURAdapter(SURAdapterConfig(
-            width=inp.width, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward, num_layers=cfg.num_layers,
-            dropout=cfg.dropout, adapter_weight=cfg.adapter_weight, token_mixing=cfg.token_mixing))
-        projection = LLMProjection(inp.llm_size, inp.width, seed=cfg.projection_seed,
-                                   learnable=cfg.projection == "learnable")
-        params = list(adapter.parameters()) + (list(projection.parameters()) if cfg.projection == "learnable" else [])
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                          num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
-        self.adapter, self.projection, self.optimizer = self.accelerator.prepare(adapter, projection, optimizer)
-        self.adapter.train()
+        rt = start_accelerator(self.cfg, self.out, log_with=_log_with(self.cfg.report_to))
+        self.accelerator, self.device = rt.accelerator, rt.device
+        self.weight_dtype, self.mixed_precision = rt.weight_dtype, rt.mixed_precision
+        self.runtime = rt
 
     def _unwrapped(self, name: str):
         return self.accelerator.unwrap_model(getattr(self, name))
@@ -314,6 +138,7 @@ class TrainRecipe:
     # ------------------------------------------------------------------ data
     def _stream(self):
         from surpipe.train_data import BlockReader, Position, SampleStream
+        from surpipe.validation import keep_mask
 
         reader = BlockReader(self.cfg.store, self.inputs.groups, self.inputs.store.block_rows)
         pos = Position(**self.position) if self.position else None
@@ -323,34 +148,12 @@ class TrainRecipe:
             # processes only compete with the step for cores (bench/store_io.py, docs/performance.md)
             workers = 2 if self.device.type == "cuda" else 0
         return SampleStream(reader, self.cfg.batch_size, self.cfg.seed, workers=workers, position=pos,
-                            keep=self._training_mask())
-
-    def _training_mask(self):
-        """Bool per store row, False on the held-out rows (None without a split)."""
-        import numpy as np
-
-        held = self.inputs.held_out
-        if held is None or not len(held):
-            return None
-        keep = np.ones(self.inputs.store.num_samples, dtype=bool)
-        keep[np.asarray(held, dtype=np.int64)] = False
-        return keep
+                            keep=keep_mask(self.inputs.store.num_samples, self.inputs.held_out))
 
     def _batch_to_tensors(self, batch):
-        """A loaded batch as tensors on the device, the latents sampled from the stored distributions."""
-        import torch
+        from surpipe.train_setup import batch_tensors
 
-        from surpipe.losses import sample_latents
-
-        dev, inp = self.device, self.inputs
-        latents = sample_latents(batch, use_flip=inp.groups.use_flip, scaling_factor=inp.scaling_factor,
-                                 shift_factor=inp.shift_factor, generator=self.gen)
-        t = {k: torch.from_numpy(batch[k]) for k in ("clip_simple", "clip_complex", "llm")}
-        return {
-            "latents": latents.to(dev), **{k: v.float().to(dev) for k, v in t.items()},
-            # rows whose LLM vector is missing (zeros, matched=false) take no part in the LLM term
-            "llm_mask": torch.from_numpy(batch["llm_matched"]).bool().to(dev) if "llm_matched" in batch else None,
-        }
+        return batch_tensors(batch, self.inputs, self.device, self.gen)
 
     def loss(self, b):
         """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors."""
@@ -475,17 +278,11 @@ class TrainRecipe:
 
     def _stop_if(self, what: Optional[str]) -> None:
         """Stop the run on a non-finite number (``what`` says where), keeping the last checkpoint."""
-        from surpipe.checkpoint import latest as latest_checkpoint
+        from surpipe.checkpoint import latest
+        from surpipe.train_setup import stopped_message
 
-        if what is None:
-            return
-        latest = latest_checkpoint(self.out / "checkpoints")
-        kept = (f"the last good checkpoint {latest} is kept" if latest is not None
-                else "no checkpoint had been written yet")
-        raise SurpipeError(
-            f"training stopped at step {self.step + 1}: {what}. Nothing of this step was saved and {kept}. "
-            "Check the store (surpipe verify) and the options (learning_rate, loss weights, noise_offset, "
-            "min_snr_gamma); a rerun resumes from the last checkpoint.")
+        if what is not None:
+            raise SurpipeError(stopped_message(self.step + 1, what, latest(self.out / "checkpoints")))
 
     # ------------------------------------------------------------------ checkpoints and the final adapter
     def _modules(self) -> dict:

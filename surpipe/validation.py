@@ -94,6 +94,15 @@ def training_rows(total: int, held: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask)
 
 
+def keep_mask(total: int, held) -> Optional[np.ndarray]:
+    """Bool per store row, False on the held-out rows (None without a split)."""
+    if held is None or not len(held):
+        return None
+    keep = np.ones(total, dtype=bool)
+    keep[np.asarray(held, dtype=np.int64)] = False
+    return keep
+
+
 def _keys_digest(keys: Sequence[str]) -> str:
     """sha256 over the sorted keys, each length-prefixed (no separator can be forged by a key)."""
     d = hashlib.sha256()

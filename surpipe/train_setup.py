@@ -1,0 +1,103 @@
+"""The pieces ``TrainRecipe.setup`` assembles: accelerate, the frozen UNet, the trainable adapter
+and projection with their optimizer and schedule, and the batch tensors of one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from surpipe.errors import SurpipeError, first_line
+
+
+@dataclass
+class Runtime:
+    """The accelerator and the precision a run uses."""
+
+    accelerator: Any
+    device: torch.device
+    weight_dtype: torch.dtype
+    mixed_precision: str
+
+
+def start_accelerator(cfg, out, log_with=None) -> Runtime:
+    """An ``Accelerator`` for ``cfg.device`` / ``cfg.mixed_precision`` (auto: fp16 on CUDA, as the
+    authors trained; fp32 on CPU, which has no fast fp16)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SurpipeError(f"device {cfg.device!r} requested but CUDA is not available")
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "no" if cpu else "fp16"
+    # accelerate keeps one state per process; a run may start again in the same process (tests,
+    # notebooks) with another precision, so start from a clean state
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(mixed_precision=mp, cpu=cpu, log_with=log_with, project_dir=str(out))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+    return Runtime(acc, acc.device, dtype, mp)
+
+
+def load_unet(cfg, rt: Runtime):
+    """The frozen UNet of ``cfg.model`` on the run's device and precision."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", revision=cfg.revision,
+                                                    torch_dtype=rt.weight_dtype)
+    except (OSError, ValueError) as e:
+        raise SurpipeError(f"cannot load the UNet of {cfg.model}: {first_line(e)}") from None
+    unet.requires_grad_(False)
+    unet.eval()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet.to(rt.device)
+
+
+def build_trainables(cfg, inputs, rt: Runtime):
+    """The adapter and the LLM projection (seeded by cfg.seed / projection_seed), AdamW and the LR
+    schedule; returns (adapter, projection, optimizer, lr_scheduler), prepared by accelerate."""
+    from diffusers.optimization import get_scheduler
+
+    from surpipe.adapter import SURAdapter, SURAdapterConfig
+    from surpipe.losses import LLMProjection
+
+    adapter = SURAdapter(SURAdapterConfig(
+        width=inputs.width, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward, num_layers=cfg.num_layers,
+        dropout=cfg.dropout, adapter_weight=cfg.adapter_weight, token_mixing=cfg.token_mixing))
+    projection = LLMProjection(inputs.llm_size, inputs.width, seed=cfg.projection_seed,
+                               learnable=cfg.projection == "learnable")
+    params = list(adapter.parameters()) + (list(projection.parameters()) if cfg.projection == "learnable" else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_steps)
+    adapter, projection, optimizer = rt.accelerator.prepare(adapter, projection, optimizer)
+    adapter.train()
+    return adapter, projection, optimizer, lr_scheduler
+
+
+def batch_tensors(batch: dict, inputs, device, generator: torch.Generator) -> dict:
+    """A loaded batch as tensors on ``device``, the latents sampled from the stored distributions."""
+    from surpipe.losses import sample_latents
+
+    latents = sample_latents(batch, use_flip=inputs.groups.use_flip, scaling_factor=inputs.scaling_factor,
+                             shift_factor=inputs.shift_factor, generator=generator)
+    t = {k: torch.from_numpy(batch[k]) for k in ("clip_simple", "clip_complex", "llm")}
+    return {
+        "latents": latents.to(device), **{k: v.float().to(device) for k, v in t.items()},
+        # rows whose LLM vector is missing (zeros, matched=false) take no part in the LLM term
+        "llm_mask": torch.from_numpy(batch["llm_matched"]).bool().to(device) if "llm_matched" in batch else None,
+    }
+
+
+def stopped_message(step: int, what: str, latest) -> str:
+    """Why a run stopped on a non-finite number, and what was kept."""
+    kept = (f"the last good checkpoint {latest} is kept" if latest is not None
+            else "no checkpoint had been written yet")
+    return (f"training stopped at step {step}: {what}. Nothing of this step was saved and {kept}. "
+            "Check the store (surpipe verify) and the options (learning_rate, loss weights, noise_offset, "
+            "min_snr_gamma); a rerun resumes from the last checkpoint.")
