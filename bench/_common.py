@@ -237,7 +237,7 @@ def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, c
 
 
 def store_groups(resolution: int, llm_layer: int = 3, flip: bool = True):
-    from surpipe.train_data import StoreGroups
+    from surpipe.store_groups import StoreGroups
 
     return StoreGroups("llm/bench", llm_layer, "clip/bench", f"vae/bench-{resolution}", flip)
 

@@ -41,7 +41,7 @@ def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optio
     (``surpipe.validation.split_record``, when given); None when the store or a group could not be
     resolved."""
     from surpipe.store import settings_hash
-    from surpipe.train_data import model_id
+    from surpipe.store_groups import model_id
 
     g = groups
     if store is None or g is None or None in (g.llm_group, g.clip_group, g.vae_group):
@@ -62,7 +62,7 @@ def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optio
 
 def _legacy_changes(old: dict, meta: dict, new: dict) -> list[str]:
     """Changes against a run folder from before identities were recorded (typed options only)."""
-    from surpipe.train_data import model_id
+    from surpipe.store_groups import model_id
 
     fp = meta.get("store_fingerprint")
     changes = []

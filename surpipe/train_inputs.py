@@ -15,7 +15,7 @@ class TrainingInputs:
     """The checked inputs of one training run (returned by ``TrainRecipe.check``)."""
 
     store: Any  # surpipe.store.FeatureStore
-    groups: Any  # surpipe.train_data.Groups: llm/clip/vae group paths, resolved llm_layer, use_flip
+    groups: Any  # surpipe.store_groups.StoreGroups: llm/clip/vae group paths, resolved llm_layer, use_flip
     unet_config: dict
     sched_config: dict
     seq_len: int  # CLIP tokens (77)
@@ -73,7 +73,7 @@ def gather(cfg) -> tuple[dict, list[str]]:
     ``TrainingInputs`` found (possibly partial) and every problem, without raising."""
     from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
     from surpipe.store import FeatureStore
-    from surpipe.train_data import resolve_groups
+    from surpipe.store_groups import resolve_groups
 
     problems: list[str] = []
     found: dict = {"store": None, "groups": None}

@@ -295,9 +295,10 @@ def _stall(self, i):
 @pytest.mark.parametrize("how", ["dies", "stalls"])
 def test_loader_worker_failure_ends_the_run_with_a_message(how, tiny_models, surd, tmp_path, monkeypatch):
     from stages import encode_latents as E
+    from surpipe.data import image_loader
     from surpipe.errors import SurpipeError
 
-    monkeypatch.setattr(E._ImageRows, "__getitem__", _die if how == "dies" else _stall)
+    monkeypatch.setattr(image_loader.ImageRows, "__getitem__", _die if how == "dies" else _stall)
     cfg = E.EncodeLatentsConfig(data=str(surd), store=str(tmp_path / "s.zarr"), model=str(tiny_models / "sd"),
                                 parts=["vae"], workers=1, loader_timeout=3, progress=False, resolution=32)
     t0 = time.perf_counter()

@@ -20,7 +20,8 @@ from test_train import _DS, make_store
 
 from surpipe.errors import SurpipeError
 from surpipe.store import ArraySpec, FeatureStore
-from surpipe.train_data import BlockReader, SampleStream, StoreGroups
+from surpipe.store_groups import StoreGroups
+from surpipe.train_data import BlockReader, SampleStream
 
 GROUPS = StoreGroups("llm/tiny", 3, "clip/sd", "vae/sd-16", True)
 

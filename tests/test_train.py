@@ -212,7 +212,8 @@ def test_layer_ablation_one_adapter_per_layer(tmp_path, store, tiny_models):
 
 
 def test_block_shuffled_stream_is_exact_and_resumable(tmp_path, store):
-    from surpipe.train_data import BlockReader, Position, SampleStream, StoreGroups
+    from surpipe.store_groups import StoreGroups
+    from surpipe.train_data import BlockReader, Position, SampleStream
 
     groups = StoreGroups("llm/tiny", 3, "clip/sd", "vae/sd-16", True)
     reader = BlockReader(str(store), groups, 8)

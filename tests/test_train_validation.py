@@ -14,7 +14,7 @@ VAL_ARGS = ("--val-rows", "6", "--validation-every", "5", "--prompt-weight", "1"
 
 def _groups(store):
     from surpipe.store import FeatureStore
-    from surpipe.train_data import resolve_groups
+    from surpipe.store_groups import resolve_groups
 
     g, problems = resolve_groups(FeatureStore(store), llm_layer=3, llm_group=None, clip_group=None, vae_group=None,
                                  use_flip=True)
