@@ -27,6 +27,7 @@ import numpy as np
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
+from surpipe.stage_one_options import option
 from surpipe.data.image_loader import BlockFeeder, loader_error
 from surpipe.errors import SurpipeError
 from surpipe.logs import get_logger
@@ -36,8 +37,8 @@ PARTS = ("clip", "vae")
 
 @dataclass
 class EncodeLatentsConfig:
-    data: str = opt(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data")
-    store: str = opt(help="feature store (Zarr) to create or extend", group="output")
+    data: str = option("data")
+    store: str = option("store")
     model: str = opt(help="Stable Diffusion 1.x/2.x checkpoint: local diffusers folder or hub id", group="model")
     resolution: Optional[int] = opt(None, help="image side in pixels [default: the model's, 512 for SD 1.5]",
                                     group="data", ge=8, le=8192)
@@ -63,16 +64,12 @@ class EncodeLatentsConfig:
                        ge=0, le=256)
     loader_timeout: float = opt(300.0, help="seconds to wait for a batch from the loader workers before stopping "
                                 "with a message", group="running", gt=0, le=86400)
-    block_rows: Optional[int] = opt(None, help="rows per block when this run creates the store [default: 256]",
-                                    group="output", ge=1, le=1 << 20)
-    check_images: Literal["auto", "full", "header", "none"] = opt(
-        "auto", help="image check when opening the dataset (auto: full decode when creating the store)",
-        group="data")
-    simple_field: str = opt("text", help="metadata field holding the simple prompt (imagefolder)", group="data")
-    complex_field: str = opt("prompt", help="metadata field holding the complex prompt (imagefolder)", group="data")
-    overwrite: bool = opt(False, help="replace groups written with other settings (their values are lost)",
-                          group="output")
-    progress: bool = opt(True, help="show progress bars", group="running")
+    block_rows: Optional[int] = option("block_rows")
+    check_images: Literal["auto", "full", "header", "none"] = option("check_images")
+    simple_field: str = option("simple_field")
+    complex_field: str = option("complex_field")
+    overwrite: bool = option("overwrite")
+    progress: bool = option("progress")
 
 
 def _validate(cfg: EncodeLatentsConfig) -> None:

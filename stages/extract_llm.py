@@ -32,14 +32,15 @@ import numpy as np
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
+from surpipe.stage_one_options import option
 from surpipe.errors import SurpipeError
 from surpipe.logs import get_logger
 
 
 @dataclass
 class ExtractLLMConfig:
-    data: str = opt(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data")
-    store: str = opt(help="feature store (Zarr) to create or extend", group="output")
+    data: str = option("data")
+    store: str = option("store")
     model: str = opt(help="causal LM (LLaMA, Mistral, Qwen2 ...): local folder or hub id", group="model")
     layers: list[int] = opt(help="0-based decoder layers to store, comma separated (-1 = last); adding layers to "
                             "a group computes only the new ones", group="model", ge=-4096, lt=4096)
@@ -64,21 +65,15 @@ class ExtractLLMConfig:
     revision: Optional[str] = opt(None, help="hub revision (branch, tag or commit) of --model", group="model")
     trust_remote_code: bool = opt(False, help="run the model repository's own Python code (only if you trust it)",
                                   group="model")
-    block_rows: Optional[int] = opt(None, help="rows per block when this run creates the store [default: 256]",
-                                    group="output", ge=1, le=1 << 20)
+    block_rows: Optional[int] = option("block_rows")
     padding_side: Literal["right", "left"] = opt("right", help="padding side of batches (values do not depend on "
                                                  "it: positions are explicit)", group="running")
     bucket: bool = opt(True, help="sort prompts by length within a block to minimise padding", group="running")
-    # auto = full decode when this run creates the store (its rows are fixed then, and encode-latents
-    # must be able to decode every one), header check (then full if the row sets differ) otherwise.
-    check_images: Literal["auto", "full", "header", "none"] = opt(
-        "auto", help="image check when opening the dataset (auto: full decode when creating the store)",
-        group="data")
-    simple_field: str = opt("text", help="metadata field holding the simple prompt (imagefolder)", group="data")
-    complex_field: str = opt("prompt", help="metadata field holding the complex prompt (imagefolder)", group="data")
-    overwrite: bool = opt(False, help="replace a group written with other settings (its values are lost)",
-                          group="output")
-    progress: bool = opt(True, help="show progress bars", group="running")
+    check_images: Literal["auto", "full", "header", "none"] = option("check_images")
+    simple_field: str = option("simple_field")
+    complex_field: str = option("complex_field")
+    overwrite: bool = option("overwrite")
+    progress: bool = option("progress")
 
 
 def _validate(cfg: ExtractLLMConfig) -> None:

@@ -1,0 +1,29 @@
+"""The options extract-llm and encode-latents share: one help text and one range for both."""
+
+from __future__ import annotations
+
+
+_OPTIONS = {
+    "data": dict(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data"),
+    "store": dict(help="feature store (Zarr) to create or extend", group="output"),
+    "block_rows": dict(default=None, help="rows per block when this run creates the store [default: 256]",
+                       group="output", ge=1, le=1 << 20),
+    # auto = full decode when this run creates the store (its rows are fixed then, and encode-latents
+    # must be able to decode every one), header check (then full if the row sets differ) otherwise
+    "check_images": dict(default="auto", help="image check when opening the dataset (auto: full decode when "
+                                              "creating the store)", group="data"),
+    "simple_field": dict(default="text", help="metadata field holding the simple prompt (imagefolder)",
+                         group="data"),
+    "complex_field": dict(default="prompt", help="metadata field holding the complex prompt (imagefolder)",
+                          group="data"),
+    "overwrite": dict(default=False, help="replace groups written with other settings (their values are lost)",
+                      group="output"),
+    "progress": dict(default=True, help="show progress bars", group="running"),
+}
+
+
+def option(name: str):
+    """The config field ``name`` as both stage-one commands declare it."""
+    from surpipe.config import opt
+
+    return opt(**_OPTIONS[name])
