@@ -28,6 +28,7 @@ folder of ``CATEGORY.txt`` files (one prompt a line).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -47,10 +48,16 @@ log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 class EvalConfig:
     """Settings of ``surpipe eval``."""
 
-    model: str = option("model")
     adapter: str = option("adapter")
-    out: str = opt(help="Output folder for results.md/json, clip_scores.png, scores.jsonl, images and grids.",
-                   group="output")
+    model: Optional[str] = opt(None, help="Stable Diffusion model: a diffusers folder or hub id (default: the one "
+                                          "the training run of --adapter used).", group="model")
+    out: Optional[str] = opt(None, help="Output folder for results.md/json, clip_scores.png, scores.jsonl, images "
+                                        "and grids (needed unless --no-clip-score).", group="output")
+    store: Optional[str] = opt(None, help="Also report the held-out losses and alignment on this feature store, "
+                                          "per category (the run's held-out rows when it trained on this store).",
+                               group="data")
+    clip_score: bool = opt(True, help="Render the prompt suite in both arms and score it with CLIP (off: only the "
+                                      "--store report, no image generated).", group="inference")
     clip_model: str = opt("openai/clip-vit-large-patch14", help="CLIP image-text model that scores the images "
                           "(folder or hub id; torchmetrics' default).", group="model")
     prompts: Optional[str] = opt(None, help="Prompt suite: JSONL with category + prompt, or a folder of CATEGORY.txt "
@@ -80,6 +87,10 @@ def _validate(cfg: EvalConfig) -> list[str]:
     from surpipe.config import declared_problems
 
     p = declared_problems(cfg)
+    if not cfg.clip_score and not cfg.store:
+        p.append("nothing to do: --no-clip-score without --store; give --store S for the held-out report")
+    if cfg.clip_score and not cfg.out:
+        p.append("out: give --out DIR for the CLIP-score results (or --no-clip-score with --store)")
     if cfg.size is not None and cfg.size % 8:
         p.append(f"size must be a multiple of 8 (got {cfg.size})")
     return p
@@ -97,6 +108,15 @@ def run(cfg: EvalConfig) -> dict:
     problems = _validate(cfg)
     if problems:
         raise SurpipeError("invalid eval settings:", problems)
+    held = _held_out(cfg) if cfg.store else None
+    if not cfg.clip_score:
+        return {"held_out": held}
+    if cfg.model is None:
+        from surpipe.held_out import run_config
+
+        cfg.model = (run_config(cfg.adapter) or {}).get("model")
+        if cfg.model is None:
+            raise SurpipeError("give --model: the adapter comes without its training run")
     seeds = evaluate.parse_seeds(cfg.seeds)
     suite = evaluate.select(evaluate.read_suite(cfg.prompts), cfg.categories, cfg.max_prompts_per_category)
     items = evaluate.eval_items(suite, seeds)
@@ -140,8 +160,45 @@ def run(cfg: EvalConfig) -> dict:
               "seeds": ", ".join(map(str, seeds)), "steps": cfg.steps, "guidance": cfg.guidance,
               "scheduler": f"{cfg.scheduler} ({settings['scheduler_class']})",
               "size": f"{first.width}x{first.height}", "adapter_weight": models.adapter.adapter_weight}
+    if held is not None:
+        result["held_out"] = held
     evaluate.write_results(out, result, rows, header, note)
+    if held is not None:  # beside the CLIP-score table
+        with open(out / "results.md", "a", encoding="utf-8") as f:
+            f.write("\n" + _held_out_markdown(held))
     cfgmod.save(cfg, out / "config.json")
     print(evaluate.markdown(table, overall, {}).split("\n\n", 1)[-1], file=sys.stderr)
     log.info(f"wrote {out / 'results.md'}, results.json, clip_scores.png")
     return result
+
+
+def _held_out_markdown(held: dict) -> str:
+    return (f"## Held-out alignment ({held['scope']}: {held['rows']} rows of {held['store']})\n\n"
+            "Lower is better for the prompt and llm terms; val/prompt_baseline is the prompt term without the "
+            "adapter, val/cos_* the cosine to the complex prompt's embedding with and without it.\n\n"
+            + held["table"])
+
+
+def _held_out(cfg: EvalConfig) -> dict:
+    """The --store report: computed, printed, and written under --out when given."""
+    from surpipe.config import atomic_write_text
+    from surpipe.held_out import evaluate_store
+
+    t0 = time.perf_counter()
+    held = evaluate_store(cfg.store, cfg.adapter, model=cfg.model, revision=cfg.revision, device=cfg.device,
+                          batch_size=cfg.batch_size)
+    text = _held_out_markdown(held)
+    print(text, end="")
+    if cfg.out:
+        out = Path(cfg.out)
+        if out.exists() and not out.is_dir():
+            raise SurpipeError(f"--out {out} is a file, not a folder: give a folder for the results")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "held_out.md", text)
+        atomic_write_text(out / "held_out.json", json.dumps(held, indent=2) + "\n")
+        if not cfg.clip_score:
+            from surpipe import config as cfgmod
+
+            cfgmod.save(cfg, out / "config.json")
+    log.info(f"held-out report: {held['rows']} rows in {time.perf_counter() - t0:.1f}s")
+    return held

@@ -171,7 +171,7 @@ def run(cfg: PipelineConfig) -> dict:
         "model": sd, "adapter": str(run_dir), "out": str(gen_dir), "compare": True, "overwrite": True,
         **cfg.generate}, gen_dir)
     step("eval", stage("eval", "EvalConfig"), {
-        "model": sd, "adapter": str(run_dir), "clip_model": clip, "out": str(eval_dir),
+        "model": sd, "adapter": str(run_dir), "clip_model": clip, "out": str(eval_dir), "store": str(store),
         **cfg.eval}, eval_dir / "results.md")
 
     results = {
@@ -182,6 +182,7 @@ def run(cfg: PipelineConfig) -> dict:
         "adapter": str(run_dir / "adapter"),
         "store": str(store),
         "timings_s": timings,
+        "held_out": _held_out_line(run_dir),
     }
     (work / "pipeline_results.json").write_text(json.dumps(results, indent=2))
     if skipped and not timings:
@@ -189,8 +190,22 @@ def run(cfg: PipelineConfig) -> dict:
               "(change the config, or delete a step's output, to redo it) ===")
     else:
         print("\n=== surpipe run: finished ===")
+    if results["held_out"]:
+        print(f"  {results['held_out']}")
     for k in ("grid", "eval_table", "metrics", "loss_curve", "adapter", "store"):
         v = results[k]
         print(f"  {k:<11} {', '.join(v) if isinstance(v, list) else v}")
     print(f"  step times  {json.dumps(timings)}")
     return results
+
+
+def _held_out_line(run_dir: Path) -> Optional[str]:
+    """The training run's last held-out summary (None without a held-out split)."""
+    from surpipe.train_log import validation_summary
+
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/" in line]
+        split = json.loads((run_dir / "config.json").read_text())["_surpipe"]["run"]["split"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return validation_summary(rows[-1], split.get("count", "?")) if rows else None

@@ -38,6 +38,8 @@ def _validate_numbers(cfg: TrainConfig) -> list[str]:
     if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":
         p.append(f"lr_warmup_steps: {cfg.lr_warmup_steps} warm-up steps have no effect with lr_scheduler "
                  "constant; use constant_with_warmup (or linear, cosine)")
+    if cfg.keep_best and not (cfg.val_rows or cfg.val_fraction):
+        p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F")
     problem = _tracker_problem(cfg.report_to)
     if problem:
         p.append(problem)
@@ -187,6 +189,9 @@ class TrainRecipe:
         bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step", desc="train", disable=not cfg.progress)
         if start_step:
             logger.log_text(f"resumed from step {start_step}")
+        elif self.vset is not None:  # the untrained adapter: what the held-out numbers start from
+            self.last_val = {"step": 0, **self.evaluate_held_out()}
+            logger.log_validation(self.last_val)
         t_run = time.perf_counter()
         try:
             last = self._loop(stream, it, logger, bar)
@@ -206,6 +211,10 @@ class TrainRecipe:
               f"{last.get('loss', float('nan')):.5f}; adapter: {self.out / 'adapter'}")
         if self.last_val:
             print(train_log.validation_summary(self.last_val, len(self.vset)))
+        if cfg.keep_best and (self.out / "best").is_dir():
+            from surpipe.checkpoint import best_score
+
+            print(f"best held-out adapter (val/prompt + val/llm {best_score(self.out):.5f}): {self.out / 'best'}")
         return {"step": self.step, "steps_run": n, "seconds": round(elapsed, 2), "final": last,
                 "adapter": str(self.out / "adapter")}
 
@@ -252,7 +261,10 @@ class TrainRecipe:
                     cfg.validation_every and self.step % cfg.validation_every == 0)):
                 self.last_val = {"step": self.step, **self.evaluate_held_out()}
                 logger.log_validation(self.last_val)
-            if cfg.validation_every and (self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
+                if cfg.keep_best:
+                    self._keep_if_best(logger)
+            if cfg.validation_every and cfg.validation_images and (
+                    self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
                 logger.log_image("validation", self.validate(), self.step)
         return last
 
@@ -323,6 +335,21 @@ class TrainRecipe:
 
         self._refuse_nonfinite_weights("final adapter")
         save_final(self.out, **self._modules())
+
+    def _keep_if_best(self, logger) -> None:
+        """Write OUT/best when the latest held-out score (val/prompt + val/llm) beats the kept one;
+        checkpoints and resume are untouched."""
+        from surpipe.checkpoint import best_score, save_final
+        from surpipe.validation import selection_score
+
+        score = selection_score(self.last_val)
+        kept = best_score(self.out)
+        if kept is not None and score >= kept:
+            return
+        self._refuse_nonfinite_weights("best adapter")
+        save_final(self.out, **self._modules(), name="best",
+                   note={"step": self.step, "score": score, "selection": "val/prompt + val/llm", **self.last_val})
+        logger.log_text(f"best held-out score {score:.5f} at step {self.step}: {self.out / 'best'}")
 
     # ------------------------------------------------------------------ held-out validation
     def _validation_set(self):

@@ -104,22 +104,33 @@ def save_checkpoint(out: Path, step: int, *, adapter, projection, optimizer, lr_
     return final
 
 
-def save_final(out: Path, adapter, projection) -> None:
-    """The final adapter in ``OUT/adapter`` (save_pretrained layout) with ``llm_projection.safetensors``,
-    replaced by one rename."""
-    tmp = out / ".tmp-adapter"
+def save_final(out: Path, adapter, projection, name: str = "adapter", note: Optional[dict] = None) -> None:
+    """The final adapter in ``OUT/<name>`` (save_pretrained layout) with ``llm_projection.safetensors``
+    (and ``note`` as ``<name>.json`` inside), replaced by one rename."""
+    tmp = out / f".tmp-{name}"
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         adapter.save_pretrained(tmp)
         projection.save(tmp / "llm_projection.safetensors")
+        if note is not None:
+            (tmp / f"{name}.json").write_text(json.dumps(note, indent=2) + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SurpipeError(write_failure(out, "final adapter", e)) from None
-    final = out / "adapter"
+        raise SurpipeError(write_failure(out, "final adapter" if name == "adapter" else f"{name} adapter", e)) from None
+    final = out / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def best_score(out: Path) -> Optional[float]:
+    """The ``--keep-best`` score recorded in ``OUT/best/best.json`` (None when there is none)."""
+    try:
+        score = json.loads((out / "best" / "best.json").read_text())["score"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
 
 
 def final_adapter_stale(out: Path) -> bool:

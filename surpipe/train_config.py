@@ -108,7 +108,8 @@ class TrainConfig:
                                       group="running", cli=False)
     progress: bool = opt(True, help="Show a progress bar.", group="running")
     loss_curve: bool = opt(True, help="Draw loss_curve.png at the end of training.", group="output")
-    validation_every: int = opt(0, help="Render a with/without-adapter grid every N steps (0: never).",
+    validation_every: int = opt(0, help="Every N steps: the held-out losses (with a split) and a with/without-"
+                                         "adapter grid (0: only at the end, losses only).",
                                 group="validation", ge=0)
     validation_prompts: list[str] = opt(default_factory=list, help="Prompts of the validation grid "
                                         "(default: the first 4 of the store).", group="validation")
@@ -118,6 +119,10 @@ class TrainConfig:
                                          group="validation", ge=8, le=4096)
     validation_seed: int = opt(0, help="First seed of the validation images (one per prompt).",
                                group="validation", ge=0, le=_SEED_MAX)
+    validation_images: bool = opt(True, help="Render the grid at each --validation-every (off: only the held-out "
+                                             "losses are computed).", group="validation")
+    keep_best: bool = opt(False, help="Also keep the adapter with the lowest held-out val/prompt + val/llm in "
+                                      "OUT/best (needs --val-rows or --val-fraction).", group="validation")
     val_rows: int = opt(0, help="Hold out this many store rows (never trained on) for validation losses "
                                 "(0: off).", group="validation", ge=0)
     val_fraction: float = opt(0.0, help="Hold out about this fraction of the store rows instead of --val-rows "

@@ -3,7 +3,8 @@ damaged blocks incomplete so the stage that wrote them redoes exactly those bloc
 
 What is checked:
 - root attributes: ``surpipe_format`` (known), ``num_samples``, ``block_rows``, ``dataset_fingerprint``;
-- ``keys`` and ``prompts/simple``, ``prompts/complex``: N rows, every chunk decodes, keys unique and non-empty;
+- ``keys`` and ``prompts/simple``, ``prompts/complex`` (and the optional ``prompts/category`` where
+  present): N rows, every chunk decodes, keys unique and non-empty;
 - each feature group ``<kind>/<name>``: provenance attributes (``kind``, ``settings``,
   ``settings_hash`` equal to ``settings_hash(settings)``, ``arrays`` equal to the arrays present),
   the ``done`` record (one chunk per block), every array's row count, chunking, dtype and row shape
@@ -137,8 +138,12 @@ class _Checker:
         return root
 
     def rows_arrays(self, root):
+        from surpipe.store.core import CATEGORY_ARRAY, KEYS_ARRAY, ROW_ARRAYS
+
         n = self.rep.num_samples
-        for name in ("keys", "prompts/simple", "prompts/complex"):
+        # the category labels are optional (stores made before them have none): checked when present
+        optional = [CATEGORY_ARRAY] if (self.path / CATEGORY_ARRAY / "zarr.json").is_file() else []
+        for name in (*ROW_ARRAYS, *optional):
             arr = self._open(root, name, name)
             if arr is None:
                 continue
@@ -163,7 +168,7 @@ class _Checker:
                     vals = None
                     continue
                 vals.append(np.asarray(v))
-            if name == "keys" and vals is not None and vals:
+            if name == KEYS_ARRAY and vals is not None and vals:
                 keys = [str(k) for v in vals for k in v.tolist()]
                 empty = [i for i, k in enumerate(keys) if not k]
                 if empty:

@@ -18,6 +18,7 @@ from surpipe.errors import SurpipeError
 METADATA = "metadata.jsonl"
 DEFAULT_SIMPLE_FIELD = "text"
 DEFAULT_COMPLEX_FIELD = "prompt"
+DEFAULT_CATEGORY_FIELD = "category"
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
 _SUMMARY_ROWS = 20
@@ -28,7 +29,8 @@ _SUMMARY_ROWS = 20
 
 @dataclass(frozen=True)
 class Sample:
-    """One good SURD row. ``simple`` is metadata ``text``; ``complex`` is metadata ``prompt``.
+    """One good SURD row. ``simple`` is metadata ``text``; ``complex`` is metadata ``prompt``;
+    ``category`` is metadata ``category`` (an optional label such as ``"counting"``, or None).
 
     The image is located by ``path`` (a file, or a .tar shard when ``offset >= 0``) and read on
     demand, so a Sample pickles cheaply into DataLoader workers.
@@ -42,6 +44,8 @@ class Sample:
     offset: int = field(default=-1, repr=False)
     size: int = field(default=-1, repr=False)
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, repr=False)
+    # last, so that positional construction of the fields above keeps working
+    category: str | None = None
 
     def image_bytes(self) -> bytes:
         """The raw encoded image bytes, exactly as stored."""
@@ -166,10 +170,11 @@ class BadRow(Exception):
 
 @dataclass(frozen=True)
 class Fields:
-    """Which metadata fields hold the SIMPLE prompt and the COMPLEX prompt."""
+    """Which metadata fields hold the SIMPLE prompt, the COMPLEX prompt and the optional category."""
 
     simple: str = DEFAULT_SIMPLE_FIELD
     complex: str = DEFAULT_COMPLEX_FIELD
+    category: str = DEFAULT_CATEGORY_FIELD
 
     def roles(self) -> list[tuple[str, str]]:
         return [(self.simple, "the simple prompt; choose another with --simple-field"),
@@ -227,6 +232,20 @@ def check_fields(obj, fields: Fields, file_name: bool) -> tuple[str, str]:
             raise BadRow(f"empty prompt '{f}'", f"{role.split(';')[0]}: only invisible characters "
                        f"(zero-width, control or combining) {obj[f][:20]!r}")
     return obj[fields.simple], obj[fields.complex]
+
+
+def read_category(obj: dict, fields: Fields) -> str | None:
+    """The row's optional category label: a string (stripped), a number or bool as text; None
+    when the field is missing, null, blank, not valid Unicode or anything else (a list, an
+    object). Never makes a row bad: categories only group evaluation numbers."""
+    v = obj.get(fields.category)
+    if isinstance(v, bool):
+        v = "true" if v else "false"  # as JSON spells it
+    elif isinstance(v, (int, float)):
+        v = str(v)
+    if not isinstance(v, str) or lone_surrogate(v) is not None or is_blank_prompt(v):
+        return None
+    return v.strip()
 
 
 def check_file_name(root_real: str, name: str) -> str:

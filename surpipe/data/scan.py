@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from surpipe.data.images import IMAGE_EXTENSIONS
 from surpipe.data.rows import (METADATA, BadRow, Fields, KeyMaker, Row, Sample, ScanReport, check_fields,
-                               check_file_name, lone_surrogate, printable)
+                               check_file_name, lone_surrogate, printable, read_category)
 from surpipe.errors import SurpipeError
 
 
@@ -54,7 +54,8 @@ def scan_imagefolder(root: str, report: ScanReport, max_pixels: int, fields: Fie
             if dup in seen:
                 raise BadRow("duplicate file_name", f"first on line {seen[dup]}")
             seen[dup] = lineno
-            row.sample = Sample(keys(name), simple, complex_, name, real, -1, -1, max_pixels)
+            row.sample = Sample(keys(name), simple, complex_, name, real, -1, -1, max_pixels,
+                                category=read_category(obj, fields))
         except BadRow as b:
             row.bad = b
     return rows
@@ -166,7 +167,7 @@ def scan_shards(shards: list[str], report: ScanReport, max_pixels: int, fields: 
                         raise BadRow("duplicate key", printable(wkey))
                     seen.add(wkey)
                     row.sample = Sample(keys(wkey), simple, complex_, im.name, os.path.abspath(shard),
-                                        im.offset_data, im.size, max_pixels)
+                                        im.offset_data, im.size, max_pixels, category=read_category(obj, fields))
                 except BadRow as b:
                     row.bad = b
             if problem is not None:

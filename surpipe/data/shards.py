@@ -1,9 +1,9 @@
 """Writing a SURD dataset as webdataset .tar shards (read back by :func:`surpipe.data.open_dataset`).
 
 Per sample: ``<key>.<ext>`` holds the original image bytes with the original extension, and
-``<key>.json`` holds ``{"file_name", "text", "prompt"}``. Samples go in dataset order, so row
-order and the dataset fingerprint survive packing. Members carry mtime 0 and fixed owners, so the
-same input gives byte-identical shards.
+``<key>.json`` holds ``{"file_name", "text", "prompt"}``, plus ``"category"`` when the sample
+has one. Samples go in dataset order, so row order and the dataset fingerprint survive packing.
+Members carry mtime 0 and fixed owners, so the same input gives byte-identical shards.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import secrets
 from typing import Callable
 
 from surpipe.data.images import FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, ImageProblem, probe
+from surpipe.data.rows import DEFAULT_CATEGORY_FIELD
 from surpipe.data.surd import Sample, SurdDataset
 from surpipe.errors import SurpipeError
 
@@ -199,6 +200,8 @@ def write_shards(dataset: SurdDataset, out: str, *, samples_per_shard: int = 100
                                            group="surpipe", format="PAX_FORMAT")
                 data = s.image_bytes()
                 meta = {"file_name": s.file_name, "text": s.simple, "prompt": s.complex}
+                if getattr(s, "category", None) is not None:
+                    meta[DEFAULT_CATEGORY_FIELD] = s.category
                 writer.write({"__key__": s.key, _image_ext(s, data): data,
                               "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
                 bar.update(1)

@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Literal
 
 from surpipe.data.images import DEFAULT_MAX_PIXELS, ImageProblem, probe
-from surpipe.data.rows import (DEFAULT_COMPLEX_FIELD, DEFAULT_SIMPLE_FIELD, METADATA, BadRow, Fields, Row, Sample,
-                               ScanReport, base_key, is_blank_prompt)
+from surpipe.data.rows import (DEFAULT_CATEGORY_FIELD, DEFAULT_COMPLEX_FIELD, DEFAULT_SIMPLE_FIELD, METADATA, BadRow,
+                               Fields, Row, Sample, ScanReport, base_key, is_blank_prompt)
 from surpipe.data.scan import scan_imagefolder, scan_shards
 from surpipe.errors import SurpipeError
 
-__all__ = ["DEFAULT_COMPLEX_FIELD", "DEFAULT_SIMPLE_FIELD", "CheckImages", "Sample", "ScanReport", "SurdDataset",
-           "base_key", "is_blank_prompt", "open_dataset"]
+__all__ = ["DEFAULT_CATEGORY_FIELD", "DEFAULT_COMPLEX_FIELD", "DEFAULT_SIMPLE_FIELD", "CheckImages", "Sample",
+           "ScanReport", "SurdDataset", "base_key", "is_blank_prompt", "open_dataset"]
 
 CheckImages = Literal["full", "header", "none"]
 
@@ -53,7 +53,8 @@ class SurdDataset:
         return f"SurdDataset({self.source!r}, {len(self)} samples)"
 
     def fingerprint(self) -> str:
-        """sha256 hex over (key, simple, complex) of every row, in order (not the images)."""
+        """sha256 hex over (key, simple, complex) of every row, in order (not the images, not the
+        categories: stores made before categories were kept must keep matching)."""
         h = hashlib.sha256()
         for s in self.samples:
             h.update(json.dumps([s.key, s.simple, s.complex], ensure_ascii=False).encode("utf-8"))
@@ -111,6 +112,7 @@ def open_dataset(
     progress: bool = True,
     simple_field: str = DEFAULT_SIMPLE_FIELD,
     complex_field: str = DEFAULT_COMPLEX_FIELD,
+    category_field: str = DEFAULT_CATEGORY_FIELD,
 ) -> SurdDataset:
     """Scan a SURD imagefolder, a folder of .tar shards, one .tar, or a brace pattern.
 
@@ -118,16 +120,19 @@ def open_dataset(
     in dataset order, raises SurpipeError). ``check_images``: "full" decodes every image,
     "header" reads headers only (format, size, pixel limit), "none" skips image checks.
     ``simple_field`` / ``complex_field``: the metadata (or shard .json) fields holding the SIMPLE
-    and the COMPLEX prompt. A shard that is cut short or damaged is reported like a bad row.
+    and the COMPLEX prompt. ``category_field``: the optional field holding each row's category
+    label (``Sample.category``; missing, null or blank gives None, never a bad row). A shard that
+    is cut short or damaged is reported like a bad row.
     """
     if check_images not in ("full", "header", "none"):
         raise SurpipeError(f"check_images must be 'full', 'header' or 'none', not {check_images!r}")
     if max_pixels < 1:
         raise SurpipeError(f"max_pixels must be positive, not {max_pixels}")
-    for flag, name in (("--simple-field", simple_field), ("--complex-field", complex_field)):
+    for flag, name in (("--simple-field", simple_field), ("--complex-field", complex_field),
+                       ("--category-field", category_field)):
         if not isinstance(name, str) or not name.strip():
             raise SurpipeError(f"{flag} must name a metadata field, not {name!r}")
-    fields = Fields(simple_field, complex_field)
+    fields = Fields(simple_field, complex_field, category_field)
     kind, source, shards = _resolve(os.fspath(path))
     report = ScanReport(source=str(source), kind=kind)
     if kind == "imagefolder":

@@ -25,6 +25,13 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 DEFAULT_BLOCK_ROWS = 256
 KINDS = ("llm", "clip", "vae")
+# the root arrays of a store's rows (the only module that spells their names)
+KEYS_ARRAY = "keys"
+PROMPT_ARRAYS = {"simple": "prompts/simple", "complex": "prompts/complex"}
+ROW_ARRAYS = (KEYS_ARRAY, *PROMPT_ARRAYS.values())
+# optional (stores made since categories are kept): each row's category label, "" for none;
+# never part of matching a store to a dataset
+CATEGORY_ARRAY = "prompts/category"
 
 
 class StoreNotFound(SurpipeError):
@@ -137,11 +144,27 @@ class FeatureStore:
 
     def keys(self) -> np.ndarray:
         """The sample key of every row, in row order."""
-        return np.asarray(self.root["keys"][:])
+        return np.asarray(self.root[KEYS_ARRAY][:])
 
     def prompts(self, which: str) -> np.ndarray:
         """``which`` is ``simple`` or ``complex``."""
-        return np.asarray(self.root[f"prompts/{which}"][:])
+        return np.asarray(self.root[PROMPT_ARRAYS[which]][:])
+
+    def categories(self) -> np.ndarray | None:
+        """Each row's category label (str array, ``""`` for a row without one), in row order; None
+        when the store keeps no categories (made before they were kept, or from a dataset
+        without them: no array, or every label empty)."""
+        if not (self.path / CATEGORY_ARRAY / "zarr.json").is_file():
+            return None
+        try:
+            labels = np.array([str(c) for c in np.asarray(self.root[CATEGORY_ARRAY][:]).tolist()], dtype=str)
+        except Exception as e:  # a damaged chunk or zarr.json: one clear message, not a traceback
+            raise SurpipeError(f"store {self.path}: {CATEGORY_ARRAY} cannot be read ({type(e).__name__}: "
+                               f"{first_line(e)[:160]}); run `surpipe verify {self.path}`") from None
+        if labels.shape != (self.num_samples,):
+            raise SurpipeError(f"store {self.path}: {CATEGORY_ARRAY} has shape {labels.shape}, expected "
+                               f"({self.num_samples},); run `surpipe verify {self.path}`")
+        return labels if (labels != "").any() else None
 
     # -- feature groups -----------------------------------------------------------------------
     def group_paths(self, kind: str | None = None) -> list[str]:

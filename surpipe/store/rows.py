@@ -1,11 +1,12 @@
 """A store's rows: creating a store from a dataset, and matching an existing store to a dataset.
 
-A store's rows (sample keys, simple and complex prompts, in dataset order) are fixed when it is
-created; every feature group is row-aligned with them. Matching compares keys and prompts only,
-never images: a dataset row missing from the store is accepted only when the caller can explain
-why it was left out at creation (``left_out``: its image fails the check the creation applied).
-Works with any dataset-like object: ``samples`` (``key``, ``simple``, ``complex``), ``source``,
-``fingerprint()`` and ``len()``.
+A store's rows (sample keys, simple and complex prompts and, when the dataset has them, category
+labels, in dataset order) are fixed when it is created; every feature group is row-aligned with
+them. Matching compares keys and prompts only (never categories, never images): a dataset row
+missing from the store is accepted only when the caller can explain why it was left out at
+creation (``left_out``: its image fails the check the creation applied). Works with any
+dataset-like object: ``samples`` (``key``, ``simple``, ``complex``, optional ``category``),
+``source``, ``fingerprint()`` and ``len()``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from surpipe.errors import SurpipeError
-from surpipe.store.core import (DEFAULT_BLOCK_ROWS, FORMAT_VERSION, FeatureStore, StoreNotFound, check_writable,
-                                library_versions)
+from surpipe.store.core import (CATEGORY_ARRAY, DEFAULT_BLOCK_ROWS, FORMAT_VERSION, KEYS_ARRAY, PROMPT_ARRAYS,
+                                FeatureStore, StoreNotFound, check_writable, library_versions)
 from surpipe.store.integrity import codec_chain
 
 Row = tuple  # (key, simple, complex)
@@ -106,9 +107,15 @@ def _build(tmp: Path, dataset, block_rows: int) -> None:
     })
     samples = dataset.samples
     chunk = max(1, min(n, 65536))
-    for name, values in (("keys", [s.key for s in samples]),
-                         ("prompts/simple", [s.simple for s in samples]),
-                         ("prompts/complex", [s.complex for s in samples])):
+    arrays = [(KEYS_ARRAY, [s.key for s in samples]),
+              (PROMPT_ARRAYS["simple"], [s.simple for s in samples]),
+              (PROMPT_ARRAYS["complex"], [s.complex for s in samples])]
+    # optional per-row labels (evaluation groups its numbers by them); "" for a row without one.
+    # Not part of the fingerprint or of matching, so stores without them keep matching
+    categories = [getattr(s, "category", None) for s in samples]
+    if any(c is not None for c in categories):
+        arrays.append((CATEGORY_ARRAY, ["" if c is None else str(c) for c in categories]))
+    for name, values in arrays:
         arr = root.create_array(name, shape=(n,), dtype=str, chunks=(chunk,), compressors=codec_chain("zstd"))
         arr[:] = np.array(values, dtype=object)
 

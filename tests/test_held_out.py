@@ -1,0 +1,123 @@
+"""Issue 17 end to end on the bundled sample: with the alignment terms weighted up, the held-out
+prompt term falls well below both the no-adapter baseline and the untrained adapter; --keep-best
+keeps the best evaluated adapter; ``surpipe eval --store`` reproduces the training run's last
+held-out numbers for the finished adapter, per category, without generating an image."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from helpers import REPO, run_cli, run_cli_err
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def sample_run(tiny_models, tmp_path_factory):
+    """The bundled sample's store (both stage-one commands) and one short training run on it with a
+    quarter of the rows held out, prompt and LLM weights 1 and --keep-best."""
+    root = tmp_path_factory.mktemp("held_out")
+    store, run = root / "s.zarr", root / "run"
+    data = REPO / "data" / "sample"
+    assert run_cli_err("extract-llm", "--data", data, "--store", store, "--model", tiny_models / "llm",
+                       "--layers", "3", "--quant", "none", "--no-progress", "--block-rows", "16")[0] == 0
+    assert run_cli_err("encode-latents", "--data", data, "--store", store, "--model", tiny_models / "sd",
+                       "--workers", "0", "--no-progress")[0] == 0
+    rc, out, err = run_cli(
+        "train", "--store", store, "--model", tiny_models / "sd", "--llm-layer", "3", "--out", run,
+        "--max-steps", STEPS, "--batch-size", "4", "--grad-accum", "1", "--learning-rate", "1e-3", "--nhead", "4",
+        "--dim-feedforward", "128", "--workers", "0", "--device", "cpu", "--no-progress", "--no-loss-curve",
+        "--val-fraction", "0.25", "--validation-every", "20", "--no-validation-images", "--keep-best",
+        "--prompt-weight", "1", "--llm-weight", "1")
+    assert rc == 0, err
+    return store, run, out
+
+
+def _val_rows(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"val/' in l]
+
+
+def test_prompt_alignment_learns_on_held_out_rows(sample_run):
+    store, run, printed = sample_run
+    val = _val_rows(run)
+    assert [r["step"] for r in val] == [0, 20, STEPS]  # the untrained adapter first
+    assert not (run / "validation").exists()  # --no-validation-images: losses only
+    first, last = val[0], val[-1]
+    base = first["val/prompt_baseline"]
+    assert all(r["val/prompt_baseline"] == base for r in val)  # fixed noise, no adapter: constant
+    print("held-out:", json.dumps(val, indent=1))
+    # learned, not the untrained adapter's mixing: well below the baseline AND the step-0 value
+    assert last["val/prompt"] < 0.75 * base and last["val/prompt"] < 0.75 * first["val/prompt"]
+    assert last["val/cos_adapter"] > last["val/cos_baseline"] + 0.1
+    assert last["val/llm"] < first["val/llm"]
+    n = json.loads((run / "config.json").read_text())["_surpipe"]["run"]["split"]["count"]
+    assert 8 <= n <= 24  # about a quarter of the 64 rows
+    assert f"held-out ({n} rows, step {STEPS})" in printed and "gain" in printed
+
+
+def test_keep_best_keeps_the_lowest_evaluated_score(sample_run):
+    from surpipe.adapter import SURAdapter
+    from surpipe.validation import selection_score
+
+    _, run, printed = sample_run
+    trained = [r for r in _val_rows(run) if r["step"] > 0]  # step 0 (untrained) is never "best"
+    best = min(trained, key=selection_score)
+    note = json.loads((run / "best" / "best.json").read_text())
+    assert note["step"] == best["step"] and math.isclose(note["score"], selection_score(best), rel_tol=1e-12)
+    assert (run / "best" / "llm_projection.safetensors").is_file()
+    SURAdapter.from_pretrained(run / "best")  # a loadable adapter folder
+    assert "best held-out adapter" in printed
+    if best["step"] == STEPS:  # then it holds the final adapter's weights
+        from safetensors.torch import load_file
+
+        a, b = load_file(run / "best" / "model.safetensors"), load_file(run / "adapter" / "model.safetensors")
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_eval_store_reproduces_the_runs_held_out_numbers_per_category(sample_run, tmp_path):
+    from surpipe.store import FeatureStore
+
+    store, run, _ = sample_run
+    rc, out, err = run_cli("eval", "--store", store, "--adapter", run, "--no-clip-score", "--out", tmp_path / "ev",
+                           "--device", "cpu")
+    assert rc == 0, err
+    held = json.loads((tmp_path / "ev" / "held_out.json").read_text())
+    last = _val_rows(run)[-1]
+    n = json.loads((run / "config.json").read_text())["_surpipe"]["run"]["split"]["count"]
+    assert held["scope"] == "the run's held-out rows" and held["rows"] == n
+    for k, v in last.items():
+        if k.startswith("val/"):
+            assert math.isclose(held["categories"]["all"][k], v, rel_tol=1e-5, abs_tol=1e-6), k
+    cats = FeatureStore(store).categories()
+    if cats is not None:  # per category: the rows add up, each mean inside the overall range
+        per = {c: s for c, s in held["categories"].items() if c != "all"}
+        assert set(per) <= {"action", "color", "counting", "narrative"} and sum(s["rows"] for s in per.values()) == n
+    assert f"| all | {n} |" in out and "Held-out alignment" in (tmp_path / "ev" / "held_out.md").read_text()
+    assert json.loads((tmp_path / "ev" / "config.json").read_text())["store"] == str(store)
+
+
+def test_eval_store_refusals(sample_run, tiny_models, tmp_path):
+    store, run, _ = sample_run
+    rc, err = run_cli_err("eval", "--adapter", run, "--no-clip-score")
+    assert rc == 1 and "nothing to do" in err and "Traceback" not in err
+    rc, err = run_cli_err("eval", "--adapter", run, "--store", store)  # CLIP score on, no --out
+    assert rc == 1 and "--out" in err
+    # a plain adapter folder (no run beside it) on the store: every row, and --model is needed
+    import shutil
+
+    plain = shutil.copytree(run / "adapter", tmp_path / "plain")
+    rc, err = run_cli_err("eval", "--adapter", plain, "--store", store, "--no-clip-score")
+    assert rc == 1 and "give --model" in err
+    rc, out, err = run_cli("eval", "--adapter", plain, "--store", store, "--no-clip-score", "--model",
+                           tiny_models / "sd", "--device", "cpu")
+    assert rc == 0, err
+    assert "every row of the store" in out and "| all | 64 |" in out
+
+
+def test_keep_best_needs_a_split(tiny_models, train_store, tmp_path):
+    rc, err = run_cli_err("train", "--store", train_store, "--model", tiny_models / "sd", "--llm-layer", "3",
+                          "--out", tmp_path / "r", "--nhead", "4", "--keep-best", "--no-progress")
+    assert rc == 1 and "--keep-best" in err and "--val-rows" in err
+    assert not (tmp_path / "r").exists()
