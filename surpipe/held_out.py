@@ -118,7 +118,9 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     per = evaluate_rows(adapter_model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
                         min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target, batch_size=batch_size)
     cats = fs.categories() if hasattr(fs, "categories") else None
-    stats = per_category(per, None if cats is None else cats[rows])
+    if cats is not None:
+        cats = np.where(cats[rows] == "", "(none)", cats[rows])
+    stats = per_category(per, cats)
     return {"store": str(store), "adapter": str(folder), "model": cfg.model, "scope": scope, "rows": int(len(rows)),
             "groups": {k: getattr(found["groups"], f"{k}_group") for k in ("llm", "clip", "vae")},
             "llm_layer": found["groups"].llm_layer, "projection": where, "val_seed": cfg.val_seed,
