@@ -139,7 +139,9 @@ def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int
         "store_breakdown_s_median": {k: round(C.median(v), 4) for k, v in sparts.items()},
         "store_step_s_all": [round(x, 4) for x in ts], "online_step_s_all": [round(x, 4) for x in to],
     }
-    del te, vae
+    # Release the models. Not `del`: the step closures above capture te/vae, and pyflakes reads a
+    # `del` of a captured name as making the closures' uses undefined (Python allows it).
+    te = vae = None
 
     # ---------------- the real loop: data wait share from metrics.jsonl
     waits = {}
