@@ -1,13 +1,17 @@
-"""``surpipe encode-latents``: stage one, Stable Diffusion side.
+"""``surpipe encode-latents``: stage one, Stable Diffusion side (SD 1.x/2.x and SDXL, told apart by
+``model_index.json``).
 
 Writes two feature groups of the store (layout: docs/store-format.md):
 
 * ``clip/<name>``: the CLIP text encoder's last hidden state of the simple AND the complex prompt,
   [N, 77, D], exactly as ``StableDiffusionPipeline.encode_prompt`` feeds the UNet, plus each
-  prompt's token count before truncation.
+  prompt's token count before truncation. For SDXL, what ``StableDiffusionXLPipeline.encode_prompt``
+  feeds it: both encoders' penultimate states [N, 77, D1+D2] and the pooled embedding [N, P]
+  (``surpipe.features.ClipXLFeatures``), and both tokenizers' counts.
 * ``vae/<vae_name>`` (default ``<name>-<resolution>``): the VAE latent distribution (``mean``,
   ``std``) of each image resized and center-cropped to the resolution; with ``flip`` also of the
-  horizontally flipped crop (``flip_mean``, ``flip_std``).
+  horizontally flipped crop (``flip_mean``, ``flip_std``). For SDXL also each row's micro-conditioning
+  (source size, crop offsets). ``vae`` replaces the model's VAE (e.g. an fp16-fixed SDXL VAE).
 
 Each group is written by its own resumable block loop (``surpipe.blockjob.run_block_job``, shared
 with extract-llm): data-parallel ranks (torchrun) take disjoint blocks, a rerun computes only the
@@ -39,7 +43,10 @@ PARTS = ("clip", "vae")
 class EncodeLatentsConfig:
     data: str = option("data")
     store: str = option("store")
-    model: str = opt(help="Stable Diffusion 1.x/2.x checkpoint: local diffusers folder or hub id", group="model")
+    model: str = opt(help="Stable Diffusion 1.x/2.x or SDXL checkpoint: local diffusers folder or hub id",
+                     group="model")
+    vae: Optional[str] = opt(None, help="use this VAE instead of the model's: an AutoencoderKL folder or hub id, or "
+                             "a model with vae/ (e.g. an fp16-fixed SDXL VAE)", group="model")
     resolution: Optional[int] = opt(None, help="image side in pixels [default: the model's, 512 for SD 1.5]",
                                     group="data", ge=8, le=8192)
     revision: Optional[str] = opt(None, help="hub revision (branch, tag or commit) of --model", group="model")
@@ -49,7 +56,8 @@ class EncodeLatentsConfig:
                            group="output", default_factory=lambda: ["clip", "vae"])
     name: Optional[str] = opt(None, help="group clip/<name> [default: the model's folder or repo name]",
                               group="output")
-    vae_name: Optional[str] = opt(None, help="group vae/<vae_name> [default: <name>-<resolution>]", group="output")
+    vae_name: Optional[str] = opt(None, help="group vae/<vae_name> [default: <name>-<resolution>, with --vae "
+                                  "<name>-<vae name>-<resolution>]", group="output")
     flip: bool = opt(False, help="also store the latents of the flipped crop (training can then random-flip)",
                      group="data")
     batch_size: int = opt(8, help="images per VAE forward", group="running", ge=1, le=65536)
@@ -143,21 +151,57 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     # Fail on a bad model (unreachable hub id, broken folder, unsupported pipeline) before the
     # (slow) dataset scan and before any store is created.
     check_model_source(cfg.model)
+    family = sd.check_pipeline_class(cfg.model, cfg.revision, accept=("sd", "sdxl"))
     if sd.is_local(cfg.model):
-        sd.validate_folder(cfg.model, (["tokenizer", "text_encoder"] if want_clip else []) + (["vae"] if want_vae else []))
-    sd.check_pipeline_class(cfg.model, cfg.revision)
+        from surpipe.sdxl import TEXT_COMPONENTS
+
+        text = list(TEXT_COMPONENTS if family == "sdxl" else TEXT_COMPONENTS[:2])
+        sd.validate_folder(cfg.model, (text if want_clip else []) + (["vae"] if want_vae and not cfg.vae else []),
+                           " (an SDXL checkpoint: model_index.json names StableDiffusionXLPipeline)"
+                           if family == "sdxl" else "")
+    if want_vae and cfg.vae:
+        check_model_source(cfg.vae, "--vae", "VAE")
+        sd.vae_subfolder(cfg.vae)  # a folder that is neither a VAE nor holds one: refused now
     ds, store = open_store(cfg.data, cfg.store, block_rows=cfg.block_rows, check_images=cfg.check_images,
                            images=want_vae, progress=cfg.progress, is_main=env.is_main,
                            simple_field=cfg.simple_field, complex_field=cfg.complex_field)
     with discard_new_store_on_error(store, env.is_main):
-        return _encode(cfg, env, device, ds, store, t_start)
+        return _encode(cfg, env, device, ds, store, t_start, family)
 
 
-def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: float) -> dict[str, Any]:
+def _text_side(cfg: EncodeLatentsConfig, family: str, model_id: str, device: str):
+    """(feature class, settings, encode(texts) -> (embeddings, pooled or None), count(texts) -> counts
+    by tokenizer, loaded info) of the model's text side: SD's one encoder or SDXL's two."""
+    from surpipe import sd, sdxl
+    from surpipe.features import ClipFeatures, ClipXLFeatures
+
+    ident = dict(model=model_id, revision=cfg.revision, variant=cfg.variant)
+    if family == "sdxl":
+        te = sdxl.load_text_encoders_xl(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
+        hashes = {k: te.info[k] for k in te.info if k.removesuffix("_2") in
+                  ("text_encoder_config_hash", "tokenizer_hash", "text_encoder_weights_sha256")}
+        settings = ClipXLFeatures.settings(max_length=te.max_length, hidden_size=te.hidden_size,
+                                           pooled_size=te.pooled_size, store_dtype=cfg.store_dtype, **ident,
+                                           **hashes, dtype=cfg.dtype)
+        return (ClipXLFeatures, settings,
+                lambda texts: tuple(t.numpy() for t in sdxl.encode_prompts_xl(te, texts, device)),
+                lambda texts: [sd.token_counts(t, texts) for t in te.tokenizers], te)
+    te = sd.load_text_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
+    settings = ClipFeatures.settings(
+        max_length=te.max_length, hidden_size=te.hidden_size, store_dtype=cfg.store_dtype, **ident,
+        text_encoder_config_hash=te.info["text_encoder_config_hash"], tokenizer_hash=te.info["tokenizer_hash"],
+        text_encoder_weights_sha256=te.info["text_encoder_weights_sha256"],
+        use_attention_mask=te.use_attention_mask, dtype=cfg.dtype)
+    return (ClipFeatures, settings, lambda texts: (sd.encode_prompts(te, texts, device).numpy(), None),
+            lambda texts: [sd.token_counts(te.tokenizer, texts)], te)
+
+
+def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: float, family: str = "sd"
+            ) -> dict[str, Any]:
     import torch
 
     from surpipe import sd
-    from surpipe.features import ClipFeatures, VaeFeatures
+    from surpipe.features import VaeFeatures
     from surpipe.blockjob import barrier, run_block_job
 
     want_clip, want_vae = "clip" in cfg.parts, "vae" in cfg.parts
@@ -194,29 +238,26 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
 
     # ---- CLIP ----------------------------------------------------------------------------------
     if want_clip:
-        log.info(f"loading tokenizer + text encoder from {cfg.model} ...")
-        te = sd.load_text_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
+        log.info(f"loading tokenizer{'s + text encoders' if family == 'sdxl' else ' + text encoder'} "
+                 f"from {cfg.model} ...")
+        ClipFeatures, settings, encode, count, te = _text_side(cfg, family, model_id, device)
         L, D = te.max_length, te.hidden_size
-        settings = ClipFeatures.settings(
-            max_length=L, hidden_size=D, store_dtype=cfg.store_dtype,
-            model=model_id, revision=cfg.revision, variant=cfg.variant,
-            text_encoder_config_hash=te.info["text_encoder_config_hash"],
-            tokenizer_hash=te.info["tokenizer_hash"],
-            text_encoder_weights_sha256=te.info["text_encoder_weights_sha256"],
-            use_attention_mask=te.use_attention_mask, dtype=cfg.dtype)
         arrays = ClipFeatures.arrays(settings, cfg.codec)
         prompts = {w: store.prompts(w) for w in ClipFeatures.PROMPTS}
         counter = {"prompts": 0}
 
         def clip_block(start: int, stop: int) -> dict[str, np.ndarray]:
-            embs, lens = {}, {}
+            embs, pooled, lens, lens_2 = {}, {}, {}, {}
             for w in ClipFeatures.PROMPTS:
                 texts = [str(t) for t in prompts[w][start:stop]]
-                embs[w] = np.concatenate([sd.encode_prompts(te, texts[i:i + cfg.text_batch_size], device).numpy()
-                                          for i in range(0, len(texts), cfg.text_batch_size)])
-                lens[w] = sd.token_counts(te.tokenizer, texts)
+                outs = [encode(texts[i:i + cfg.text_batch_size]) for i in range(0, len(texts), cfg.text_batch_size)]
+                embs[w] = np.concatenate([o[0] for o in outs])
+                pooled[w] = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
+                lens[w], *more = count(texts)
+                lens_2[w] = more[0] if more else None
                 counter["prompts"] += len(texts)
-            return ClipFeatures.block(embs, lens)
+            return (ClipFeatures.block(embs, lens, pooled, lens_2) if family == "sdxl"
+                    else ClipFeatures.block(embs, lens))
 
         path = f"clip/{name}"
         log.info(f"CLIP -> {path}: [{store.num_samples}, {L}, {D}] x 2 prompts ({cfg.dtype} compute, "
@@ -255,20 +296,25 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
 
     # ---- VAE -----------------------------------------------------------------------------------
     if want_vae:
-        log.info(f"loading VAE encoder from {cfg.model} ...")
-        vae = sd.load_vae_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
+        log.info(f"loading VAE encoder from {cfg.vae or cfg.model} ...")
+        if cfg.vae:  # another VAE: its own folder or repo (no --revision/--variant: those are --model's)
+            vae = sd.load_vae_encoder(cfg.vae, None, cfg.dtype, device, subfolder=sd.vae_subfolder(cfg.vae))
+        else:
+            vae = sd.load_vae_encoder(cfg.model, cfg.revision, cfg.dtype, device, variant=cfg.variant)
         R = cfg.resolution or sd.default_resolution(cfg.model, cfg.revision, vae)
         if R % vae.downsample:
             raise SurpipeError(f"resolution {R} is not a multiple of the VAE's downsampling factor {vae.downsample}")
-        vae_name = cfg.vae_name or f"{name}-{R}"
+        vae_name = cfg.vae_name or (f"{name}-{sd.model_basename(cfg.vae)}-{R}" if cfg.vae else f"{name}-{R}")
+        micro = family == "sdxl"  # SDXL's added time ids need each row's source size and crop offsets
+        vae_id = (str(Path(cfg.vae).expanduser().resolve()) if sd.is_local(cfg.vae) else cfg.vae) if cfg.vae else None
         resolved = dataclasses.replace(resolved, resolution=R, vae_name=vae_name)
         h = R // vae.downsample
         C = vae.latent_channels
         settings = VaeFeatures.settings(
             resolution=R, flip=cfg.flip, scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor,
             latent_channels=C, downsample_factor=vae.downsample, store_dtype=cfg.store_dtype,
-            model=model_id, revision=cfg.revision, variant=cfg.variant,
-            vae_config_hash=vae.info["vae_config_hash"],
+            micro_conditioning=micro, model=model_id, revision=cfg.revision, variant=cfg.variant,
+            **({"vae": vae_id} if vae_id else {}), vae_config_hash=vae.info["vae_config_hash"],
             vae_encoder_weights_sha256=vae.info["vae_encoder_weights_sha256"], dtype=cfg.dtype)
         arrays = VaeFeatures.arrays(settings, cfg.codec)
         path = f"vae/{vae_name}"
@@ -278,16 +324,21 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         counter = {"images": 0}
 
         def vae_block(start: int, stop: int) -> dict[str, np.ndarray]:
+            from surpipe.sdxl import micro_conditioning_rows
+
             parts: list[tuple] = []  # (mean, std) of the crops, then of the flipped crops
-            for _, x in feeder.rows(start, stop):
+            sizes: list = []  # each source image's (width, height)
+            for _, x, wh in feeder.rows(start, stop, sizes=True):
                 n = x.shape[0]
                 if cfg.flip:
                     x = torch.cat([x, torch.flip(x, dims=[-1])])
                 mean, std = (t.numpy() for t in sd.encode_latent_dist(vae, x, device))
                 parts.append((mean[:n], std[:n], mean[n:], std[n:]))
+                sizes += wh
                 counter["images"] += x.shape[0]
             cols = [np.concatenate(c) for c in zip(*parts)]
-            return VaeFeatures.block(*cols[:2], *(cols[2:] if cfg.flip else ()))
+            flips = cols[2:] if cfg.flip else (None, None)
+            return VaeFeatures.block(*cols[:2], *flips, *(micro_conditioning_rows(sizes, R) if micro else ()))
 
         log.info(f"VAE -> {path}: [{store.num_samples}, {C}, {h}, {h}] from {R}x{R} center crops"
                 f"{' + flipped' if cfg.flip else ''} ({cfg.dtype} compute, {cfg.store_dtype} stored, "

@@ -81,6 +81,9 @@ class TrainRecipe:
         found, problems = gather(self.cfg)
         problems = _validate_numbers(self.cfg) + problems
         problems += check_run_folder(self.cfg, found["store"], found["groups"], split=found.get("split"))
+        if self.cfg.pooled == "aligned" and found.get("store") is not None and found.get("pooled_width") is None:
+            problems.append("--pooled aligned: the store has no SDXL pooled embeddings (an SD 1.x/2.x store); "
+                            "use --pooled simple")
         if problems:
             raise SurpipeError("cannot start training:", problems)
         self.inputs = TrainingInputs(**found)
@@ -362,7 +365,7 @@ class TrainRecipe:
         return ValidationSet.from_store(cfg.store, inp.groups, inp.held_out, scaling_factor=inp.scaling_factor,
                                         shift_factor=inp.shift_factor,
                                         num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-                                        seed=cfg.val_seed)
+                                        seed=cfg.val_seed, resolution=inp.resolution)
 
     def evaluate_held_out(self) -> dict:
         """The held-out metrics (surpipe.validation.METRICS) of the adapter as it is now, under the

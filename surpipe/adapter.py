@@ -76,6 +76,8 @@ class SURAdapterConfig:
     token_mixing: Literal["sequence", "tokenwise"] = opt(
         "sequence", help="encoder attention across a prompt's tokens, or each token alone (authors' checkpoint)",
         group="model")
+    pooled_width: Optional[int] = opt(None, help="SDXL: width of the pooled embedding its pooled head maps "
+                                                 "(None: no head, the pooled embedding passes through)", group="model")
 
     def problems(self) -> list[str]:
         """Every invalid setting, as messages (empty when the config is valid).
@@ -108,6 +110,9 @@ class SURAdapterConfig:
                     and lo <= v and (v <= hi if closed else v < hi))
             if not good:
                 p.append(f"{name} must be a number in [{lo:g}, {hi:g}{']' if closed else ')'}, got {v!r}")
+        if self.pooled_width is not None and (isinstance(self.pooled_width, bool) or not isinstance(
+                self.pooled_width, numbers.Integral) or not 1 <= self.pooled_width <= MAX_SIZES["width"]):
+            p.append(f"pooled_width must be null or an integer in [1, {MAX_SIZES['width']}], got {self.pooled_width!r}")
         if self.token_mixing not in TOKEN_MIXING:
             p.append(f"token_mixing must be one of {', '.join(TOKEN_MIXING)}, got {self.token_mixing!r}")
         return p
@@ -116,7 +121,10 @@ class SURAdapterConfig:
         """Number of values in the state dict these sizes give (value_layer included)."""
         d, f = self.width, self.dim_feedforward
         layer = (3 * d * d + 3 * d) + (d * d + d) + (f * d + f) + (d * f + d) + 4 * d
-        return self.num_layers * layer + 5 * (d * d + d) + (d * d + d)
+        n = self.num_layers * layer + 5 * (d * d + d) + (d * d + d)
+        if isinstance(self.pooled_width, numbers.Integral) and not isinstance(self.pooled_width, bool):
+            n += 2 * (self.pooled_width ** 2 + self.pooled_width)
+        return n
 
 
 class SURAttention(nn.Module):
@@ -199,6 +207,12 @@ class SURAdapter(nn.Module, ModelHubMixin, library_name="surpipe", paper_url="ht
         self.attention = SURAttention(d)
         self.fc = nn.Linear(d, d)
         nn.init.zeros_(self.fc.weight)
+        if config.pooled_width is not None:
+            # SDXL's pooled embedding: p + head(p), the last layer zero so that it starts as identity
+            pw = config.pooled_width
+            self.pooled_head = nn.Sequential(nn.Linear(pw, pw), nn.GELU(), nn.Linear(pw, pw))
+            nn.init.zeros_(self.pooled_head[2].weight)
+            nn.init.zeros_(self.pooled_head[2].bias)
 
     @property
     def adapter_weight(self) -> float:
@@ -237,6 +251,17 @@ class SURAdapter(nn.Module, ModelHubMixin, library_name="surpipe", paper_url="ht
         w = self.adapter_weight
         out = w * f + (1.0 - w) * x
         return out, e, f
+
+    def pool(self, pooled: torch.Tensor) -> torch.Tensor:
+        """SDXL's pooled embedding [B, P] as the UNet should see it: unchanged without a pooled head,
+        else ``p + head(p)`` (trained to align with the complex prompt's, ``--pooled aligned``)."""
+        if self.config.pooled_width is None:
+            return pooled
+        if pooled.dim() != 2 or pooled.shape[-1] != self.config.pooled_width:
+            raise SurpipeError(f"SURAdapter's pooled head expects [batch, {self.config.pooled_width}], "
+                               f"got {list(pooled.shape)}")
+        p = pooled.to(self.dtype)
+        return p + self.pooled_head(p)
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         out, e, f = self.forward_with_aux(x)

@@ -114,7 +114,8 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     scheduler = DDPMScheduler.from_config(found["sched_config"])
     vset = ValidationSet.from_store(store, found["groups"], rows, scaling_factor=found["scaling_factor"],
                                     shift_factor=found["shift_factor"],
-                                    num_train_timesteps=scheduler.config.num_train_timesteps, seed=cfg.val_seed)
+                                    num_train_timesteps=scheduler.config.num_train_timesteps, seed=cfg.val_seed,
+                                    resolution=found.get("resolution"))
     per = evaluate_rows(adapter_model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
                         min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target, batch_size=batch_size)
     cats = fs.categories() if hasattr(fs, "categories") else None

@@ -184,13 +184,17 @@ def check_sd_model(model: str, revision: Optional[str] = None) -> Optional[int]:
         if not index.is_file():
             raise SurpipeError(f"{model} is not a diffusers Stable Diffusion folder (no model_index.json)")
         info = read_json_object(index)
-        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in info]
+        xl = info.get("_class_name") == "StableDiffusionXLPipeline"
+        needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
+            ("text_encoder_2", "tokenizer_2") if xl else ())
+        missing = [c for c in needed if c not in info]
         if missing:
             raise SurpipeError(f"{model} is not a Stable Diffusion folder: model_index.json has no "
                                f"{', '.join(missing)} (a {info.get('_class_name', 'different')} pipeline?)")
-    check_pipeline_class(model, revision)
+    family = check_pipeline_class(model, revision, accept=("sd", "sdxl"))
     try:
-        return int(read_model_config(model, "text_encoder", revision).get("hidden_size"))
+        encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+        return sum(int(read_model_config(model, e, revision).get("hidden_size")) for e in encoders)
     except (SurpipeError, TypeError, ValueError):
         return None  # the pipeline load will say what is wrong
 

@@ -246,19 +246,44 @@ def apply_noise_offset(noise: torch.Tensor, offset: float,
 
 # --------------------------------------------------------------------------- one training micro-batch
 def sample_latents(batch: dict, *, use_flip: bool, scaling_factor: float, shift_factor: float,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, return_flip: bool = False):
     """Latents drawn from the stored VAE distributions (``lat_mean``/``lat_std`` numpy arrays; the
     flipped ones for a random half of the rows when ``use_flip``), shifted and scaled as the VAE's
-    ``encode(...).sample()`` would feed the UNet. Draws the flips, then the noise, from ``generator``."""
-    t = {k: torch.from_numpy(batch[k]).float() for k in batch if k.startswith("lat_")}
+    ``encode(...).sample()`` would feed the UNet. Draws the flips, then the noise, from ``generator``.
+    With ``return_flip``: ``(latents, flipped rows [B] bool or None)``."""
+    t = {k: torch.from_numpy(batch[k]).float() for k in ("lat_mean", "lat_std", "lat_flip_mean", "lat_flip_std")
+         if k in batch}
     mean, std = t["lat_mean"], t["lat_std"]
+    flip = None
     if use_flip:
         flip = torch.rand(mean.shape[0], generator=generator) < 0.5
         fm = flip.view(-1, *([1] * (mean.dim() - 1)))
         mean = torch.where(fm, t["lat_flip_mean"], mean)
         std = torch.where(fm, t["lat_flip_std"], std)
     eps = torch.randn(mean.shape, generator=generator)
-    return ((mean + std * eps) - shift_factor) * scaling_factor
+    latents = ((mean + std * eps) - shift_factor) * scaling_factor
+    return (latents, flip) if return_flip else latents
+
+
+def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL's micro-conditioning per row, ``[B, 6]`` float: original (height, width), crop (top,
+    left), target (resolution, resolution), in the order diffusers' SDXL pipeline and training
+    example build ``add_time_ids``."""
+    b = original_size.shape[0]
+    target = torch.full((b, 2), float(resolution))
+    return torch.cat([original_size.float(), crop_top_left.float(), target], dim=1)
+
+
+def added_conditioning(b: dict, dtype: torch.dtype, pooled: Optional[torch.Tensor] = None) -> Optional[dict]:
+    """SDXL's ``added_cond_kwargs`` (the pooled text embedding, ``pooled`` if given else the batch's,
+    and the time ids) from a batch that has them (``pooled``, ``time_ids``); None for SD 1.x/2.x."""
+    if b.get("pooled") is None:
+        return None
+    return {"text_embeds": (b["pooled"] if pooled is None else pooled).to(dtype), "time_ids": b["time_ids"].to(dtype)}
+
+
+def _base(module):
+    return getattr(module, "module", module)  # the adapter inside a DDP / compiled wrapper
 
 
 def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: torch.Generator, cfg: Any,
@@ -283,7 +308,13 @@ def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: t
     # prompt_target: the authors compared with fc(a) until 2023-11-29, with out since (method-decisions.md)
     prompt = prompt_loss(b["clip_complex"], out if cfg.prompt_target == "out" else fc)
     cond = out if cfg.gradient_path == "paper" else out.detach()
-    pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample.float()
+    pooled = None
+    if b.get("pooled") is not None and _base(adapter).config.pooled_width is not None:  # --pooled aligned
+        pooled = _base(adapter).pool(b["pooled"])
+        prompt = prompt + prompt_loss(b["pooled_complex"][:, None], pooled[:, None])
+        pooled = pooled if cfg.gradient_path == "paper" else pooled.detach()
+    pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype),
+                added_cond_kwargs=added_conditioning(b, weight_dtype, pooled)).sample.float()
     target = denoise_target(scheduler, latents, noise, timesteps, prediction_type)
     weights = None
     if cfg.min_snr_gamma is not None:

@@ -7,7 +7,6 @@ the pipeline takes them as ``prompt_embeds`` / ``negative_prompt_embeds``.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -19,18 +18,23 @@ SCHEDULERS = ("default", "ddim", "dpm++", "euler", "euler-a", "pndm", "ddpm")
 
 def load_pipeline(model: str, *, revision: str | None = None, unet=None, device="cpu", dtype=None,
                   scheduler: str = "default"):
-    """Load a stock StableDiffusionPipeline by hub id or folder (no safety checker), optionally
+    """Load the stock pipeline of a checkpoint by hub id or folder: StableDiffusionPipeline (no
+    safety checker) or, when model_index.json names it, StableDiffusionXLPipeline; optionally
     reusing an already loaded UNet."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from surpipe.sd import check_pipeline_class
 
     dtype = dtype or torch.float32
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None,
-              "dtype": dtype, "revision": revision}
+    xl = check_pipeline_class(model, revision, accept=("sd", "sdxl")) == "sdxl"
+    kwargs = {"dtype": dtype, "revision": revision}
+    if not xl:
+        kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
     if unet is not None:
         kwargs["unet"] = unet
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
+        pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).from_pretrained(model, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise SurpipeError(f"cannot load a Stable Diffusion pipeline from {model}: {first_line(e)}") from None
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -55,23 +59,55 @@ def make_scheduler(name: str, config):
     return table[name].from_config(config)
 
 
+def is_xl(pipe) -> bool:
+    """True for an SDXL pipeline (two text encoders, pooled embeddings, micro-conditioning)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 def check_width(pipe, adapter) -> None:
-    """Refuse an adapter whose width differs from the pipeline's text embeddings."""
-    width = pipe.text_encoder.config.hidden_size
+    """Refuse an adapter whose width differs from the pipeline's text embeddings (SDXL: both
+    encoders' widths together)."""
+    width = pipe.text_encoder.config.hidden_size if pipe.text_encoder is not None else 0
+    if is_xl(pipe):
+        width += pipe.text_encoder_2.config.hidden_size
     if adapter.config.width != width:
         raise SurpipeError(f"the adapter is {adapter.config.width} wide but the pipeline's text encoder gives "
                            f"{width}-wide embeddings; use the adapter trained for this Stable Diffusion model")
 
 
 def encode(pipe, prompts: Sequence[str], adapter=None, negative_prompt: str = ""):
-    """(prompt_embeds, negative_prompt_embeds) for the pipeline, conditioned by ``adapter`` if given.
+    """(prompt_embeds, negative_prompt_embeds) for the pipeline, conditioned by ``adapter`` if given
+    (see :func:`encode_args`, which also gives SDXL's pooled embeddings)."""
+    args = encode_args(pipe, prompts, adapter, negative_prompt)
+    return args["prompt_embeds"], args["negative_prompt_embeds"]
+
+
+def encode_args(pipe, prompts: Sequence[str], adapter=None, negative_prompt: str = ""):
+    """The pipeline's embedding arguments as a dict (``prompt_embeds``, ``negative_prompt_embeds``;
+    SDXL adds ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``), the token sequences
+    conditioned by ``adapter`` if given (SDXL's pooled embeddings pass through unchanged unless the
+    adapter has a pooled head: docs/method-decisions.md).
 
     Raises SurpipeError when the adapter's output is not finite (a NaN adapter would otherwise
     render blank images)."""
     import torch
 
-    pe, ne = pipe.encode_prompt(list(prompts), pipe.device, 1, True,
-                                negative_prompt=[negative_prompt] * len(prompts))
+    neg = [negative_prompt] * len(prompts)
+    extra = {}
+    if is_xl(pipe):
+        # an empty negative prompt is None for SDXL: its config may force zero embeddings for it
+        # (force_zeros_for_empty_prompt), exactly as a plain pipeline call without one does
+        pe, ne, pp, npp = pipe.encode_prompt(list(prompts), device=pipe.device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=True,
+                                             negative_prompt=neg if negative_prompt else None)
+        if adapter is not None and adapter.config.pooled_width is not None:  # trained with --pooled aligned
+            q = next(adapter.parameters())
+            with torch.no_grad():
+                pp = adapter.pool(pp.to(q.device, q.dtype)).to(pp.dtype)
+                npp = adapter.pool(npp.to(q.device, q.dtype)).to(npp.dtype)
+        extra = {"pooled_prompt_embeds": pp, "negative_pooled_prompt_embeds": npp}
+    else:
+        pe, ne = pipe.encode_prompt(list(prompts), pipe.device, 1, True, negative_prompt=neg)
     if adapter is not None:
         check_width(pipe, adapter)
         p = next(adapter.parameters())
@@ -83,7 +119,7 @@ def encode(pipe, prompts: Sequence[str], adapter=None, negative_prompt: str = ""
             raise SurpipeError(f"the adapter's output for the {' and '.join(bad)} embeddings is not finite "
                                f"(NaN or Inf); its weights or the pipeline's dtype overflow: nothing was rendered "
                                f"from it (try --dtype float32, or a good adapter checkpoint)")
-    return pe, ne
+    return {"prompt_embeds": pe, "negative_prompt_embeds": ne, **extra}
 
 
 def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], steps: int = 30,
@@ -104,19 +140,18 @@ def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], 
         raise ValueError("one seed per prompt")
     prompts = list(prompts)
     last = {p: i for i, p in enumerate(prompts)}
-    cache: dict[str, tuple] = {}  # prompt -> (cond, uncond) embeddings [1, T, D]
+    cache: dict[str, dict] = {}  # prompt -> the pipeline's embedding arguments, [1, ...] each
     images = []
     bar = progress_bar(total=len(prompts), unit="img", desc=desc, disable=desc is None)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         new = list(dict.fromkeys(p for p in chunk if p not in cache))
         if new:
-            pe, ne = encode(pipe, new, adapter, negative_prompt)
-            cache.update({p: (pe[k:k + 1], ne[k:k + 1]) for k, p in enumerate(new)})
-        pe = torch.cat([cache[p][0] for p in chunk])
-        ne = torch.cat([cache[p][1] for p in chunk])
+            emb = encode_args(pipe, new, adapter, negative_prompt)
+            cache.update({p: {k: v[j:j + 1] for k, v in emb.items()} for j, p in enumerate(new)})
+        args = {k: torch.cat([cache[p][k] for p in chunk]) for k in cache[chunk[0]]}
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps,
+        out = pipe(**args, num_inference_steps=steps,
                    guidance_scale=guidance, generator=gens, height=size, width=size, output_type="np")
         arr = np.asarray(out.images)
         if not np.isfinite(arr).all():

@@ -44,6 +44,8 @@ from surpipe.hub import model_basename, sanitize_name  # noqa: F401  (re-exporte
 _WEIGHT_FILES = {
     "text_encoder": ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors",
                      "pytorch_model.fp16.bin", "model.safetensors.index.json"),
+    "text_encoder_2": ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors",
+                       "pytorch_model.fp16.bin", "model.safetensors.index.json"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
             "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin"),
 }
@@ -56,11 +58,12 @@ _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version",
 # --------------------------------------------------------------------------- model location
 
 
-def validate_folder(model: str, components: Iterable[str]) -> None:
+def validate_folder(model: str, components: Iterable[str], what: str = "") -> None:
     """Check that a local diffusers folder has what ``components`` need; report every problem.
 
-    ``components``: any of ``tokenizer``, ``text_encoder``, ``vae``. Hub ids are not checked here
-    (``from_pretrained`` reports those).
+    ``components``: any of ``tokenizer``, ``text_encoder``, ``vae`` (and SDXL's ``tokenizer_2``,
+    ``text_encoder_2``). Hub ids are not checked here (``from_pretrained`` reports those). ``what``
+    says what the folder was taken for, in the message (e.g. " (an SDXL checkpoint ...)").
     """
     root = Path(model).expanduser()
     if not root.exists():
@@ -74,9 +77,9 @@ def validate_folder(model: str, components: Iterable[str]) -> None:
         if not sub.is_dir():
             problems.append(f"{comp}/ is missing")
             continue
-        if comp == "tokenizer":
+        if comp.startswith("tokenizer"):
             if not any(all((sub / f).is_file() for f in group) for group in _TOKENIZER_FILES):
-                problems.append("tokenizer/ has neither vocab.json + merges.txt nor tokenizer.json")
+                problems.append(f"{comp}/ has neither vocab.json + merges.txt nor tokenizer.json")
             continue
         cfg = sub / "config.json"
         if not cfg.is_file():
@@ -91,7 +94,7 @@ def validate_folder(model: str, components: Iterable[str]) -> None:
     if problems:
         hint = ("" if (root / "model_index.json").is_file()
                 else " (no model_index.json either: is this a diffusers Stable Diffusion folder?)")
-        raise SurpipeError(f"model folder {model} cannot be used{hint}:", problems)
+        raise SurpipeError(f"model folder {model}{what} cannot be used{hint}:", problems)
 
 
 def _load_error(what: str, model: str, revision: str | None, e: Exception) -> SurpipeError:
@@ -122,7 +125,8 @@ def _component_json(model: str, sub: str, revision: str | None) -> dict | None:
             return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model, "config.json", subfolder=sub, revision=revision)).read_text("utf-8"))
+        return json.loads(Path(hf_hub_download(model, "config.json", subfolder=sub or None,
+                                               revision=revision)).read_text("utf-8"))
     except Exception:
         return None
 
@@ -135,24 +139,33 @@ _OTHER_PIPELINES = {
     "StableCascadePriorPipeline": "Stable Cascade",
 }
 SUPPORTED_PIPELINE = "StableDiffusionPipeline"
+# The families surpipe handles, by the pipeline class that model_index.json names.
+FAMILIES = {"sd": SUPPORTED_PIPELINE, "sdxl": "StableDiffusionXLPipeline"}
+_FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "SDXL"}
 
 
-def check_pipeline_class(model: str, revision: str | None = None) -> None:
-    """Refuse a checkpoint whose ``model_index.json`` names a pipeline other than
-    ``StableDiffusionPipeline`` (SD 1.x/2.x): SDXL and others have other text encoders and
-    conditioning, and would be silently mis-encoded. A folder without ``model_index.json`` passes
-    (its components are checked when loaded). Shared by encode-latents, train and generate."""
+def check_pipeline_class(model: str, revision: str | None = None, accept: Sequence[str] = ("sd",)) -> str:
+    """The family (``"sd"`` or ``"sdxl"``) of a checkpoint, from the pipeline its
+    ``model_index.json`` names; refuse one the caller does not ``accept`` (SD 1.x/2.x: ``"sd"``;
+    SDXL: ``"sdxl"``) or that surpipe does not know: other pipelines have other text encoders and
+    conditioning, and would be silently mis-encoded. A folder without ``model_index.json`` is
+    taken for SD (its components are checked when loaded). Shared by encode-latents, train and generate."""
     index = _model_index(model, revision)
     cls = index.get("_class_name") if isinstance(index, dict) else None
-    if cls is None or cls == SUPPORTED_PIPELINE:
-        return
-    family = _OTHER_PIPELINES.get(str(cls))
-    if family is None and "XL" in str(cls):
-        family = "SDXL"
-    what = f"{family} is not supported yet" if family else "this pipeline is not supported"
+    family = "sd" if cls is None else next((f for f, c in FAMILIES.items() if c == cls), None)
+    if family in accept:
+        return family
+    name = _OTHER_PIPELINES.get(str(cls))
+    if name is None and "XL" in str(cls):
+        name = "SDXL"
+    what = f"{name} is not supported yet" if name else "this pipeline is not supported"
+    if family is not None and name is None:
+        name = _FAMILY_NAMES[family]
+        what = f"{name} is not supported by this command yet"
+    takes = " or ".join(f"{FAMILIES[f]} ({_FAMILY_NAMES[f]})" for f in accept)
     raise SurpipeError(
-        f"{model} is a {cls} checkpoint (model_index.json): {what}; surpipe works with "
-        f"{SUPPORTED_PIPELINE} checkpoints (Stable Diffusion 1.x / 2.x) only")
+        f"{model} is a {cls} checkpoint (model_index.json): {what}; this command works with "
+        f"{takes} checkpoints only")
 
 
 def config_hash(cfg: dict) -> str:
@@ -203,18 +216,17 @@ class TextEncoder:
     info: dict = field(default_factory=dict)
 
 
-def load_text_encoder(model: str, revision: str | None = None, dtype: str = "float32",
-                      device: str = "cpu", variant: str | None = None) -> TextEncoder:
-    """Load the tokenizer and the CLIP text encoder (classes from model_index.json, as the pipeline does).
-
-    The width D is read from the text encoder's config; the window (77 for SD) from the tokenizer's
-    ``model_max_length``, which must not exceed the encoder's ``max_position_embeddings``.
-    """
+def load_clip_component(model: str, revision: str | None, tokenizer_sub: str = "tokenizer",
+                        encoder_sub: str = "text_encoder", encoder_default: str = "CLIPTextModel",
+                        variant: str | None = None) -> tuple[Any, Any, dict]:
+    """Load one tokenizer + text encoder pair of a diffusers checkpoint (classes from model_index.json,
+    as the pipeline does), in float32 and eval mode; returns (tokenizer, encoder, info), info holding
+    the classes, sizes and hashes stage one records. Shared by SD (``tokenizer``/``text_encoder``)
+    and SDXL (also ``tokenizer_2``/``text_encoder_2``). The tokenizer's ``model_max_length`` must not
+    exceed the encoder's ``max_position_embeddings``."""
     import torch
     import transformers
 
-    if is_local(model):
-        validate_folder(model, ["tokenizer", "text_encoder"])
     index = _model_index(model, revision)
     kw = {} if is_local(model) else {"revision": revision}
 
@@ -223,26 +235,28 @@ def load_text_encoder(model: str, revision: str | None = None, dtype: str = "flo
         name = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" else default
         return getattr(transformers, name, None) or getattr(transformers, default)
 
-    tok_cls = _cls("tokenizer", "CLIPTokenizer")
-    enc_cls = _cls("text_encoder", "CLIPTextModel")
+    tok_cls = _cls(tokenizer_sub, "CLIPTokenizer")
+    enc_cls = _cls(encoder_sub, encoder_default)
+    what = "" if encoder_sub == "text_encoder" else f" ({encoder_sub})"
     try:
-        tok = tok_cls.from_pretrained(model, subfolder="tokenizer", **kw)
+        tok = tok_cls.from_pretrained(model, subfolder=tokenizer_sub, **kw)
     except Exception as e:
-        raise _load_error("tokenizer", model, revision, e) from None
+        raise _load_error(f"tokenizer{'' if tokenizer_sub == 'tokenizer' else f' ({tokenizer_sub})'}",
+                          model, revision, e) from None
     try:
-        enc = enc_cls.from_pretrained(model, subfolder="text_encoder", dtype=torch.float32,
+        enc = enc_cls.from_pretrained(model, subfolder=encoder_sub, dtype=torch.float32,
                                       **kw, **({"variant": variant} if variant else {}))
     except Exception as e:
-        raise _load_error("text encoder", model, revision, e) from None
+        raise _load_error(f"text encoder{what}", model, revision, e) from None
     enc.eval().requires_grad_(False)
     cfg = enc.config
     max_pos = int(getattr(cfg, "max_position_embeddings", 77))
     max_length = int(tok.model_max_length)
     if max_length > max_pos:
         raise SurpipeError(
-            f"tokenizer of {model} has model_max_length={tok.model_max_length}, more than the text "
+            f"{tokenizer_sub} of {model} has model_max_length={tok.model_max_length}, more than the text "
             f"encoder's max_position_embeddings={max_pos}; set \"model_max_length\": {max_pos} in "
-            "tokenizer/tokenizer_config.json (Stable Diffusion uses 77)")
+            f"{tokenizer_sub}/tokenizer_config.json (Stable Diffusion uses 77)")
     info = {
         "tokenizer_class": type(tok).__name__,
         "text_encoder_class": type(enc).__name__,
@@ -255,8 +269,22 @@ def load_text_encoder(model: str, revision: str | None = None, dtype: str = "flo
         "text_encoder_weights_sha256": weights_hash(enc),
         "commit": getattr(cfg, "_commit_hash", None),
     }
+    return tok, enc, info
+
+
+def load_text_encoder(model: str, revision: str | None = None, dtype: str = "float32",
+                      device: str = "cpu", variant: str | None = None) -> TextEncoder:
+    """Load the tokenizer and the CLIP text encoder (classes from model_index.json, as the pipeline does).
+
+    The width D is read from the text encoder's config; the window (77 for SD) from the tokenizer's
+    ``model_max_length``, which must not exceed the encoder's ``max_position_embeddings``.
+    """
+    if is_local(model):
+        validate_folder(model, ["tokenizer", "text_encoder"])
+    tok, enc, info = load_clip_component(model, revision, variant=variant)
+    cfg = enc.config
     enc.to(device=device, dtype=torch_dtype(dtype))
-    return TextEncoder(tok, enc, max_length, int(cfg.hidden_size),
+    return TextEncoder(tok, enc, int(tok.model_max_length), int(cfg.hidden_size),
                        bool(getattr(cfg, "use_attention_mask", False)), info)
 
 
@@ -335,18 +363,40 @@ class VaeEncoder:
     info: dict = field(default_factory=dict)
 
 
+def vae_subfolder(vae: str, revision: str | None = None) -> str | None:
+    """Where the AutoencoderKL of a ``--vae`` argument lives: None when it is itself a VAE (a folder
+    or hub repo with ``config.json`` at its root, as ``madebyollin/sdxl-vae-fp16-fix``), ``"vae"``
+    for a model folder or repo holding ``vae/``."""
+    if is_local(vae):
+        root = Path(vae).expanduser()
+        if not root.is_dir():
+            raise SurpipeError(f"--vae {vae}: folder not found")
+        if (root / "config.json").is_file():
+            return None
+        if (root / "vae").is_dir():
+            return "vae"
+        raise SurpipeError(f"--vae {vae} is neither an AutoencoderKL folder (config.json and weights) nor a "
+                           "model folder with vae/")
+    return None if _component_json(vae, "", revision) is not None else "vae"
+
+
 def load_vae_encoder(model: str, revision: str | None = None, dtype: str = "float32",
-                     device: str = "cpu", variant: str | None = None) -> VaeEncoder:
-    """Load the VAE and keep its encoder half (the decoder is dropped after loading)."""
+                     device: str = "cpu", variant: str | None = None, subfolder: str | None = "vae") -> VaeEncoder:
+    """Load the VAE (``model``'s ``subfolder``; None: ``model`` is an AutoencoderKL folder or repo itself)
+    and keep its encoder half (the decoder is dropped after loading)."""
     import torch
     from diffusers import AutoencoderKL
 
-    if is_local(model):
+    if is_local(model) and subfolder == "vae":
         validate_folder(model, ["vae"])
+    elif is_local(model):
+        root = Path(model).expanduser()
+        if not any((root / f).is_file() for f in _WEIGHT_FILES["vae"]):
+            raise SurpipeError(f"VAE folder {model} has no weights (looked for {', '.join(_WEIGHT_FILES['vae'])})")
     kw = {} if is_local(model) else {"revision": revision}
     try:
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32,
-                                            **kw, **({"variant": variant} if variant else {}))
+        vae = AutoencoderKL.from_pretrained(model, **({"subfolder": subfolder} if subfolder else {}),
+                                            dtype=torch.float32, **kw, **({"variant": variant} if variant else {}))
     except Exception as e:
         raise _load_error("VAE", model, revision, e) from None
     cfg = dict(vae.config)

@@ -183,7 +183,7 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
     ``unet_config`` (clip_matcher, vae_matcher). A negative ``llm_layer`` counts from the end of
     the stored layers (-1: the last); the returned StoreGroups holds the resolved layer.
     A group that could not be resolved is None in the returned StoreGroups."""
-    from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
+    from surpipe.features import LLMFeatures, VaeFeatures, clip_features
 
     problems: list[str] = []
     paths = {}
@@ -215,7 +215,8 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
             if done < n:
                 problems.append(f"{paths[kind]} is incomplete: {done}/{n} blocks done; rerun its stage to finish it")
     if paths["clip"]:
-        problems += ClipFeatures.train_problems(store.group(paths["clip"]), paths["clip"])
+        clip = store.group(paths["clip"])
+        problems += clip_features(clip.settings).train_problems(clip, paths["clip"])
     flip = False
     if paths["vae"]:
         vae = store.group(paths["vae"])

@@ -81,6 +81,10 @@ class TrainConfig:
     gradient_path: Literal["paper", "authors"] = opt(
         "paper", help="paper: the denoising loss trains the adapter; authors: the UNet sees a detached output "
                       "(only the KL losses train it).", group="losses")
+    pooled: Literal["simple", "aligned"] = opt(
+        "simple", help="SDXL's pooled embedding: the simple prompt's, unchanged (simple), or through a small "
+                       "head trained toward the complex prompt's (aligned; its KL joins the prompt term).",
+        group="model")
     projection: Literal["frozen", "learnable"] = opt(
         "frozen", help="The LLM-to-CLIP-width projection: seeded random and frozen (authors) or trained.",
         group="model")

@@ -41,22 +41,22 @@ class BlockReader:
         self._open()
 
     def _open(self):
-        from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
+        from surpipe.features import LLMFeatures, VaeFeatures, clip_features
         from surpipe.store import FeatureStore
 
         store = FeatureStore(self.store_path)  # format, root attributes: clear errors
         g = self.groups
-        llm = store.group(g.llm_group)
+        llm, clip, vae = store.group(g.llm_group), store.group(g.clip_group), store.group(g.vae_group)
         wanted = {}  # batch key -> (group, array), as each kind says training reads it
         for gpath, names in ((g.llm_group, LLMFeatures.train_arrays(llm, g.llm_layer)),
-                             (g.clip_group, ClipFeatures.train_arrays()),
-                             (g.vae_group, VaeFeatures.train_arrays(g.use_flip))):
+                             (g.clip_group, clip_features(clip.settings).train_arrays()),
+                             (g.vae_group, VaeFeatures.train_arrays(g.use_flip, vae))):
             wanted |= {key: (gpath, name) for key, name in names.items()}
         groups = {}
         arrays = {}
         for key, (gpath, name) in wanted.items():
             if gpath not in groups:
-                groups[gpath] = llm if gpath == g.llm_group else store.group(gpath)  # refuses damaged metadata
+                groups[gpath] = {g.llm_group: llm, g.clip_group: clip, g.vae_group: vae}[gpath]
             arrays[key] = (gpath, name, groups[gpath].array(name))
         # (done array, generation id) per group: a block counts only when done in this generation
         self._done = {p: (fg.group["done"], fg.gen_id) for p, fg in groups.items()}

@@ -27,6 +27,8 @@ class TrainingInputs:
     prediction_type: str  # epsilon or v_prediction
     held_out: Any = None  # sorted row indices of the validation rows (numpy int64; empty: no split)
     split: Optional[dict] = None  # surpipe.validation.split_record of the split, recorded in the run folder
+    resolution: Optional[int] = None  # pixels of the stored latents' square crops (SDXL's target size)
+    pooled_width: Optional[int] = None  # SDXL: width of the pooled text embedding (None: SD 1.x/2.x)
 
 
 def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[dict]]:
@@ -36,7 +38,7 @@ def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[d
 
     unet_cfg = sched_cfg = None
     try:
-        check_pipeline_class(cfg.model, cfg.revision)  # SDXL and others: refused by name
+        check_pipeline_class(cfg.model, cfg.revision, accept=("sd", "sdxl"))  # others: refused by name
         unet_cfg = read_model_config(cfg.model, "unet", cfg.revision)
         sched_cfg = read_model_config(cfg.model, "scheduler", cfg.revision)
     except SurpipeError as e:
@@ -71,7 +73,7 @@ def _split(cfg, store, found: dict, problems: list[str]) -> None:
 def gather(cfg) -> tuple[dict, list[str]]:
     """Read and check everything ``cfg`` (a TrainConfig) trains on. Returns the fields of
     ``TrainingInputs`` found (possibly partial) and every problem, without raising."""
-    from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures
+    from surpipe.features import LLMFeatures, VaeFeatures, clip_features
     from surpipe.store import FeatureStore
     from surpipe.store_groups import resolve_groups
 
@@ -94,7 +96,8 @@ def gather(cfg) -> tuple[dict, list[str]]:
                                unet_config=unet_cfg)
         found["groups"] = g
         problems += gp
-    shape = ClipFeatures.embedding_shape(store.group(g.clip_group)) if g is not None and g.clip_group else None
+    clip = store.group(g.clip_group) if g is not None and g.clip_group else None
+    shape = clip_features(clip.settings).embedding_shape(clip) if clip is not None else None
     if shape is not None:
         found["seq_len"], found["width"] = seq_len, width = shape
         if unet_cfg is not None:
@@ -120,6 +123,8 @@ def gather(cfg) -> tuple[dict, list[str]]:
         if unet_cfg is not None and unet_cfg.get("in_channels") != lat.shape[0]:
             problems.append(f"latent channels mismatch: store {lat.shape[0]}, "
                             f"UNet in_channels {unet_cfg.get('in_channels')}")
+    if g is not None and clip is not None and g.vae_group:
+        _sdxl(cfg, clip, store.group(g.vae_group), unet_cfg, found, problems)
     if sched_cfg is not None:
         pt = cfg.prediction_type or sched_cfg.get("prediction_type", "epsilon")
         if pt not in ("epsilon", "v_prediction"):
@@ -127,3 +132,34 @@ def gather(cfg) -> tuple[dict, list[str]]:
         found["prediction_type"] = pt
         found["sched_config"] = sched_cfg
     return found, problems
+
+
+def _sdxl(cfg, clip, vae, unet_cfg: Optional[dict], found: dict, problems: list[str]) -> None:
+    """SDXL's extra inputs (the pooled width, the training resolution) and their agreement with the
+    UNet: a text_time UNet needs the pooled embeddings and the micro-conditioning, and takes
+    6 time ids plus the pooled width; an SD 1.x/2.x UNet takes neither."""
+    from surpipe.features import VaeFeatures, clip_features
+
+    found["resolution"] = vae.settings.get("resolution")
+    kind = clip_features(clip.settings)
+    pooled = kind.pooled_size(clip) if hasattr(kind, "pooled_size") else None
+    found["pooled_width"] = pooled
+    if unet_cfg is None:
+        return
+    text_time = unet_cfg.get("addition_embed_type") == "text_time"
+    if text_time and (pooled is None or not VaeFeatures.has_micro_conditioning(vae)):
+        what = "pooled embeddings" if pooled is None else "micro-conditioning (original sizes, crops)"
+        problems.append(f"the UNet of {cfg.model} is SDXL's (text_time conditioning) but the store has no SDXL "
+                        f"{what}: run encode-latents with this SDXL model")
+    elif not text_time and pooled is not None:
+        problems.append(f"the store holds SDXL embeddings but the UNet of {cfg.model} is not SDXL's; "
+                        "train with the SDXL model whose text encoders made the store")
+    elif text_time:
+        want = unet_cfg.get("projection_class_embeddings_input_dim")
+        have = 6 * int(unet_cfg.get("addition_time_embed_dim") or 0) + pooled
+        if want != have:
+            problems.append(f"the UNet of {cfg.model} takes {want} added-conditioning values, the store's pooled "
+                            f"embeddings give {have} (6 time ids x {unet_cfg.get('addition_time_embed_dim')} + "
+                            f"{pooled}); use the SDXL model whose text encoders made the store")
+        if not isinstance(found["resolution"], int):
+            problems.append(f"{vae.path if hasattr(vae, 'path') else 'the VAE group'} does not record its resolution")

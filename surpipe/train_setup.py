@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from surpipe.errors import SurpipeError, first_line
@@ -67,7 +68,8 @@ def build_trainables(cfg, inputs, rt: Runtime):
 
     adapter = SURAdapter(SURAdapterConfig(
         width=inputs.width, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward, num_layers=cfg.num_layers,
-        dropout=cfg.dropout, adapter_weight=cfg.adapter_weight, token_mixing=cfg.token_mixing))
+        dropout=cfg.dropout, adapter_weight=cfg.adapter_weight, token_mixing=cfg.token_mixing,
+        pooled_width=inputs.pooled_width if cfg.pooled == "aligned" else None))
     projection = LLMProjection(inputs.llm_size, inputs.width, seed=cfg.projection_seed,
                                learnable=cfg.projection == "learnable")
     params = list(adapter.parameters()) + (list(projection.parameters()) if cfg.projection == "learnable" else [])
@@ -84,14 +86,36 @@ def batch_tensors(batch: dict, inputs, device, generator: torch.Generator) -> di
     """A loaded batch as tensors on ``device``, the latents sampled from the stored distributions."""
     from surpipe.losses import sample_latents
 
-    latents = sample_latents(batch, use_flip=inputs.groups.use_flip, scaling_factor=inputs.scaling_factor,
-                             shift_factor=inputs.shift_factor, generator=generator)
+    latents, flip = sample_latents(batch, use_flip=inputs.groups.use_flip, scaling_factor=inputs.scaling_factor,
+                                   shift_factor=inputs.shift_factor, generator=generator, return_flip=True)
     t = {k: torch.from_numpy(batch[k]) for k in ("clip_simple", "clip_complex", "llm")}
-    return {
+    out = {
         "latents": latents.to(device), **{k: v.float().to(device) for k, v in t.items()},
         # rows whose LLM vector is missing (zeros, matched=false) take no part in the LLM term
         "llm_mask": torch.from_numpy(batch["llm_matched"]).bool().to(device) if "llm_matched" in batch else None,
     }
+    if "pooled_simple" in batch:  # SDXL: the pooled embedding and the micro-conditioning
+        out.update(sdxl_conditioning(batch, flip, inputs.resolution))
+        out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+    return out
+
+
+def sdxl_conditioning(batch: dict, flip, resolution: int) -> dict:
+    """SDXL's added conditioning of a batch: the simple prompt's pooled embedding (docs/method-decisions.md),
+    the complex prompt's (for ``--pooled aligned``), and the time ids from each row's original size
+    and crop (for flipped rows, the crop as diffusers' SDXL example records it)."""
+    from surpipe.losses import sdxl_time_ids
+
+    crop = torch.from_numpy(np.asarray(batch["crop_top_left"])).long()
+    if flip is not None:
+        # diffusers' SDXL training example records a flipped crop's left offset as resolution - left
+        # (it flips the cropped square); the same conditioning here, so its checkpoints and ours agree
+        mirrored = torch.stack([crop[:, 0], resolution - crop[:, 1]], dim=1)
+        crop = torch.where(flip.view(-1, 1), mirrored, crop)
+    orig = torch.from_numpy(np.asarray(batch["original_size"]))
+    return {"pooled": torch.from_numpy(batch["pooled_simple"]).float(),
+            "pooled_complex": torch.from_numpy(batch["pooled_complex"]).float(),
+            "time_ids": sdxl_time_ids(orig, crop, resolution)}
 
 
 def stopped_message(step: int, what: str, latest) -> str:

@@ -201,12 +201,15 @@ class ValidationSet:
     latents: Any = None  # [N, C, H, W] float32, scaled as the VAE would
     noise: Any = None
     timesteps: Any = None  # [N] int64
+    pooled: Any = None  # SDXL: [N, P] the simple prompt's pooled embedding (None for SD 1.x/2.x)
+    time_ids: Any = None  # SDXL: [N, 6] micro-conditioning of the unflipped crop
 
     @classmethod
     def build(cls, arrays: Mapping[str, np.ndarray], keys: Sequence, *, scaling_factor: float = 1.0,
               shift_factor: Optional[float] = None, num_train_timesteps: int = 1000,
-              seed: int = 0) -> "ValidationSet":
-        """From ``arrays`` as :func:`load_rows` returns them (``lat_mean``/``lat_std`` optional)."""
+              seed: int = 0, resolution: Optional[int] = None) -> "ValidationSet":
+        """From ``arrays`` as :func:`load_rows` returns them (``lat_mean``/``lat_std`` optional;
+        SDXL's ``pooled_simple``, ``original_size`` and ``crop_top_left`` with ``resolution``)."""
         import torch
 
         keys = [str(k) for k in keys]
@@ -230,12 +233,19 @@ class ValidationSet:
             vs.latents = ((mean + std * torch.stack(eps)) - shift) * float(scaling_factor)
             vs.noise = torch.stack(noise)
             vs.timesteps = torch.cat(steps).long()
+        if "pooled_simple" in t:
+            from surpipe.losses import sdxl_time_ids
+
+            if resolution is None:
+                raise SurpipeError("validation set: SDXL rows need the training resolution")
+            vs.pooled = t["pooled_simple"].float()
+            vs.time_ids = sdxl_time_ids(t["original_size"], t["crop_top_left"], resolution)
         return vs
 
     @classmethod
     def from_store(cls, store_path: str, groups: Any, rows: np.ndarray, *, scaling_factor: float,
                    shift_factor: Optional[float] = None, num_train_timesteps: int = 1000,
-                   seed: int = 0) -> "ValidationSet":
+                   seed: int = 0, resolution: Optional[int] = None) -> "ValidationSet":
         """Read the held-out ``rows`` of a store (``groups``: a resolved ``StoreGroups``)."""
         from surpipe.store import FeatureStore
 
@@ -244,7 +254,8 @@ class ValidationSet:
             raise SurpipeError("validation set: no held-out rows (give --val-rows or --val-fraction)")
         keys = FeatureStore(store_path).keys()[rows]
         return cls.build(load_rows(store_path, groups, rows), keys, scaling_factor=scaling_factor,
-                         shift_factor=shift_factor, num_train_timesteps=num_train_timesteps, seed=seed)
+                         shift_factor=shift_factor, num_train_timesteps=num_train_timesteps, seed=seed,
+                         resolution=resolution)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -253,7 +264,8 @@ class ValidationSet:
         """Yields ``(start, stop, {name: tensor slice})`` over the rows, in order."""
         if batch_size < 1:
             raise SurpipeError(f"validation batch size must be >= 1, got {batch_size}")
-        names = ("llm", "llm_mask", "clip_simple", "clip_complex", "latents", "noise", "timesteps")
+        names = ("llm", "llm_mask", "clip_simple", "clip_complex", "latents", "noise", "timesteps", "pooled",
+                 "time_ids")
         for s in range(0, len(self), batch_size):
             e = min(s + batch_size, len(self))
             yield s, e, {k: (None if getattr(self, k) is None else getattr(self, k)[s:e]) for k in names}
@@ -305,7 +317,13 @@ def evaluate_rows(adapter, projection, unet, scheduler, vset: ValidationSet, *, 
                     lat, noise = b["latents"].to(dev), b["noise"].to(dev)
                     steps = b["timesteps"].to(dev)
                     noisy = sched.add_noise(lat, noise, steps)
-                    pred = unet(noisy.to(weight_dtype), steps, o.to(weight_dtype)).sample.float()
+                    added = None
+                    if b["pooled"] is not None:
+                        pooled = L._base(adapter).pool(b["pooled"].to(dev))
+                        added = L.added_conditioning({"pooled": pooled, "time_ids": b["time_ids"].to(dev)},
+                                                     weight_dtype)
+                    pred = unet(noisy.to(weight_dtype), steps, o.to(weight_dtype),
+                                added_cond_kwargs=added).sample.float()
                     target = L.denoise_target(sched, lat, noise, steps, prediction_type).float()
                     w = None if min_snr_gamma is None else L.min_snr_weights(sched, steps, min_snr_gamma,
                                                                              prediction_type)

@@ -25,18 +25,20 @@ class ImageRows:
 
         s = self.samples[i]
         try:
-            return i, preprocess(s.image(), self.resolution), None
+            img = s.image()
+            # the decoded (EXIF-rotated) size travels along: SDXL's micro-conditioning records it
+            return i, preprocess(img, self.resolution), None, img.size
         except Exception as e:  # SurpipeError for bad images; anything else is reported the same way
-            return i, None, f"{type(e).__name__}: {e}" if not isinstance(e, SurpipeError) else str(e)
+            return i, None, f"{type(e).__name__}: {e}" if not isinstance(e, SurpipeError) else str(e), None
 
 
 def collate_images(items):
     import torch
 
-    idx = [i for i, _, _ in items]
-    errs = [(i, e) for i, _, e in items if e is not None]
-    x = None if errs else torch.stack([t for _, t, _ in items])
-    return idx, x, errs
+    idx = [i for i, *_ in items]
+    errs = [(i, e) for i, _, e, _ in items if e is not None]
+    x = None if errs else torch.stack([t for _, t, _, _ in items])
+    return idx, x, errs, [size for *_, size in items]
 
 
 def loader_error(e: BaseException, workers: int, timeout: float) -> SurpipeError | None:
@@ -94,12 +96,13 @@ class BlockFeeder:
                 raise
             raise err from None
 
-    def rows(self, start: int, stop: int):
-        """Yield (row indices, images [B, 3, R, R]) covering exactly rows [start, stop)."""
+    def rows(self, start: int, stop: int, sizes: bool = False):
+        """Yield (row indices, images [B, 3, R, R]) covering exactly rows [start, stop); with ``sizes``
+        also each source image's decoded (width, height)."""
         want = start
         while want < stop:
             try:
-                idx, x, errs = self._next()
+                idx, x, errs, wh = self._next()
             except StopIteration:
                 raise RuntimeError(f"image loader ended before row {want}") from None
             if idx[0] != want:
@@ -111,7 +114,7 @@ class BlockFeeder:
                     "The dataset changed since the store was created? Fix or restore the file and rerun "
                     "(finished blocks are kept).")
             want = idx[-1] + 1
-            yield idx, x
+            yield (idx, x, wh) if sizes else (idx, x)
 
     def close(self):
         del self.it

@@ -23,11 +23,12 @@ from typing import Any, Iterable, Mapping
 
 from surpipe.features.base import FeatureKind, Problems
 from surpipe.features.clip import ClipFeatures
+from surpipe.features.clip_xl import ClipXLFeatures
 from surpipe.features.llm import LLMFeatures
 from surpipe.features.vae import LatentParams, VaeFeatures
 
-__all__ = ["KINDS", "ClipFeatures", "FeatureKind", "LLMFeatures", "LatentParams", "Problems", "VaeFeatures",
-           "feature_kind", "layout_problems"]
+__all__ = ["KINDS", "ClipFeatures", "ClipXLFeatures", "FeatureKind", "LLMFeatures", "LatentParams", "Problems",
+           "VaeFeatures", "clip_features", "feature_kind", "group_features", "layout_problems"]
 
 KINDS: dict[str, type[FeatureKind]] = {k.kind: k for k in (LLMFeatures, ClipFeatures, VaeFeatures)}
 
@@ -37,8 +38,21 @@ def feature_kind(kind: str) -> type[FeatureKind]:
     return KINDS[kind]
 
 
+def clip_features(settings: Mapping[str, Any] | None) -> type[ClipFeatures]:
+    """The class of a ``clip`` group with ``settings``: ``ClipXLFeatures`` for an SDXL group
+    (settings ``pipeline: "sdxl"``), else ``ClipFeatures`` (SD 1.x/2.x)."""
+    sdxl = isinstance(settings, Mapping) and settings.get("pipeline") == ClipXLFeatures.PIPELINE
+    return ClipXLFeatures if sdxl else ClipFeatures
+
+
+def group_features(kind: str, settings: Mapping[str, Any] | None) -> type[FeatureKind]:
+    """The class of a group of kind ``kind`` with ``settings`` (a ``clip`` group: ``clip_features``)."""
+    return clip_features(settings) if kind == ClipFeatures.kind else KINDS[kind]
+
+
 def layout_problems(kind: str, settings: Mapping[str, Any], present: Mapping[str, Any],
                     listed: Iterable[str]) -> Problems:
-    """``feature_kind(kind).layout_problems``; nothing for a kind this surpipe does not know."""
-    k = KINDS.get(kind)
-    return k.layout_problems(settings, present, listed) if k else []
+    """``group_features(kind, settings).layout_problems``; nothing for a kind this surpipe does not know."""
+    if kind not in KINDS:
+        return []
+    return group_features(kind, settings).layout_problems(settings, present, listed)

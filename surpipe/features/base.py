@@ -87,7 +87,10 @@ class FeatureKind:
                 problems.append(f"{name}: missing")
             except Exception as e:  # garbage zarr.json
                 problems.append(f"{name}: metadata (zarr.json) cannot be read ({type(e).__name__})")
-        return problems + [f"{n}: {m}" if n else m for n, m in cls.layout_problems(settings, present, listed)]
+        from surpipe.features import group_features  # the group's own class (an SDXL clip group's)
+
+        k = group_features(cls.kind, settings)
+        return problems + [f"{n}: {m}" if n else m for n, m in k.layout_problems(settings, present, listed)]
 
     @staticmethod
     def _missing(group, path: str, names: Iterable[str]) -> list[str]:

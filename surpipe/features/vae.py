@@ -29,17 +29,26 @@ class VaeFeatures(FeatureKind):
     stage = "encode-latents"
     _DIST = ("mean", "std")
     _FLIP = ("flip_mean", "flip_std")
+    # SDXL micro-conditioning per row (settings micro_conditioning): the source image's (height, width)
+    # and the (top, left) of the crop in the resized image. A flipped row's offsets are derived from
+    # these in training (surpipe.train_setup.sdxl_conditioning), so there is no flipped variant.
+    _MICRO = ("original_size", "crop_top_left")
 
     @staticmethod
     def settings(*, resolution: int, flip: bool, scaling_factor: float, shift_factor: float | None,
-                 latent_channels: int, downsample_factor: int, store_dtype: str, **identity) -> dict[str, Any]:
-        """The settings of a VAE group; ``shift_factor`` is recorded only when the VAE has one."""
+                 latent_channels: int, downsample_factor: int, store_dtype: str, micro_conditioning: bool = False,
+                 **identity) -> dict[str, Any]:
+        """The settings of a VAE group; ``shift_factor`` is recorded only when the VAE has one,
+        ``micro_conditioning`` (SDXL's per-row sizes and crop offsets) only when true, so SD groups
+        keep their settings."""
         s = {**identity, "resolution": int(resolution), "crop": "center", "resize": "shorter side, PIL bilinear",
              "flip": bool(flip), "normalize": "[-1, 1]", "latent": "latent_dist mean, std (unscaled)",
              "scaling_factor": scaling_factor, "latent_channels": int(latent_channels),
              "downsample_factor": int(downsample_factor), "store_dtype": store_dtype}
         if shift_factor is not None:
             s["shift_factor"] = shift_factor
+        if micro_conditioning:
+            s["micro_conditioning"] = True
         return s
 
     @classmethod
@@ -50,20 +59,28 @@ class VaeFeatures(FeatureKind):
     def arrays(cls, settings, codec="zstd"):
         R, f = settings["resolution"], settings["downsample_factor"]
         row = (settings["latent_channels"], R // f, R // f)
-        return {n: ArraySpec(row, settings["store_dtype"], codec) for n in cls._names(settings)}
+        out = {n: ArraySpec(row, settings["store_dtype"], codec) for n in cls._names(settings)}
+        if settings.get("micro_conditioning"):
+            out |= {n: ArraySpec((2,), "int32", codec) for n in cls._MICRO}
+        return out
 
     @classmethod
-    def block(cls, mean, std, flip_mean=None, flip_std=None) -> dict[str, np.ndarray]:
-        """One block's values: latent mean and std [n, C, h, w], and those of the flipped crops."""
+    def block(cls, mean, std, flip_mean=None, flip_std=None, original_size=None,
+              crop_top_left=None) -> dict[str, np.ndarray]:
+        """One block's values: latent mean and std [n, C, h, w], those of the flipped crops, and
+        SDXL's micro-conditioning, (height, width) and (top, left) [n, 2] int32."""
         out = dict(zip(cls._DIST, (mean, std)))
         if flip_mean is not None:
             out |= dict(zip(cls._FLIP, (flip_mean, flip_std)))
+        if original_size is not None:
+            out |= dict(zip(cls._MICRO, (original_size, crop_top_left)))
         return out
 
     @classmethod
     def required(cls, s):
-        return list(cls._DIST) if all_ints(s.get("latent_channels"), s.get("resolution"), s.get("downsample_factor")) \
+        out = list(cls._DIST) if all_ints(s.get("latent_channels"), s.get("resolution"), s.get("downsample_factor")) \
             else []
+        return out + (list(cls._MICRO) if s.get("micro_conditioning") else [])
 
     @classmethod
     def _kind_problems(cls, s, want, listed, out):
@@ -71,6 +88,8 @@ class VaeFeatures(FeatureKind):
         if all_ints(C, R, f) and f > 0:
             for name in cls._names(s):
                 want(name, shape=(C, R // f, R // f))
+        for name in cls._MICRO:
+            want(name, shape=(2,), dtype="int32")
         if s.get("flip") is True:
             for name in cls._FLIP:
                 if name not in listed:
@@ -102,9 +121,19 @@ class VaeFeatures(FeatureKind):
                             cls.has_flip(group))
 
     @classmethod
-    def train_arrays(cls, flip: bool) -> dict[str, str]:
-        """What training reads, ``{batch key: array}``; with ``flip`` also the flipped crops'."""
-        return {f"lat_{n}": n for n in cls._DIST + (cls._FLIP if flip else ())}
+    def has_micro_conditioning(cls, group) -> bool:
+        """Whether the group stores SDXL's per-row ``original_size`` and ``crop_top_left``."""
+        return all(n in group.array_names for n in cls._MICRO)
+
+    @classmethod
+    def train_arrays(cls, flip: bool, group=None) -> dict[str, str]:
+        """What training reads, ``{batch key: array}``; with ``flip`` also the flipped crops'; when
+        ``group`` stores SDXL's micro-conditioning, also ``original_size`` and ``crop_top_left``
+        (batch keys named as the arrays)."""
+        out = {f"lat_{n}": n for n in cls._DIST + (cls._FLIP if flip else ())}
+        if group is not None and cls.has_micro_conditioning(group):
+            out |= {n: n for n in cls._MICRO}
+        return out
 
     @classmethod
     def train_problems(cls, group, path: str) -> list[str]:

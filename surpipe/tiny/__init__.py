@@ -13,7 +13,8 @@ are not needed; ``pip check`` will mention them). Without ``mistral-common`` the
 BPE trained here instead (``llm_tokenizer="bpe"``); it is recorded in ``llm/surpipe_tiny.json``.
 
 The folders load with plain ``AutoModelForCausalLM.from_pretrained(out/"llm")``,
-``AutoTokenizer.from_pretrained(out/"llm")`` and ``StableDiffusionPipeline.from_pretrained(out/"sd")``.
+``AutoTokenizer.from_pretrained(out/"llm")``, ``StableDiffusionPipeline.from_pretrained(out/"sd")`` and
+``StableDiffusionXLPipeline.from_pretrained(out/"sdxl")``.
 The same seed gives byte-identical safetensors.
 
 Conventions worth knowing:
@@ -37,13 +38,16 @@ from surpipe.tiny.clip import build_tiny_clip, tiny_clip_config
 from surpipe.tiny.common import PIP_HINT, clip_bpe_file, llama_sentencepiece_file, wheel_file
 from surpipe.tiny.llm import build_tiny_llm, tiny_llm_config
 from surpipe.tiny.sd import build_tiny_sd, tiny_sd_configs
+from surpipe.tiny.sdxl import build_tiny_sdxl, tiny_sdxl_configs
 from surpipe.tiny.tokenizers import (CLIP_BOS, CLIP_EOS, CLIP_VOCAB_SIZE, clip_vocab_and_merges,
                                      load_llama_sentencepiece, train_llama_bpe, write_clip_tokenizer)
 
 __all__ = [
     "CLIP_BOS", "CLIP_EOS", "CLIP_VOCAB_SIZE", "PIP_HINT", "build_tiny_clip", "build_tiny_llm", "build_tiny_sd",
+    "build_tiny_sdxl",
     "clip_bpe_file", "clip_vocab_and_merges", "llama_sentencepiece_file", "load_llama_sentencepiece",
-    "make_tiny_models", "tiny_clip_config", "tiny_llm_config", "tiny_sd_configs", "train_llama_bpe", "wheel_file",
+    "make_tiny_models", "tiny_clip_config", "tiny_llm_config", "tiny_sd_configs", "tiny_sdxl_configs",
+    "train_llama_bpe", "wheel_file",
     "write_clip_tokenizer",
 ]
 
@@ -53,7 +57,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise SurpipeError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise SurpipeError(f"output folder {out} is not empty; pass --overwrite to replace llm/, sd/ and clip/ in it")
+            raise SurpipeError(f"output folder {out} is not empty; pass --overwrite to replace llm/, sd/, sdxl/ and clip/ in it")
 
 
 def make_tiny_models(
@@ -64,11 +68,14 @@ def make_tiny_models(
     llm_overrides: dict | None = None,
     sd_overrides: dict | None = None,
     clip: bool = True,
+    sdxl: bool = True,
 ) -> Path:
-    """Build ``out/llm`` (tiny LLaMA + tokenizer), ``out/sd`` (tiny Stable Diffusion) and, unless
-    ``clip`` is False, ``out/clip`` (the tiny CLIP image-text model ``eval`` scores with); return ``Path(out)``.
+    """Build ``out/llm`` (tiny LLaMA + tokenizer), ``out/sd`` (tiny Stable Diffusion), unless ``sdxl``
+    is False ``out/sdxl`` (tiny SDXL: two text encoders, text_time UNet) and, unless ``clip`` is False,
+    ``out/clip`` (the tiny CLIP image-text model ``eval`` scores with); return ``Path(out)``.
 
-    Refuses a non-empty ``out`` unless ``overwrite`` (which replaces ``llm/``, ``sd/`` and ``clip/`` only).
+    Refuses a non-empty ``out`` unless ``overwrite`` (which replaces ``llm/``, ``sd/``, ``sdxl/`` and
+    ``clip/`` only).
     Each part is built in a temporary folder inside ``out`` and renamed into place when complete.
     """
     out = Path(out)
@@ -82,6 +89,7 @@ def make_tiny_models(
     for name, builder, kw in (
         ("llm", build_tiny_llm, dict(tokenizer=llm_tokenizer, **(llm_overrides or {}))),
         ("sd", build_tiny_sd, dict(sd_overrides or {})),
+        *([("sdxl", build_tiny_sdxl, {})] if sdxl else []),
         *([("clip", build_tiny_clip, {})] if clip else []),
     ):
         t0 = time.perf_counter()
