@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from surpipe.errors import SurpipeError
 
@@ -32,6 +32,7 @@ class PipelineConfig:
     sd_model: Optional[str] = None
     clip_model: Optional[str] = None  # CLIP image-text model for eval
     tiny_models: bool = False
+    tiny_sd: Literal["sd", "sdxl"] = "sd"  # with tiny_models: which tiny Stable Diffusion to use
     llm_layers: list[int] = field(default_factory=lambda: [1, 3])
     train_layer: Optional[int] = None  # default: the deepest of llm_layers
     steps: list[str] = field(default_factory=lambda: list(STEPS))
@@ -107,7 +108,7 @@ def run(cfg: PipelineConfig) -> dict:
     save(cfg, work / "pipeline_config.json")
     models = work / "models"
     llm = cfg.llm_model or (str(models / "llm") if cfg.tiny_models else None)
-    sd = cfg.sd_model or (str(models / "sd") if cfg.tiny_models else None)
+    sd = cfg.sd_model or (str(models / cfg.tiny_sd) if cfg.tiny_models else None)
     clip = cfg.clip_model or (str(models / "clip") if cfg.tiny_models else None)
     missing = [n for n, v in (("llm_model", llm), ("sd_model", sd)) if v is None]
     if "eval" in cfg.steps and clip is None:
@@ -137,12 +138,12 @@ def run(cfg: PipelineConfig) -> dict:
         print(f"--- {name} done in {timings[name]}s", flush=True)
 
     def tiny(_values):
-        if (models / "llm").is_dir() and (models / "sd").is_dir() and (models / "clip").is_dir():
+        if all((models / m).is_dir() for m in ("llm", "sd", "sdxl", "clip")):
             print(f"tiny models already in {models}")
             return
         from surpipe.tiny import build_tiny_clip, make_tiny_models
 
-        if not ((models / "llm").is_dir() and (models / "sd").is_dir()):
+        if not all((models / m).is_dir() for m in ("llm", "sd", "sdxl")):
             make_tiny_models(models, seed=0, overwrite=True)
         if not (models / "clip").is_dir():
             build_tiny_clip(models / "clip", seed=0)

@@ -125,8 +125,10 @@ def test_pooled_aligned_trains_a_pooled_head(xl_store, tiny_models, tmp_path):
 
     out = tmp_path / "aligned"
     rc, _, err = _train(xl_store, tiny_models / "sdxl", out, "--max-steps", "3", "--pooled", "aligned",
-                        "--prompt-weight", "1", "--learning-rate", "1e-3", "--val-rows", "8")
+                        "--prompt-weight", "1", "--learning-rate", "1e-3", "--val-rows", "8",
+                        "--validation-every", "3", "--validation-steps", "2", "--validation-prompts", "a red cube")
     assert rc == 0, err
+    assert (out / "validation" / "step-00000003.png").is_file()  # the grid, rendered by the SDXL pipeline
     ad = SURAdapter.from_pretrained(out / "adapter")
     assert ad.config.pooled_width == 32
     assert ad.pooled_head[2].weight.abs().sum() > 0  # left zero-initialised, then trained
