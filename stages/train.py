@@ -160,13 +160,21 @@ class TrainRecipe:
 
         return batch_tensors(batch, self.inputs, self.device, self.gen)
 
-    def loss(self, b):
-        """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors."""
+    def loss(self, b, denoise: bool = True):
+        """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors
+        (``denoise=False``: the UNet term skipped, see surpipe.losses.composed_loss)."""
         from surpipe.losses import composed_loss
 
         return composed_loss(b, adapter=self.adapter, projection=self.projection, unet=self.unet,
                              scheduler=self.noise_scheduler, generator=self.gen, cfg=self.cfg,
-                             prediction_type=self.inputs.prediction_type, weight_dtype=self.weight_dtype)
+                             prediction_type=self.inputs.prediction_type, weight_dtype=self.weight_dtype,
+                             denoise=denoise)
+
+    def _needs_denoise(self) -> bool:
+        """Whether this step computes the denoising term: always on the paper's gradient path; on
+        the authors' (no gradient from it) the first and every log_denoise_every-th step, for the log."""
+        cfg, step = self.cfg, self.step + 1
+        return cfg.gradient_path == "paper" or step == 1 or step % cfg.log_denoise_every == 0
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -275,20 +283,22 @@ class TrainRecipe:
         """Forward and backward of grad_accum micro-batches: the mean loss terms and the times spent."""
         cfg = self.cfg
         times = {"data_wait_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
-        sums = {"loss": 0.0, "denoise": 0.0, "llm": 0.0, "prompt": 0.0}
+        with_denoise = self._needs_denoise()
+        sums = {"loss": 0.0, "denoise": 0.0 if with_denoise else None, "llm": 0.0, "prompt": 0.0}
         for _ in range(cfg.grad_accum):
             ta = time.perf_counter()
             batch = self._batch_to_tensors(next(it))
             tb = time.perf_counter()
             with self.accelerator.autocast():
-                losses = self.loss(batch)
+                losses = self.loss(batch, denoise=with_denoise)
             tc = time.perf_counter()
             self.accelerator.backward(losses["loss"] / cfg.grad_accum)
             times["data_wait_s"] += tb - ta
             times["forward_s"] += tc - tb
             times["backward_s"] += time.perf_counter() - tc
             for k in sums:
-                sums[k] += float(losses[k].detach()) / cfg.grad_accum
+                if sums[k] is not None:
+                    sums[k] += float(losses[k].detach()) / cfg.grad_accum
         return sums, times
 
     def _stop_if(self, what: Optional[str]) -> None:

@@ -287,12 +287,17 @@ def _base(module):
 
 
 def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: torch.Generator, cfg: Any,
-                  prediction_type: str, weight_dtype: torch.dtype = torch.float32) -> dict:
+                  prediction_type: str, weight_dtype: torch.dtype = torch.float32, denoise: bool = True) -> dict:
     """The three losses of one micro-batch and their sum (method.md), as a dict of scalar tensors.
 
     ``b``: latents, clip_simple, clip_complex, llm, llm_mask (tensors on the device). Draws the noise,
     (its offset,) then the timesteps from ``generator``. ``cfg`` gives llm_weight, prompt_weight,
-    prompt_target, gradient_path, min_snr_gamma, noise_offset (a TrainConfig)."""
+    prompt_target, gradient_path, min_snr_gamma, noise_offset (a TrainConfig).
+
+    ``denoise=False`` (only with ``gradient_path="authors"``, where that term has no gradient for the
+    adapter) skips the UNet: ``denoise`` is None and ``loss`` holds the weighted KL terms alone. The
+    noise and timesteps are drawn all the same, so the random stream and the weights are those of the
+    full computation."""
     latents = b["latents"]
     dev = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(dev)
@@ -307,6 +312,11 @@ def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: t
     llm = llm_loss(projection(b["llm"]), e, mask=b.get("llm_mask"))
     # prompt_target: the authors compared with fc(a) until 2023-11-29, with out since (method-decisions.md)
     prompt = prompt_loss(b["clip_complex"], out if cfg.prompt_target == "out" else fc)
+    if not denoise:
+        if cfg.gradient_path != "authors":
+            raise ValueError("the denoising term can be skipped only on the authors' gradient path")
+        return {"loss": cfg.llm_weight * llm + cfg.prompt_weight * prompt, "denoise": None, "llm": llm,
+                "prompt": prompt}
     cond = out if cfg.gradient_path == "paper" else out.detach()
     pooled = None
     if b.get("pooled") is not None and _base(adapter).config.pooled_width is not None:  # --pooled aligned

@@ -27,7 +27,7 @@ def param_names(**modules) -> dict:
 
 def loss_problem(sums: dict) -> Optional[str]:
     """Which accumulated loss term is not finite (the first of denoise, llm, prompt, total), or None."""
-    bad = [k for k in LOSS_TERMS if not math.isfinite(sums[k])]
+    bad = [k for k in LOSS_TERMS if sums.get(k) is not None and not math.isfinite(sums[k])]
     if not bad:
         return None
     what = "the total loss" if bad == ["loss"] else f"the {bad[0]} loss"

@@ -13,6 +13,7 @@ RESUMABLE_CHANGES = {
     "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "report_to", "workers",
     "progress", "device", "validation_every", "validation_prompts", "validation_steps",
     "validation_size", "validation_seed", "loss_curve", "validation_images", "keep_best",
+    "log_denoise_every",
 }
 
 # Settings compared resolved at a resume (``run_identity``), not as typed: the same store or model

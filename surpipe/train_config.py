@@ -85,6 +85,9 @@ class TrainConfig:
         "simple", help="SDXL's pooled embedding: the simple prompt's, unchanged (simple), or through a small "
                        "head trained toward the complex prompt's (aligned; its KL joins the prompt term).",
         group="model")
+    log_denoise_every: int = opt(50, help="With --gradient-path authors the denoising loss cannot reach the "
+                                          "adapter: run the UNet for it only on the first and every N-th step, for "
+                                          "the log (1: every step).", group="losses", ge=1)
     projection: Literal["frozen", "learnable"] = opt(
         "frozen", help="The LLM-to-CLIP-width projection: seeded random and frozen (authors) or trained.",
         group="model")

@@ -65,7 +65,8 @@ class RunLogger:
         self.metrics.write(json.dumps(m) + "\n")
         self.metrics.flush()
         self.log_text(
-            f"step {m['step']} loss {m['loss']:.5f} (denoise {m['denoise']:.5f} llm {m['llm']:.4f} "
+            f"step {m['step']} loss {m['loss']:.5f} (denoise "
+            f"{'-' if m.get('denoise') is None else format(m['denoise'], '.5f')} llm {m['llm']:.4f} "
             f"prompt {m['prompt']:.4f}) lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
             f"{m['samples_per_s']:.1f} samples/s wait {m['data_wait_s'] / m['step_s']:.0%}")
         if self.accelerator is not None:
@@ -169,10 +170,13 @@ def loss_curve(metrics: Path, png: Path, note: Optional[str] = None) -> None:
     weight = smoothing_weight(len(rows))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6 if note else 3.2))
     for ax, key in zip(axes, LOSS_TERMS):
-        vals = [r[key] for r in rows]
-        ax.plot(steps, vals, lw=0.8, alpha=0.35, marker="." if len(rows) <= 200 else None, ms=3,
+        pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]  # denoise: logged steps only
+        if not pts:
+            continue
+        xs, vals = zip(*pts)
+        ax.plot(xs, vals, lw=0.8, alpha=0.35, marker="." if len(rows) <= 200 else None, ms=3,
                 color="tab:blue", label="per step")
-        ax.plot(steps, smooth(vals, weight), lw=1.8, color="tab:orange", label=f"EMA {weight:.2f}")
+        ax.plot(xs, smooth(list(vals), weight), lw=1.8, color="tab:orange", label=f"EMA {weight:.2f}")
         for vkey, style in ((f"val/{key}", "-"), (f"val/{key}_baseline", "--")):
             pts = [(r["step"], r[vkey]) for r in val if r.get(vkey) is not None]
             if pts:
