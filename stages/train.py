@@ -63,6 +63,7 @@ class TrainRecipe:
         self.inputs: Optional[TrainingInputs] = None
         self.vset = None  # the held-out ValidationSet (setup), None without a split
         self.last_val: dict = {}  # the latest held-out metrics, with their step
+        self.main, self.rank, self.world = True, 0, 1  # set by setup() from accelerate
 
     def __getattr__(self, name: str):
         # after check(): recipe.store, recipe.groups, recipe.width ... are the checked inputs'
@@ -121,13 +122,15 @@ class TrainRecipe:
         latest = C.latest(self.out / "checkpoints")
         if latest is not None:
             self.load_checkpoint(latest)
-        self.vset = self._validation_set()
-        try:
-            save(cfg, self.out / "config.json", extra={"store_fingerprint": inputs.store.fingerprint,
-                                                       "run": run_identity(cfg, inputs.store, inputs.groups,
-                                                                           split=inputs.split)})
-        except OSError as e:
-            raise SurpipeError(C.write_failure(self.out, "config.json", e)) from None
+        self.vset = self._validation_set() if self.main else None  # held-out numbers: computed once
+        if self.main:
+            try:
+                save(cfg, self.out / "config.json", extra={"store_fingerprint": inputs.store.fingerprint,
+                                                           "run": run_identity(cfg, inputs.store, inputs.groups,
+                                                                               split=inputs.split)})
+            except OSError as e:
+                raise SurpipeError(C.write_failure(self.out, "config.json", e)) from None
+        self.accelerator.wait_for_everyone()
 
     def _start_accelerator(self) -> None:
         from surpipe.train_setup import start_accelerator
@@ -136,6 +139,9 @@ class TrainRecipe:
         self.accelerator, self.device = rt.accelerator, rt.device
         self.weight_dtype, self.mixed_precision = rt.weight_dtype, rt.mixed_precision
         self.runtime = rt
+        # data-parallel (torchrun / accelerate launch): rank 0 writes, every rank trains on its rows
+        self.main, self.rank, self.world = (rt.accelerator.is_main_process, rt.accelerator.process_index,
+                                            rt.accelerator.num_processes)
 
     def _unwrapped(self, name: str):
         return self.accelerator.unwrap_model(getattr(self, name))
@@ -152,13 +158,19 @@ class TrainRecipe:
             # a block read costs ~0.2 ms against steps of hundreds of ms: on CPU, forked loader
             # processes only compete with the step for cores (bench/store_io.py, docs/performance.md)
             workers = 2 if self.device.type == "cuda" else 0
-        return SampleStream(reader, self.cfg.batch_size, self.cfg.seed, workers=workers, position=pos,
+        # one global batch of world x batch_size rows per micro-step, the order of a single process
+        # with that batch; each rank keeps its own rows of it (surpipe.train_data.rank_rows)
+        return SampleStream(reader, self.cfg.batch_size * self.world, self.cfg.seed, workers=workers, position=pos,
                             keep=keep_mask(self.inputs.store.num_samples, self.inputs.held_out))
 
     def _batch_to_tensors(self, batch):
         from surpipe.train_setup import batch_tensors
 
-        return batch_tensors(batch, self.inputs, self.device, self.gen)
+        from surpipe.train_data import rank_rows
+
+        b = self.cfg.batch_size
+        share = (b * self.world, b * self.rank) if self.world > 1 else None
+        return batch_tensors(rank_rows(batch, self.rank, self.world), self.inputs, self.device, self.gen, share)
 
     def loss(self, b, denoise: bool = True):
         """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors
@@ -188,16 +200,18 @@ class TrainRecipe:
         if self.step >= cfg.max_steps:
             if C.final_adapter_stale(self.out):  # killed after the last checkpoint, before the adapter was written
                 self.save_final()
-            print(f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps")
+            if self.main:
+                print(f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps")
             return {"step": self.step, "resumed": True, "nothing_to_do": True}
         stream = self._stream()
         it = iter(stream)  # loader workers start here, before the trackers
         start_step = self.step
-        if start_step:  # steps logged after the checkpoint by a killed run are replayed: drop them
+        if start_step and self.main:  # steps logged after the checkpoint by a killed run are replayed: drop them
             train_log.drop_metrics_after(self.out / "metrics.jsonl", start_step)
         train_log.init_trackers(self.accelerator, cfg.report_to, to_dict(cfg), self.out)
-        logger = train_log.RunLogger(self.out, self.accelerator)
-        bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step", desc="train", disable=not cfg.progress)
+        logger = train_log.RunLogger(self.out, self.accelerator) if self.main else train_log.QuietLogger()
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
+                           disable=not (cfg.progress and self.main))
         if start_step:
             logger.log_text(f"resumed from step {start_step}")
         elif self.vset is not None:  # the untrained adapter: what the held-out numbers start from
@@ -213,6 +227,8 @@ class TrainRecipe:
             bar.close()
             logger.close()
         self.save_final()
+        if not self.main:
+            return {"step": self.step, "rank": self.rank}
         if cfg.loss_curve:
             from surpipe.render import tiny_model_note
 
@@ -232,6 +248,8 @@ class TrainRecipe:
     def _loop(self, stream, it, logger, bar) -> dict:
         """Steps until max_steps; stops with a SurpipeError (before anything is saved) on a
         non-finite loss, gradient or weight."""
+        import torch
+
         from surpipe import numerics as N
 
         cfg = self.cfg
@@ -240,6 +258,8 @@ class TrainRecipe:
         params = list(self.optimizer.param_groups[0]["params"])
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
+            if self.world > 1:  # dropout masks from (seed, step, rank): a resume replays them without saved states
+                torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
             sums, times = self._accumulate(it)
             # a non-finite term stops the run here, before the optimizer step: the weights and the
             # last checkpoint stay as they were
@@ -267,16 +287,20 @@ class TrainRecipe:
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.4f}", wait=f"{times['data_wait_s'] / step_s:.0%}", refresh=False)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                self.save_checkpoint()
+                if self.main:
+                    self.save_checkpoint()
+                self.accelerator.wait_for_everyone()
             if self.vset is not None and (self.step == cfg.max_steps or (
                     cfg.validation_every and self.step % cfg.validation_every == 0)):
                 self.last_val = {"step": self.step, **self.evaluate_held_out()}
                 logger.log_validation(self.last_val)
                 if cfg.keep_best:
                     self._keep_if_best(logger)
-            if cfg.validation_every and cfg.validation_images and (
+            if self.main and cfg.validation_every and cfg.validation_images and (
                     self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
                 logger.log_image("validation", self.validate(), self.step)
+            if self.world > 1 and cfg.validation_every and self.step % cfg.validation_every == 0:
+                self.accelerator.wait_for_everyone()  # the others wait while rank 0 evaluates
         return last
 
     def _accumulate(self, it) -> tuple[dict, dict]:
@@ -299,6 +323,13 @@ class TrainRecipe:
             for k in sums:
                 if sums[k] is not None:
                     sums[k] += float(losses[k].detach()) / cfg.grad_accum
+        if self.world > 1:  # the logged terms are the global batch's means, as one process would log them
+            import torch
+
+            keys = [k for k in sums if sums[k] is not None]
+            mean = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                        device=self.device), reduction="mean")
+            sums.update({k: float(v) for k, v in zip(keys, mean.tolist())})
         return sums, times
 
     def _stop_if(self, what: Optional[str]) -> None:
@@ -340,14 +371,17 @@ class TrainRecipe:
             path, **self._modules(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             scaler=self.accelerator.scaler, gen=self.gen, num_blocks=self.inputs.store.num_blocks,
             block_rows=self.inputs.store.block_rows)
-        print(f"resuming {self.out} from {path.name} (step {self.step})")
+        if self.main:
+            print(f"resuming {self.out} from {path.name} (step {self.step})")
 
     def save_final(self) -> None:
         """The final adapter in ``OUT/adapter`` (save_pretrained layout) and the projection."""
         from surpipe.checkpoint import save_final
 
         self._refuse_nonfinite_weights("final adapter")
-        save_final(self.out, **self._modules())
+        if self.main:
+            save_final(self.out, **self._modules())
+        self.accelerator.wait_for_everyone()
 
     def _keep_if_best(self, logger) -> None:
         """Write OUT/best when the latest held-out score (val/prompt + val/llm) beats the kept one;
@@ -415,6 +449,9 @@ def run(cfg: TrainConfig) -> dict:
 
     The run folder is locked while training: a second job on the same ``--out`` is refused.
     """
+    import contextlib
+
+    from surpipe.blockjob import dist_env
     from surpipe.locks import exclusive_lock
 
     recipe = TrainRecipe(cfg)
@@ -423,7 +460,9 @@ def run(cfg: TrainConfig) -> dict:
         recipe.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SurpipeError(f"cannot create run folder {recipe.out}: {e.strerror or e}; choose another --out") from None
-    with exclusive_lock(recipe.out / ".lock", f"run folder {recipe.out}"):
-        recipe.lock_held = True
+    main = dist_env().rank == 0  # data-parallel: rank 0 holds the run folder for the job
+    lock = exclusive_lock(recipe.out / ".lock", f"run folder {recipe.out}") if main else contextlib.nullcontext()
+    with lock:
+        recipe.lock_held = main
         recipe.setup(inputs)
         return recipe.train()

@@ -229,8 +229,18 @@ def denoise_loss(pred: torch.Tensor, target: torch.Tensor, weights: Optional[tor
     return per.mean()
 
 
+def _rows(draw, n: int, share: Optional[tuple]):
+    """``draw(rows)`` for this process's rows: with ``share = (total, start)`` (data-parallel ranks
+    that split one global batch) the whole batch is drawn and rows ``start:start+n`` kept, so every
+    row gets the values a single process would draw for it."""
+    if share is None:
+        return draw(n)
+    total, start = share
+    return draw(total)[start:start + n]
+
+
 def apply_noise_offset(noise: torch.Tensor, offset: float,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       generator: Optional[torch.Generator] = None, share: Optional[tuple] = None) -> torch.Tensor:
     """``noise + offset * N(0, 1)`` of shape [B, C, 1, 1] (one shift per sample and channel).
 
     ``offset == 0`` returns ``noise`` unchanged and draws nothing from ``generator``.
@@ -240,13 +250,14 @@ def apply_noise_offset(noise: torch.Tensor, offset: float,
     b, c = noise.shape[:2]
     shape = (b, c) + (1,) * (noise.dim() - 2)
     dev = generator.device if generator is not None else noise.device
-    extra = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    extra = _rows(lambda m: torch.randn((m,) + shape[1:], generator=generator, device=dev, dtype=torch.float32),
+                  b, share)
     return noise + float(offset) * extra.to(device=noise.device, dtype=noise.dtype)
 
 
 # --------------------------------------------------------------------------- one training micro-batch
 def sample_latents(batch: dict, *, use_flip: bool, scaling_factor: float, shift_factor: float,
-                   generator: torch.Generator, return_flip: bool = False):
+                   generator: torch.Generator, return_flip: bool = False, share: Optional[tuple] = None):
     """Latents drawn from the stored VAE distributions (``lat_mean``/``lat_std`` numpy arrays; the
     flipped ones for a random half of the rows when ``use_flip``), shifted and scaled as the VAE's
     ``encode(...).sample()`` would feed the UNet. Draws the flips, then the noise, from ``generator``.
@@ -256,11 +267,11 @@ def sample_latents(batch: dict, *, use_flip: bool, scaling_factor: float, shift_
     mean, std = t["lat_mean"], t["lat_std"]
     flip = None
     if use_flip:
-        flip = torch.rand(mean.shape[0], generator=generator) < 0.5
+        flip = _rows(lambda m: torch.rand(m, generator=generator), mean.shape[0], share) < 0.5
         fm = flip.view(-1, *([1] * (mean.dim() - 1)))
         mean = torch.where(fm, t["lat_flip_mean"], mean)
         std = torch.where(fm, t["lat_flip_std"], std)
-    eps = torch.randn(mean.shape, generator=generator)
+    eps = _rows(lambda m: torch.randn((m,) + tuple(mean.shape[1:]), generator=generator), mean.shape[0], share)
     latents = ((mean + std * eps) - shift_factor) * scaling_factor
     return (latents, flip) if return_flip else latents
 
@@ -300,11 +311,12 @@ def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: t
     full computation."""
     latents = b["latents"]
     dev = latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(dev)
+    share, n = b.get("share"), latents.shape[0]  # data-parallel ranks: each keeps its rows of global draws
+    noise = _rows(lambda m: torch.randn((m,) + tuple(latents.shape[1:]), generator=generator), n, share).to(dev)
     if cfg.noise_offset:
-        noise = apply_noise_offset(noise, cfg.noise_offset, generator)
+        noise = apply_noise_offset(noise, cfg.noise_offset, generator, share)
     T = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator).to(dev)
+    timesteps = _rows(lambda m: torch.randint(0, T, (m,), generator=generator), n, share).to(dev)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
     # through the (possibly wrapped) adapter's forward, which keeps accelerate's autocast hooks

@@ -265,3 +265,15 @@ class _ReadError:
 
 def _identity(x):
     return x
+
+
+def rank_rows(batch: dict, rank: int, world: int) -> dict:
+    """Rank ``rank``'s rows of a global batch of ``world`` equal parts (data-parallel training: the
+    ranks together train on exactly the batch one process would)."""
+    if world == 1:
+        return batch
+    n = len(next(iter(batch.values())))
+    if n % world:
+        raise SurpipeError(f"a global batch of {n} rows does not split into {world} equal parts")
+    b = n // world
+    return {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}

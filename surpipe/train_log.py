@@ -48,6 +48,13 @@ def init_trackers(accelerator, report_to: str, config: dict, out: Path) -> None:
         raise SurpipeError(f"cannot start the {report_to} tracker: {first_line(e)}{hint}") from None
 
 
+class QuietLogger:
+    """What data-parallel ranks other than 0 log: nothing (rank 0 writes the run's logs)."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
 class RunLogger:
     """metrics.jsonl + a human train.log + the accelerate trackers of ``--report-to``, which also
     receive the validation grids."""

@@ -77,22 +77,29 @@ def build_trainables(cfg, inputs, rt: Runtime):
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_steps)
-    adapter, projection, optimizer = rt.accelerator.prepare(adapter, projection, optimizer)
+    if cfg.projection == "learnable":
+        adapter, projection, optimizer = rt.accelerator.prepare(adapter, projection, optimizer)
+    else:  # a frozen module has nothing for DDP to synchronise (DDP refuses it): only moved
+        adapter, optimizer = rt.accelerator.prepare(adapter, optimizer)
+        projection = projection.to(rt.device)
     adapter.train()
     return adapter, projection, optimizer, lr_scheduler
 
 
-def batch_tensors(batch: dict, inputs, device, generator: torch.Generator) -> dict:
-    """A loaded batch as tensors on ``device``, the latents sampled from the stored distributions."""
+def batch_tensors(batch: dict, inputs, device, generator: torch.Generator, share=None) -> dict:
+    """A loaded batch as tensors on ``device``, the latents sampled from the stored distributions
+    (``share = (global batch, first row)`` on data-parallel ranks: surpipe.losses._rows)."""
     from surpipe.losses import sample_latents
 
     latents, flip = sample_latents(batch, use_flip=inputs.groups.use_flip, scaling_factor=inputs.scaling_factor,
-                                   shift_factor=inputs.shift_factor, generator=generator, return_flip=True)
+                                   shift_factor=inputs.shift_factor, generator=generator, return_flip=True,
+                                   share=share)
     t = {k: torch.from_numpy(batch[k]) for k in ("clip_simple", "clip_complex", "llm")}
     out = {
         "latents": latents.to(device), **{k: v.float().to(device) for k, v in t.items()},
         # rows whose LLM vector is missing (zeros, matched=false) take no part in the LLM term
         "llm_mask": torch.from_numpy(batch["llm_matched"]).bool().to(device) if "llm_matched" in batch else None,
+        "share": share,
     }
     if "pooled_simple" in batch:  # SDXL: the pooled embedding and the micro-conditioning
         out.update(sdxl_conditioning(batch, flip, inputs.resolution))
