@@ -222,6 +222,26 @@ def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None
     return store.group(path)
 
 
+def _stored_capacity(store, path: str, lengths: np.ndarray, cap: int, offsets: np.ndarray) -> tuple[int, np.ndarray]:
+    """The per-token layout of an existing group keeps the capacity it was created with (its done
+    blocks' offsets depend on it): differs from ``cap`` only after the store grew. New rows that
+    need more room than it has are refused."""
+    if not store.has_group(path):
+        return cap, offsets
+    g = store.root[path]
+    stored = next((int(g[a].attrs["block_capacity"]) for a in g.attrs.get("arrays", [])
+                   if a.endswith("/tokens") and a in g and g[a].attrs.get("block_capacity")), None)
+    if stored is None or stored == cap:
+        return cap, offsets
+    if cap > stored:
+        need = [b for b in range(store.num_blocks) if int(lengths[slice(*store.block_range(b))].sum()) > stored]
+        raise SurpipeError(f"store {store.path}: group {path} holds at most {stored} token rows per block (set when it "
+                           f"was created); block {need[0]} of the grown store needs {cap}. Rerun with --overwrite "
+                           "(recomputes every row) or choose another --name")
+    blocks = np.arange(len(offsets)) // store.block_rows
+    return stored, offsets + blocks * (stored - cap)
+
+
 def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_path, ds, tok, mcfg, max_tokens,
              n_layers, hidden, dtype, device, t_start) -> dict[str, Any]:
     from surpipe import llm as L
@@ -269,6 +289,8 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
     cap = 0
     if cfg.pooling == "tokens":
         cap, offsets = LLMFeatures.token_layout(lengths, store)
+        if not cfg.overwrite:
+            cap, offsets = _stored_capacity(store, path, lengths, cap, offsets)
     arrays = LLMFeatures.arrays(base_settings, cfg.codec, tokens_capacity=cap or None)
 
     # ---- model ---------------------------------------------------------------------------------
@@ -333,7 +355,7 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
         # The added layers are computed into a side store with the same rows (same resumable block
         # machinery), then their arrays are moved into the group and its settings list them.
         side_path = _side_store(cfg, name, extra)
-        side = FeatureStore.create_or_open(side_path, ds, store.block_rows)
+        side = FeatureStore.create_or_open(side_path, ds, store.block_rows, grow=True)  # grows with the store
         side_settings = LLMFeatures.with_layers(settings, extra)
         res2 = job(side, extra, side_settings,
                    LLMFeatures.arrays(side_settings, cfg.codec, tokens_capacity=cap or None, row_arrays=False),

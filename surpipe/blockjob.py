@@ -99,6 +99,7 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
 
     with writer_lock(store.path, group.path, env.rank):
         blocks = group.pending_blocks(env.rank, env.world_size)
+        kept = group.kept_rows()  # blocks completed before the store grew: their old rows stay bit for bit
         spans = [store.block_range(b) for b in blocks]
         done_rows = 0
         bar = progress_bar(total=sum(e - s for s, e in spans), unit=unit,
@@ -106,7 +107,10 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
                            disable=not progress)
         t_compute = time.perf_counter()
         for b, (start, stop) in zip(blocks, spans):
-            group.write_block(b, compute_block(start, stop))
+            values = compute_block(start, stop)
+            if b in kept:
+                values = group.keep_stored_rows(b, kept[b], values)
+            group.write_block(b, values)
             done_rows += stop - start
             bar.update(stop - start)
             if stats is not None:

@@ -99,7 +99,9 @@ def identity_changes(cfg: Any, store, groups, old: dict, meta: dict) -> list[str
         changes.append(
             f"the store's dataset changed: {rec.get('store')} held {rec.get('num_samples')} rows (dataset "
             f"fingerprint {str(rec.get('dataset_fingerprint'))[:12]}), {new['store']} holds "
-            f"{new['num_samples']} rows (fingerprint {new['dataset_fingerprint'][:12]})")
+            f"{new['num_samples']} rows (fingerprint {new['dataset_fingerprint'][:12]})"
+            + (" (the store grew: dataset rows were appended to it since)"
+               if isinstance(rec.get("num_samples"), int) and new["num_samples"] > rec["num_samples"] else ""))
     else:
         for k in ("num_samples", "block_rows"):
             if rec.get(k) != new[k]:

@@ -2,7 +2,8 @@
 damaged blocks incomplete so the stage that wrote them redoes exactly those blocks.
 
 What is checked:
-- root attributes: ``surpipe_format`` (known), ``num_samples``, ``block_rows``, ``dataset_fingerprint``;
+- root attributes: ``surpipe_format`` (known; ``"<n>+growing"``: a growth that did not finish is a
+  problem), ``num_samples``, ``block_rows``, ``dataset_fingerprint``;
 - ``keys`` and ``prompts/simple``, ``prompts/complex`` (and the optional ``prompts/category`` where
   present): N rows, every chunk decodes, keys unique and non-empty;
 - each feature group ``<kind>/<name>``: provenance attributes (``kind``, ``settings``,
@@ -111,7 +112,14 @@ class _Checker:
         except Exception as e:
             self.problem("root", f"cannot read the root attributes: {e}")
             return None
-        fmt = attrs.get("surpipe_format")
+        from surpipe.store.growth import parse_format
+
+        fmt, growing = parse_format(attrs.get("surpipe_format"))
+        if growing:
+            g = attrs.get("growing") if isinstance(attrs.get("growing"), dict) else {}
+            self.problem("root", f"a growth from {g.get('from')} to {g.get('to')} rows (appending dataset rows) is "
+                         "running or was interrupted: its arrays may not match num_samples yet; rerun "
+                         "`surpipe extract-llm` or `surpipe encode-latents` with the grown dataset to complete it")
         if fmt is None:
             self.problem("root", "attribute surpipe_format missing: not a surpipe feature store")
         elif fmt not in READABLE_FORMATS:

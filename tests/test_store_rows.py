@@ -76,9 +76,13 @@ def test_dataset_mismatch_is_a_class_naming_the_first_differing_row(make_surd, t
     assert err.row == 3 and err.stored[0] == "im3" and err.given == ("im3", "another prompt", "another prompt, studio light")
     assert "'im3'" in err.detail and "simple prompt" in err.detail
     # a dataset row that is not in the store and whose image is fine: refused, not silently skipped
+    # (rows after the store's last row grow the store instead: tests/test_store_growth.py)
+    c = _surd(make_surd, n=7, name="c")
+    lines = (c / "metadata.jsonl").read_text().splitlines()
+    (c / "metadata.jsonl").write_text("\n".join(lines[:3] + lines[6:] + lines[3:6]) + "\n")  # im6 before im3
     with pytest.raises(DatasetMismatch) as e:
-        open_store(str(_surd(make_surd, n=7, name="c")), store, progress=False)
-    assert e.value.row == 6 and e.value.stored is None and "not in the store" in str(e.value)
+        open_store(str(c), store, progress=False)
+    assert e.value.row == 3 and e.value.stored[0] == "im3" and "'im6') is not in the store" in str(e.value)
     # a store row the dataset lacks
     with pytest.raises(DatasetMismatch) as e:
         open_store(str(_surd(make_surd, n=5, name="d")), store, progress=False)

@@ -72,8 +72,10 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 class FeatureStore:
     """A surpipe feature store (Zarr v3) opened for reading or writing."""
 
-    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+    def __init__(self, path: str | os.PathLike, mode: str = "r", allow_growing: bool = False):
         import zarr
+
+        from surpipe.store.growth import parse_format
 
         self.path = Path(path)
         if not self.path.exists():
@@ -88,13 +90,23 @@ class FeatureStore:
             self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
         except Exception as e:  # zarr raises several types for broken metadata
             raise SurpipeError(f"cannot open feature store {self.path}: {e}") from None
-        fmt = self.root.attrs.get("surpipe_format")
+        # "<format>+growing" while rows are being appended (surpipe.store.growth): older surpipe
+        # versions refuse that format, so a half-grown store is never misread
+        fmt, growing = parse_format(self.root.attrs.get("surpipe_format"))
         if fmt is None:
             raise SurpipeError(f"{self.path} is a Zarr group but not a surpipe feature store")
         if fmt not in READABLE_FORMATS:
             raise SurpipeError(f"{self.path} has store format {fmt!r}; this surpipe reads formats "
                                f"{', '.join(map(str, READABLE_FORMATS))}")
         self.format = fmt
+        # {"from": rows, "to": rows} while a growth is in progress or was interrupted, else None
+        self.growing = (dict(self.root.attrs.get("growing") or {}) or {"from": "?", "to": "?"}) if growing else None
+        if self.growing and not allow_growing:
+            g = self.growing
+            raise SurpipeError(
+                f"feature store {self.path} is growing from {g.get('from')} to {g.get('to')} rows (new dataset rows "
+                "being appended): another job is doing it now, or it was interrupted. Wait for that job, or rerun "
+                "`surpipe extract-llm` or `surpipe encode-latents` with the grown dataset to complete it")
         self._layout_ok: set[str] = set()
         self.created_now = False  # True when surpipe.store.rows.create_store made it in this process
         try:
@@ -123,13 +135,15 @@ class FeatureStore:
                             f"run `surpipe verify {self.path}` for a full report")
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create_or_open(cls, path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLOCK_ROWS) -> "FeatureStore":
+    def create_or_open(cls, path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLOCK_ROWS,
+                       grow: bool = False) -> "FeatureStore":
         """Open the store for ``dataset`` at ``path``, creating it (keys and prompts) if absent; a
         store made from other rows raises :class:`~surpipe.store.rows.DatasetMismatch`
-        (:func:`surpipe.store.rows.open_or_create`)."""
+        (:func:`surpipe.store.rows.open_or_create`); with ``grow``, rows after its last row are
+        appended (:mod:`surpipe.store.growth`)."""
         from surpipe.store.rows import open_or_create
 
-        return open_or_create(path, dataset, block_rows)[0]
+        return open_or_create(path, dataset, block_rows, grow=grow)[0]
 
     # -- rows ---------------------------------------------------------------------------------
     @property
@@ -144,11 +158,11 @@ class FeatureStore:
 
     def keys(self) -> np.ndarray:
         """The sample key of every row, in row order."""
-        return np.asarray(self.root[KEYS_ARRAY][:])
+        return np.asarray(self.root[KEYS_ARRAY][: self.num_samples])  # a growing store's arrays may be longer
 
     def prompts(self, which: str) -> np.ndarray:
         """``which`` is ``simple`` or ``complex``."""
-        return np.asarray(self.root[PROMPT_ARRAYS[which]][:])
+        return np.asarray(self.root[PROMPT_ARRAYS[which]][: self.num_samples])
 
     def categories(self) -> np.ndarray | None:
         """Each row's category label (str array, ``""`` for a row without one), in row order; None

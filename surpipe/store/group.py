@@ -95,13 +95,23 @@ class FeatureGroup:
     def check_generation(self, block: int | None = None) -> None:
         """Refuse to go on when the group on disk is no longer the one this object opened (another
         job replaced it with ``--overwrite``): its blocks must not land in the new group."""
+        from surpipe.store.growth import parse_format
+
         now = fresh_attrs(self.store.path, self.path)
+        at = f" before block {block} was marked done" if block is not None else ""
         if now is None or now.get("generation") != self.generation:
-            at = f" before block {block} was marked done" if block is not None else ""
             raise SurpipeError(
                 f"store {self.store.path}: group {self.path} was replaced or deleted by another job "
                 f"(--overwrite) while this job was writing it{at}; this job's blocks are not valid in the "
                 "new group. Rerun the command to write the group as it is now")
+        root = fresh_attrs(self.store.path, "")
+        if root is not None and (root.get("num_samples") != self.store.num_samples
+                                 or parse_format(root.get("surpipe_format"))[1]):
+            # a job that opened the store before another job appended rows has stale block ranges
+            raise SurpipeError(
+                f"store {self.store.path} grew (another job appended dataset rows: {self.store.num_samples} "
+                f"rows when this job opened it, {root.get('num_samples')} now) while this job was about to "
+                f"write group {self.path}{at}; rerun the command: it completes the grown store")
 
     def completed_blocks(self) -> int:
         return int(self.done_mask().sum())
@@ -165,7 +175,52 @@ class FeatureGroup:
         self.group["done"][block] = self.gen_id if self.gen_id is not None else True
 
     def mark_incomplete(self, block: int) -> None:
+        kept = self.group.attrs.get("kept_rows")
+        if isinstance(kept, dict) and str(block) in kept:  # recomputed whole: the stored rows may be what is damaged
+            self.group.update_attributes({"kept_rows": {k: v for k, v in kept.items() if k != str(block)}})
         self.group["done"][block] = 0 if self.gen_id is not None else False
+
+    def kept_rows(self) -> dict[int, int]:
+        """``{block: row}`` for blocks not done whose rows ``[block start, row)`` hold valid values
+        (a block completed before the store grew: surpipe.store.growth); the job completing the
+        block keeps them (:meth:`keep_stored_rows`)."""
+        out = {}
+        raw = self.group.attrs.get("kept_rows") or {}
+        if not isinstance(raw, dict):
+            return out
+        done = None
+        for k, v in raw.items():
+            try:
+                b, r = int(k), int(v)
+            except (TypeError, ValueError):
+                continue
+            if 0 <= b < self.store.num_blocks and self.store.block_range(b)[0] < r:
+                done = self.done_mask() if done is None else done
+                if not done[b]:
+                    out[b] = min(r, self.store.block_range(b)[1])
+        return out
+
+    def keep_stored_rows(self, block: int, row: int, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``values`` of ``block`` with its rows before ``row`` replaced by the stored ones, bit for
+        bit (rows a growth kept, :meth:`kept_rows`). When they cannot be read (damaged since),
+        ``values`` as computed."""
+        start, _ = self.store.block_range(block)
+        out = {}
+        try:
+            for name, x in values.items():
+                arr = self.group[name]
+                if arr.attrs.get("block_capacity"):
+                    return dict(values)  # block-ragged: never kept (growth does not record it)
+                x = np.array(x, copy=True)
+                x[: row - start] = np.asarray(arr[start:row])
+                out[name] = x
+        except Exception as e:  # a damaged chunk: the computed values are as valid
+            from surpipe.logs import get_logger
+
+            get_logger().info(f"store {self.store.path}: {self.path} block {block}: its stored rows {start}-{row - 1} "
+                              f"cannot be read ({type(e).__name__}: {first_line(e)[:120]}); writing them as recomputed")
+            return dict(values)
+        return out
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of array ``name``. Every done block it touches must have its chunk

@@ -67,7 +67,8 @@ def open_store(data: str, store_path: str, *, block_rows: int | None = None, che
 
     ``check_images`` (auto, full, header, none) is the image check a new store's rows pass (auto:
     full) and, with ``images`` (the command reads them), the check of an existing store's rows
-    (auto: header). A store made from another dataset raises
+    (auto: header). A dataset that is the store's rows plus rows after its last row grows the store
+    (:mod:`surpipe.store.growth`: those rows are appended). A store made from another dataset raises
     :class:`~surpipe.store.rows.DatasetMismatch` naming the first differing row. ``simple_field`` /
     ``complex_field`` name the metadata fields of the two prompts.
     """
@@ -88,7 +89,17 @@ def open_store(data: str, store_path: str, *, block_rows: int | None = None, che
         bad = image_problems([ds.samples[j] for j in idx], "full")
         return {idx[i]: why for i, why in bad.items()}
 
-    store, match = open_or_create(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS, left_out)
+    def new_rows(idx: Sequence[int]) -> dict[int, str]:
+        # dataset rows after the store's last row: appended (the store grows) when their images pass
+        # the check a new store's rows pass, so encode-latents can encode every row
+        bad = image_problems([ds.samples[j] for j in idx], creating, progress and is_main, "checking new rows' images")
+        return {idx[i]: why for i, why in bad.items()}
+
+    store, match = open_or_create(store_path, ds, block_rows or DEFAULT_BLOCK_ROWS, left_out, grow=True,
+                                  new_rows=new_rows)
+    if is_main and match.grown:
+        log.info(f"store {store_path} grew from {match.grown[0]} to {match.grown[1]} rows (dataset rows after its last "
+                 "row were appended; existing rows and their finished blocks are kept, new blocks are pending)")
     rep = getattr(ds, "report", None)
     if is_main and rep is not None and getattr(rep, "skipped", None):
         log.info(f"dataset scan skipped {len(rep.skipped)} rows (not in the store):\n{rep.summary()}")

@@ -54,6 +54,7 @@ class StoreMatch:
 
     samples: list
     left_out: dict[str, str] = field(default_factory=dict)
+    grown: tuple[int, int] | None = None  # (rows before, rows after) when this call appended rows
 
 
 def create_store(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLOCK_ROWS) -> FeatureStore:
@@ -120,17 +121,9 @@ def _build(tmp: Path, dataset, block_rows: int) -> None:
         arr[:] = np.array(values, dtype=object)
 
 
-def match_store(store: FeatureStore, dataset, left_out: LeftOut | None = None) -> StoreMatch:
-    """Match ``store``'s rows to ``dataset`` by keys and prompts (no image is read here).
-
-    Every store row must be a dataset row with the same key and prompts, in the same order. A
-    dataset row not in the store is accepted only when ``left_out`` (called with the indices of
-    such rows, a chunk at a time) gives a reason for it; otherwise, or on any other difference, raises
-    :class:`DatasetMismatch` naming the first differing row.
-    """
-    samples = list(dataset.samples)
-    if store.num_samples == len(samples) and store.fingerprint == dataset.fingerprint():
-        return StoreMatch(samples)
+def _aligned(store: FeatureStore, dataset, samples: list) -> tuple[list[int], tuple]:
+    """The dataset index of every store row (keys and prompts equal, same order), and the store's
+    (keys, simple, complex); raises :class:`DatasetMismatch` at the first store row that differs."""
     keys = [str(k) for k in store.keys()]
     simple, complex_ = store.prompts("simple"), store.prompts("complex")
     where = {s.key: j for j, s in enumerate(samples)}
@@ -149,7 +142,13 @@ def match_store(store: FeatureStore, dataset, left_out: LeftOut | None = None) -
                 _mismatch(store, dataset, i, stored, _row(s),
                           f"store row {i} (key {k!r}): {what} prompt {_short(a)} in the store, {_short(b)} in the dataset")
         picked.append(j)
-    extra = sorted(set(range(len(samples))) - set(picked))
+    return picked, (keys, simple, complex_)
+
+
+def _explained(store, dataset, samples, picked, rows, extra: list[int], left_out: LeftOut | None) -> dict[int, str]:
+    """``{index: reason}`` for dataset rows ``extra`` (not in the store); the first one without a
+    reason raises :class:`DatasetMismatch`."""
+    keys, simple, complex_ = rows
     reasons: dict[int, str] = {}
     for c in range(0, len(extra), 64):  # in chunks: another dataset is refused after a few checks
         chunk = extra[c:c + 64]
@@ -160,21 +159,96 @@ def match_store(store: FeatureStore, dataset, left_out: LeftOut | None = None) -
             _mismatch(store, dataset, i, _store_row(keys, simple, complex_, i), _row(samples[j]),
                       f"dataset row {j} (key {samples[j].key!r}) is not in the store"
                       + (" (and its image passes the check)" if left_out is not None else ""))
+    return reasons
+
+
+def _same_rows(store: FeatureStore, dataset, samples: list) -> bool:
+    return store.num_samples == len(samples) and store.fingerprint == dataset.fingerprint()
+
+
+def match_store(store: FeatureStore, dataset, left_out: LeftOut | None = None) -> StoreMatch:
+    """Match ``store``'s rows to ``dataset`` by keys and prompts (no image is read here).
+
+    Every store row must be a dataset row with the same key and prompts, in the same order. A
+    dataset row not in the store is accepted only when ``left_out`` (called with the indices of
+    such rows, a chunk at a time) gives a reason for it; otherwise, or on any other difference, raises
+    :class:`DatasetMismatch` naming the first differing row.
+    """
+    samples = list(dataset.samples)
+    if _same_rows(store, dataset, samples):
+        return StoreMatch(samples)
+    picked, rows = _aligned(store, dataset, samples)
+    extra = sorted(set(range(len(samples))) - set(picked))
+    reasons = _explained(store, dataset, samples, picked, rows, extra, left_out)
     return StoreMatch([samples[j] for j in picked], {samples[j].key: reasons[j] for j in extra})
 
 
+@dataclass
+class RowPlan:
+    """How a dataset extends a store: ``picked`` the dataset index of each store row, ``appended``
+    the dataset rows after the store's last row to append (in order), ``left_out`` the other
+    dataset rows not in the store, with the reason."""
+
+    picked: list[int]
+    appended: list[int]
+    left_out: dict[int, str]
+
+
+def has_rows_after(store: FeatureStore, dataset) -> bool:
+    """Whether ``dataset`` has rows after the store's last row (cheap: keys and prompts only, no
+    image). A dataset that changes or removes store rows raises :class:`DatasetMismatch`."""
+    samples = list(dataset.samples)
+    if _same_rows(store, dataset, samples):
+        return False
+    picked, _ = _aligned(store, dataset, samples)
+    return len(samples) - 1 > (picked[-1] if picked else -1)
+
+
+def plan_rows(store: FeatureStore, dataset, left_out: LeftOut | None = None,
+              new_rows: LeftOut | None = None) -> RowPlan:
+    """Which dataset rows a growth of ``store`` appends: those after the store's last row that pass
+    ``new_rows`` (the check a new store's rows pass; it returns ``{index: why not}``). Store rows
+    changed, removed or reordered, and rows inserted before the store's last row that ``left_out``
+    cannot explain, raise :class:`DatasetMismatch` naming the first differing row."""
+    samples = list(dataset.samples)
+    if _same_rows(store, dataset, samples):
+        return RowPlan(list(range(len(samples))), [], {})
+    picked, rows = _aligned(store, dataset, samples)
+    last = picked[-1] if picked else -1
+    extra = sorted(set(range(len(samples))) - set(picked))
+    middle, tail = [j for j in extra if j < last], [j for j in extra if j > last]
+    reasons = _explained(store, dataset, samples, picked, rows, middle, left_out)
+    bad = new_rows(tail) if (new_rows is not None and tail) else {}
+    return RowPlan(picked, [j for j in tail if j not in bad], {**reasons, **bad})
+
+
 def open_or_create(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLOCK_ROWS,
-                   left_out: LeftOut | None = None) -> tuple[FeatureStore, StoreMatch]:
+                   left_out: LeftOut | None = None, grow: bool = False,
+                   new_rows: LeftOut | None = None) -> tuple[FeatureStore, StoreMatch]:
     """The store of ``dataset`` at ``path``: created from the dataset's rows when absent, else
-    opened for writing and matched (:func:`match_store`). ``store.created_now`` says which."""
+    opened for writing and matched (:func:`match_store`). ``store.created_now`` says which.
+
+    With ``grow``, a dataset that is the store's rows plus rows after its last row first appends
+    those rows (:func:`surpipe.store.growth.grow_store`; ``new_rows`` is the check they pass, as a
+    new store's rows do); ``StoreMatch.grown`` then says (rows before, rows after)."""
     try:
-        store = FeatureStore(path, mode="a")
+        store = FeatureStore(path, mode="a", allow_growing=grow)
     except StoreNotFound:
         try:
             return create_store(path, dataset, block_rows), StoreMatch(list(dataset.samples))
         except StoreExists:
-            store = FeatureStore(path, mode="a")
-    return store, match_store(store, dataset, left_out)
+            store = FeatureStore(path, mode="a", allow_growing=grow)
+    grown = None
+    if grow and (store.growing or has_rows_after(store, dataset)):
+        from surpipe.store.growth import grow_store
+
+        before = store.num_samples
+        store = grow_store(path, dataset, left_out, new_rows)
+        if store.num_samples != before:
+            grown = (before, store.num_samples)
+    match = match_store(store, dataset, left_out)
+    match.grown = grown
+    return store, match
 
 
 def _row(s) -> Row:
