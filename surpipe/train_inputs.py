@@ -37,12 +37,22 @@ def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[d
     from surpipe.sd import check_pipeline_class
 
     unet_cfg = sched_cfg = None
+    family = None
     try:
-        check_pipeline_class(cfg.model, cfg.revision, accept=("sd", "sdxl"))  # others: refused by name
+        family = check_pipeline_class(cfg.model, cfg.revision, accept=("sd", "sdxl"))  # others: refused by name
         unet_cfg = read_model_config(cfg.model, "unet", cfg.revision)
         sched_cfg = read_model_config(cfg.model, "scheduler", cfg.revision)
     except SurpipeError as e:
         problems.append(str(e))
+    if unet_cfg is not None and family is not None:
+        # a folder whose model_index.json and UNet disagree is damaged or mislabelled: never guess
+        text_time = unet_cfg.get("addition_embed_type") == "text_time"
+        if (family == "sdxl") != text_time:
+            named = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+            problems.append(f"{cfg.model}: model_index.json names {named} but its UNet is "
+                            f"{'SDXL' if text_time else 'an SD 1.x/2.x'} UNet (addition_embed_type "
+                            f"{unet_cfg.get('addition_embed_type')!r}); fix model_index.json or give the right folder")
+            unet_cfg = None
     if unet_cfg is not None and (unet_cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel"
                                  or "cross_attention_dim" not in unet_cfg):
         problems.append(f"{cfg.model}: unet/config.json is not a Stable Diffusion UNet (_class_name "
