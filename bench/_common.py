@@ -39,6 +39,10 @@ SD_MODELS = {
     "mid": dict(text_width=384, text_layers=6, text_heads=6, unet_channels=(64, 128, 256),
                 vae_channels=(64, 128, 256, 256), layers_per_block=2, image_size=256, attention_head_dim=8,
                 adapter=dict(nhead=8, dim_feedforward=1024)),
+    # The published SD 1.5 architecture (bench/cost_model.py's SD15_UNET / SD15_VAE / CLIP_L14_TEXT,
+    # one home for those configs), random weights; the adapter at the authors' size.
+    "sd15": dict(published="sd15", text_width=768, image_size=512,
+                 adapter=dict(nhead=8, dim_feedforward=2048, num_layers=2)),
 }
 LLM_SIZE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=8)
@@ -103,6 +107,8 @@ def build_sd(kind: str, out: Path, seed: int = 0) -> Path:
     from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
 
     m = SD_MODELS[kind]
+    if m.get("published"):
+        return _build_published_sd(m["published"], Path(out), seed)
     common = dict(text_width=m["text_width"], text_layers=m["text_layers"], text_heads=m["text_heads"],
                   layers_per_block=m["layers_per_block"], attention_head_dim=m["attention_head_dim"])
     cv = tiny_sd_configs(channels=m["vae_channels"], image_size=m["image_size"], **common)
@@ -121,6 +127,38 @@ def build_sd(kind: str, out: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel(**unet_cfg).eval()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=DDPMScheduler(**cv["scheduler"]), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _build_published_sd(arch: str, out: Path, seed: int) -> Path:
+    """An SD pipeline folder with the published architecture of ``cost_model.ARCHS[arch]`` (SD 1.5:
+    UNet 859.5 M, VAE 83.7 M, CLIP ViT-L/14 text 123.1 M), random weights, the offline CLIP tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import cost_model
+    from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
+
+    if (out / "model_index.json").is_file():
+        return out
+    if arch != "sd15":  # SDXL needs StableDiffusionXLPipeline and a second text encoder: not built here
+        raise SystemExit(f"bench: no published-architecture builder for {arch!r}")
+    a = cost_model.ARCHS[arch]
+    tiny = tiny_sd_configs()  # token ids and the SD scheduler; the architecture keys come from ARCHS
+    text = dict(tiny["text_encoder"], **a["text"][0][1])
+    with tempfile.TemporaryDirectory(prefix="surpipe-bench-clip-") as d:
+        tok = write_clip_tokenizer(d, **tiny["tokenizer"])
+    torch.manual_seed(seed * 1000 + 1)
+    te = CLIPTextModel(CLIPTextConfig(**text)).eval()
+    torch.manual_seed(seed * 1000 + 2)
+    vae = AutoencoderKL(**a["vae"]).eval()
+    torch.manual_seed(seed * 1000 + 3)
+    unet = UNet2DConditionModel(**a["unet"]).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(**tiny["scheduler"]), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -152,8 +190,9 @@ class Activations:
                                               "flip_mean", "flip_std")}
 
 
-def llm_pooled(prompts, layer: int = 3, seed: int = 0) -> np.ndarray:
-    """Mean-pooled raw output of decoder ``layer`` of a small random LLaMA (LLM_SIZE) on real prompts."""
+def llm_pooled(prompts, layer: int = 3, seed: int = 0, size: dict | None = None) -> np.ndarray:
+    """Mean-pooled raw output of decoder ``layer`` of a small random LLaMA (``size``, default
+    LLM_SIZE) on real prompts."""
     import torch
     from transformers import LlamaModel
 
@@ -161,7 +200,7 @@ def llm_pooled(prompts, layer: int = 3, seed: int = 0) -> np.ndarray:
 
     tok = load_llama_sentencepiece()
     torch.manual_seed(seed)
-    model = LlamaModel(tiny_llm_config(**LLM_SIZE)).eval()
+    model = LlamaModel(tiny_llm_config(**(size or LLM_SIZE))).eval()
     got = {}
     h = model.layers[layer].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
     out = []
@@ -288,10 +327,11 @@ def model_bench_main(argv, doc: str, script: str, run, summary_rows, models: boo
     ``--quick --out FILE [--models tiny,mid] [--cache DIR]`` (no ``--models`` when ``models`` is False)."""
     ap = bench_parser(doc)
     if models:
-        ap.add_argument("--models", default=None, help="comma list of tiny,mid")
+        ap.add_argument("--models", default=None, help="comma list of " + ",".join(SD_MODELS))
     ap.add_argument("--cache", default=None, help="folder to keep built models and activations in")
     args = ap.parse_args(argv)
     kw = {"models": args.models.split(",") if args.models else None} if models else {}
     d = run(args.quick, cache=args.cache, **kw)
-    cmd = f"python bench/{script}" + (" --quick" if args.quick else "") + f" --out {args.out}"
+    cmd = (f"python bench/{script}" + (" --quick" if args.quick else "") + f" --out {args.out}"
+           + (f" --models {args.models}" if models and args.models else ""))
     return write_result(d, args.out, cmd, summary_rows)

@@ -1,6 +1,7 @@
 """Feature-store I/O: bytes and codecs on real activations, dtype error, loader throughput, loader RAM.
 
     python bench/store_io.py [--quick] --out FILE.json [--models tiny,mid] [--cache DIR]
+    python bench/store_io.py --real-widths [--quick] --out FILE.json [--cache DIR]
 
 * bytes per sample per array and compression ratio + read speed by codec (zstd, blosc-lz4, gzip,
   none), float16, on REAL activations: the bundled sample's prompts and images through CLIP text
@@ -12,6 +13,10 @@
   DataLoader workers, by store block size (16, 64, 256 rows) and by codec.
 * peak RSS of a loader process that reads a whole epoch from a store of N rows and of 10 N rows
   (a separate process per store, ``resource.getrusage`` ru_maxrss).
+* ``--real-widths`` (only this): bytes per sample (fp16; zstd and none) at SD 1.5's sizes (CLIP
+  [77, 768] x 2, latents 4x64x64 mean/std/flip mean/flip std) and LLM features 4096 and 5120 wide,
+  and the loader's samples/s with 0/1/2 workers against the rate bench/cost_model.py predicts for
+  one GPU step from the store (``run_real``).
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ FULL = dict(models=("tiny", "mid"), rows={"tiny": None, "mid": None}, loader_row
 ARRAYS = ("llm", "clip_simple", "clip_complex", "lat_mean", "lat_std", "flip_mean", "flip_std")
 
 
-def codec_table(act: C.Activations, tmp: Path, codecs=("zstd", "blosc-lz4", "gzip", "none")) -> dict:
+def codec_table(act: C.Activations, tmp: Path, codecs=("zstd", "blosc-lz4", "gzip", "none"),
+                names=ARRAYS) -> dict:
     import zarr
 
     from surpipe.store import _codecs
 
     out = {}
-    for name in ARRAYS:
+    for name in names:
         data = getattr(act, name).astype(np.float16)
         n = data.shape[0]
         chunk = min(64, n)
@@ -170,6 +176,106 @@ def run(quick: bool = True, models=None, cache: Path | None = None, **over) -> d
     return res
 
 
+# ------------------------------------------------------------------ --real-widths (SD 1.5 sizes)
+REAL_QUICK = dict(model="sd15", rows=2, llm_widths=(4096, 5120), llm_prompts=64, loader_rows=256, batch=8,
+                  workers=(0, 1, 2), utilisation=0.4, peak_tflops=989.0, predicted_samples_per_s=None)
+REAL_FULL = dict(REAL_QUICK, rows=8, loader_rows=2048)
+
+
+def _llm_size(width: int) -> dict:
+    """A 2-layer random LLaMA of the given width (LLaMA-7B/13B's head size 128 and FFN ratio)."""
+    heads = max(width // 128, 1)
+    return dict(hidden_size=width, intermediate_size=int(width * 11008 / 4096) // 8 * 8, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=heads)
+
+
+def run_real(quick: bool = True, cache: Path | None = None, **over) -> dict:
+    """Store bytes and loader rate at real widths: CLIP [77, 768] x 2 and latents 4x64x64 x 4 from
+    random-weight SD 1.5-architecture models on the sample's prompts and 512 px images (``model``,
+    ``rows`` distinct rows), LLM pooled features of 2-layer random LLaMAs 4096 and 5120 wide (layer
+    1, ``llm_prompts`` prompts); the loader over a store with the widest LLM, set against the
+    samples/s bench/cost_model.py predicts for one GPU step from the store (FLOPs / utilisation x peak)."""
+    import types
+
+    with C.bench_run(quick, REAL_QUICK, REAL_FULL, over, "surpipe-bench-io-real-", None, cache) as (
+            p, _, tmp, cache, res):
+        _, act = C.cached_model_and_activations(p["model"], cache, p["rows"])
+        tab = codec_table(act, tmp, ("zstd", "none"), names=ARRAYS[1:])
+        prompts = [s.simple for s in C.sample_rows(p["llm_prompts"])]
+        llm = {}
+        for w in p["llm_widths"]:
+            feats = C.llm_pooled(prompts, layer=1, size=_llm_size(w))
+            llm[w] = feats
+            tab[f"llm_{w}"] = codec_table(types.SimpleNamespace(llm=feats), tmp, ("zstd", "none"), names=("llm",))["llm"]
+        base = sum(v["codecs"]["zstd"]["bytes_per_sample"] for k, v in tab.items() if not k.startswith("llm"))
+        res["real_widths"] = {
+            "model": p["model"], "resolution": act.resolution, "arrays": tab,
+            "bytes_per_sample_zstd": {f"clip2_vae4_llm_{w}": round(base + tab[f"llm_{w}"]["codecs"]["zstd"]
+                                                                   ["bytes_per_sample"], 1) for w in llm},
+            "raw_bytes_per_sample": {f"clip2_vae4_llm_{w}": sum(v["raw_bytes_per_sample"] for k, v in tab.items()
+                                                                if not k.startswith("llm")) + 2 * w for w in llm}}
+        # The loader over a store with the widest LLM. A chunk of repeated rows would compress to
+        # almost nothing (zstd finds the repeats) and read unrealistically fast, so the chunk's 64
+        # rows are made distinct: the real rows, each value scaled by (1 + N(0, 1e-3)), about one
+        # fp16 ulp, which leaves each row's compressibility as it was.
+        w = max(llm)
+        act.llm = llm[w][: act.llm.shape[0]]
+        act = _distinct_rows(act, min(p["loader_rows"], 64))
+        st = C.write_store(tmp / "real.zarr", act, p["loader_rows"], block_rows=64)
+        rates = {str(k): loader_rate(st, act.resolution, p["batch"], k, 64) for k in p["workers"]}
+        pred = ({"samples_per_s": p["predicted_samples_per_s"], "given": True} if p["predicted_samples_per_s"]
+                else _predicted_rate(p["model"], p["utilisation"], p["peak_tflops"]))
+        res["real_widths"]["loader"] = {
+            "rows": p["loader_rows"], "batch": p["batch"], "llm_width": w, "block_rows": 64,
+            "store_MB_per_row_on_disk": round(C.dir_bytes(st) / p["loader_rows"] / 1e6, 4), "workers": rates,
+            "predicted_gpu_step": pred,
+            "headroom_over_predicted": {k: round(v["samples_per_s"] / pred["samples_per_s"], 2)
+                                        for k, v in rates.items()},
+            "needs_2x": all(v["samples_per_s"] < 2 * pred["samples_per_s"] for v in rates.values())}
+    return res
+
+
+def _distinct_rows(act: C.Activations, n: int, seed: int = 0) -> C.Activations:
+    """``n`` rows from ``act``'s rows (row i from row i % rows), each value times (1 + N(0, 1e-3))."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, a in act.arrays().items():
+        rows = a[np.arange(n) % a.shape[0]].astype(np.float32)
+        arrays[name] = rows * (1 + 1e-3 * rng.standard_normal(rows.shape, dtype=np.float32))
+    return dataclasses.replace(act, **arrays)
+
+
+def _predicted_rate(model: str, utilisation: float, peak_tflops: float) -> dict:
+    """Samples/s of one GPU training step from the store, predicted by bench/cost_model.py."""
+    import cost_model
+
+    arch = C.SD_MODELS[model].get("published") if model in C.SD_MODELS else None
+    if arch is None:  # a scaled-down model in a test: its own FLOPs are not modelled; use SD 1.5's
+        arch = "sd15"
+    flops = cost_model.sd_costs(1, arch)["step_flops"]["from_store"]
+    eff = utilisation * peak_tflops * 1e12
+    return {"arch": arch, "step_TFLOP_per_sample": round(flops / 1e12, 4), "utilisation": utilisation,
+            "peak_TFLOPs": peak_tflops, "ms_per_sample": round(flops / eff * 1e3, 3),
+            "samples_per_s": round(eff / flops, 1)}
+
+
+def summary_real(d: dict) -> list[tuple[str, str]]:
+    r = d["real_widths"]
+    rows = [(f"store {r['model']} @{r['resolution']}px: bytes/sample zstd (raw), clip x2 + latents x4 + llm",
+             ", ".join(f"{k.rsplit('_', 1)[1]}: {v:.0f} ({r['raw_bytes_per_sample'][k]})"
+                       for k, v in r["bytes_per_sample_zstd"].items()))]
+    lo = r["loader"]
+    rows.append((f"loader samples/s workers {'/'.join(lo['workers'])} (llm {lo['llm_width']})",
+                 " / ".join(str(v["samples_per_s"]) for v in lo["workers"].values())))
+    pr = lo["predicted_gpu_step"]
+    how = "given" if pr.get("given") else f"{pr['utilisation']:.0%} of {pr['peak_TFLOPs']:.0f} TFLOP/s"
+    rows.append((f"predicted GPU step samples/s ({how}); loader headroom w" + "/".join(lo["workers"]),
+                 f"{pr['samples_per_s']}; " + " / ".join(f"{v}x" for v in lo["headroom_over_predicted"].values())))
+    return rows
+
+
 def summary(d: dict) -> list[tuple[str, str]]:
     rows = []
     for kind, c in d["codecs"].items():
@@ -194,6 +300,10 @@ def summary(d: dict) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--real-widths" in argv:
+        argv.remove("--real-widths")
+        return C.model_bench_main(argv, __doc__, "store_io.py --real-widths", run_real, summary_real, models=False)
     return C.model_bench_main(argv, __doc__, "store_io.py", run, summary)
 
 

@@ -1,6 +1,6 @@
 """Stage-two step time from the feature store against the authors' online way, in one run.
 
-    python bench/train_step.py [--quick] --out FILE.json [--models tiny,mid] [--cache DIR]
+    python bench/train_step.py [--quick] --out FILE.json [--models tiny,mid,sd15] [--cache DIR]
 
 Both paths use the SAME TrainRecipe (same adapter, frozen UNet, projection, optimizer and
 ``TrainRecipe.loss``), the same batch size and the same optimizer step (backward, grad-norm clip,
@@ -16,6 +16,13 @@ AdamW step). They differ only in where the batch comes from:
 Steps of the two paths alternate in rounds (noisy machine), and medians are reported. A second
 measurement runs ``TrainRecipe.train()`` itself (the real loop, workers 0 and 2) and reads
 ``data_wait_s`` / ``step_s`` from its metrics.jsonl: the share of step time spent waiting for data.
+
+``--models sd15`` (``bench_arch``): the published SD 1.5 architecture with random weights, 512 px,
+batch 1. Each path runs in its own worker process (``--worker``, internal) so that each peak RSS is
+that path's own; the parent alternates one store step and one online step per round. Reported: the
+whole-step and by-parts ratios (``derive``), the step split into loss forward / backward / AdamW,
+the peak RSS of both processes and the batch the store path's saving buys, beside
+bench/cost_model.py's FLOP predictions. No train-loop measurement (too slow on a CPU).
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ import numpy as np  # noqa: E402
 import _common as C  # noqa: E402
 
 QUICK = dict(models=("tiny",), rows={"tiny": 64, "mid": 8}, batch={"tiny": 4, "mid": 2},
-             rounds=3, per_round=2, train_steps=6, store_rows=256, train_workers=(0, 2))
+             rounds=3, per_round=2, train_steps=6, store_rows=256, train_workers=(0, 2),
+             # --models sd15 (published architecture, one process per path): 512 px, batch 1; rounds
+             # stop early when the next would pass budget_s (whole sd15 run, build included)
+             arch=dict(rows=2, batch=1, rounds=3, store_rows=64, budget_s=540))
 FULL = dict(models=("tiny", "mid"), rows={"tiny": None, "mid": None}, batch={"tiny": 8, "mid": 4},
-            rounds=6, per_round=3, train_steps=30, store_rows=2048, train_workers=(0, 1, 2))
+            rounds=6, per_round=3, train_steps=30, store_rows=2048, train_workers=(0, 1, 2),
+            arch=dict(rows=8, batch=1, rounds=6, store_rows=256, budget_s=3600))
 
 
 def _cfg(store, mdir, out, kind, batch, workers, max_steps):
@@ -44,55 +55,63 @@ def _cfg(store, mdir, out, kind, batch, workers, max_steps):
                        checkpoint_every=10 ** 6, max_steps=max_steps, **C.SD_MODELS[kind]["adapter"])
 
 
-def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int, per_round: int,
-                train_steps: int, store_rows: int, train_workers) -> dict:
-    import torch
+def _optimise(recipe, b) -> tuple[float, float, float]:
+    """Loss forward, backward, clip + AdamW step of the batch ``b``: their seconds."""
+    params = recipe.optimizer.param_groups[0]["params"]
+    t0 = time.perf_counter()
+    with recipe.accelerator.autocast():
+        losses = recipe.loss(b)
+    t1 = time.perf_counter()
+    recipe.accelerator.backward(losses["loss"])
+    t2 = time.perf_counter()
+    recipe.accelerator.clip_grad_norm_(params, 1.0)
+    recipe.optimizer.step()
+    recipe.optimizer.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    from stages.train import TrainRecipe
-    from surpipe import sd
+
+_LOSS_PARTS = ("loss_forward", "backward", "optimizer")
+
+
+def store_stepper(recipe, store: Path, batch: int):
+    """The store path's step (``SampleStream`` block reads, workers 0 -> ``_batch_to_tensors`` ->
+    loss, backward, AdamW) and the dict of its parts' seconds, one list per part."""
     from surpipe.train_data import BlockReader, SampleStream
 
-    t_model = time.perf_counter()
-    mdir, act = C.cached_model_and_activations(kind, cache, rows)
-    store = C.write_store(tmp / f"{kind}-train.zarr", act, rows=store_rows, block_rows=64)
-    recipe = TrainRecipe(_cfg(store, mdir, tmp / f"{kind}-manual", kind, batch, 0, 10 ** 6))
-    recipe.setup()
-    params = [p for p in recipe.optimizer.param_groups[0]["params"]]
-
-    def optimise(losses):
-        recipe.accelerator.backward(losses["loss"])
-        recipe.accelerator.clip_grad_norm_(params, 1.0)
-        recipe.optimizer.step()
-        recipe.optimizer.zero_grad(set_to_none=True)
-
-    # ---------------- store path
     it = iter(SampleStream(BlockReader(str(store), recipe.groups, 64), batch, seed=0, workers=0))
+    parts = {k: [] for k in ("read_batch", "to_tensors", *_LOSS_PARTS, "loss_backward_opt")}
 
-    sparts = {"read_batch": [], "to_tensors": [], "loss_backward_opt": []}
-
-    def store_step():
+    def step():
         t0 = time.perf_counter()
         raw = next(it)
         t1 = time.perf_counter()
         b = recipe._batch_to_tensors(raw)
         t2 = time.perf_counter()
-        with recipe.accelerator.autocast():
-            optimise(recipe.loss(b))
-        t3 = time.perf_counter()
-        for k, v in zip(sparts, (t1 - t0, t2 - t1, t3 - t2)):
-            sparts[k].append(v)
+        f, bw, o = _optimise(recipe, b)
+        for k, v in zip(parts, (t1 - t0, t2 - t1, f, bw, o, f + bw + o)):
+            parts[k].append(v)
 
-    # ---------------- online path (the authors' way)
+    return step, parts
+
+
+def online_stepper(recipe, mdir: Path, llm: np.ndarray, batch: int):
+    """The authors' online step (decode + resize/crop/flip, VAE encode -> latent sample, CLIP on the
+    simple and the complex prompt, LLM features from memory, then the same loss/backward/AdamW as
+    the store path), its parts' seconds, and the loaded (text encoder, VAE encoder)."""
+    import torch
+
+    from surpipe import sd
+
     te = sd.load_text_encoder(str(mdir))
     vae = sd.load_vae_encoder(str(mdir))
     res = sd.default_resolution(str(mdir), None, vae)
     samples = C.sample_rows()
-    llm_cache = {s.simple: act.llm[i % len(act.llm)] for i, s in enumerate(samples)}
+    llm_cache = {s.simple: llm[i % len(llm)] for i, s in enumerate(samples)}
     gen = torch.Generator().manual_seed(0)
     pos = {"i": 0}
-    parts = {"decode_preprocess": [], "vae_encode": [], "clip_2x": [], "loss_backward_opt": []}
+    parts = {k: [] for k in ("decode_preprocess", "vae_encode", "clip_2x", *_LOSS_PARTS, "loss_backward_opt")}
 
-    def online_step():
+    def step():
         idx = [(pos["i"] + j) % len(samples) for j in range(batch)]
         pos["i"] += batch
         part = [samples[i] for i in idx]
@@ -109,11 +128,26 @@ def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int
         t3 = time.perf_counter()
         b = {"latents": latents, "clip_simple": cs, "clip_complex": cc,
              "llm": torch.from_numpy(np.stack([llm_cache[s.simple] for s in part])).float()}
-        with recipe.accelerator.autocast():
-            optimise(recipe.loss(b))
-        t4 = time.perf_counter()
-        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        f, bw, o = _optimise(recipe, b)
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, f, bw, o, f + bw + o)):
             parts[k].append(v)
+
+    return step, parts, (te, vae)
+
+
+def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int, per_round: int,
+                train_steps: int, store_rows: int, train_workers) -> dict:
+    from stages.train import TrainRecipe
+
+    t_model = time.perf_counter()
+    mdir, act = C.cached_model_and_activations(kind, cache, rows)
+    store = C.write_store(tmp / f"{kind}-train.zarr", act, rows=store_rows, block_rows=64)
+    recipe = TrainRecipe(_cfg(store, mdir, tmp / f"{kind}-manual", kind, batch, 0, 10 ** 6))
+    recipe.setup()
+    params = [p for p in recipe.optimizer.param_groups[0]["params"]]
+    store_step, sparts = store_stepper(recipe, store, batch)
+    online_step, parts, (te, vae) = online_stepper(recipe, mdir, act.llm, batch)
+    res = act.resolution
 
     store_step(); online_step()  # warm-up
     for d in (parts, sparts):
@@ -139,9 +173,8 @@ def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int
         "store_breakdown_s_median": {k: round(C.median(v), 4) for k, v in sparts.items()},
         "store_step_s_all": [round(x, 4) for x in ts], "online_step_s_all": [round(x, 4) for x in to],
     }
-    # Release the models. Not `del`: the step closures above capture te/vae, and pyflakes reads a
-    # `del` of a captured name as making the closures' uses undefined (Python allows it).
-    te = vae = None
+    # Release the models (the step closures hold them too).
+    te = vae = online_step = store_step = None
 
     # ---------------- the real loop: data wait share from metrics.jsonl
     waits = {}
@@ -161,10 +194,192 @@ def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int
     return out
 
 
+# ------------------------------------------------------------------ one process per path (sd15)
+_MARK = "@@bench "  # reply lines of a worker; anything else a library prints is passed over
+
+
+def _rss_now_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(spec: dict) -> int:
+    """One path (``spec["path"]``: store or online) in its own process, so that its peak RSS is its
+    own: set up, then one step per ``step`` line on stdin, answered with a JSON line of its
+    seconds; ``stop`` answers with the process's memory and parameter counts."""
+    import torch
+
+    from stages.train import TrainRecipe
+
+    def reply(d):
+        sys.stdout.write(_MARK + json.dumps(d) + "\n")
+        sys.stdout.flush()
+
+    rss0 = _rss_now_mb()
+    recipe = TrainRecipe(_cfg(spec["store"], spec["model"], spec["out"], spec["kind"], spec["batch"], 0, 10 ** 6))
+    recipe.setup()
+    params = recipe.optimizer.param_groups[0]["params"]
+    info = {"params_M": {"unet": sum(p.numel() for p in recipe.unet.parameters()) / 1e6,
+                         "adapter": sum(p.numel() for p in params) / 1e6}}
+    if spec["path"] == "store":
+        step, parts = store_stepper(recipe, Path(spec["store"]), spec["batch"])
+    else:
+        step, parts, (te, vae) = online_stepper(recipe, Path(spec["model"]), np.load(spec["llm"]), spec["batch"])
+        info["params_M"].update(vae_encoder=sum(p.numel() for p in vae.model.parameters()) / 1e6,
+                                text_encoder=sum(p.numel() for p in te.model.parameters()) / 1e6)
+    info.update(rss_after_import_MB=rss0, rss_after_setup_MB=_rss_now_mb(), peak_rss_setup_MB=_peak_rss_mb(),
+                torch_threads=torch.get_num_threads())
+    reply({"ready": True})
+    for line in sys.stdin:
+        if line.strip() == "step":
+            t0 = time.perf_counter()
+            step()
+            reply({"s": time.perf_counter() - t0, "parts": {k: v[-1] for k, v in parts.items()}})
+        else:
+            break
+    info.update(peak_rss_MB=_peak_rss_mb(), rss_end_MB=_rss_now_mb())
+    reply({k: ({a: round(b, 2) for a, b in v.items()} if isinstance(v, dict) else
+               (round(v, 1) if isinstance(v, float) else v)) for k, v in info.items()})
+    return 0
+
+
+class _Worker:
+    def __init__(self, spec: dict, tmp: Path):
+        import subprocess
+
+        f = tmp / f"worker-{spec['path']}.json"
+        f.write_text(json.dumps(spec))
+        self.p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(f)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, line: str | None) -> dict:
+        if line is not None:
+            self.p.stdin.write(line + "\n")
+            self.p.stdin.flush()
+        for out in self.p.stdout:
+            if out.startswith(_MARK):
+                return json.loads(out[len(_MARK):])
+        raise SystemExit(f"bench: the {self.p.args[-1]} worker ended (exit code {self.p.wait()})")
+
+
+def bench_arch(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int, store_rows: int,
+               budget_s: float) -> dict:
+    """Store path against the online path, each in its own worker process (their peak RSS do not
+    mix), steps alternating (one store step, one online step per round) while the time budget
+    allows another round (at least one). For the published architectures (sd15)."""
+    t_model = time.perf_counter()
+    mdir, act = C.cached_model_and_activations(kind, cache, rows)
+    store = C.write_store(tmp / f"{kind}-train.zarr", act, rows=store_rows, block_rows=64)
+    np.save(tmp / "llm.npy", act.llm)
+    t_built = time.perf_counter() - t_model
+    base = dict(kind=kind, store=str(store), model=str(mdir), batch=batch, llm=str(tmp / "llm.npy"))
+    ws = {}
+    for path in ("store", "online"):  # one after the other: their setups do not compete for the cores
+        ws[path] = _Worker(dict(base, path=path, out=str(tmp / f"{kind}-{path}")), tmp)
+        ws[path].ask(None)
+    steps = {"store": [], "online": []}
+    t_round = 0.0
+    for r in range(rounds + 1):  # round 0: warm-up, not counted
+        if r > 1 and time.perf_counter() - t_model + t_round > budget_s:
+            break
+        t0 = time.perf_counter()
+        for path in ("store", "online"):
+            got = ws[path].ask("step")
+            if r:
+                steps[path].append(got)
+        t_round = time.perf_counter() - t0
+    mem = {path: w.ask("stop") for path, w in ws.items()}
+    for w in ws.values():
+        w.p.wait()
+
+    def med(path, key):
+        return round(C.median([s["parts"][key] for s in steps[path]]), 4)
+
+    ts, to = ([x["s"] for x in steps[p]] for p in ("store", "online"))
+    s_med, o_med = C.median(ts), C.median(to)
+    sb = {k: med("store", k) for k in steps["store"][0]["parts"]}
+    ob = {k: med("online", k) for k in steps["online"][0]["parts"]}
+    out = {
+        "model": C.SD_MODELS[kind], "resolution": act.resolution, "latent_shape": list(act.lat_mean.shape[1:]),
+        "batch": batch, "params_M": {**mem["online"]["params_M"], **mem["store"]["params_M"]},
+        "steps_timed_each": len(ts), "setup_build_s": round(t_built, 1),
+        "store_step_s_median": round(s_med, 4), "online_step_s_median": round(o_med, 4),
+        "store_samples_per_s": round(batch / s_med, 3), "online_samples_per_s": round(batch / o_med, 3),
+        "store_over_online_samples_per_s": round(o_med / s_med, 3),
+        "online_breakdown_s_median": ob, "store_breakdown_s_median": sb,
+        "store_backward_over_forward": round(sb["backward"] / sb["loss_forward"], 3),
+        "store_step_s_all": [round(x, 4) for x in ts], "online_step_s_all": [round(x, 4) for x in to],
+        "memory_MB": {"store": mem["store"], "online": mem["online"]},
+    }
+    derive(out)
+    cm = C.SD_MODELS[kind].get("published")
+    if cm:
+        out["cost_model"] = _predicted(cm, batch)
+    out["seconds"] = round(time.perf_counter() - t_model, 1)
+    return out
+
+
+def derive(m: dict) -> dict:
+    """Figures derived from ``bench_arch``'s measurements (in place; rerunnable on its JSON).
+
+    * ``store_over_online_by_parts``: the loss + backward + AdamW part is the same code in both
+      paths, so its median over both processes stands for both, plus each path's own data part
+      (online: decode + VAE + CLIP x2; store: read + to-tensors). On a shared machine this ratio is
+      steadier than the whole-step one, whose two processes may see different outside load.
+    * memory: safetensors weights are memory-mapped and join the RSS only when the first step
+      touches them, so one sample's step memory (saved activations, gradients, temporaries) is the
+      store process's peak less its RSS after setup, less the UNet's fp32 weights and the
+      adapter's gradients + AdamW moments (12 B/parameter), divided by the batch; the batch the
+      online path's extra peak would hold in the store path is that extra over this figure.
+    """
+    sb, ob, B = m["store_breakdown_s_median"], m["online_breakdown_s_median"], m["batch"]
+    loss = (sb["loss_backward_opt"] + ob["loss_backward_opt"]) / 2
+    data_on = ob["decode_preprocess"] + ob["vae_encode"] + ob["clip_2x"]
+    data_st = sb["read_batch"] + sb["to_tensors"]
+    m["store_over_online_by_parts"] = round((loss + data_on) / (loss + data_st), 3)
+    m["by_parts_s"] = {"loss_backward_opt_both_paths": round(loss, 4), "online_data": round(data_on, 4),
+                       "store_data": round(data_st, 4)}
+    ms, mo = m["memory_MB"]["store"], m["memory_MB"]["online"]
+    fixed = (ms["params_M"]["unet"] * 4 + ms["params_M"]["adapter"] * 12) * 1e6 / 2 ** 20
+    per_sample = max(ms["peak_rss_MB"] - ms["rss_after_setup_MB"] - fixed, 1.0) / B
+    saving = mo["peak_rss_MB"] - ms["peak_rss_MB"]
+    m["memory_MB"].update(online_minus_store_peak_MB=round(saving, 1),
+                          unet_fp32_and_adapter_state_MB=round(fixed, 1),
+                          store_step_MB_per_sample=round(per_sample, 1),
+                          extra_batch_from_the_saving=int(saving // per_sample))
+    return m
+
+
+def _predicted(arch: str, batch: int) -> dict:
+    """What bench/cost_model.py predicts for the same step (FLOPs on meta; no weights)."""
+    import cost_model
+
+    c = cost_model.sd_costs(batch, arch)
+    f = c["flops"]
+    fb = f["unet_forward_backward"] - f["unet_forward"]
+    return {"online_over_store_flops": c["step_flops"]["online_over_store"],
+            "unet_backward_over_forward_flops": round(fb / f["unet_forward"], 3),
+            "flops_TFLOP": {k: round(v / 1e12, 4) for k, v in f.items()},
+            "step_TFLOP": {k: round(v / 1e12, 4) for k, v in c["step_flops"].items() if k != "online_over_store"}}
+
+
 def run(quick: bool = True, models=None, cache: Path | None = None, **over) -> dict:
     with C.bench_run(quick, QUICK, FULL, over, "surpipe-bench-train-", models, cache) as (p, models, tmp, cache, res):
         res["models"] = {}
         for kind in models:
+            if C.SD_MODELS[kind].get("published"):
+                a = p["arch"]
+                res["models"][kind] = bench_arch(kind, tmp, cache, a["rows"], a["batch"], a["rounds"],
+                                                 a["store_rows"], a["budget_s"])
+                continue
             res["models"][kind] = bench_model(kind, tmp, cache, p["rows"].get(kind), p["batch"][kind], p["rounds"],
                                               p["per_round"], p["train_steps"], p["store_rows"], p["train_workers"])
     return res
@@ -176,12 +391,25 @@ def summary(d: dict) -> list[tuple[str, str]]:
         rows.append((f"train step {kind} (B={m['batch']}): store vs online samples/s",
                      f"{m['store_samples_per_s']} vs {m['online_samples_per_s']} = "
                      f"{m['store_over_online_samples_per_s']}x"))
+        if "memory_MB" in m:
+            sb, mem = m["store_breakdown_s_median"], m["memory_MB"]
+            rows.append((f"train step {kind}: store/online ratio by parts (see derive)",
+                         f"{m['store_over_online_by_parts']}x"))
+            rows.append((f"train step {kind}: store loss forward / backward s (ratio)",
+                         f"{sb['loss_forward']} / {sb['backward']} ({m['store_backward_over_forward']}x)"))
+            rows.append((f"train step {kind}: peak RSS MB store / online (+batch bought)",
+                         f"{mem['store']['peak_rss_MB']} / {mem['online']['peak_rss_MB']} "
+                         f"(+{mem['extra_batch_from_the_saving']})"))
+            continue
         w = ", ".join(f"w{k}: {v['data_wait_share']:.0%}" for k, v in m["train_loop"].items())
         rows.append((f"train loop {kind}: data-wait share of step time", w))
     return rows
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # internal: one path of bench_arch in its own process
+        return worker(json.loads(Path(argv[1]).read_text()))
     return C.model_bench_main(argv, __doc__, "train_step.py", run, summary)
 
 

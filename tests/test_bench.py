@@ -59,3 +59,66 @@ def test_cost_model_keys():
     assert v["truncated_flops_per_prompt"] * 32 == v["full_flops_per_prompt"] * 16
     assert "surd_GB_raw" in d["storage"]["arrays"]["clip/simple [77,768]"]
     assert cost_model.summary(d)
+
+
+def test_store_io_real_widths_tiny(cache):
+    """--real-widths on the tiny model: sizes from the shapes, loader rate against a given GPU rate."""
+    import store_io
+
+    d = store_io.run_real(True, cache=cache, model="tiny", rows=8, llm_widths=(64,), llm_prompts=8,
+                          loader_rows=32, batch=4, workers=(0, 1), predicted_samples_per_s=1e9)
+    r = d["real_widths"]
+    a = r["arrays"]
+    assert set(a) == {"clip_simple", "clip_complex", "lat_mean", "lat_std", "flip_mean", "flip_std", "llm_64"}
+    assert a["clip_simple"]["raw_bytes_per_sample"] == 77 * 32 * 2  # fp16 [77, 32]
+    assert a["lat_mean"]["raw_bytes_per_sample"] == 4 * 32 * 32 * 2
+    assert a["llm_64"]["raw_bytes_per_sample"] == 64 * 2 and a["llm_64"]["rows"] == 8
+    for v in a.values():  # uncompressed chunks hold the raw bytes (+ a few bytes per chunk); zstd about no more
+        assert 0 <= v["codecs"]["none"]["bytes_per_sample"] - v["raw_bytes_per_sample"] <= 1
+        assert v["codecs"]["zstd"]["bytes_per_sample"] <= v["raw_bytes_per_sample"] * 1.05
+    assert r["raw_bytes_per_sample"]["clip2_vae4_llm_64"] == 2 * 77 * 32 * 2 + 4 * 4 * 32 * 32 * 2 + 128
+    lo = r["loader"]
+    assert set(lo["workers"]) == {"0", "1"} and lo["llm_width"] == 64
+    assert lo["needs_2x"] is True  # nothing reads 5e8 samples/s
+    # the loader's store holds distinct rows: repeated rows in a chunk would zstd to almost nothing
+    zstd = sum(v["codecs"]["zstd"]["bytes_per_sample"] for v in a.values())
+    assert lo["store_MB_per_row_on_disk"] * 1e6 > 0.8 * zstd
+    assert lo["headroom_over_predicted"]["0"] == round(lo["workers"]["0"]["samples_per_s"] / 1e9, 2)
+    assert store_io.summary_real(d)
+
+
+def test_train_step_derive_by_hand():
+    """The sd15 figures derived from the measurements: the by-parts ratio and the batch bought."""
+    import train_step
+
+    m = {"batch": 2,
+         "store_breakdown_s_median": {"read_batch": 0.001, "to_tensors": 0.002, "loss_backward_opt": 10.0},
+         "online_breakdown_s_median": {"decode_preprocess": 0.5, "vae_encode": 4.0, "clip_2x": 0.5,
+                                       "loss_backward_opt": 12.0},
+         "memory_MB": {"store": {"params_M": {"unet": 100.0, "adapter": 10.0}, "peak_rss_MB": 3000.0,
+                                 "rss_after_setup_MB": 500.0},
+                       "online": {"peak_rss_MB": 4000.0}}}
+    train_step.derive(m)
+    assert m["store_over_online_by_parts"] == round((11 + 5) / (11 + 0.003), 3)
+    fixed = (100 * 4 + 10 * 12) * 1e6 / 2 ** 20  # UNet fp32 + adapter grads and AdamW moments, MiB
+    per = (3000 - 500 - fixed) / 2
+    assert m["memory_MB"]["store_step_MB_per_sample"] == round(per, 1)
+    assert m["memory_MB"]["extra_batch_from_the_saving"] == int(1000 // per)
+
+
+@pytest.mark.slow
+def test_train_step_arch_tiny(cache):
+    """--models sd15's machinery (one worker process per path, alternating steps) on the tiny model."""
+    import train_step
+
+    tmp = cache / "arch"
+    tmp.mkdir(exist_ok=True)
+    m = train_step.bench_arch("tiny", tmp, cache, 8, 1, 1, 16, 1.0)
+    assert m["steps_timed_each"] == 1  # the budget is spent: one round, never zero
+    mem = m["memory_MB"]
+    assert "vae_encoder" in mem["online"]["params_M"] and "vae_encoder" not in mem["store"]["params_M"]
+    assert mem["store"]["peak_rss_MB"] > mem["store"]["rss_after_setup_MB"] > 0
+    sb = m["store_breakdown_s_median"]
+    assert abs(sb["loss_forward"] + sb["backward"] + sb["optimizer"] - sb["loss_backward_opt"]) < 1e-3
+    assert "cost_model" not in m  # the tiny model's FLOPs are not modelled
+    assert train_step.summary({"models": {"tiny": m}})
