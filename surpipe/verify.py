@@ -382,7 +382,9 @@ class _Checker:
 def check_store(path) -> VerifyReport:
     """Check the store at ``path`` (read-only); see the module docstring for what is checked."""
     t0 = time.perf_counter()
-    c = _Checker(Path(path))
+    from surpipe.store.core import local_store_path
+
+    c = _Checker(local_store_path(path))
     root = c.root()
     if root is not None:
         c.rows_arrays(root)

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import uuid
 from importlib import metadata as _md
 from pathlib import Path
@@ -32,6 +33,21 @@ ROW_ARRAYS = (KEYS_ARRAY, *PROMPT_ARRAYS.values())
 # optional (stores made since categories are kept): each row's category label, "" for none;
 # never part of matching a store to a dataset
 CATEGORY_ARRAY = "prompts/category"
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_store_path(path: str | os.PathLike) -> Path:
+    """``path`` as a local folder; a URL (``s3://``, ``gs://``, ``file://``, ...) is refused rather
+    than taken for a relative folder named ``s3:`` (features a user believes are on object storage
+    would land on the local disk)."""
+    text = os.fspath(path)
+    if _URL.match(text):
+        raise SurpipeError(f"feature store {text}: stores at URLs (object storage) are not supported yet; surpipe "
+                           "would otherwise write a local folder named after the URL. Give a local path (a bucket "
+                           "mounted as a folder, e.g. with mountpoint-s3 or gcsfuse, works like any folder)")
+    return Path(text)
 
 
 class StoreNotFound(SurpipeError):
@@ -77,7 +93,7 @@ class FeatureStore:
 
         from surpipe.store.growth import parse_format
 
-        self.path = Path(path)
+        self.path = local_store_path(path)
         if not self.path.exists():
             raise StoreNotFound(f"feature store not found: {self.path}")
         if not (self.path / "zarr.json").is_file():

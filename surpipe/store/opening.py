@@ -72,11 +72,11 @@ def open_store(data: str, store_path: str, *, block_rows: int | None = None, che
     :class:`~surpipe.store.rows.DatasetMismatch` naming the first differing row. ``simple_field`` /
     ``complex_field`` name the metadata fields of the two prompts.
     """
-    from pathlib import Path
-
     from surpipe.data import SurdDataset, open_dataset
 
-    exists = Path(store_path, "zarr.json").is_file()
+    from surpipe.store.core import local_store_path
+
+    exists = local_store_path(store_path).joinpath("zarr.json").is_file()
     creating = check_images if check_images != "auto" else "full"
     ds = open_dataset(data, strict=False, check_images="none" if exists else creating,
                       progress=progress and is_main, simple_field=simple_field, complex_field=complex_field)

@@ -24,7 +24,7 @@ import numpy as np
 
 from surpipe.errors import SurpipeError
 from surpipe.store.core import (CATEGORY_ARRAY, DEFAULT_BLOCK_ROWS, FORMAT_VERSION, KEYS_ARRAY, PROMPT_ARRAYS,
-                                FeatureStore, StoreNotFound, check_writable, library_versions)
+                                FeatureStore, StoreNotFound, check_writable, library_versions, local_store_path)
 from surpipe.store.integrity import codec_chain
 
 Row = tuple  # (key, simple, complex)
@@ -64,7 +64,7 @@ def create_store(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLO
     all call this; the losers get :class:`StoreExists`. Full disk and unwritable folders raise
     SurpipeError naming the store; nothing is left behind.
     """
-    path = Path(path)
+    path = local_store_path(path)
     if path.exists():
         raise StoreExists(f"feature store {path} exists already")
     if block_rows < 1:
