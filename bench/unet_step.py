@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny UNet (seconds; for the test)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="also time forward/backward under CPU bf16 autocast")
+    ap.add_argument("--channels-last", action="store_true", help="also time forward/backward with the UNet and "
+                                                                 "its input in channels-last memory format")
+    ap.add_argument("--only-paper", action="store_true", help="skip the authors'-path cases")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "unet_step.json"))
     args = ap.parse_args(argv)
 
@@ -100,14 +103,17 @@ def main(argv=None) -> int:
 
     split = {}
 
-    def paper(autocast: bool, key: str):
+    def paper(autocast: bool, key: str, channels_last: bool = False):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
         def step():
+            unet.to(memory_format=fmt)
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
             out, kl = kl_terms()
             n, t, noise = noisy()
             t0 = time.perf_counter()
             with ctx:
-                pred = unet(n, t, out).sample
+                pred = unet(n.contiguous(memory_format=fmt), t, out).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise) + kl
             t1 = time.perf_counter()
             loss.backward()
@@ -118,10 +124,13 @@ def main(argv=None) -> int:
         return step
 
     reps = max(1, args.reps)
-    authors = _median_times({"with_unet": authors_full, "skip": authors_skip}, reps)
+    authors = ({"with_unet": float("nan"), "skip": float("nan")} if args.only_paper else
+               _median_times({"with_unet": authors_full, "skip": authors_skip}, reps))
     fns = {"fp32": paper(False, "fp32")}
     if args.bf16:
         fns["bf16"] = paper(True, "bf16")
+    if args.channels_last:
+        fns["fp32_channels_last"] = paper(False, "fp32_channels_last", channels_last=True)
     paper_t = _median_times(fns, reps)
     weight_grads = [n for n, p in unet.named_parameters() if p.grad is not None]
     res = {
