@@ -31,7 +31,7 @@ import numpy as np
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
-from surpipe.stage_one_options import option
+from surpipe.stage_one_options import StageOneCommon, option
 from surpipe.data.image_loader import BlockFeeder, loader_error
 from surpipe.errors import SurpipeError
 from surpipe.logs import get_logger
@@ -40,7 +40,7 @@ PARTS = ("clip", "vae")
 
 
 @dataclass
-class EncodeLatentsConfig:
+class EncodeLatentsConfig(StageOneCommon):
     data: str = option("data")
     store: str = option("store")
     model: str = opt(help="Stable Diffusion 1.x/2.x or SDXL checkpoint: local diffusers folder or hub id",
@@ -72,12 +72,6 @@ class EncodeLatentsConfig:
                        ge=0, le=256)
     loader_timeout: float = opt(300.0, help="seconds to wait for a batch from the loader workers before stopping "
                                 "with a message", group="running", gt=0, le=86400)
-    block_rows: Optional[int] = option("block_rows")
-    check_images: Literal["auto", "full", "header", "none"] = option("check_images")
-    simple_field: str = option("simple_field")
-    complex_field: str = option("complex_field")
-    overwrite: bool = option("overwrite")
-    progress: bool = option("progress")
 
 
 def _validate(cfg: EncodeLatentsConfig) -> None:

@@ -38,7 +38,7 @@ from typing import Optional, Union
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
 from surpipe.evaluate import DEFAULT_SUITE
-from surpipe.inference import DtypeName, SchedulerName, option
+from surpipe.inference import DtypeName, SchedulerName, option, size_problems
 from surpipe.logs import get_logger
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
@@ -91,9 +91,7 @@ def _validate(cfg: EvalConfig) -> list[str]:
         p.append("nothing to do: --no-clip-score without --store; give --store S for the held-out report")
     if cfg.clip_score and not cfg.out:
         p.append("out: give --out DIR for the CLIP-score results (or --no-clip-score with --store)")
-    if cfg.size is not None and cfg.size % 8:
-        p.append(f"size must be a multiple of 8 (got {cfg.size})")
-    return p
+    return p + size_problems(cfg.size)
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -185,8 +183,10 @@ def _held_out(cfg: EvalConfig) -> dict:
     from surpipe.held_out import evaluate_store
 
     t0 = time.perf_counter()
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():  # before minutes of work
+        raise SurpipeError(f"--out {cfg.out} is a file, not a folder: give a folder for the results")
     held = evaluate_store(cfg.store, cfg.adapter, model=cfg.model, revision=cfg.revision, device=cfg.device,
-                          batch_size=cfg.batch_size)
+                          batch_size=cfg.batch_size, adapter_weight=cfg.adapter_weight)
     text = _held_out_markdown(held)
     print(text, end="")
     if cfg.out:

@@ -32,13 +32,13 @@ import numpy as np
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
-from surpipe.stage_one_options import option
+from surpipe.stage_one_options import StageOneCommon, option
 from surpipe.errors import SurpipeError
 from surpipe.logs import get_logger
 
 
 @dataclass
-class ExtractLLMConfig:
+class ExtractLLMConfig(StageOneCommon):
     data: str = option("data")
     store: str = option("store")
     model: str = opt(help="causal LM (LLaMA, Mistral, Qwen2 ...): local folder or hub id", group="model")
@@ -65,15 +65,9 @@ class ExtractLLMConfig:
     revision: Optional[str] = opt(None, help="hub revision (branch, tag or commit) of --model", group="model")
     trust_remote_code: bool = opt(False, help="run the model repository's own Python code (only if you trust it)",
                                   group="model")
-    block_rows: Optional[int] = option("block_rows")
     padding_side: Literal["right", "left"] = opt("right", help="padding side of batches (values do not depend on "
                                                  "it: positions are explicit)", group="running")
     bucket: bool = opt(True, help="sort prompts by length within a block to minimise padding", group="running")
-    check_images: Literal["auto", "full", "header", "none"] = option("check_images")
-    simple_field: str = option("simple_field")
-    complex_field: str = option("complex_field")
-    overwrite: bool = option("overwrite")
-    progress: bool = option("progress")
 
 
 def _validate(cfg: ExtractLLMConfig) -> None:

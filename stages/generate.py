@@ -29,7 +29,7 @@ from typing import Optional
 
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
-from surpipe.inference import DtypeName, SchedulerName, option
+from surpipe.inference import DtypeName, SchedulerName, option, size_problems
 from surpipe.logs import get_logger
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
@@ -71,9 +71,7 @@ def _validate(cfg: GenerateConfig) -> list[str]:
     p = declared_problems(cfg)
     if not cfg.prompt and not cfg.prompts_file:
         p.append("give --prompt TEXT or --prompts-file FILE")
-    if cfg.size is not None and cfg.size % 8:
-        p.append(f"size must be a multiple of 8 (got {cfg.size})")
-    return p
+    return p + size_problems(cfg.size)
 
 
 def run(cfg: GenerateConfig) -> dict:

@@ -206,8 +206,8 @@ class TrainRecipe:
         stream = self._stream()
         it = iter(stream)  # loader workers start here, before the trackers
         start_step = self.step
-        if start_step and self.main:  # steps logged after the checkpoint by a killed run are replayed: drop them
-            train_log.drop_metrics_after(self.out / "metrics.jsonl", start_step)
+        if self.main:  # rows a killed run logged after its last checkpoint (all, without one) are replayed: drop them
+            train_log.drop_metrics_after(self.out / "metrics.jsonl", start_step if start_step else -1)
         train_log.init_trackers(self.accelerator, cfg.report_to, to_dict(cfg), self.out)
         logger = train_log.RunLogger(self.out, self.accelerator) if self.main else train_log.QuietLogger()
         bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
@@ -281,7 +281,8 @@ class TrainRecipe:
             step_s = time.perf_counter() - t0
             last = {"step": self.step, **sums, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "step_s": step_s, **times, "optimizer_s": time.perf_counter() - te,
-                    "samples_per_s": cfg.batch_size * cfg.grad_accum / step_s, "epoch": stream.position.epoch}
+                    "samples_per_s": cfg.batch_size * cfg.grad_accum * self.world / step_s,
+                    "epoch": stream.position.epoch}
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 logger.log(last)
             bar.update(1)
@@ -324,12 +325,9 @@ class TrainRecipe:
                 if sums[k] is not None:
                     sums[k] += float(losses[k].detach()) / cfg.grad_accum
         if self.world > 1:  # the logged terms are the global batch's means, as one process would log them
-            import torch
+            from surpipe.train_setup import global_means
 
-            keys = [k for k in sums if sums[k] is not None]
-            mean = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
-                                                        device=self.device), reduction="mean")
-            sums.update({k: float(v) for k, v in zip(keys, mean.tolist())})
+            sums = global_means(self.accelerator, sums)
         return sums, times
 
     def _stop_if(self, what: Optional[str]) -> None:
@@ -384,32 +382,18 @@ class TrainRecipe:
         self.accelerator.wait_for_everyone()
 
     def _keep_if_best(self, logger) -> None:
-        """Write OUT/best when the latest held-out score (val/prompt + val/llm) beats the kept one;
-        checkpoints and resume are untouched."""
-        from surpipe.checkpoint import best_score, save_final
-        from surpipe.validation import selection_score
+        from surpipe.train_eval import keep_if_best
 
-        score = selection_score(self.last_val)
-        kept = best_score(self.out)
-        if kept is not None and score >= kept:
-            return
         self._refuse_nonfinite_weights("best adapter")
-        save_final(self.out, **self._modules(), name="best",
-                   note={"step": self.step, "score": score, "selection": "val/prompt + val/llm", **self.last_val})
-        logger.log_text(f"best held-out score {score:.5f} at step {self.step}: {self.out / 'best'}")
+        score = keep_if_best(self.out, self.last_val, self.step, self._modules())
+        if score is not None:
+            logger.log_text(f"best held-out score {score:.5f} at step {self.step}: {self.out / 'best'}")
 
-    # ------------------------------------------------------------------ held-out validation
+    # ------------------------------------------------------------------ held-out validation, pictures
     def _validation_set(self):
-        """The held-out rows with their fixed latents, noise and timesteps (None without a split)."""
-        from surpipe.validation import ValidationSet
+        from surpipe.train_eval import validation_set
 
-        inp, cfg = self.inputs, self.cfg
-        if inp.held_out is None or not len(inp.held_out):
-            return None
-        return ValidationSet.from_store(cfg.store, inp.groups, inp.held_out, scaling_factor=inp.scaling_factor,
-                                        shift_factor=inp.shift_factor,
-                                        num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-                                        seed=cfg.val_seed, resolution=inp.resolution)
+        return validation_set(self.cfg, self.inputs, self.noise_scheduler)
 
     def evaluate_held_out(self) -> dict:
         """The held-out metrics (surpipe.validation.METRICS) of the adapter as it is now, under the
@@ -424,24 +408,12 @@ class TrainRecipe:
                             min_snr_gamma=self.cfg.min_snr_gamma, prompt_target=self.cfg.prompt_target,
                             weight_dtype=self.weight_dtype)
 
-    # ------------------------------------------------------------------ validation pictures
     def validate(self) -> Path:
         """Render the validation prompts without and with the adapter (same seeds) into a grid."""
-        from surpipe.render import compare_grid
+        from surpipe.train_eval import validation_grid
 
-        cfg = self.cfg
-        prompts = cfg.validation_prompts or [str(p) for p in self.inputs.store.prompts("simple")[:4]]
-        adapter = self._unwrapped("adapter")
-        was_training = adapter.training
-        adapter.eval()
-        path = self.out / "validation" / f"step-{self.step:08d}.png"
-        try:
-            compare_grid(cfg.model, adapter, prompts, path, unet=self.unet, steps=cfg.validation_steps,
-                         seed=cfg.validation_seed, size=cfg.validation_size, revision=cfg.revision,
-                         device=self.device, dtype=self.weight_dtype, progress=False)
-        finally:
-            adapter.train(was_training)
-        return path
+        return validation_grid(self.cfg, self.inputs, self._unwrapped("adapter"), self.unet, self.out, self.step,
+                               self.device, self.weight_dtype)
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -1,10 +1,12 @@
 """Held-out numbers of a finished adapter on a feature store (``surpipe eval --store``), per prompt
 category: the validation terms of training (surpipe.validation) without generating an image.
 
-Which rows: for a training run on this very store, the rows its held-out split kept out of
-training (recomputed from the recorded split settings, and checked against the recorded keys);
-for another store, or an adapter folder without its run, every row of the store, labelled so.
-A run that trained on every row of this store is refused: its numbers would not be held out.
+Which rows: those the adapter never trained on. For a training run on this very store, the rows its
+held-out split kept out (recomputed from the recorded split settings, checked against the recorded
+keys). For another store, or this store grown since, the training rows are found from the store the
+run recorded (its keys minus its held-out ones) and left out by key; when that store cannot be
+read, every row is evaluated and the report says the overlap is unknown. An adapter folder without
+its run: every row, labelled so. A run that trained on every row of this store is refused.
 """
 
 from __future__ import annotations
@@ -17,21 +19,43 @@ import numpy as np
 
 from surpipe.errors import SurpipeError
 
+CHUNK_ROWS = 512  # rows evaluated at once: a whole store never sits in memory
+
+
+def _looks_like_run(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(
+        (folder / n).exists() for n in ("checkpoints", "metrics.jsonl", "adapter"))
+
+
+def run_folder(adapter_dir: Path) -> Optional[Path]:
+    """The training run an adapter folder belongs to (RUN for RUN/adapter, RUN/best and
+    RUN/checkpoints/step-N/adapter), or None."""
+    p = Path(adapter_dir).expanduser()
+    if not p.exists():  # a hub id: no run beside it (and never the working directory by accident)
+        return None
+    for folder in (p, *list(p.parents)[:3]):
+        if _looks_like_run(folder) and not (folder / "model.safetensors").is_file():
+            return folder
+    return None
+
 
 def run_config(adapter: str) -> Optional[dict]:
-    """The training config saved in the run folder ``adapter`` (or the parent of an ``adapter/``
-    folder); None for an adapter folder that came without its run."""
+    """The training config saved in the run folder of ``adapter`` (a run folder, its adapter/,
+    best/ or a checkpoint); None for an adapter folder that came without its run. A run whose
+    config.json is damaged is refused: which rows it trained on cannot be told."""
     p = Path(adapter).expanduser()
-    for folder in (p, p.parent):
-        f = folder / "config.json"
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and (data.get("_surpipe") or {}).get("config") == "TrainConfig":
-                return data
-    return None
+    run = run_folder(p / "adapter" if (p / "adapter").is_dir() else p)
+    if run is None:
+        return None
+    f = run / "config.json"
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise SurpipeError(f"{f}: the training run's config is unreadable ({e}); without it the rows the adapter "
+                           "trained on are unknown") from None
+    if not isinstance(data, dict) or (data.get("_surpipe") or {}).get("config") != "TrainConfig":
+        raise SurpipeError(f"{f} is not a surpipe training config: the rows the adapter trained on are unknown")
+    return data
 
 
 def _train_config(store: str, saved: Optional[dict], model: Optional[str], revision: Optional[str], same: bool):
@@ -45,15 +69,73 @@ def _train_config(store: str, saved: Optional[dict], model: Optional[str], revis
         return TrainConfig(store=store, model=model, out=".", llm_layer=-1, revision=revision, nhead=1)
     data = {k: v for k, v in saved.items() if not k.startswith("_")}
     data.update(store=store, model=model or data.get("model"), revision=revision or data.get("revision"))
-    if not same:  # another store: its own rows are all unseen, no split to recompute
+    if not same:  # the split is recomputed on the store the run trained on, not on this one
         data.update(val_rows=0, val_fraction=0.0)
     return from_dict(TrainConfig, data, what="the run's saved config")
 
 
+def _training_keys(saved: dict) -> Optional[set]:
+    """The sample keys the run trained on: its recorded store's keys minus its held-out ones (None
+    when that store cannot be read)."""
+    from surpipe.store import FeatureStore
+    from surpipe.validation import held_out_rows
+
+    from surpipe.validation import check_same_split, split_record
+
+    run = (saved.get("_surpipe") or {}).get("run") or {}
+    path = run.get("store") or saved.get("store")
+    try:
+        keys = FeatureStore(path).keys()
+    except (SurpipeError, OSError, TypeError):
+        return None
+    n = run.get("num_samples")
+    if isinstance(n, int) and 0 < n <= len(keys):
+        keys = keys[:n]  # a store that grew since keeps the run's rows first, in place
+    split = dict(rows=saved.get("val_rows") or 0, fraction=saved.get("val_fraction") or 0.0,
+                 seed=saved.get("val_seed") or 0)
+    held = held_out_rows(keys, **split)
+    if run.get("split") is not None and check_same_split(run["split"], split_record(keys, held, **split)):
+        return None  # those are not the rows the run split: its store changed otherwise
+    train = np.ones(len(keys), dtype=bool)
+    train[np.asarray(held, dtype=np.int64)] = False
+    return {str(k) for k in keys[train]}
+
+
+def _select_rows(adapter, store, fs, saved, meta, found, same):
+    """(row indices, scope text) of the rows to evaluate."""
+    held = found.get("held_out")
+    if same:
+        if held is None or not len(held):
+            raise SurpipeError(f"{adapter} was trained on every row of {store} (no held-out split): its numbers "
+                               "there would not be held out; give a store of other rows, or train with "
+                               "--val-rows/--val-fraction")
+        recorded = (meta.get("run") or {}).get("split")
+        if recorded is not None:
+            from surpipe.validation import check_same_split
+
+            changed = check_same_split(recorded, found["split"])
+            if changed:
+                raise SurpipeError(f"the held-out rows of {adapter} cannot be found again in {store}:", changed)
+        return np.asarray(held, dtype=np.int64), "the run's held-out rows"
+    if saved is None:
+        return np.arange(fs.num_samples), "every row of the store (the adapter's training rows are unknown)"
+    train = _training_keys(saved)
+    if train is None:
+        return (np.arange(fs.num_samples), "every row of a store the run did not train on (its training store "
+                "cannot be read, so an overlap of keys is not excluded)")
+    keys = fs.keys()
+    rows = np.array([i for i, k in enumerate(keys) if str(k) not in train], dtype=np.int64)
+    if not len(rows):
+        raise SurpipeError(f"every row of {store} is a row {adapter} trained on: nothing held out to evaluate")
+    left = fs.num_samples - len(rows)
+    return rows, (f"rows the run never trained on ({left} training rows of this store left out)" if left else
+                  "every row of a store the run did not train on")
+
+
 def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, revision: Optional[str] = None,
-                   device: str = "auto", batch_size: int = 8) -> dict:
-    """The held-out metrics of ``adapter`` (run folder, adapter folder or hub id) on ``store``:
-    ``{"scope", "rows", "categories": per_category(...), "table": markdown, ...}``."""
+                   device: str = "auto", batch_size: int = 8, adapter_weight: Optional[float] = None) -> dict:
+    """The held-out metrics of ``adapter`` (run folder, adapter folder, checkpoint or hub id) on
+    ``store``: ``{"scope", "rows", "categories": per_category(...), "table": markdown, ...}``."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -77,31 +159,21 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     problems = [p for p in problems if not p.startswith("nhead ")]  # the adapter's own heads are used
     if problems:
         raise SurpipeError(f"cannot evaluate {adapter} on {store}:", problems)
-    held = found.get("held_out")
-    if same and (held is None or not len(held)):
-        raise SurpipeError(f"{adapter} was trained on every row of {store} (no held-out split): its numbers there "
-                           "would not be held out; give a store of other rows, or train with --val-rows/--val-fraction")
-    recorded = (meta.get("run") or {}).get("split")
-    if same and recorded is not None:
-        from surpipe.validation import check_same_split
-
-        changed = check_same_split(recorded, found["split"])
-        if changed:
-            raise SurpipeError(f"the held-out rows of {adapter} cannot be found again in {store}:", changed)
-    rows = np.asarray(held, dtype=np.int64) if same else np.arange(fs.num_samples)
-    scope = ("the run's held-out rows" if same else
-             "every row of a store the run did not train on" if saved is not None else
-             "every row of the store (the adapter's training rows are unknown)")
+    rows, scope = _select_rows(adapter, store, fs, saved, meta, found, same)
 
     dev = torch.device(resolve_device(device))
     adapter_model = SURAdapter.from_pretrained(folder).to(dev).eval()
+    if adapter_weight is not None:
+        adapter_model.config.adapter_weight = float(adapter_weight)
     if adapter_model.config.width != found["width"]:
         raise SurpipeError(f"the adapter is {adapter_model.config.width} wide but the store's CLIP embeddings are "
                            f"{found['width']}: evaluate it on a store made with its Stable Diffusion model")
-    pfile = folder / "llm_projection.safetensors"
-    if pfile.is_file():
+    # the projection saved with the adapter (a finished run), with its checkpoint, or the seeded one
+    pfile = next((f for f in (folder / "llm_projection.safetensors", folder.parent / "projection.safetensors")
+                  if f.is_file()), None)
+    if pfile is not None:
         projection = LLMProjection.load(pfile)
-        where = "saved with the adapter"
+        where = f"{pfile.name} saved with the adapter"
     else:
         projection = LLMProjection(found["llm_size"], found["width"], seed=cfg.projection_seed)
         where = f"not saved with the adapter: the frozen random one of seed {cfg.projection_seed}"
@@ -112,12 +184,16 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     projection = projection.to(dev).eval()
     unet = load_unet(cfg, Runtime(None, dev, torch.float32, "no"))
     scheduler = DDPMScheduler.from_config(found["sched_config"])
-    vset = ValidationSet.from_store(store, found["groups"], rows, scaling_factor=found["scaling_factor"],
-                                    shift_factor=found["shift_factor"],
-                                    num_train_timesteps=scheduler.config.num_train_timesteps, seed=cfg.val_seed,
-                                    resolution=found.get("resolution"))
-    per = evaluate_rows(adapter_model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
-                        min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target, batch_size=batch_size)
+    per: dict = {}
+    for s in range(0, len(rows), CHUNK_ROWS):
+        vset = ValidationSet.from_store(store, found["groups"], rows[s:s + CHUNK_ROWS],
+                                        scaling_factor=found["scaling_factor"], shift_factor=found["shift_factor"],
+                                        num_train_timesteps=scheduler.config.num_train_timesteps,
+                                        seed=cfg.val_seed, resolution=found.get("resolution"))
+        part = evaluate_rows(adapter_model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
+                             min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target, batch_size=batch_size)
+        for k, v in part.items():
+            per[k] = np.concatenate([per[k], v]) if k in per else v
     cats = fs.categories() if hasattr(fs, "categories") else None
     if cats is not None:
         cats = np.where(cats[rows] == "", "(none)", cats[rows])
@@ -125,4 +201,4 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     return {"store": str(store), "adapter": str(folder), "model": cfg.model, "scope": scope, "rows": int(len(rows)),
             "groups": {k: getattr(found["groups"], f"{k}_group") for k in ("llm", "clip", "vae")},
             "llm_layer": found["groups"].llm_layer, "projection": where, "val_seed": cfg.val_seed,
-            "categories": stats, "table": markdown_table(stats)}
+            "adapter_weight": adapter_model.config.adapter_weight, "categories": stats, "table": markdown_table(stats)}

@@ -52,6 +52,11 @@ _OPTIONS = {
 }
 
 
+def size_problems(size) -> list[str]:
+    """The ``--size`` rule generate and eval share beyond its range: a multiple of 8 (the VAE's)."""
+    return [f"size must be a multiple of 8 (got {size})"] if size is not None and size % 8 else []
+
+
 def option(name: str):
     """The config field ``name`` as ``surpipe generate`` and ``surpipe eval`` both declare it."""
     from surpipe.config import opt

@@ -324,17 +324,17 @@ def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: t
     llm = llm_loss(projection(b["llm"]), e, mask=b.get("llm_mask"))
     # prompt_target: the authors compared with fc(a) until 2023-11-29, with out since (method-decisions.md)
     prompt = prompt_loss(b["clip_complex"], out if cfg.prompt_target == "out" else fc)
+    pooled = None
+    if b.get("pooled") is not None and _base(adapter).config.pooled_width is not None:  # --pooled aligned
+        pooled = _base(adapter).pool(b["pooled"])
+        prompt = prompt + prompt_loss(b["pooled_complex"][:, None], pooled[:, None])
+        pooled = pooled if cfg.gradient_path == "paper" else pooled.detach()
     if not denoise:
         if cfg.gradient_path != "authors":
             raise ValueError("the denoising term can be skipped only on the authors' gradient path")
         return {"loss": cfg.llm_weight * llm + cfg.prompt_weight * prompt, "denoise": None, "llm": llm,
                 "prompt": prompt}
     cond = out if cfg.gradient_path == "paper" else out.detach()
-    pooled = None
-    if b.get("pooled") is not None and _base(adapter).config.pooled_width is not None:  # --pooled aligned
-        pooled = _base(adapter).pool(b["pooled"])
-        prompt = prompt + prompt_loss(b["pooled_complex"][:, None], pooled[:, None])
-        pooled = pooled if cfg.gradient_path == "paper" else pooled.detach()
     pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype),
                 added_cond_kwargs=added_conditioning(b, weight_dtype, pooled)).sample.float()
     target = denoise_target(scheduler, latents, noise, timesteps, prediction_type)

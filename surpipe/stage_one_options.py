@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, Optional
+
 
 _OPTIONS = {
     "data": dict(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data"),
@@ -27,3 +30,16 @@ def option(name: str):
     from surpipe.config import opt
 
     return opt(**_OPTIONS[name])
+
+
+@dataclass(kw_only=True)
+class StageOneCommon:
+    """The fields both stage-one configs end with (keyword-only, so each config keeps its own
+    required fields first)."""
+
+    block_rows: Optional[int] = option("block_rows")
+    check_images: Literal["auto", "full", "header", "none"] = option("check_images")
+    simple_field: str = option("simple_field")
+    complex_field: str = option("complex_field")
+    overwrite: bool = option("overwrite")
+    progress: bool = option("progress")

@@ -80,6 +80,21 @@ class BlockReader:
     def __len__(self) -> int:
         return self.num_blocks
 
+    def _refuse_if_grown(self) -> None:
+        """A store that stage one grew while this reader used it (its last block reopened for the new
+        rows) is no damage: say so, instead of pointing at verify --repair."""
+        from surpipe.store import FeatureStore
+
+        try:
+            now = FeatureStore(self.store_path, allow_growing=True).num_samples
+        except SurpipeError:
+            return
+        if now != self.num_rows:
+            raise SurpipeError(f"store {self.store_path} grew from {self.num_rows} to {now} rows while this run read "
+                               "it (stage one appended rows): nothing is damaged, but a run is tied to the rows it "
+                               "started with; start a new run (another --out) on the grown store once stage one "
+                               "has finished")
+
     def _fail(self, msg: str) -> SurpipeError:
         return SurpipeError(f"store {self.store_path}: {msg}; run `surpipe verify --repair {self.store_path}` "
                             "to mark the damaged block for recomputation, then rerun the stage that wrote it")
@@ -100,6 +115,7 @@ class BlockReader:
             else:
                 ok = int(v) == gen
             if not ok:
+                self._refuse_if_grown()
                 why = ("was completed by another generation of the group (it was replaced with --overwrite)"
                        if v else "is not marked done")
                 raise self._fail(f"{gpath} block {block} ({rows}) {why}")

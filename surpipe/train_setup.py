@@ -125,6 +125,14 @@ def sdxl_conditioning(batch: dict, flip, resolution: int) -> dict:
             "time_ids": sdxl_time_ids(orig, crop, resolution)}
 
 
+def global_means(accelerator, sums: dict) -> dict:
+    """``sums`` (floats or None) averaged over the data-parallel processes."""
+    keys = [k for k in sums if sums[k] is not None]
+    mean = accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device),
+                              reduction="mean")
+    return {**sums, **{k: float(v) for k, v in zip(keys, mean.tolist())}}
+
+
 def stopped_message(step: int, what: str, latest) -> str:
     """Why a run stopped on a non-finite number, and what was kept."""
     kept = (f"the last good checkpoint {latest} is kept" if latest is not None

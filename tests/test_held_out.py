@@ -121,3 +121,73 @@ def test_keep_best_needs_a_split(tiny_models, train_store, tmp_path):
                           "--out", tmp_path / "r", "--nhead", "4", "--keep-best", "--no-progress")
     assert rc == 1 and "--keep-best" in err and "--val-rows" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_store_from_a_checkpoint_uses_its_run_and_projection(sample_run, tmp_path):
+    store, run, _ = sample_run
+    ckpt = run / "checkpoints" / f"step-{STEPS:08d}"
+    assert ckpt.is_dir()
+    rc, out, err = run_cli("eval", "--store", store, "--adapter", ckpt, "--no-clip-score", "--out", tmp_path / "ev",
+                           "--device", "cpu")
+    assert rc == 0, err
+    held = json.loads((tmp_path / "ev" / "held_out.json").read_text())
+    assert held["scope"] == "the run's held-out rows" and held["projection"].startswith("projection.safetensors")
+    last = _val_rows(run)[-1]
+    assert math.isclose(held["categories"]["all"]["val/llm"], last["val/llm"], rel_tol=1e-5)
+
+
+def test_eval_store_refuses_a_run_with_a_damaged_config(sample_run, tmp_path):
+    import shutil
+
+    store, run, _ = sample_run
+    copy = tmp_path / "run"
+    shutil.copytree(run / "adapter", copy / "adapter")
+    (copy / "metrics.jsonl").write_text("")
+    (copy / "config.json").write_text("{not json")
+    rc, err = run_cli_err("eval", "--store", store, "--adapter", copy, "--no-clip-score", "--model", "x")
+    assert rc == 1 and "unreadable" in err and "Traceback" not in err
+
+
+def test_eval_store_after_growth_leaves_the_training_rows_out(tiny_models, tmp_path):
+    """A run trained on 48 rows; the store then grows to 64: the held-out report covers the run's
+    held-out rows and the 16 new ones, never a training row."""
+    import shutil
+
+    from surpipe.store import FeatureStore
+
+    src = REPO / "data" / "sample"
+    lines = (src / "metadata.jsonl").read_text().splitlines()
+    small = tmp_path / "small"
+    (small / "images").mkdir(parents=True)
+    for line in lines[:48]:
+        shutil.copy(src / json.loads(line)["file_name"], small / json.loads(line)["file_name"])
+    (small / "metadata.jsonl").write_text("\n".join(lines[:48]) + "\n")
+    store, run = tmp_path / "s.zarr", tmp_path / "run"
+
+    def stage_one(data):
+        for cmd in (["extract-llm", "--model", tiny_models / "llm", "--layers", "3", "--quant", "none",
+                     "--block-rows", "16"],
+                    ["encode-latents", "--model", tiny_models / "sd", "--workers", "0"]):
+            rc, err = run_cli_err(cmd[0], "--data", data, "--store", store, "--no-progress", *cmd[1:])
+            assert rc == 0, err
+
+    stage_one(small)
+    rc, _, err = run_cli("train", "--store", store, "--model", tiny_models / "sd", "--llm-layer", "3", "--out", run,
+                         "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--nhead", "4",
+                         "--dim-feedforward", "64", "--workers", "0", "--device", "cpu", "--no-progress",
+                         "--no-loss-curve", "--val-fraction", "0.25")
+    assert rc == 0, err
+    held_keys = set()
+    keys48 = FeatureStore(store).keys()
+    from surpipe.validation import held_out_rows
+
+    held_keys = {str(k) for k in keys48[held_out_rows(keys48, fraction=0.25, seed=0)]}
+    stage_one(src)  # grows the store to 64 rows
+    fs = FeatureStore(store)
+    assert fs.num_samples == 64
+    rc, out, err = run_cli("eval", "--store", store, "--adapter", run, "--no-clip-score", "--device", "cpu",
+                           "--out", tmp_path / "ev")
+    assert rc == 0, err
+    held = json.loads((tmp_path / "ev" / "held_out.json").read_text())
+    assert held["rows"] == len(held_keys) + 16
+    assert "training rows of this store left out" in held["scope"]

@@ -18,7 +18,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import run_cli  # noqa: E402
-from test_encode_latents import _write_surd  # noqa: E402  (non-square images, long complex prompts)
+from test_encode_latents import _write_surd, _zarr  # noqa: E402  (non-square images, long complex prompts)
 
 from stages.encode_latents import EncodeLatentsConfig, run  # noqa: E402
 
@@ -42,12 +42,6 @@ def encoded(surd, tiny_models, tmp_path_factory):
     store = tmp_path_factory.mktemp("xlstore") / "s.zarr"
     report = run(_cfg(surd, store, tiny_models / "sdxl"))
     return store, report
-
-
-def _zarr(store):
-    import zarr
-
-    return zarr.open_group(str(store), mode="r")
 
 
 def _rows(surd):

@@ -5,13 +5,12 @@ held-out validation, ``--pooled aligned``, and clear refusals when store and UNe
 from __future__ import annotations
 
 import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
 from helpers import REPO, run_cli, run_cli_err
+from test_train import unet_only_folder
 
 STEPS = 4
 
@@ -27,14 +26,6 @@ def xl_store(tiny_models, tmp_path_factory):
                           "--workers", "0", "--no-progress", "--flip")
     assert rc == 0, err
     return store
-
-
-def _unet_only(tiny_models, dst):
-    dst.mkdir()
-    for part in ("unet", "scheduler"):
-        shutil.copytree(tiny_models / "sdxl" / part, dst / part)
-    shutil.copy(tiny_models / "sdxl" / "model_index.json", dst / "model_index.json")
-    return dst
 
 
 def _train(store, model, out, *extra):
@@ -76,7 +67,7 @@ def test_sdxl_trains_from_a_unet_only_folder_with_the_added_conditioning(xl_stor
         return forward(self, sample, timestep, encoder_hidden_states, *a, added_cond_kwargs=added_cond_kwargs, **kw)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
-    model = _unet_only(tiny_models, tmp_path / "xl-unet-only")
+    model = unet_only_folder(tiny_models, tmp_path / "xl-unet-only", "sdxl")
     out = tmp_path / "run"
     rc, printed, err = _train(xl_store, model, out, "--max-steps", STEPS, "--val-rows", "8")
     assert rc == 0, err
@@ -153,3 +144,22 @@ def test_mismatched_store_and_unet_are_refused_clearly(xl_store, store, tiny_mod
     assert rc == 1 and "Traceback" not in err and "SDXL" in err
     rc, _, err = _train(store, tiny_models / "sd", tmp_path / "c", "--max-steps", "1", "--pooled", "aligned")
     assert rc == 1 and "--pooled aligned" in err
+
+
+def test_pooled_aligned_on_the_authors_path_trains_the_head_on_skipped_steps_too(xl_store, tiny_models, tmp_path):
+    """--log-denoise-every skips only the UNet: the pooled head's KL is part of every step, so the
+    adapter (head included) equals the full computation's."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for every in ("1", "3"):
+        out = tmp_path / f"every{every}"
+        rc, _, err = _train(xl_store, tiny_models / "sdxl", out, "--max-steps", "4", "--pooled", "aligned",
+                            "--gradient-path", "authors", "--log-denoise-every", every, "--prompt-weight", "1",
+                            "--learning-rate", "1e-3", "--dropout", "0")
+        assert rc == 0, err
+        runs[every] = load_file(str(out / "adapter" / "model.safetensors"))
+    a, b = runs["1"], runs["3"]
+    assert any(k.startswith("pooled_head") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["pooled_head.2.weight"].abs().sum() > 0

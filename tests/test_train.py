@@ -62,12 +62,12 @@ def _metrics(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def unet_only_folder(tiny_models, dst):
-    """A model folder that holds only unet/, scheduler/ and model_index.json."""
+def unet_only_folder(tiny_models, dst, which: str = "sd"):
+    """A model folder that holds only unet/, scheduler/ and model_index.json (of tiny ``which``)."""
     dst.mkdir()
     for part in ("unet", "scheduler"):
-        shutil.copytree(tiny_models / "sd" / part, dst / part)
-    shutil.copy(tiny_models / "sd" / "model_index.json", dst / "model_index.json")
+        shutil.copytree(tiny_models / which / part, dst / part)
+    shutil.copy(tiny_models / which / "model_index.json", dst / "model_index.json")
     return dst
 
 

@@ -146,3 +146,22 @@ def test_validation_rows_logged_split_recorded_resume_refused_and_reproducible(t
     assert r.step == 10
     a, b = r.evaluate_held_out(), r.evaluate_held_out()
     assert a == b and {"step": 10, **a} == val[-1]
+
+
+def test_a_restart_without_checkpoint_logs_each_step_once(tmp_path, train_store, tiny_models):
+    """A run killed before its first checkpoint starts over: metrics.jsonl holds each step (and the
+    step-0 validation) once, not the killed run's rows followed by the new ones."""
+    import shutil
+
+    out, sd = tmp_path / "run", tiny_models / "sd"
+    args = ("--max-steps", "3", "--validation-every", "0", "--val-rows", "6")
+    assert main(_args(train_store, sd, out, *args)) == 0
+    first = _metrics(out)
+    shutil.rmtree(out / "checkpoints")  # as if killed before any checkpoint was written
+    shutil.rmtree(out / "adapter")
+    assert main(_args(train_store, sd, out, *args)) == 0
+    again = _metrics(out)
+    assert [r["step"] for r in again] == [r["step"] for r in first] == [0, 1, 2, 3, 3]
+    timing = ("_s", "samples_per_s")
+    same = lambda rows: [{k: v for k, v in r.items() if not k.endswith(timing)} for r in rows]  # noqa: E731
+    assert same(again) == same(first)  # the same run, replayed
