@@ -222,9 +222,12 @@ def _stored_capacity(store, path: str, lengths: np.ndarray, cap: int, offsets: n
     need more room than it has are refused."""
     if not store.has_group(path):
         return cap, offsets
+    from surpipe.features import LLMFeatures
+
     g = store.root[path]
-    stored = next((int(g[a].attrs["block_capacity"]) for a in g.attrs.get("arrays", [])
-                   if a.endswith("/tokens") and a in g and g[a].attrs.get("block_capacity")), None)
+    names = [LLMFeatures.tokens(layer) for layer in LLMFeatures.settings_layers(store.group(path).settings) or []]
+    stored = next((int(g[a].attrs["block_capacity"]) for a in names
+                   if a in g and g[a].attrs.get("block_capacity")), None)
     if stored is None or stored == cap:
         return cap, offsets
     if cap > stored:

@@ -315,7 +315,7 @@ class TrainRecipe:
             batch = self._batch_to_tensors(next(it))
             tb = time.perf_counter()
             with self.accelerator.autocast():
-                losses = self.loss(batch, denoise=with_denoise)
+                losses = self.loss(batch) if with_denoise else self.loss(batch, denoise=False)
             tc = time.perf_counter()
             self.accelerator.backward(losses["loss"] / cfg.grad_accum)
             times["data_wait_s"] += tb - ta
