@@ -43,6 +43,13 @@ SD_MODELS = {
     # one home for those configs), random weights; the adapter at the authors' size.
     "sd15": dict(published="sd15", text_width=768, image_size=512,
                  adapter=dict(nhead=8, dim_feedforward=2048, num_layers=2)),
+    # SDXL base 1.0's architecture (cost_model's SDXL_UNET / SDXL_VAE / CLIP_L14_TEXT / OPENCLIP_BIGG_TEXT),
+    # random weights, the adapter 2048 wide. Benched at 512 px (latents 4x64x64), not SDXL's 1024:
+    # a 1024 px step takes too long on a CPU. image_size is that bench resolution.
+    "sdxl": dict(published="sdxl", text_width=2048, image_size=512,
+                 adapter=dict(nhead=8, dim_feedforward=2048, num_layers=2)),
+    # surpipe.tiny.sdxl's tiny SDXL (64 px, embeddings 32 + 32 wide): the sdxl machinery, tested cheaply
+    "tiny-xl": dict(xl=True, text_width=64, image_size=64, adapter=dict(nhead=4, dim_feedforward=64)),
 }
 LLM_SIZE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=8)
@@ -109,6 +116,10 @@ def build_sd(kind: str, out: Path, seed: int = 0) -> Path:
     m = SD_MODELS[kind]
     if m.get("published"):
         return _build_published_sd(m["published"], Path(out), seed)
+    if m.get("xl"):
+        from surpipe.tiny.sdxl import build_tiny_sdxl
+
+        return Path(out) if (Path(out) / "model_index.json").is_file() else build_tiny_sdxl(out, seed)
     common = dict(text_width=m["text_width"], text_layers=m["text_layers"], text_heads=m["text_heads"],
                   layers_per_block=m["layers_per_block"], attention_head_dim=m["attention_head_dim"])
     cv = tiny_sd_configs(channels=m["vae_channels"], image_size=m["image_size"], **common)
@@ -144,7 +155,9 @@ def _build_published_sd(arch: str, out: Path, seed: int) -> Path:
 
     if (out / "model_index.json").is_file():
         return out
-    if arch != "sd15":  # SDXL needs StableDiffusionXLPipeline and a second text encoder: not built here
+    if arch == "sdxl":
+        return _build_published_sdxl(out, seed)
+    if arch != "sd15":
         raise SystemExit(f"bench: no published-architecture builder for {arch!r}")
     a = cost_model.ARCHS[arch]
     tiny = tiny_sd_configs()  # token ids and the SD scheduler; the architecture keys come from ARCHS
@@ -161,6 +174,59 @@ def _build_published_sd(arch: str, out: Path, seed: int) -> Path:
                                    scheduler=DDPMScheduler(**tiny["scheduler"]), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _build_published_sdxl(out: Path, seed: int) -> Path:
+    """An SDXL pipeline folder (``StableDiffusionXLPipeline`` layout) with SDXL base 1.0's architecture
+    (``cost_model.ARCHS["sdxl"]``: UNet 2567.5 M, VAE 83.7 M, CLIP ViT-L/14 text 123.1 M, OpenCLIP bigG
+    text + projection 694.7 M), random weights, the offline CLIP tokenizers of the tiny SDXL.
+
+    Memory: the pipeline is saved first with a tiny placeholder UNet; only then is the 10.3 GB fp32
+    UNet built and saved over it in 2 GB shards, so the peak is one UNet plus one shard, never the
+    UNet and both text encoders together."""
+    import gc
+
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    import cost_model
+    from surpipe.tiny import write_clip_tokenizer
+    from surpipe.tiny.sdxl import tiny_sdxl_configs
+
+    a = cost_model.ARCHS["sdxl"]
+    tiny = tiny_sdxl_configs()  # token ids, tokenizers, SDXL's scheduler; the architecture keys come from ARCHS
+    (_, c1, _), (_, c2, _) = a["text"]
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id", "layer_norm_eps")
+    text = [dict(c, **{k: t[k] for k in keep}) for c, t in ((c1, tiny["text_encoder"]), (c2, tiny["text_encoder_2"]))]
+    part = out.with_name(out.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="surpipe-bench-clip-") as d:
+        tok = write_clip_tokenizer(Path(d) / "1", **tiny["tokenizer"])
+        tok_2 = write_clip_tokenizer(Path(d) / "2", **tiny["tokenizer_2"])
+    torch.manual_seed(seed * 1000 + 1)
+    te = CLIPTextModel(CLIPTextConfig(**text[0])).eval()
+    torch.manual_seed(seed * 1000 + 4)
+    te_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text[1])).eval()
+    torch.manual_seed(seed * 1000 + 2)
+    vae = AutoencoderKL(**a["vae"]).eval()
+    placeholder = UNet2DConditionModel(**tiny["unet"])  # the tiny SDXL's, replaced below
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te_2, tokenizer=tok, tokenizer_2=tok_2,
+                                     unet=placeholder, scheduler=EulerDiscreteScheduler(**tiny["scheduler"]),
+                                     force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(part, safe_serialization=True)
+    shutil.rmtree(part / "unet")
+    del pipe, te, te_2, vae, placeholder
+    gc.collect()
+    torch.manual_seed(seed * 1000 + 3)
+    unet = UNet2DConditionModel(**a["unet"]).eval()
+    unet.save_pretrained(part / "unet", safe_serialization=True, max_shard_size="2GB")
+    del unet
+    gc.collect()
+    shutil.rmtree(out, ignore_errors=True)
+    part.rename(out)
     return out
 
 
@@ -184,10 +250,16 @@ class Activations:
     llm: np.ndarray  # pooled raw residual stream of one middle decoder layer
     resolution: int
     scaling_factor: float
+    # SDXL only: the pooled embeddings [n, P] and the micro-conditioning (height, width), (top, left) [n, 2]
+    pooled_simple: np.ndarray | None = None
+    pooled_complex: np.ndarray | None = None
+    original_size: np.ndarray | None = None
+    crop_top_left: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("llm", "clip_simple", "clip_complex", "lat_mean", "lat_std",
-                                              "flip_mean", "flip_std")}
+        names = ("llm", "clip_simple", "clip_complex", "lat_mean", "lat_std", "flip_mean", "flip_std",
+                 "pooled_simple", "pooled_complex", "original_size", "crop_top_left")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
 def llm_pooled(prompts, layer: int = 3, seed: int = 0, size: dict | None = None) -> np.ndarray:
@@ -213,30 +285,44 @@ def llm_pooled(prompts, layer: int = 3, seed: int = 0, size: dict | None = None)
     return np.stack(out)
 
 
-def real_activations(model_dir: Path, rows: int | None = None, batch: int = 8) -> Activations:
+def real_activations(model_dir: Path, rows: int | None = None, batch: int = 8,
+                     resolution: int | None = None) -> Activations:
     """CLIP last hidden states of the simple and complex prompts, VAE latent mean/std of the
-    center-cropped images and their flips (surpipe.sd, the encode-latents code path), LLM pooled."""
+    center-cropped images and their flips (surpipe.sd, the encode-latents code path), LLM pooled.
+    An SDXL folder: both encoders' embeddings and the pooled embedding (surpipe.sdxl) and the
+    micro-conditioning. ``resolution``: None for the pipeline's default."""
     import torch
 
-    from surpipe import sd
+    from surpipe import sd, sdxl
 
     samples = sample_rows(rows)
-    te = sd.load_text_encoder(str(model_dir))
+    xl = sd.check_pipeline_class(str(model_dir), None, accept=("sd", "sdxl")) == "sdxl"
+    te = sdxl.load_text_encoders_xl(str(model_dir)) if xl else sd.load_text_encoder(str(model_dir))
     vae = sd.load_vae_encoder(str(model_dir))
-    res = sd.default_resolution(str(model_dir), None, vae)
-    cs, cc, mm, ss, fm, fs = [], [], [], [], [], []
+    res = resolution or sd.default_resolution(str(model_dir), None, vae)
+    cs, cc, mm, ss, fm, fs, ps, pc = [], [], [], [], [], [], [], []
     for i in range(0, len(samples), batch):
         part = samples[i:i + batch]
-        cs.append(sd.encode_prompts(te, [s.simple for s in part]).numpy())
-        cc.append(sd.encode_prompts(te, [s.complex for s in part]).numpy())
+        if xl:
+            for emb, pool, which in ((cs, ps, "simple"), (cc, pc, "complex")):
+                e, p = sdxl.encode_prompts_xl(te, [getattr(s, which) for s in part])
+                emb.append(e.numpy()); pool.append(p.numpy())
+        else:
+            cs.append(sd.encode_prompts(te, [s.simple for s in part]).numpy())
+            cc.append(sd.encode_prompts(te, [s.complex for s in part]).numpy())
         x = torch.stack([sd.preprocess(s.image(), res) for s in part])
         m, s_ = sd.encode_latent_dist(vae, x)
         mm.append(m.numpy()); ss.append(s_.numpy())
         m, s_ = sd.encode_latent_dist(vae, torch.flip(x, dims=[-1]))
         fm.append(m.numpy()); fs.append(s_.numpy())
     llm = llm_pooled([s.simple for s in samples])
+    extra = {}
+    if xl:
+        orig, crop = sdxl.micro_conditioning_rows([s.image().size for s in samples], res)
+        extra = dict(pooled_simple=np.concatenate(ps), pooled_complex=np.concatenate(pc), original_size=orig,
+                     crop_top_left=crop)
     return Activations(np.concatenate(cs), np.concatenate(cc), np.concatenate(mm), np.concatenate(ss),
-                       np.concatenate(fm), np.concatenate(fs), llm, res, vae.scaling_factor)
+                       np.concatenate(fm), np.concatenate(fs), llm, res, vae.scaling_factor, **extra)
 
 
 def synthetic_dataset(n: int, base=None):
@@ -258,20 +344,38 @@ def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, c
     width = act.clip_simple.shape[-1]
     llm = st.require_group("llm", "bench", {"layers": [llm_layer]},
                            {f"layer_{llm_layer}/pooled": ArraySpec((act.llm.shape[1],), dtype, codec)})
-    clip = st.require_group("clip", "bench", {"m": 1}, {
-        "simple": ArraySpec((77, width), dtype, codec), "complex": ArraySpec((77, width), dtype, codec),
-        "simple_len": ArraySpec((), "int32", codec), "complex_len": ArraySpec((), "int32", codec)})
-    vae = st.require_group("vae", f"bench-{act.resolution}", {"resolution": act.resolution,
-                                                              "scaling_factor": act.scaling_factor},
-                           {k: ArraySpec(lat, dtype, codec) for k in ("mean", "std", "flip_mean", "flip_std")})
+    xl = act.pooled_simple is not None
+    if xl:  # SDXL: the groups encode-latents writes (pooled embeddings, micro-conditioning)
+        from surpipe.features import ClipXLFeatures, VaeFeatures
+
+        cs = ClipXLFeatures.settings(max_length=77, hidden_size=width, pooled_size=act.pooled_simple.shape[-1],
+                                     store_dtype=dtype)
+        clip = st.require_group("clip", "bench", cs, ClipXLFeatures.arrays(cs, codec))
+        vs = VaeFeatures.settings(resolution=act.resolution, flip=True, scaling_factor=act.scaling_factor,
+                                  shift_factor=None, latent_channels=lat[0], downsample_factor=act.resolution // lat[-1],
+                                  store_dtype=dtype, micro_conditioning=True)
+        vae = st.require_group("vae", f"bench-{act.resolution}", vs, VaeFeatures.arrays(vs, codec))
+    else:
+        clip = st.require_group("clip", "bench", {"m": 1}, {
+            "simple": ArraySpec((77, width), dtype, codec), "complex": ArraySpec((77, width), dtype, codec),
+            "simple_len": ArraySpec((), "int32", codec), "complex_len": ArraySpec((), "int32", codec)})
+        vae = st.require_group("vae", f"bench-{act.resolution}", {"resolution": act.resolution,
+                                                                  "scaling_factor": act.scaling_factor},
+                               {k: ArraySpec(lat, dtype, codec) for k in ("mean", "std", "flip_mean", "flip_std")})
     for b in range(st.num_blocks):
         s, e = st.block_range(b)
         idx = np.arange(s, e) % n
         llm.write_block(b, {f"layer_{llm_layer}/pooled": act.llm[idx]})
-        clip.write_block(b, {"simple": act.clip_simple[idx], "complex": act.clip_complex[idx],
-                             "simple_len": np.full(e - s, 9), "complex_len": np.full(e - s, 60)})
-        vae.write_block(b, {"mean": act.lat_mean[idx], "std": act.lat_std[idx],
-                            "flip_mean": act.flip_mean[idx], "flip_std": act.flip_std[idx]})
+        cb = {"simple": act.clip_simple[idx], "complex": act.clip_complex[idx],
+              "simple_len": np.full(e - s, 9), "complex_len": np.full(e - s, 60)}
+        vb = {"mean": act.lat_mean[idx], "std": act.lat_std[idx],
+              "flip_mean": act.flip_mean[idx], "flip_std": act.flip_std[idx]}
+        if xl:
+            cb.update(simple_pooled=act.pooled_simple[idx], complex_pooled=act.pooled_complex[idx],
+                      simple_len_2=np.full(e - s, 9), complex_len_2=np.full(e - s, 60))
+            vb.update(original_size=act.original_size[idx], crop_top_left=act.crop_top_left[idx])
+        clip.write_block(b, cb)
+        vae.write_block(b, vb)
     return Path(path)
 
 
@@ -286,16 +390,32 @@ def cached_model_and_activations(kind: str, cache: Path, rows: int | None) -> tu
     cache = Path(cache)
     mdir = build_sd(kind, cache / f"sd-{kind}")
     npz = cache / f"act-{kind}-{rows or 'all'}.npz"
+    # SDXL is benched below its training resolution (SD_MODELS["sdxl"]["image_size"]); SD at its default
+    res = SD_MODELS[kind]["image_size"] if SD_MODELS[kind].get("published") == "sdxl" else None
     if npz.is_file():
         z = np.load(npz)
         return mdir, Activations(**{k: z[k] for k in z.files if k not in ("resolution", "scaling_factor")},
                                  resolution=int(z["resolution"]), scaling_factor=float(z["scaling_factor"]))
-    act = real_activations(mdir, rows)
+    act = real_activations(mdir, rows, resolution=res)
+    _release_freed_memory()  # the encoders are gone: give their heap back before the step workers start
     from surpipe.config import atomic_path
 
     with atomic_path(npz) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
         np.savez(f, **act.arrays(), resolution=act.resolution, scaling_factor=act.scaling_factor)
     return mdir, act
+
+
+def _release_freed_memory() -> None:
+    """Collect and hand freed heap back to the OS (glibc keeps it otherwise: after SDXL's encoders the
+    bench's parent process held 5.4 GB it no longer used, beside 10+ GB step workers)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def dir_bytes(p: Path) -> int:

@@ -178,13 +178,14 @@ def gpu_memory(unet: int, encoders: dict, trainable: int, frozen_fp32: int, acti
             "weights_only_online_GB": gb(store - activations_bytes + enc)}
 
 
-def sd_costs(batch: int = 1, arch: str = "sd15") -> dict:
-    """FLOPs, parameters and memory of one training step of ``ARCHS[arch]`` at its resolution."""
+def sd_costs(batch: int = 1, arch: str = "sd15", px: int | None = None) -> dict:
+    """FLOPs, parameters and memory of one training step of ``ARCHS[arch]`` at its training
+    resolution, or at ``px`` pixels (a multiple of 64) when given."""
     import torch
 
     a = ARCHS[arch]
     unet, vae, tes, adapter = build_meta(arch)
-    B, px = batch, a["px"]
+    B, px = batch, (px or a["px"])
     lat = px // 8  # the VAE downsamples 8x (3 down blocks)
     D = a["unet"]["cross_attention_dim"]
     meta = torch.device("meta")

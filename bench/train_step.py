@@ -1,6 +1,6 @@
 """Stage-two step time from the feature store against the authors' online way, in one run.
 
-    python bench/train_step.py [--quick] --out FILE.json [--models tiny,mid,sd15] [--cache DIR]
+    python bench/train_step.py [--quick] --out FILE.json [--models tiny,mid,sd15,sdxl] [--cache DIR]
 
 Both paths use the SAME TrainRecipe (same adapter, frozen UNet, projection, optimizer and
 ``TrainRecipe.loss``), the same batch size and the same optimizer step (backward, grad-norm clip,
@@ -23,6 +23,13 @@ that path's own; the parent alternates one store step and one online step per ro
 whole-step and by-parts ratios (``derive``), the step split into loss forward / backward / AdamW,
 the peak RSS of both processes and the batch the store path's saving buys, beside
 bench/cost_model.py's FLOP predictions. No train-loop measurement (too slow on a CPU).
+
+``--models sdxl``: the same for SDXL base 1.0's architecture (UNet 2.57 B, VAE, CLIP ViT-L text +
+OpenCLIP bigG text with projection; adapter 2048 wide), at 512 px (latents 4x64x64; 1024 px is too
+slow on a CPU), batch 1, fp32: the store path trains with the stored pooled embeddings and the time
+ids built from the stored micro-conditioning, the online path runs the VAE and both text encoders
+on both prompts and builds the same conditioning. Where both processes' models do not fit in memory
+together, the paths run one after the other (``_schedule``, said in the JSON's ``paths_run``).
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ QUICK = dict(models=("tiny",), rows={"tiny": 64, "mid": 8}, batch={"tiny": 4, "m
              rounds=3, per_round=2, train_steps=6, store_rows=256, train_workers=(0, 2),
              # --models sd15 (published architecture, one process per path): 512 px, batch 1; rounds
              # stop early when the next would pass budget_s (whole sd15 run, build included)
-             arch=dict(rows=2, batch=1, rounds=3, store_rows=64, budget_s=540))
+             arch=dict(rows=2, batch=1, rounds=3, store_rows=64, budget_s=540,
+                       # sdxl: 2.6 B UNet, paths one after the other (bench_arch), whole run in 12 min
+                       budget_s_by_model={"sdxl": 660}))
 FULL = dict(models=("tiny", "mid"), rows={"tiny": None, "mid": None}, batch={"tiny": 8, "mid": 4},
             rounds=6, per_round=3, train_steps=30, store_rows=2048, train_workers=(0, 1, 2),
-            arch=dict(rows=8, batch=1, rounds=6, store_rows=256, budget_s=3600))
+            arch=dict(rows=8, batch=1, rounds=6, store_rows=256, budget_s=3600, budget_s_by_model={"sdxl": 5400}))
 
 
 def _cfg(store, mdir, out, kind, batch, workers, max_steps):
@@ -94,17 +103,24 @@ def store_stepper(recipe, store: Path, batch: int):
     return step, parts
 
 
-def online_stepper(recipe, mdir: Path, llm: np.ndarray, batch: int):
+def online_stepper(recipe, mdir: Path, llm: np.ndarray, batch: int, resolution: int | None = None):
     """The authors' online step (decode + resize/crop/flip, VAE encode -> latent sample, CLIP on the
     simple and the complex prompt, LLM features from memory, then the same loss/backward/AdamW as
-    the store path), its parts' seconds, and the loaded (text encoder, VAE encoder)."""
+    the store path), its parts' seconds, and the loaded (text encoder, VAE encoder).
+
+    SDXL (a StableDiffusionXLPipeline folder): both text encoders on both prompts (``clip_2x``: the
+    embeddings and the pooled embeddings), and the micro-conditioning of each decoded image turned
+    into time ids as training does (``sdxl_conditioning``, after the flip). ``resolution``: None for
+    the pipeline's default."""
     import torch
 
-    from surpipe import sd
+    from surpipe import sd, sdxl
+    from surpipe.train_setup import sdxl_conditioning
 
-    te = sd.load_text_encoder(str(mdir))
+    xl = sd.check_pipeline_class(str(mdir), None, accept=("sd", "sdxl")) == "sdxl"
+    te = sdxl.load_text_encoders_xl(str(mdir)) if xl else sd.load_text_encoder(str(mdir))
     vae = sd.load_vae_encoder(str(mdir))
-    res = sd.default_resolution(str(mdir), None, vae)
+    res = resolution or sd.default_resolution(str(mdir), None, vae)
     samples = C.sample_rows()
     llm_cache = {s.simple: llm[i % len(llm)] for i, s in enumerate(samples)}
     gen = torch.Generator().manual_seed(0)
@@ -116,18 +132,26 @@ def online_stepper(recipe, mdir: Path, llm: np.ndarray, batch: int):
         pos["i"] += batch
         part = [samples[i] for i in idx]
         t0 = time.perf_counter()
-        x = torch.stack([sd.preprocess(s.image(), res) for s in part])
+        images = [s.image() for s in part]
+        x = torch.stack([sd.preprocess(im, res) for im in images])
         flip = torch.rand(batch, generator=gen) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), torch.flip(x, dims=[-1]), x)
+        micro = sdxl.micro_conditioning_rows([im.size for im in images], res) if xl else None
         t1 = time.perf_counter()
         mean, std = (t.clone() for t in sd.encode_latent_dist(vae, x))  # out of inference mode
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * vae.scaling_factor
         t2 = time.perf_counter()
-        cs = sd.encode_prompts(te, [s.simple for s in part]).clone()
-        cc = sd.encode_prompts(te, [s.complex for s in part]).clone()
+        if xl:
+            (cs, ps), (cc, pc) = (sdxl.encode_prompts_xl(te, [getattr(s, w) for s in part]) for w in ("simple", "complex"))
+            cond = sdxl_conditioning({"original_size": micro[0], "crop_top_left": micro[1], "pooled_simple": ps.numpy(),
+                                      "pooled_complex": pc.numpy()}, flip, res)
+        else:
+            cs, cc = (sd.encode_prompts(te, [getattr(s, w) for s in part]) for w in ("simple", "complex"))
+            cond = {}
+        cs, cc = cs.clone(), cc.clone()
         t3 = time.perf_counter()
         b = {"latents": latents, "clip_simple": cs, "clip_complex": cc,
-             "llm": torch.from_numpy(np.stack([llm_cache[s.simple] for s in part])).float()}
+             "llm": torch.from_numpy(np.stack([llm_cache[s.simple] for s in part])).float(), **cond}
         f, bw, o = _optimise(recipe, b)
         for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, f, bw, o, f + bw + o)):
             parts[k].append(v)
@@ -232,9 +256,11 @@ def worker(spec: dict) -> int:
     if spec["path"] == "store":
         step, parts = store_stepper(recipe, Path(spec["store"]), spec["batch"])
     else:
-        step, parts, (te, vae) = online_stepper(recipe, Path(spec["model"]), np.load(spec["llm"]), spec["batch"])
-        info["params_M"].update(vae_encoder=sum(p.numel() for p in vae.model.parameters()) / 1e6,
-                                text_encoder=sum(p.numel() for p in te.model.parameters()) / 1e6)
+        step, parts, (te, vae) = online_stepper(recipe, Path(spec["model"]), np.load(spec["llm"]), spec["batch"],
+                                                spec.get("resolution"))
+        info["params_M"].update(vae_encoder=sum(p.numel() for p in vae.model.parameters()) / 1e6)
+        for i, m in enumerate(getattr(te, "models", None) or (te.model,)):  # SDXL: both text encoders
+            info["params_M"]["text_encoder" + (f"_{i + 1}" if i else "")] = sum(p.numel() for p in m.parameters()) / 1e6
     info.update(rss_after_import_MB=rss0, rss_after_setup_MB=_rss_now_mb(), peak_rss_setup_MB=_peak_rss_mb(),
                 torch_threads=torch.get_num_threads())
     reply({"ready": True})
@@ -270,35 +296,78 @@ class _Worker:
         raise SystemExit(f"bench: the {self.p.args[-1]} worker ended (exit code {self.p.wait()})")
 
 
+def _mem_available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def _schedule(mdir: Path) -> tuple[bool, str]:
+    """Whether the two worker processes can hold their models at once (alternating steps) or must
+    run one after the other, and why: each holds the fp32 UNet, and a step's peak measured at SD 1.5
+    was 1.7x its UNet's weights (bench/results/train_step_sd15.json); the online one also the
+    encoders. Both together must fit in the memory available now."""
+    mb = lambda pattern: sum(f.stat().st_size for f in Path(mdir).glob(pattern)) / 2 ** 20  # noqa: E731
+    unet, enc = mb("unet/*.safetensors"), mb("text_encoder*/*.safetensors") + mb("vae/*.safetensors")
+    need, have = 2 * 1.7 * unet + enc, _mem_available_mb()
+    why = (f"both processes need about {need / 1024:.1f} GB (2 x 1.7 x the {unet / 1024:.1f} GB fp32 UNet + "
+           f"{enc / 1024:.1f} GB encoders), {have / 1024:.1f} GB available")
+    return need < 0.9 * have, why
+
+
 def bench_arch(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int, store_rows: int,
                budget_s: float) -> dict:
     """Store path against the online path, each in its own worker process (their peak RSS do not
     mix), steps alternating (one store step, one online step per round) while the time budget
-    allows another round (at least one). For the published architectures (sd15)."""
+    allows another round (at least one). For the published architectures (sd15, sdxl).
+
+    When both processes' models do not fit in memory at once (``_schedule``: SDXL's 10.3 GB fp32
+    UNet on a 24 GB machine), the paths run one after the other instead: the store process's
+    warm-up and steps, then it ends, then the online process's; the store path gets 40% of the
+    time left (its step is the shorter) and each path at least one timed step."""
     t_model = time.perf_counter()
     mdir, act = C.cached_model_and_activations(kind, cache, rows)
     store = C.write_store(tmp / f"{kind}-train.zarr", act, rows=store_rows, block_rows=64)
     np.save(tmp / "llm.npy", act.llm)
     t_built = time.perf_counter() - t_model
-    base = dict(kind=kind, store=str(store), model=str(mdir), batch=batch, llm=str(tmp / "llm.npy"))
-    ws = {}
-    for path in ("store", "online"):  # one after the other: their setups do not compete for the cores
-        ws[path] = _Worker(dict(base, path=path, out=str(tmp / f"{kind}-{path}")), tmp)
-        ws[path].ask(None)
+    base = dict(kind=kind, store=str(store), model=str(mdir), batch=batch, llm=str(tmp / "llm.npy"),
+                resolution=act.resolution)
+    together, why = _schedule(mdir)
     steps = {"store": [], "online": []}
-    t_round = 0.0
-    for r in range(rounds + 1):  # round 0: warm-up, not counted
-        if r > 1 and time.perf_counter() - t_model + t_round > budget_s:
-            break
-        t0 = time.perf_counter()
-        for path in ("store", "online"):
-            got = ws[path].ask("step")
-            if r:
-                steps[path].append(got)
-        t_round = time.perf_counter() - t0
-    mem = {path: w.ask("stop") for path, w in ws.items()}
-    for w in ws.values():
-        w.p.wait()
+    mem = {}
+    if together:
+        ws = {}
+        for path in ("store", "online"):  # one after the other: their setups do not compete for the cores
+            ws[path] = _Worker(dict(base, path=path, out=str(tmp / f"{kind}-{path}")), tmp)
+            ws[path].ask(None)
+        t_round = 0.0
+        for r in range(rounds + 1):  # round 0: warm-up, not counted
+            if r > 1 and time.perf_counter() - t_model + t_round > budget_s:
+                break
+            t0 = time.perf_counter()
+            for path in ("store", "online"):
+                got = ws[path].ask("step")
+                if r:
+                    steps[path].append(got)
+            t_round = time.perf_counter() - t0
+        mem = {path: w.ask("stop") for path, w in ws.items()}
+        for w in ws.values():
+            w.p.wait()
+    else:
+        for path, share in (("store", 0.4), ("online", 1.0)):
+            deadline = time.perf_counter() + share * (budget_s - (time.perf_counter() - t_model))
+            w = _Worker(dict(base, path=path, out=str(tmp / f"{kind}-{path}")), tmp)
+            w.ask(None)
+            t_step = 0.0
+            for r in range(rounds + 1):  # step 0: warm-up, not counted
+                if r > 1 and time.perf_counter() + t_step > deadline:
+                    break
+                t0 = time.perf_counter()
+                got = w.ask("step")
+                t_step = time.perf_counter() - t0
+                if r:
+                    steps[path].append(got)
+            mem[path] = w.ask("stop")
+            w.p.wait()
 
     def med(path, key):
         return round(C.median([s["parts"][key] for s in steps[path]]), 4)
@@ -309,7 +378,9 @@ def bench_arch(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int,
     ob = {k: med("online", k) for k in steps["online"][0]["parts"]}
     out = {
         "model": C.SD_MODELS[kind], "resolution": act.resolution, "latent_shape": list(act.lat_mean.shape[1:]),
-        "batch": batch, "params_M": {**mem["online"]["params_M"], **mem["store"]["params_M"]},
+        "batch": batch, "dtype": "float32", "params_M": {**mem["online"]["params_M"], **mem["store"]["params_M"]},
+        "paths_run": ("alternating steps, both processes alive" if together else
+                      "one after the other (store process, then online process)") + f": {why}",
         "steps_timed_each": len(ts), "setup_build_s": round(t_built, 1),
         "store_step_s_median": round(s_med, 4), "online_step_s_median": round(o_med, 4),
         "store_samples_per_s": round(batch / s_med, 3), "online_samples_per_s": round(batch / o_med, 3),
@@ -322,7 +393,11 @@ def bench_arch(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int,
     derive(out)
     cm = C.SD_MODELS[kind].get("published")
     if cm:
-        out["cost_model"] = _predicted(cm, batch)
+        out["cost_model"] = _predicted(cm, batch, act.resolution)
+    if cm == "sdxl":
+        out["resolution_note"] = (f"{act.resolution} px (latents {out['latent_shape']}), not SDXL's training 1024 px: a "
+                                  "1024 px step is too slow on a 2-core CPU; the cost model is evaluated at the same "
+                                  f"{act.resolution} px")
     out["seconds"] = round(time.perf_counter() - t_model, 1)
     return out
 
@@ -358,14 +433,14 @@ def derive(m: dict) -> dict:
     return m
 
 
-def _predicted(arch: str, batch: int) -> dict:
-    """What bench/cost_model.py predicts for the same step (FLOPs on meta; no weights)."""
+def _predicted(arch: str, batch: int, px: int | None = None) -> dict:
+    """What bench/cost_model.py predicts for the same step at ``px`` (FLOPs on meta; no weights)."""
     import cost_model
 
-    c = cost_model.sd_costs(batch, arch)
+    c = cost_model.sd_costs(batch, arch, px=px)
     f = c["flops"]
     fb = f["unet_forward_backward"] - f["unet_forward"]
-    return {"online_over_store_flops": c["step_flops"]["online_over_store"],
+    return {"resolution_px": c["resolution_px"], "online_over_store_flops": c["step_flops"]["online_over_store"],
             "unet_backward_over_forward_flops": round(fb / f["unet_forward"], 3),
             "flops_TFLOP": {k: round(v / 1e12, 4) for k, v in f.items()},
             "step_TFLOP": {k: round(v / 1e12, 4) for k, v in c["step_flops"].items() if k != "online_over_store"}}
@@ -377,8 +452,8 @@ def run(quick: bool = True, models=None, cache: Path | None = None, **over) -> d
         for kind in models:
             if C.SD_MODELS[kind].get("published"):
                 a = p["arch"]
-                res["models"][kind] = bench_arch(kind, tmp, cache, a["rows"], a["batch"], a["rounds"],
-                                                 a["store_rows"], a["budget_s"])
+                res["models"][kind] = bench_arch(kind, tmp, cache, a["rows"], a["batch"], a["rounds"], a["store_rows"],
+                                                 a.get("budget_s_by_model", {}).get(kind, a["budget_s"]))
                 continue
             res["models"][kind] = bench_model(kind, tmp, cache, p["rows"].get(kind), p["batch"][kind], p["rounds"],
                                               p["per_round"], p["train_steps"], p["store_rows"], p["train_workers"])

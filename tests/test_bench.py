@@ -122,3 +122,46 @@ def test_train_step_arch_tiny(cache):
     assert abs(sb["loss_forward"] + sb["backward"] + sb["optimizer"] - sb["loss_backward_opt"]) < 1e-3
     assert "cost_model" not in m  # the tiny model's FLOPs are not modelled
     assert train_step.summary({"models": {"tiny": m}})
+
+
+def test_train_step_arch_sdxl_tiny_one_after_the_other(cache, monkeypatch):
+    """--models sdxl's machinery on the tiny SDXL: the SDXL store (pooled embeddings, micro-conditioning),
+    the online path with both text encoders, and the paths run one after the other when both
+    processes would not fit in memory."""
+    import numpy as np
+
+    import _common as C
+    import train_step
+
+    tmp = cache / "arch-xl"
+    tmp.mkdir(exist_ok=True)
+    monkeypatch.setattr(train_step, "_schedule", lambda mdir: (False, "forced by the test"))
+    m = train_step.bench_arch("tiny-xl", tmp, cache, 4, 1, 2, 16, 1.0)
+    assert m["paths_run"].startswith("one after the other") and "forced by the test" in m["paths_run"]
+    assert m["steps_timed_each"] == 1  # the budget is spent: never zero steps
+    p = m["memory_MB"]["online"]["params_M"]
+    assert {"vae_encoder", "text_encoder", "text_encoder_2"} <= set(p)  # both SDXL text encoders online
+    assert "text_encoder" not in m["memory_MB"]["store"]["params_M"]
+    # the store holds what encode-latents writes for SDXL: the stored pooled embeddings are those of
+    # surpipe.sdxl.encode_prompts_xl on the sample's prompts (independent recomputation)
+    from surpipe import sdxl
+
+    _, act = C.cached_model_and_activations("tiny-xl", cache, 4)
+    te = sdxl.load_text_encoders_xl(str(cache / "sd-tiny-xl"))
+    emb, pooled = sdxl.encode_prompts_xl(te, [s.simple for s in C.sample_rows(4)])
+    np.testing.assert_allclose(act.pooled_simple, pooled.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(act.clip_simple, emb.numpy(), rtol=1e-5, atol=1e-6)
+    assert act.original_size.shape == act.crop_top_left.shape == (4, 2)
+    assert train_step.summary({"models": {"tiny-xl": m}})
+
+
+def test_cost_model_px_keeps_defaults():
+    """sd_costs(px=...) evaluates another resolution; without it the outputs are the default ones."""
+    import cost_model
+
+    base = cost_model.sd_costs(1, "sd15")
+    assert base == cost_model.sd_costs(1, "sd15", px=None) and base["resolution_px"] == 512
+    half = cost_model.sd_costs(1, "sd15", px=256)
+    assert half["resolution_px"] == 256 and half["latent_shape"] == [4, 32, 32]
+    assert "vae_encode_256px" in half["flops"]
+    assert half["flops"]["unet_forward"] < base["flops"]["unet_forward"] / 3  # ~1/4 of the pixels
