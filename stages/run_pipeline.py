@@ -209,4 +209,4 @@ def _held_out_line(run_dir: Path) -> Optional[str]:
         split = json.loads((run_dir / "config.json").read_text())["_surpipe"]["run"]["split"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return validation_summary(rows[-1], split.get("count", "?")) if rows else None
+    return validation_summary(rows[-1], split.get("count", "?"), rows[0]) if rows else None

@@ -63,6 +63,7 @@ class TrainRecipe:
         self.inputs: Optional[TrainingInputs] = None
         self.vset = None  # the held-out ValidationSet (setup), None without a split
         self.last_val: dict = {}  # the latest held-out metrics, with their step
+        self.first_val: Optional[dict] = None  # the step-0 (untrained) held-out metrics of a fresh run
         self.main, self.rank, self.world = True, 0, 1  # set by setup() from accelerate
 
     def __getattr__(self, name: str):
@@ -215,7 +216,7 @@ class TrainRecipe:
         if start_step:
             logger.log_text(f"resumed from step {start_step}")
         elif self.vset is not None:  # the untrained adapter: what the held-out numbers start from
-            self.last_val = {"step": 0, **self.evaluate_held_out()}
+            self.last_val = self.first_val = {"step": 0, **self.evaluate_held_out()}
             logger.log_validation(self.last_val)
         t_run = time.perf_counter()
         try:
@@ -237,7 +238,7 @@ class TrainRecipe:
         print(f"trained {n} steps in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.2f} steps/s); last loss "
               f"{last.get('loss', float('nan')):.5f}; adapter: {self.out / 'adapter'}")
         if self.last_val:
-            print(train_log.validation_summary(self.last_val, len(self.vset)))
+            print(train_log.validation_summary(self.last_val, len(self.vset), self.first_val))
         if cfg.keep_best and (self.out / "best").is_dir():
             from surpipe.checkpoint import best_score
 

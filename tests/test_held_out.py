@@ -55,6 +55,8 @@ def test_prompt_alignment_learns_on_held_out_rows(sample_run):
     n = json.loads((run / "config.json").read_text())["_surpipe"]["run"]["split"]["count"]
     assert 8 <= n <= 24  # about a quarter of the 64 rows
     assert f"held-out ({n} rows, step {STEPS})" in printed and "gain" in printed
+    # the summary also compares with the untrained adapter (step 0): the part of the gain that is learned
+    assert f"{first['val/prompt']:.5f} untrained" in printed and "learned)" in printed
 
 
 def test_keep_best_keeps_the_lowest_evaluated_score(sample_run):
