@@ -91,6 +91,8 @@ def _validate(cfg: EvalConfig) -> list[str]:
         p.append("nothing to do: --no-clip-score without --store; give --store S for the held-out report")
     if cfg.clip_score and not cfg.out:
         p.append("out: give --out DIR for the CLIP-score results (or --no-clip-score with --store)")
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():  # before any work
+        p.append(f"--out {cfg.out} is a file, not a folder: give a folder for the results")
     return p + size_problems(cfg.size)
 
 
@@ -183,16 +185,12 @@ def _held_out(cfg: EvalConfig) -> dict:
     from surpipe.held_out import evaluate_store
 
     t0 = time.perf_counter()
-    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():  # before minutes of work
-        raise SurpipeError(f"--out {cfg.out} is a file, not a folder: give a folder for the results")
     held = evaluate_store(cfg.store, cfg.adapter, model=cfg.model, revision=cfg.revision, device=cfg.device,
                           batch_size=cfg.batch_size, adapter_weight=cfg.adapter_weight)
     text = _held_out_markdown(held)
     print(text, end="")
     if cfg.out:
         out = Path(cfg.out)
-        if out.exists() and not out.is_dir():
-            raise SurpipeError(f"--out {out} is a file, not a folder: give a folder for the results")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "held_out.md", text)
         atomic_write_text(out / "held_out.json", json.dumps(held, indent=2) + "\n")

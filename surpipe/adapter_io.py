@@ -60,6 +60,11 @@ def split_template_layer(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     return {k: v for k, v in state_dict.items() if k not in extra}, sorted(extra)
 
 
+def has_run_parts(folder: Path) -> bool:
+    """Whether ``folder`` holds what a training run writes (adapter/, checkpoints/, metrics.jsonl)."""
+    return (folder / "adapter").exists() or (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()
+
+
 def resolve_adapter_dir(path: Union[str, os.PathLike], **hub_kwargs) -> Path:
     """A training run folder (its ``adapter/`` subfolder), an adapter folder or a hub id
     ``owner/name`` (its cached snapshot, downloaded when needed) -> the adapter folder.
@@ -85,8 +90,7 @@ def resolve_adapter_dir(path: Union[str, os.PathLike], **hub_kwargs) -> Path:
         return p / "adapter"
     if (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
         return p  # an adapter folder (from_pretrained names what it lacks)
-    is_run = (p / "adapter").exists() or (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file()
-    hint = " (a training run without a finished adapter/: run or resume `surpipe train`)" if is_run else ""
+    hint = " (a training run without a finished adapter/: run or resume `surpipe train`)" if has_run_parts(p) else ""
     raise SurpipeError(f"{p} is neither a training run folder (with adapter/) nor an adapter folder "
                        f"(with {CONFIG_NAME} and {WEIGHTS_NAME}){hint}")
 

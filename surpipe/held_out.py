@@ -17,14 +17,10 @@ from typing import Optional
 
 import numpy as np
 
+from surpipe.adapter_io import has_run_parts
 from surpipe.errors import SurpipeError
 
 CHUNK_ROWS = 512  # rows evaluated at once: a whole store never sits in memory
-
-
-def _looks_like_run(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(
-        (folder / n).exists() for n in ("checkpoints", "metrics.jsonl", "adapter"))
 
 
 def run_folder(adapter_dir: Path) -> Optional[Path]:
@@ -34,7 +30,7 @@ def run_folder(adapter_dir: Path) -> Optional[Path]:
     if not p.exists():  # a hub id: no run beside it (and never the working directory by accident)
         return None
     for folder in (p, *list(p.parents)[:3]):
-        if _looks_like_run(folder) and not (folder / "model.safetensors").is_file():
+        if (folder / "config.json").is_file() and has_run_parts(folder) and not (folder / "model.safetensors").is_file():
             return folder
     return None
 
