@@ -103,7 +103,7 @@ class TrainRecipe:
         from surpipe.config import save
         from surpipe.numerics import param_names
         from surpipe.run_folder import run_identity
-        from surpipe.train_setup import build_trainables, load_unet
+        from surpipe.train_setup import build_trainables, load_unet, unet_for_loss
 
         inputs = inputs or self.inputs or self.check()
         self.inputs = inputs
@@ -113,6 +113,7 @@ class TrainRecipe:
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # data flips, noise, timesteps
         self.unet = load_unet(cfg, self.runtime)
+        self.loss_unet = unet_for_loss(self.unet, cfg)
         self.noise_scheduler = DDPMScheduler.from_config(inputs.sched_config)
         self.adapter, self.projection, self.optimizer, self.lr_scheduler = build_trainables(cfg, inputs, self.runtime)
         self.param_names = param_names(adapter=self._unwrapped("adapter"), projection=self._unwrapped("projection"))
@@ -178,7 +179,7 @@ class TrainRecipe:
         (``denoise=False``: the UNet term skipped, see surpipe.losses.composed_loss)."""
         from surpipe.losses import composed_loss
 
-        return composed_loss(b, adapter=self.adapter, projection=self.projection, unet=self.unet,
+        return composed_loss(b, adapter=self.adapter, projection=self.projection, unet=self.loss_unet,
                              scheduler=self.noise_scheduler, generator=self.gen, cfg=self.cfg,
                              prediction_type=self.inputs.prediction_type, weight_dtype=self.weight_dtype,
                              denoise=denoise)

@@ -56,6 +56,9 @@ class TrainConfig:
         "auto", help="UNet/autocast precision; auto: fp16 on CUDA (as the authors), fp32 on CPU.", group="running")
     gradient_checkpointing: bool = opt(False, help="Recompute UNet activations in backward: less memory, "
                                                    "slower steps.", group="running")
+    compile_unet: bool = opt(False, help="torch.compile the frozen UNet for the training loss (H200, SD 1.5, bf16, "
+                                         "batch 8: forward+backward 1.54x faster, less memory; the first step "
+                                         "compiles, about 1.5 min).", group="running")
     seed: int = opt(0, help="Seed of the data order, noise, timesteps and adapter initialisation.",
                     group="optimisation", ge=0, le=2**32 - 1)
     # the adapter (authors: 2 encoder layers, 8 heads, FFN 2048, adapter_weight 0.1)

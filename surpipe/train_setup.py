@@ -58,6 +58,21 @@ def load_unet(cfg, rt: Runtime):
     return unet.to(rt.device)
 
 
+# inductor generates and compiles kernels (minutes on a small CPU); tests of the wiring swap in
+# "aot_eager", which traces the same graphs without code generation
+COMPILE_BACKEND = "inductor"
+
+
+def unet_for_loss(unet, cfg):
+    """The UNet the training loss calls: ``torch.compile``d with ``--compile-unet``. Validation and
+    grids keep the plain module (other shapes, no gradient: compiling them would buy nothing)."""
+    if not getattr(cfg, "compile_unet", False):
+        return unet
+    import torch
+
+    return torch.compile(unet, backend=COMPILE_BACKEND)
+
+
 def build_trainables(cfg, inputs, rt: Runtime):
     """The adapter and the LLM projection (seeded by cfg.seed / projection_seed), AdamW and the LR
     schedule; returns (adapter, projection, optimizer, lr_scheduler), prepared by accelerate."""
