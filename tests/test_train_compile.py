@@ -22,7 +22,7 @@ def _train(store, sd, out, *extra):
     return [r["loss"] for r in rows if "loss" in r], load_file(str(out / "adapter" / "model.safetensors"))
 
 
-def _compare(tmp_path, store, tiny_models, monkeypatch, backend):
+def _compare(tmp_path, store, tiny_models, monkeypatch, backend, weight_atol=1e-5):
     from surpipe import train_setup
 
     monkeypatch.setattr(train_setup, "COMPILE_BACKEND", backend)
@@ -41,7 +41,7 @@ def _compare(tmp_path, store, tiny_models, monkeypatch, backend):
     assert comp_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-6)
     assert set(comp) == set(eager)
     for k in eager:
-        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=weight_atol)
     cfg = json.loads((tmp_path / "compiled" / "config.json").read_text())
     assert cfg.get("compile_unet") is True or cfg.get("running", {}).get("compile_unet") is True
 
@@ -53,4 +53,7 @@ def test_compiled_unet_trains_the_same_adapter(tmp_path, store, tiny_models, mon
 
 @pytest.mark.slow
 def test_inductor_compiled_unet_trains_the_same_adapter(tmp_path, store, tiny_models, monkeypatch):
-    _compare(tmp_path, store, tiny_models, monkeypatch, "inductor")
+    # inductor fuses and reorders float arithmetic: losses agree to 1e-4, but AdamW divides each
+    # gradient by its own running RMS, so rounding noise in near-zero gradients becomes weight
+    # differences of the order of the learning rate (1e-3) times the 3 steps
+    _compare(tmp_path, store, tiny_models, monkeypatch, "inductor", weight_atol=3e-3)

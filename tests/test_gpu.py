@@ -1,0 +1,68 @@
+"""The CUDA paths on the tiny models (``pytest -m gpu``; skipped without CUDA): stage one and two
+and generate on a GPU, each checked against the same command on the CPU in float32 (the CPU paths
+are what the rest of the suite tests)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages.cli import main
+from surpipe.store import FeatureStore
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _extract(sample_dir, store, llm, device, quant, name, dtype="auto"):
+    assert main(["extract-llm", "--data", str(sample_dir), "--store", str(store), "--model", str(llm),
+                 "--layers", "1,3", "--quant", quant, "--device", device, "--dtype", dtype, "--name", name,
+                 "--block-rows", "16", "--no-progress"]) == 0
+    return FeatureStore(store).group(f"llm/{name}").read("layer_3/pooled")
+
+
+def test_stage_one_two_and_generate_on_cuda(tmp_path, tiny_models, sample_dir, capsys):
+    store = tmp_path / "s.zarr"
+    llm, sd = tiny_models / "llm", tiny_models / "sd"
+    ref = _extract(sample_dir, store, llm, "cpu", "none", "cpu-fp32", "float32")
+    fp32 = _extract(sample_dir, store, llm, "cuda", "none", "cuda-fp32", "float32")
+    nf4 = _extract(sample_dir, store, llm, "cuda", "4bit", "cuda-nf4")
+    int8 = _extract(sample_dir, store, llm, "cuda", "8bit", "cuda-int8")
+    np.testing.assert_allclose(fp32, ref, rtol=1e-3, atol=1e-4)
+    sims = {k: min(_cos(a, b) for a, b in zip(v, ref)) for k, v in (("nf4", nf4), ("int8", int8))}
+    print("llm pooled features, lowest per-row cosine to CPU fp32:", sims)
+    assert all(np.isfinite(v).all() for v in (nf4, int8)) and min(sims.values()) > 0.9
+
+    for device in ("cpu", "cuda"):
+        assert main(["encode-latents", "--data", str(sample_dir), "--store", str(store), "--model", str(sd),
+                     "--device", device, "--name", f"enc-{device}", "--vae-name", f"enc-{device}",
+                     "--no-progress"]) == 0
+    st = FeatureStore(store)
+    for kind, arr in (("clip", "simple"), ("vae", "mean")):
+        a, b = st.group(f"{kind}/enc-cpu").read(arr), st.group(f"{kind}/enc-cuda").read(arr)
+        assert np.isfinite(b).all() and _cos(a, b) > 0.999, (kind, _cos(a, b))
+
+    runs = {}
+    for device, extra in (("cpu", []), ("cuda", ["--mixed-precision", "bf16", "--compile-unet"])):
+        out = tmp_path / f"run-{device}"
+        assert main(["train", "--store", str(store), "--model", str(sd), "--out", str(out), "--llm-group",
+                     "cuda-fp32", "--clip-group", "enc-cpu", "--vae-group", "enc-cpu", "--llm-layer", "3",
+                     "--device", device, "--max-steps", "6", "--batch-size", "4", "--grad-accum", "1",
+                     "--nhead", "4", "--dim-feedforward", "64", "--workers", "0", "--no-progress",
+                     "--validation-every", "0", "--no-loss-curve", *extra]) == 0
+        runs[device] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {d: [r["loss"] for r in rows if "loss" in r] for d, rows in runs.items()}
+    assert all(np.isfinite(losses["cuda"])) and len(losses["cuda"]) == 6
+    # the same data, noise and timesteps (drawn on the CPU): bf16 moves the first loss by little
+    assert losses["cuda"][0] == pytest.approx(losses["cpu"][0], rel=0.05), losses
+
+    gen = tmp_path / "gen"
+    assert main(["generate", "--model", str(sd), "--adapter", str(tmp_path / "run-cuda"), "--prompt",
+                 "a red cube", "--out", str(gen), "--device", "cuda", "--steps", "4", "--size", "64",
+                 "--compare"]) == 0
+    assert (gen / "compare_grid.png").is_file()
