@@ -341,6 +341,9 @@ def describe_unexpected(e: BaseException) -> str:
     from surpipe.errors import first_line
 
     first = first_line(e, "")[:300]
+    if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):  # without importing torch
+        return (f"torch.compile failed ({type(e).__name__}: {first}); rerun without --compile-unet "
+                "(a CPU needs a C++ compiler for it; finished work is kept)")
     return (f"unexpected {type(e).__name__}: {first}\n"
             "  this is a bug in surpipe or an environment it does not handle: rerun with --verbose for the "
             "full traceback and report it")

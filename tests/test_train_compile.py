@@ -57,3 +57,23 @@ def test_inductor_compiled_unet_trains_the_same_adapter(tmp_path, store, tiny_mo
     # gradient by its own running RMS, so rounding noise in near-zero gradients becomes weight
     # differences of the order of the learning rate (1e-3) times the 3 steps
     _compare(tmp_path, store, tiny_models, monkeypatch, "inductor", weight_atol=3e-3)
+
+
+def test_a_failing_compiler_is_one_line_naming_the_flag(tmp_path, store, tiny_models, monkeypatch, capsys):
+    """A machine where inductor cannot build (no C++ compiler on a CPU box) gets one line that names
+    --compile-unet, not a traceback."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from surpipe import train_setup
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(train_setup, "COMPILE_BACKEND", broken_backend)
+    torch._dynamo.reset()
+    code = main(["train", "--store", str(store), "--model", str(tiny_models / "sd"), "--out", str(tmp_path / "r"),
+                 *ARGS, "--compile-unet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "torch.compile failed" in err and "--compile-unet" in err, err
+    assert BackendCompilerFailed.__module__.startswith("torch._dynamo")
