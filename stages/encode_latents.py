@@ -129,6 +129,9 @@ def _finish_group(store, path: str, cfg_dict: dict, report: dict, env) -> None:
 
 def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     """Encode the configured parts into the store; returns a report dict (also printed)."""
+    from surpipe.store.location import apply_store_options
+
+    apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
     from surpipe import sd
     from surpipe.hub import check_model_source
     from surpipe.blockjob import dist_env, init_distributed
@@ -213,10 +216,12 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
                               "world_size": env.world_size}
     base_prov = {"model": model_id, "revision": cfg.revision, "variant": cfg.variant, "device": device,
                  "world_size": env.world_size}
+    from surpipe.store.location import canonical
+
     data_path = Path(cfg.data).expanduser()
     resolved = dataclasses.replace(cfg, name=name, overwrite=False, model=model_id,
                                    data=str(data_path.resolve()) if data_path.exists() else cfg.data,
-                                   store=str(Path(cfg.store).expanduser().resolve()))
+                                   store=canonical(cfg.store))
 
     from surpipe.store.sidecar import config_file
 

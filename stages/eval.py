@@ -56,6 +56,9 @@ class EvalConfig:
     store: Optional[str] = opt(None, help="Also report the held-out losses and alignment on this feature store, "
                                           "per category (the run's held-out rows when it trained on this store).",
                                group="data")
+    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
+                                                    "profile, ...; credentials better from the environment).",
+                                         group="data")
     clip_score: bool = opt(True, help="Render the prompt suite in both arms and score it with CLIP (off: only the "
                                       "--store report, no image generated).", group="inference")
     clip_model: str = opt("openai/clip-vit-large-patch14", help="CLIP image-text model that scores the images "
@@ -99,6 +102,9 @@ def _validate(cfg: EvalConfig) -> list[str]:
 def run(cfg: EvalConfig) -> dict:
     """Render the suite without and with the adapter, score every image, write the results;
     return what ``OUT/results.json`` holds."""
+    from surpipe.store.location import apply_store_options
+
+    apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
     from surpipe import config as cfgmod
     from surpipe import evaluate, inference, render
     from surpipe.clip_score import DEFINITION, CLIPScorer

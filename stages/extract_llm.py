@@ -99,6 +99,9 @@ def default_name(model: str, quant: str, pooling: str) -> str:
 
 def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     """Extract the configured layers' features into the store; returns a report dict."""
+    from surpipe.store.location import apply_store_options
+
+    apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
     from surpipe import llm as L
     from surpipe.features import LLMFeatures
     from surpipe.hub import check_model_source
@@ -199,6 +202,16 @@ def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None
     dst.require_complete()
     names = [a for a in src.array_names if a not in dst.array_names]
     for top in sorted({a.split("/")[0] for a in names}):
+        if getattr(store, "remote", False):
+            # object storage has no rename: every object copied, then the source deleted (a rerun after
+            # a kill copies again what is still at the source)
+            source, target = src.store.path / src.path / top, store.path / path / top
+            objs = source.fs.find(source.path) if source.exists() else []
+            for o in objs:
+                source.fs.copy(o, target.path + o[len(source.path):])
+            if objs:
+                source.rmtree()
+            continue
         target = Path(store.path) / path / top
         if not target.exists():
             os.replace(Path(src.store.path) / src.path / top, target)  # moves a whole array folder
@@ -371,9 +384,12 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
             # this side store, and those of earlier attempts at other layer sets for this group
             mine = re.compile(re.escape(name) + r"-L\d+(_\d+)*\.zarr")
             for p in [side_path, *(q for q in side_path.parent.glob("*.zarr") if mine.fullmatch(q.name))]:
-                shutil.rmtree(p, ignore_errors=True)
+                if hasattr(p, "rmtree"):  # on object storage
+                    p.rmtree()
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
                 remove_sidecars(p)  # its lock folder
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, AttributeError):  # (object storage has no folders to remove)
                 side_path.parent.rmdir()
             log.info(f"{path}: layers {extra} added; it now holds layers {all_layers}")
         barrier(env)

@@ -55,6 +55,9 @@ class ImportPrompt2VecConfig:
     overwrite: bool = opt(False, help="Replace an existing llm/<name> group written with other settings.",
                           group="output")
     progress: bool = opt(True, help="Show a progress bar.", group="running")
+    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
+                                                    "profile, ...; credentials better from the environment).",
+                                         group="data")
 
 
 def _norm(s: str) -> str:
@@ -118,6 +121,9 @@ def load_prompt2vec(path: str | Path, store_dtype: str = "float32") -> tuple[dic
 
 
 def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
+    from surpipe.store.location import apply_store_options
+
+    apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
     from surpipe import config as cfgmod
     from surpipe.features import LLMFeatures
     from surpipe.llm import sanitize_name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -17,9 +18,12 @@ from surpipe.config import opt
 
 @dataclass
 class InspectConfig:
-    store: str = opt(help="Feature store (Zarr) to describe.", group="data", argument=True)
+    store: str = opt(help="Feature store (Zarr) to describe: a folder or an fsspec URL (s3://...).", group="data", argument=True)
     full: bool = opt(False, help="Print every group's settings, arrays, codecs and provenance.", group="output")
     json: bool = opt(False, help="Print the whole description as JSON.", group="output")
+    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
+                                                    "profile, ...; credentials better from the environment).",
+                                         group="data")
 
 
 def describe(store) -> dict:
@@ -78,6 +82,9 @@ def _fmt_bytes(n) -> str:
 
 
 def run(cfg: InspectConfig) -> dict:
+    from surpipe.store.location import apply_store_options
+
+    apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
     from surpipe.store import FeatureStore
 
     from surpipe.errors import SurpipeError

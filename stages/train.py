@@ -423,6 +423,9 @@ def run(cfg: TrainConfig) -> dict:
 
     The run folder is locked while training: a second job on the same ``--out`` is refused.
     """
+    from surpipe.store.location import apply_store_options
+
+    apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
     import contextlib
 
     from surpipe.blockjob import dist_env

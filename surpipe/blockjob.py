@@ -97,7 +97,7 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
     if group.is_complete():
         return BlockJobResult(group.path, 0, 0, True, time.perf_counter() - t0, {})
 
-    with writer_lock(store.path, group.path, env.rank):
+    with writer_lock(store.path, group.path, env.rank) as fence:
         blocks = group.pending_blocks(env.rank, env.world_size)
         kept = group.kept_rows()  # blocks completed before the store grew: their old rows stay bit for bit
         spans = [store.block_range(b) for b in blocks]
@@ -110,7 +110,7 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
             values = compute_block(start, stop)
             if b in kept:
                 values = group.keep_stored_rows(b, kept[b], values)
-            group.write_block(b, values)
+            group.write_block(b, values, fence=fence.check)  # a writer whose lease was taken over stops
             done_rows += stop - start
             bar.update(stop - start)
             if stats is not None:

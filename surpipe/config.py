@@ -216,7 +216,11 @@ def atomic_path(path: str | os.PathLike):
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`)."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`); a path on object
+    storage (surpipe.store.location.RemotePath, e.g. a store's saved configs) in one PUT."""
+    if hasattr(path, "write_text") and hasattr(path, "protocol"):
+        path.write_text(text)
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

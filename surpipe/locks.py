@@ -5,6 +5,12 @@ Hand-written on ``fcntl.flock`` rather than a lock library: the refusal must nam
 holds the lock (its pid and host are written into the lock file), and the kernel releases a flock
 when its holder dies, so a killed job never leaves a stale lock behind. A store's lock files live
 beside it, in ``<store>.locks/`` (docs/store-format.md, "Locks"), never inside the Zarr hierarchy.
+
+A store on object storage (:class:`~surpipe.store.location.RemotePath`) has no file locks: the same
+functions hold leases there instead (:mod:`surpipe.store.lease`: objects written with a conditional
+put, renewed while held, taken over when their holder died or expired). ``writer_lock`` yields an
+object whose ``check()`` a writer calls before marking a block done (fencing: a writer whose lease
+was taken over stops instead of marking blocks); for a local store it never fails.
 """
 
 from __future__ import annotations
@@ -52,12 +58,47 @@ def lock_dir(store_path: str | os.PathLike) -> Path:
     return d
 
 
+def _remote(store_path) -> bool:
+    from surpipe.store.location import is_remote, is_url
+
+    return is_remote(store_path) or is_url(store_path)
+
+
+def _lease_dir(store_path):
+    """(fs, folder path) of a remote store's lease objects, ``<store>.locks``."""
+    from surpipe.store.location import store_path as _sp
+    from surpipe.store.sidecar import sidecar_dir
+
+    d = sidecar_dir(_sp(store_path), "locks")
+    return d.fs, d.path
+
+
+def _lease_name(group_path: str) -> str:
+    return group_path.replace("/", "__")
+
+
+class _NoFence:
+    """What ``writer_lock`` yields for a local store: the kernel's flock cannot be taken over."""
+
+    def check(self) -> None:
+        return None
+
+
 def _lock_file(store_path, group_path: str, what: str) -> Path:
     return lock_dir(store_path) / f"{group_path.replace('/', '__')}.{what}.lock"
 
 
 def _holders(store_path, group_path: str) -> str:
     """Who writes ``group_path`` now, from the rank lock files' contents (best effort)."""
+    if _remote(store_path):
+        from surpipe.store.lease import describe, live_holders
+
+        try:
+            fs, d = _lease_dir(store_path)
+            return ", ".join(describe(r) for r in live_holders(fs, d, f"{_lease_name(group_path)}.rank*")) \
+                or "another job"
+        except Exception:  # noqa: BLE001 - a message helper: never fail because of it
+            return "another job"
     out = []
     for f in sorted(lock_dir(store_path).glob(f"{group_path.replace('/', '__')}.rank*.lock")):
         try:
@@ -105,6 +146,22 @@ def group_lock(store_path: str | os.PathLike, group_path: str, *, exclusive: boo
                else "it is being replaced: ")
             + "wait for it to finish (or stop it) and retry")
 
+    if _remote(store_path):
+        from surpipe.store.lease import exclusive_lease, shared_lease
+
+        fs, d = _lease_dir(store_path)
+        what = f"group {group_path} of store {store_path}"
+        if exclusive:
+            ctx = exclusive_lease(fs, d, _lease_name(group_path), what, wait_s=wait_s)
+        else:  # a shared holder that is no writer: named like one, so a deleter sees it
+            import secrets
+
+            ctx = shared_lease(fs, d, _lease_name(group_path), f"rank-shared-{os.getpid()}-{secrets.token_hex(4)}",
+                               what, wait_s=wait_s)
+        with ctx:  # the leases' refusals name the holders (lease.describe)
+            yield
+        return
+
     with _flock(_lock_file(store_path, group_path, "group"), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
                 wait_s, refuse):
         yield
@@ -121,6 +178,15 @@ def creation_lock(store_path: str | os.PathLike, group_path: str, wait_s: float 
                             f"over {wait_s:.0f} s; if no other job runs, delete "
                             f"{_lock_file(store_path, group_path, 'create')} and retry")
 
+    if _remote(store_path):
+        from surpipe.store.lease import Lease
+
+        fs, d = _lease_dir(store_path)
+        with Lease(fs, f"{d}/{_lease_name(group_path)}.create", f"creation of group {group_path} of store {store_path}",
+                   wait_s=wait_s):
+            yield
+        return
+
     with _flock(_lock_file(store_path, group_path, "create"), fcntl.LOCK_EX, wait_s, refuse):
         yield
 
@@ -128,7 +194,27 @@ def creation_lock(store_path: str | os.PathLike, group_path: str, wait_s: float 
 @contextlib.contextmanager
 def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
     """Hold an exclusive lock for (group, rank): a second job writing the same group is refused.
-    Also holds the group's lock shared, so nobody deletes (``--overwrite``) the group meanwhile."""
+    Also holds the group's lock shared, so nobody deletes (``--overwrite``) the group meanwhile.
+    Yields a fence: call its ``check()`` before marking a block done (a remote lease taken over
+    raises there)."""
+    if _remote(store_path):
+        from surpipe.store.lease import Lease, describe, live_holders
+
+        fs, d = _lease_dir(store_path)
+        what = f"group {group_path} of store {store_path}"
+        name = _lease_name(group_path)
+        with Lease(fs, f"{d}/{name}.rank{rank}", what) as lease:
+            deadline = time.monotonic() + 30.0
+            while True:  # shared vs a deleter: the rank lease is written, then no live delete lease may exist
+                deleting = live_holders(fs, d, f"{name}.delete")
+                if not deleting:
+                    break
+                if time.monotonic() >= deadline:
+                    raise SurpipeError(f"{what} is being replaced by {describe(deleting[0])}: wait for it to "
+                                       "finish (or stop it) and retry")
+                time.sleep(0.25)
+            yield lease
+        return
     with exclusive_lock(_lock_file(store_path, group_path, f"rank{rank}"), f"group {group_path} of store {store_path}"):
         with group_lock(store_path, group_path, exclusive=False, wait_s=30.0):
-            yield
+            yield _NoFence()

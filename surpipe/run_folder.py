@@ -13,7 +13,7 @@ RESUMABLE_CHANGES = {
     "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "report_to", "workers",
     "progress", "device", "validation_every", "validation_prompts", "validation_steps",
     "validation_size", "validation_seed", "loss_curve", "validation_images", "keep_best",
-    "log_denoise_every",
+    "log_denoise_every", "storage_options", "cache_dir", "cache_gb",
 }
 
 # Settings compared resolved at a resume (``run_identity``), not as typed: the same store or model
@@ -55,7 +55,9 @@ def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optio
             s = {k: v for k, v in s.items() if k != "layers"}
         recorded[kind] = {"path": path, "picked": "auto" if req is None else "option",
                           "settings_hash": settings_hash(s), "settings": s}
-    return {"store": str(Path(cfg.store).expanduser().resolve()),
+    from surpipe.store.location import canonical
+
+    return {"store": canonical(cfg.store),  # a URL as given, a local path resolved
             "dataset_fingerprint": store.fingerprint, "num_samples": store.num_samples,
             "block_rows": store.block_rows, "model": model_id(cfg.model), "llm_layer": g.llm_layer,
             "groups": recorded, **({"split": split} if split is not None else {})}

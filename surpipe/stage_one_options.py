@@ -8,7 +8,8 @@ from typing import Literal, Optional
 
 _OPTIONS = {
     "data": dict(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data"),
-    "store": dict(help="feature store (Zarr) to create or extend", group="output"),
+    "store": dict(help="feature store (Zarr) to create or extend: a folder or an fsspec URL (s3://bucket/x.zarr)",
+                  group="output"),
     "block_rows": dict(default=None, help="rows per block when this run creates the store [default: 256]",
                        group="output", ge=1, le=1 << 20),
     # auto = full decode when this run creates the store (its rows are fixed then, and encode-latents
@@ -19,6 +20,9 @@ _OPTIONS = {
                          group="data"),
     "complex_field": dict(default="prompt", help="metadata field holding the complex prompt (imagefolder)",
                           group="data"),
+    "storage_options": dict(default=None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
+                                               "profile, ...; credentials better from the environment)",
+                            group="output"),
     "overwrite": dict(default=False, help="replace groups written with other settings (their values are lost)",
                       group="output"),
     "progress": dict(default=True, help="show progress bars", group="running"),
@@ -43,3 +47,4 @@ class StageOneCommon:
     complex_field: str = option("complex_field")
     overwrite: bool = option("overwrite")
     progress: bool = option("progress")
+    storage_options: Optional[str] = option("storage_options")

@@ -35,6 +35,13 @@ class TrainConfig:
     revision: Optional[str] = opt(None, help="Hub revision (branch, tag or commit) of --model.", group="model")
     flip: bool = opt(True, help="Use the stored horizontally flipped latents for half the samples (augmentation).",
                      group="data")
+    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
+                                                    "profile, ...; credentials better from the environment).",
+                                         group="data")
+    cache_dir: Optional[str] = opt(None, help="Local cache of a remote store's chunks (default: "
+                                              "~/.cache/surpipe/store-cache).", group="data")
+    cache_gb: float = opt(20.0, help="Size cap of that cache in GB, least recently used evicted (0: no cache).",
+                          group="data", ge=0, le=1 << 20)
     # optimisation (authors: batch 1 x accumulation 4, 5000 steps, AdamW 1e-5 constant, clip 1.0)
     max_steps: int = opt(5000, help="Optimizer steps to train (raise it and rerun to continue a finished run).",
                          group="optimisation", ge=1)

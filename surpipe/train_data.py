@@ -9,6 +9,7 @@ position and the reader restarts there, whatever the number of DataLoader worker
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -37,6 +38,8 @@ class BlockReader:
         self._arrays = None
         self._done = None
         self._keys = None
+        self._cache = None  # a remote store's chunk cache (surpipe.store.cache), None for a local store
+        self._pid = None
         self.num_rows = None
         self._open()
 
@@ -60,18 +63,38 @@ class BlockReader:
             arrays[key] = (gpath, name, groups[gpath].array(name))
         # (done array, generation id) per group: a block counts only when done in this generation
         self._done = {p: (fg.group["done"], fg.gen_id) for p, fg in groups.items()}
+        self._cache = None
+        if store.remote:
+            # chunks of a store on object storage are read through a bounded local cache, so later
+            # epochs read no chunk data remotely (the done records are always read fresh)
+            from surpipe.store.cache import cached_root
+
+            names: dict[str, list[str]] = {}
+            for gpath, name, _ in arrays.values():
+                names.setdefault(gpath, []).append(name)
+            root, self._cache = cached_root(store, groups, names)
+            if root is not None:
+                arrays = {key: (gpath, name, root[gpath][name]) for key, (gpath, name, _) in arrays.items()}
         self._arrays = arrays
         self._keys = store.root["keys"]
         self.num_rows = store.num_samples
+        self._pid = os.getpid()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_arrays"] = state["_done"] = state["_keys"] = None  # zarr handles are reopened in each worker
+        state["_arrays"] = state["_done"] = state["_keys"] = state["_cache"] = None  # reopened in each worker
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._open()
+
+    @property
+    def store_location(self):
+        """The store's location (a local Path or a RemotePath)."""
+        from surpipe.store.location import store_path
+
+        return store_path(self.store_path)
 
     @property
     def num_blocks(self) -> int:
@@ -102,6 +125,8 @@ class BlockReader:
     def __getitem__(self, block: int) -> dict[str, np.ndarray]:
         from surpipe.store import chunk_files, missing_chunk, read_failure
 
+        if self._pid != os.getpid() and getattr(self.store_location, "protocol", None):
+            self._open()  # a forked DataLoader worker: the parent's object-store connections are not usable here
         start = block * self.block_rows
         stop = min(start + self.block_rows, self.num_rows)
         rows = f"rows {start}-{stop - 1}"
@@ -122,9 +147,17 @@ class BlockReader:
         out = {}
         for key, (gpath, name, arr) in self._arrays.items():
             where = f"{gpath}/{name}"
-            for f in chunk_files(self.store_path, arr, block):
-                if not f.is_file():
-                    raise missing_chunk(self.store_path, where, block, (start, stop), f)
+            if self._cache is not None:  # present = fetched into the cache (no extra request)
+                from surpipe.store.integrity import chunk_keys
+
+                for ck in chunk_keys(arr, block):
+                    if not self._cache.ensure(f"{arr.path}/{ck}"):
+                        raise missing_chunk(self.store_path, where, block, (start, stop),
+                                            f"{self.store_path.rstrip('/')}/{arr.path}/{ck}")
+            else:
+                for f in chunk_files(self.store_path, arr, block):
+                    if not f.is_file():
+                        raise missing_chunk(self.store_path, where, block, (start, stop), f)
             try:
                 x = np.asarray(arr[start:stop])
             except Exception as e:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ _FLOAT_KINDS = "fc"
 
 
 class _Checker:
-    def __init__(self, path: Path):
+    def __init__(self, path):  # a local Path, or a RemotePath (surpipe.store.location)
         self.path = path
         self.rep = VerifyReport(str(path))
 
@@ -65,7 +64,7 @@ class _Checker:
                          f"{first_line(e, '')[:160]})")
         return None
 
-    def _chunk_file(self, arr, coords: tuple[int, ...]) -> Path:
+    def _chunk_file(self, arr, coords: tuple[int, ...]):
         key = arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
         return self.path / arr.path / key
 
@@ -98,12 +97,17 @@ class _Checker:
 
         from surpipe.store import READABLE_FORMATS
 
+        from surpipe.store.location import is_remote, zarr_store
+
+        if is_remote(self.path) and not (self.path / "zarr.json").is_file() and not self.path.bucket_exists():
+            raise SurpipeError(f"feature store {self.path}: bucket {self.path.path.split('/', 1)[0]!r} does not exist "
+                               "(or these credentials cannot see it); fix the URL / endpoint")
         if not self.path.exists():
             raise SurpipeError(f"feature store not found: {self.path}")
         if not (self.path / "zarr.json").is_file():
             raise SurpipeError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
         try:
-            root = zarr.open_group(str(self.path), mode="r")
+            root = zarr.open_group(zarr_store(self.path, read_only=True), mode="r")
         except Exception as e:
             self.problem("root", f"cannot open the store's root group: {e}")
             return None

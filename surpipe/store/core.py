@@ -9,7 +9,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import uuid
 from importlib import metadata as _md
 from pathlib import Path
@@ -35,23 +34,21 @@ ROW_ARRAYS = (KEYS_ARRAY, *PROMPT_ARRAYS.values())
 CATEGORY_ARRAY = "prompts/category"
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+def local_store_path(path: str | os.PathLike):
+    """``path`` as the store's location: a local :class:`Path` as always, or for an fsspec URL
+    (``s3://``, ``gs://``; ``file://`` is local) a :class:`~surpipe.store.location.RemotePath`.
+    An unknown protocol (a mistyped local path) or a missing fsspec backend is a clear error."""
+    from surpipe.store.location import store_path
 
-
-def local_store_path(path: str | os.PathLike) -> Path:
-    """``path`` as a local folder; a URL (``s3://``, ``gs://``, ``file://``, ...) is refused rather
-    than taken for a relative folder named ``s3:`` (features a user believes are on object storage
-    would land on the local disk)."""
-    text = os.fspath(path)
-    if _URL.match(text):
-        raise SurpipeError(f"feature store {text}: stores at URLs (object storage) are not supported yet; surpipe "
-                           "would otherwise write a local folder named after the URL. Give a local path (a bucket "
-                           "mounted as a folder, e.g. with mountpoint-s3 or gcsfuse, works like any folder)")
-    return Path(text)
+    return store_path(path)
 
 
 class StoreNotFound(SurpipeError):
     """There is no feature store at the given path."""
+
+
+class HalfBuilt(StoreNotFound):
+    """A remote store whose creation (in place: object stores have no rename) did not finish."""
 
 
 def library_versions() -> dict[str, str]:
@@ -93,22 +90,36 @@ class FeatureStore:
 
         from surpipe.store.growth import parse_format
 
+        from surpipe.store.location import is_remote, remote_failure, zarr_store
+
         self.path = local_store_path(path)
-        if not self.path.exists():
-            raise StoreNotFound(f"feature store not found: {self.path}")
-        if not (self.path / "zarr.json").is_file():
-            raise SurpipeError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
-        if mode != "r":
-            if not os.access(self.path, os.W_OK):
-                raise SurpipeError(f"feature store {self.path} is read-only; cannot write to it")
-            check_writable(self.path, f"feature store {self.path}")
+        self.remote = is_remote(self.path)
+        if self.remote:
+            self._find_remote()
+        else:
+            if not self.path.exists():
+                raise StoreNotFound(f"feature store not found: {self.path}")
+            if not (self.path / "zarr.json").is_file():
+                raise SurpipeError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
+            if mode != "r":
+                if not os.access(self.path, os.W_OK):
+                    raise SurpipeError(f"feature store {self.path} is read-only; cannot write to it")
+                check_writable(self.path, f"feature store {self.path}")
         try:
-            self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
+            self.root = zarr.open_group(zarr_store(self.path, read_only=mode == "r"),
+                                        mode="r" if mode == "r" else "r+")
         except Exception as e:  # zarr raises several types for broken metadata
+            if self.remote and not isinstance(e, (ValueError, KeyError, TypeError)):
+                raise remote_failure(e, str(self.path)) from None
             raise SurpipeError(f"cannot open feature store {self.path}: {e}") from None
         # "<format>+growing" while rows are being appended (surpipe.store.growth): older surpipe
         # versions refuse that format, so a half-grown store is never misread
         fmt, growing = parse_format(self.root.attrs.get("surpipe_format"))
+        if fmt is None and self.remote and self._building():
+            # remote stores are built in place and marked a surpipe store last (surpipe.store.rows)
+            raise HalfBuilt(f"feature store {self.path} was not completely created (its creation is running or "
+                            "was interrupted: no surpipe_format yet); rerun `surpipe extract-llm` or "
+                            "`surpipe encode-latents`: it rebuilds it")
         if fmt is None:
             raise SurpipeError(f"{self.path} is a Zarr group but not a surpipe feature store")
         if fmt not in READABLE_FORMATS:
@@ -132,6 +143,27 @@ class FeatureStore:
         except (KeyError, TypeError, ValueError) as e:
             raise SurpipeError(f"{self.path}: damaged store metadata (root attribute {e} missing or "
                                "invalid); run `surpipe verify` on it") from None
+
+    def _find_remote(self) -> None:
+        """A remote store's existence, with one clear error for an unreachable endpoint, a missing
+        bucket or refused credentials."""
+        if (self.path / "zarr.json").is_file():
+            return
+        if not self.path.bucket_exists():
+            bucket = self.path.path.split("/", 1)[0]
+            raise SurpipeError(f"feature store {self.path}: bucket {bucket!r} does not exist (or these credentials "
+                               "cannot see it); create it or fix the URL / endpoint")
+        if self._building():
+            raise HalfBuilt(f"feature store {self.path} was not completely created (its creation is running or was "
+                            "interrupted); rerun `surpipe extract-llm` or `surpipe encode-latents`: it rebuilds it")
+        if self.path.exists():
+            raise SurpipeError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
+        raise StoreNotFound(f"feature store not found: {self.path}")
+
+    def _building(self) -> bool:
+        from surpipe.store.rows import building_marker
+
+        return building_marker(self.path).is_file()
 
     @property
     def checked(self) -> bool:

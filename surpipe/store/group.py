@@ -129,23 +129,38 @@ class FeatureGroup:
         pending = np.flatnonzero(~self.done_mask()).tolist()
         return [b for b in pending if b % world_size == rank]
 
-    def write_block(self, block: int, values: Mapping[str, np.ndarray]) -> None:
+    def write_block(self, block: int, values: Mapping[str, np.ndarray], fence=None) -> None:
         """Write every array's rows of ``block`` (one chunk each), then mark the block done.
 
-        A failed write (full disk, I/O error) raises SurpipeError naming the group and block; the
-        block stays not done, so a rerun redoes it.
+        A failed write (full disk, I/O error, an object store failing) raises SurpipeError naming
+        the group and block; the block stays not done, so a rerun redoes it. ``fence()`` (the
+        writer lock's ``check``) is called right before the block is marked done: a writer whose
+        lease was taken over stops there.
         """
         try:
-            self._write_block(block, values)
-        except OSError as e:
-            where = e.filename or self.store.path
-            what = "no space left on device" if e.errno == errno.ENOSPC else "write failed"
-            raise SurpipeError(
-                f"{what} while writing {self.path} block {block} of store {self.store.path} "
-                f"({where}: {e.strerror or e}); block {block} is not marked done: free space or fix "
-                "the disk, then rerun the same command (finished blocks are kept)") from None
+            self._write_block(block, values, fence)
+        except (SurpipeError, ValueError, TypeError, KeyError):
+            raise
+        except Exception as e:
+            if not getattr(self.store, "remote", False) or isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                if isinstance(e, OSError):
+                    return self._failed(block, e)
+                raise
+            from surpipe.store.location import remote_failure
 
-    def _write_block(self, block: int, values: Mapping[str, np.ndarray]) -> None:
+            raise SurpipeError(f"writing {self.path} block {block} of store {self.store.path} failed: "
+                               f"{remote_failure(e, str(self.store.path))}; block {block} is not marked done: "
+                               "rerun the same command (finished blocks are kept)") from None
+
+    def _failed(self, block: int, e: OSError) -> None:
+        where = e.filename or self.store.path
+        what = "no space left on device" if e.errno == errno.ENOSPC else "write failed"
+        raise SurpipeError(
+            f"{what} while writing {self.path} block {block} of store {self.store.path} "
+            f"({where}: {e.strerror or e}); block {block} is not marked done: free space or fix "
+            "the disk, then rerun the same command (finished blocks are kept)") from None
+
+    def _write_block(self, block: int, values: Mapping[str, np.ndarray], fence=None) -> None:
         start, stop = self.store.block_range(block)
         missing = sorted(set(self.array_names) - set(values))
         extra = sorted(set(values) - set(self.array_names))
@@ -172,12 +187,19 @@ class FeatureGroup:
                                  f"{(stop - start, *arr.shape[1:])}, got {x.shape}")
             arr[start:stop] = to_storage(x, str(arr.dtype), f"{self.path}/{name} rows {start}-{stop - 1}")
         self.check_generation(block)  # a job that lost its group never marks a block of the new one
+        if fence is not None:
+            fence()  # a writer whose lease was taken over never marks a block
         self.group["done"][block] = self.gen_id if self.gen_id is not None else True
 
     def mark_incomplete(self, block: int) -> None:
         kept = self.group.attrs.get("kept_rows")
+        update = {}
         if isinstance(kept, dict) and str(block) in kept:  # recomputed whole: the stored rows may be what is damaged
-            self.group.update_attributes({"kept_rows": {k: v for k, v in kept.items() if k != str(block)}})
+            update["kept_rows"] = {k: v for k, v in kept.items() if k != str(block)}
+        # the block's chunks will be rewritten in this same generation: a count of such rewrites
+        # keys local read caches (surpipe.store.cache), so they never serve the old bytes
+        update["rewrites"] = int(self.group.attrs.get("rewrites") or 0) + 1
+        self.group.update_attributes(update)
         self.group["done"][block] = 0 if self.gen_id is not None else False
 
     def kept_rows(self) -> dict[int, int]:

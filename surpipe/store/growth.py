@@ -59,8 +59,15 @@ def _now() -> str:
 def growth_lock(store_path, wait_s: float = 600.0):
     """The store-level lock of growths: of several processes (data-parallel ranks) growing one
     store, one grows it while the others wait, then find it grown."""
-    from surpipe.locks import _flock, lock_dir
+    from surpipe.locks import _flock, _lease_dir, _remote, lock_dir
 
+    if _remote(store_path):
+        from surpipe.store.lease import Lease
+
+        fs, d = _lease_dir(store_path)
+        with Lease(fs, f"{d}/store.grow", f"growth of feature store {store_path}", wait_s=wait_s):
+            yield
+        return
     f = lock_dir(store_path) / "store.grow.lock"
 
     def refuse():
@@ -209,6 +216,18 @@ def _rechunk(store: "FeatureStore", a, m: int, chunk: int) -> None:
     (atomically), so a kill in between leaves an array this step redoes."""
     import shutil
 
+    if getattr(store, "remote", False):
+        # object storage: each chunk object deleted, then zarr.json replaced by one PUT (atomic)
+        folder = store.path / a.path
+        for obj in folder.glob("**"):
+            if obj.name != "zarr.json" and obj.is_file():
+                obj.unlink(missing_ok=True)
+        meta = json.loads((folder / "zarr.json").read_text())
+        meta["shape"] = [m, *meta["shape"][1:]]
+        grid = meta["chunk_grid"]["configuration"]
+        grid["chunk_shape"] = [chunk, *grid["chunk_shape"][1:]]
+        (folder / "zarr.json").write_text(json.dumps(meta, indent=2))
+        return
     folder = Path(store.path) / a.path
     meta_file = folder / "zarr.json"
     for child in folder.iterdir():

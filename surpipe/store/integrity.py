@@ -55,13 +55,26 @@ def generation_id(generation: Any) -> int | None:
 
 
 def chunk_files(store_path: str | os.PathLike, arr, first: int) -> list[Path]:
-    """The chunk files of ``arr`` (a zarr array of a local store) whose first index is ``first``."""
+    """The chunk files of ``arr`` whose first index is ``first``: local Paths, or for a store at a
+    URL RemotePaths (``is_file()``, ``read_bytes()`` as a Path's)."""
+    return [_base(store_path) / arr.path / key for key in chunk_keys(arr, first)]
+
+
+def chunk_keys(arr, first: int) -> list[str]:
+    """The keys (relative to the array) of ``arr``'s chunks whose first index is ``first``."""
     import itertools
 
     grid = arr.shards or arr.chunks
     rest = [range(-(-s // max(c, 1))) for s, c in zip(arr.shape[1:], grid[1:])]
     enc = arr.metadata.chunk_key_encoding.encode_chunk_key
-    return [Path(store_path) / arr.path / enc((first, *tail)) for tail in itertools.product(*rest)]
+    return [enc((first, *tail)) for tail in itertools.product(*rest)]
+
+
+def _base(store_path):
+    """``store_path`` as a Path, or a RemotePath for a store at a URL."""
+    from surpipe.store.location import is_url, store_path as _sp
+
+    return _sp(store_path) if is_url(store_path) else Path(store_path)
 
 
 def read_failure(store_path, array_path: str, block: int, rows: tuple[int, int] | None,
@@ -87,7 +100,7 @@ def missing_chunk(store_path, array_path: str, block: int, rows: tuple[int, int]
 def fresh_attrs(store_path, group_path: str) -> dict | None:
     """The group's attributes as on disk now (zarr objects cache them); None when it is gone."""
     try:
-        meta = json.loads((Path(store_path) / group_path / "zarr.json").read_text())
+        meta = json.loads((_base(store_path) / group_path / "zarr.json").read_text())
         return dict(meta.get("attributes") or {})
     except (OSError, ValueError, AttributeError, TypeError):
         return None

@@ -76,7 +76,12 @@ def open_store(data: str, store_path: str, *, block_rows: int | None = None, che
 
     from surpipe.store.core import local_store_path
 
-    exists = local_store_path(store_path).joinpath("zarr.json").is_file()
+    where = local_store_path(store_path)
+    exists = where.joinpath("zarr.json").is_file()
+    if not exists and getattr(where, "bucket_exists", None) and not where.bucket_exists():
+        # before the dataset scan: a mistyped bucket fails in seconds, not after decoding every image
+        raise SurpipeError(f"feature store {where}: bucket {where.path.split('/', 1)[0]!r} does not exist (or these "
+                           "credentials cannot see it); create it or fix the URL / endpoint")
     creating = check_images if check_images != "auto" else "full"
     ds = open_dataset(data, strict=False, check_images="none" if exists else creating,
                       progress=progress and is_main, simple_field=simple_field, complex_field=complex_field)
@@ -151,7 +156,13 @@ def discard_new_store_on_error(store, is_main: bool = True):
 
                 from surpipe.store.sidecar import remove_sidecars
 
-                shutil.rmtree(store.path, ignore_errors=True)
+                if getattr(store, "remote", False):
+                    try:
+                        store.path.rmtree()
+                    except Exception:  # noqa: BLE001 - best effort, as ignore_errors below
+                        pass
+                else:
+                    shutil.rmtree(store.path, ignore_errors=True)
                 remove_sidecars(store.path)
                 log.info(f"removed the store {store.path} this command had just created (nothing was written to it)")
         raise

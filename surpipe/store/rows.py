@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import json
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 from surpipe.errors import SurpipeError
 from surpipe.store.core import (CATEGORY_ARRAY, DEFAULT_BLOCK_ROWS, FORMAT_VERSION, KEYS_ARRAY, PROMPT_ARRAYS,
                                 FeatureStore, StoreNotFound, check_writable, library_versions, local_store_path)
+from surpipe.store.location import is_remote
 from surpipe.store.integrity import codec_chain
 
 Row = tuple  # (key, simple, complex)
@@ -65,10 +66,12 @@ def create_store(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLO
     SurpipeError naming the store; nothing is left behind.
     """
     path = local_store_path(path)
-    if path.exists():
-        raise StoreExists(f"feature store {path} exists already")
     if block_rows < 1:
         raise SurpipeError(f"block_rows must be >= 1, got {block_rows}")
+    if is_remote(path):
+        return _create_remote(path, dataset, block_rows)
+    if path.exists():
+        raise StoreExists(f"feature store {path} exists already")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -92,12 +95,55 @@ def create_store(path: str | os.PathLike, dataset, block_rows: int = DEFAULT_BLO
     return store
 
 
-def _build(tmp: Path, dataset, block_rows: int) -> None:
+def building_marker(path):
+    """``<store>.locks/store.building``: present while a remote store is built in place (and after
+    an interrupted build), so a prefix without a finished store is known to be surpipe's."""
+    from surpipe.store.sidecar import sidecar_dir
+
+    return sidecar_dir(path, "locks") / "store.building"
+
+
+def _create_remote(path, dataset, block_rows: int) -> FeatureStore:
+    """Create a store on object storage. Object stores have no rename, so the store is built in
+    place under the store-level lease ``<store>.locks/store.create``, with the marker
+    :func:`building_marker` written first and the root attributes that make it a surpipe store
+    (``surpipe_format``) written LAST: a half-built store (a build killed midway) is never read as
+    a store (:class:`~surpipe.store.core.HalfBuilt`) and the next creator rebuilds it from scratch."""
+    from surpipe.store.core import HalfBuilt
+    from surpipe.store.lease import Lease
+    from surpipe.store.location import remote_errors
+    from surpipe.store.sidecar import sidecar_dir
+
+    locks = sidecar_dir(path, "locks")
+    with Lease(path.fs, f"{locks.path}/store.create", f"creation of feature store {path}", wait_s=600.0) as lease:
+        try:  # decide again under the lease: another process (a rank) may have finished it meanwhile
+            FeatureStore(path, mode="a")
+            raise StoreExists(f"feature store {path} was created by another process meanwhile")
+        except HalfBuilt:
+            pass  # rebuilt below (mode "w" clears the prefix first)
+        except StoreNotFound:
+            if path.exists() and not building_marker(path).is_file():
+                raise SurpipeError(f"{path} holds objects but no feature store; refusing to build a store over "
+                                   "them: choose another --store") from None
+        marker = building_marker(path)
+        with remote_errors(path):
+            marker.write_text(json.dumps({"pid": os.getpid(), "started": _dt.datetime.now(_dt.timezone.utc)
+                                          .isoformat(timespec="seconds")}))
+            _build(path, dataset, block_rows, before_commit=lease.check)
+            marker.unlink(missing_ok=True)
+    store = FeatureStore(path, mode="a")
+    store.created_now = True
+    return store
+
+
+def _build(tmp, dataset, block_rows: int, before_commit=None) -> None:
     import zarr
 
+    from surpipe.store.location import zarr_store
+
     n = len(dataset)
-    root = zarr.open_group(str(tmp), mode="w")
-    root.attrs.update({
+    root = zarr.open_group(zarr_store(tmp, read_only=False), mode="w")
+    attrs = {
         "surpipe_format": FORMAT_VERSION,
         "num_samples": n,
         "block_rows": int(block_rows),
@@ -105,7 +151,9 @@ def _build(tmp: Path, dataset, block_rows: int) -> None:
         "dataset_source": str(dataset.source),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "library_versions": library_versions(),
-    })
+    }
+    if before_commit is None:  # a local build: published whole by the rename
+        root.attrs.update(attrs)
     samples = dataset.samples
     chunk = max(1, min(n, 65536))
     arrays = [(KEYS_ARRAY, [s.key for s in samples]),
@@ -119,6 +167,9 @@ def _build(tmp: Path, dataset, block_rows: int) -> None:
     for name, values in arrays:
         arr = root.create_array(name, shape=(n,), dtype=str, chunks=(chunk,), compressors=codec_chain("zstd"))
         arr[:] = np.array(values, dtype=object)
+    if before_commit is not None:  # built in place: the attributes that make it a store come last
+        before_commit()
+        root.attrs.update(attrs)
 
 
 def _aligned(store: FeatureStore, dataset, samples: list) -> tuple[list[int], tuple]:

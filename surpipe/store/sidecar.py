@@ -18,7 +18,13 @@ SIDECARS = ("locks", "configs", "adding-layers")  # adding-layers: extract-llm -
 
 
 def sidecar_dir(store_path: str | os.PathLike, what: str) -> Path:
-    """``<store>.<what>``: the folder beside the store holding its ``what`` (locks, configs)."""
+    """``<store>.<what>``: the folder beside the store holding its ``what`` (locks, configs); for a
+    store at a URL, the prefix ``<store>.<what>`` on the same filesystem (a RemotePath)."""
+    from surpipe.store.location import is_url, store_path as _sp
+
+    if is_url(store_path):
+        p = _sp(store_path)
+        return p.with_name(f"{p.name}.{what}")
     p = Path(store_path)
     if not p.name:  # "." or "/": name the folder after the resolved path
         p = p.resolve()
@@ -33,4 +39,11 @@ def config_file(store_path: str | os.PathLike, stage: str, name: str) -> Path:
 def remove_sidecars(store_path: str | os.PathLike) -> None:
     """Delete the folders beside a store (with the store itself, e.g. a just-created one)."""
     for what in SIDECARS:
-        shutil.rmtree(sidecar_dir(store_path, what), ignore_errors=True)
+        d = sidecar_dir(store_path, what)
+        if hasattr(d, "rmtree"):  # a remote prefix
+            try:
+                d.rmtree()
+            except Exception:  # noqa: BLE001 - best effort, as ignore_errors below
+                pass
+        else:
+            shutil.rmtree(d, ignore_errors=True)
