@@ -34,6 +34,7 @@ from surpipe.config import opt
 from surpipe.stage_one_options import StageOneCommon, option
 from surpipe.data.image_loader import BlockFeeder, loader_error
 from surpipe.errors import SurpipeError
+from surpipe.store.sharding import default_shard_blocks
 from surpipe.logs import get_logger
 
 PARTS = ("clip", "vae")
@@ -265,7 +266,8 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         save_config()
         res = run_block_job(store=store, kind="clip", name=name, settings=settings, arrays=arrays,
                             provenance=prov, overwrite=cfg.overwrite, env=env, compute_block=clip_block,
-                            unit="row", desc=f"clip/{name}", stats=lambda: dict(counter), progress=cfg.progress)
+                            unit="row", desc=f"clip/{name}", stats=lambda: dict(counter), progress=cfg.progress,
+                            shard_blocks=default_shard_blocks(cfg.store, cfg.shard_blocks))
         g = store.group(path)
         lens = ClipFeatures.token_lengths(g)
         done = g.done_mask()
@@ -347,7 +349,8 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         try:
             res = run_block_job(store=store, kind="vae", name=vae_name, settings=settings, arrays=arrays,
                                 provenance=prov, overwrite=cfg.overwrite, env=env, compute_block=vae_block,
-                                unit="img", desc=path, stats=lambda: dict(counter), progress=cfg.progress)
+                                unit="img", desc=path, stats=lambda: dict(counter), progress=cfg.progress,
+                            shard_blocks=default_shard_blocks(cfg.store, cfg.shard_blocks))
         except RuntimeError as e:
             err = loader_error(e, cfg.workers, cfg.loader_timeout)
             if err is None:

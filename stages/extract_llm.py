@@ -34,6 +34,7 @@ from surpipe import config as cfgmod
 from surpipe.config import opt
 from surpipe.stage_one_options import StageOneCommon, option
 from surpipe.errors import SurpipeError
+from surpipe.store.sharding import default_shard_blocks
 from surpipe.logs import get_logger
 
 
@@ -347,12 +348,17 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
     log.info(f"{path}: {store.num_samples} prompts, layers {all_layers} of {n_layers}, H={hidden}, pooling {cfg.pooling}, "
             f"{cfg.store_dtype} stored (model loaded in {load_s:.1f} s)")
 
+    # added layers are built in a side store and moved into the group: the same shard layout
+    shards = (store.group(path).shard_blocks if store.has_group(path) and not cfg.overwrite else
+              default_shard_blocks(cfg.store, cfg.shard_blocks))
+
     def job(target, lays, sets, arrs, with_counts, desc):
         try:
             return run_block_job(store=target, kind="llm", name=name, settings=sets, arrays=arrs,
                                  provenance=provenance(lays), overwrite=cfg.overwrite and target is store, env=env,
                                  compute_block=block_fn(lays, with_counts), unit="prompt", desc=desc,
-                                 stats=lambda: {"tok": counters["tok"]}, progress=cfg.progress)
+                                 stats=lambda: {"tok": counters["tok"]}, progress=cfg.progress,
+                                 shard_blocks=shards)
         except SurpipeError as e:
             if "overflows" in str(e):
                 raise SurpipeError(f"{e}\n  (this group was started as {cfg.store_dtype}: rerun with "

@@ -77,20 +77,26 @@ class BlockJobResult:
 def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], arrays: Mapping[str, Any],
                   provenance: Mapping[str, Any], overwrite: bool, env: DistEnv,
                   compute_block: Callable[[int, int], Mapping[str, np.ndarray]], unit: str = "row", desc: str = "",
-                  stats: Callable[[], Mapping[str, float]] | None = None, progress: bool = True) -> BlockJobResult:
+                  stats: Callable[[], Mapping[str, float]] | None = None, progress: bool = True,
+                  shard_blocks: int = 1) -> BlockJobResult:
     """Compute and write every pending block this rank owns, resumably.
 
     Rank 0 creates (or checks) the group while the others wait; then each rank computes its own
     blocks with ``compute_block(start, stop) -> {array: values}`` and writes them whole, under its
     writer lock. A group that is already complete is left untouched. ``stats()`` may return
-    running counters (e.g. tokens) shown in the progress bar as rates.
+    running counters (e.g. tokens) shown in the progress bar as rates. ``shard_blocks``: blocks per
+    stored object of a group this job creates (:mod:`surpipe.store.sharding`); a sharded group's
+    ranks own whole shards, and each shard's pending blocks are written in one piece.
     """
+    from surpipe.store.sharding import shard_runs
+
     from surpipe.locks import writer_lock
     from surpipe.progress import progress_bar
 
     t0 = time.perf_counter()
     if env.is_main:
-        group = store.require_group(kind, name, settings, arrays, provenance=provenance, overwrite=overwrite)
+        group = store.require_group(kind, name, settings, arrays, provenance=provenance, overwrite=overwrite,
+                                    shard_blocks=shard_blocks)
     barrier(env)
     if not env.is_main:
         group = store.require_group(kind, name, settings, arrays, provenance=provenance, overwrite=False)
@@ -106,16 +112,18 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
                            desc=desc + (f" [rank {env.rank}/{env.world_size}]" if env.world_size > 1 else ""),
                            disable=not progress)
         t_compute = time.perf_counter()
-        for b, (start, stop) in zip(blocks, spans):
-            values = compute_block(start, stop)
-            if b in kept:
-                values = group.keep_stored_rows(b, kept[b], values)
-            group.write_block(b, values, fence=fence.check)  # a writer whose lease was taken over stops
-            done_rows += stop - start
-            bar.update(stop - start)
-            if stats is not None:
-                el = max(time.perf_counter() - t_compute, 1e-9)
-                bar.set_postfix({k: f"{v / el:.1f}/s" for k, v in stats().items()}, refresh=False)
+        for run in shard_runs(blocks, group.shard_blocks):  # one block each, unsharded
+            values = []
+            for b in run:
+                start, stop = store.block_range(b)
+                v = compute_block(start, stop)
+                values.append(group.keep_stored_rows(b, kept[b], v) if b in kept else v)
+                done_rows += stop - start
+                bar.update(stop - start)
+                if stats is not None:
+                    el = max(time.perf_counter() - t_compute, 1e-9)
+                    bar.set_postfix({k: f"{v / el:.1f}/s" for k, v in stats().items()}, refresh=False)
+            group.write_blocks(run, values, fence=fence.check)  # a writer whose lease was taken over stops
         bar.close()
     barrier(env)
     return BlockJobResult(group.path, len(blocks), done_rows, False, time.perf_counter() - t0,

@@ -23,6 +23,9 @@ _OPTIONS = {
     "storage_options": dict(default=None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
                                                "profile, ...; credentials better from the environment)",
                             group="output"),
+    "shard_blocks": dict(default=None, help="blocks per stored object (zarr sharding) of the groups this run "
+                                            "creates; default 1 for a folder, 4 for an object-store URL",
+                         group="output", ge=1, le=4096),
     "overwrite": dict(default=False, help="replace groups written with other settings (their values are lost)",
                       group="output"),
     "progress": dict(default=True, help="show progress bars", group="running"),
@@ -42,6 +45,7 @@ class StageOneCommon:
     required fields first)."""
 
     block_rows: Optional[int] = option("block_rows")
+    shard_blocks: Optional[int] = option("shard_blocks")
     check_images: Literal["auto", "full", "header", "none"] = option("check_images")
     simple_field: str = option("simple_field")
     complex_field: str = option("complex_field")

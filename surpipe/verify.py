@@ -69,8 +69,10 @@ class _Checker:
         return self.path / arr.path / key
 
     def _chunk_coords(self, arr, first: int):
-        """Every chunk (or shard) coordinate whose first index is ``first``."""
+        """Every chunk coordinate whose first index is ``first`` (in a sharded array: of the shards
+        holding those chunks)."""
         grid_chunks = arr.shards or arr.chunks
+        first //= max(1, grid_chunks[0] // max(1, arr.chunks[0]))
         rest = [range(-(-s // max(c, 1))) for s, c in zip(arr.shape[1:], grid_chunks[1:])]
         for tail in itertools.product(*rest):
             yield (first, *tail)

@@ -310,8 +310,13 @@ class FeatureStore:
         arrays: Mapping[str, ArraySpec],
         provenance: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        shard_blocks: int = 1,
     ) -> FeatureGroup:
         """Create feature group ``kind/name`` or reopen it when its ``settings`` match.
+
+        ``shard_blocks`` > 1 (a new group only: an existing group keeps its layout) stores its
+        arrays with zarr's sharding codec, one shard object per ``shard_blocks`` blocks, each block
+        still one inner chunk (:mod:`surpipe.store.sharding`).
 
         ``settings`` are what determines the stored values (model, revision, layers, dtype ...):
         reopening with different settings is refused unless ``overwrite`` deletes the group.
@@ -342,7 +347,7 @@ class FeatureStore:
                 if self._exists(path):
                     self.check_settings(kind, name, settings)
                     return FeatureGroup(self, path)
-                self._create_group(path, kind, settings, arrays, provenance)
+                self._create_group(path, kind, settings, arrays, provenance, shard_blocks)
         except OSError as e:
             what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise SurpipeError(f"cannot create group {path} in store {self.path}: {what}"
@@ -351,25 +356,31 @@ class FeatureStore:
         self._layout_ok.discard(path)
         return FeatureGroup(self, path)
 
-    def _create_group(self, path, kind, settings, arrays, provenance) -> None:
+    def _create_group(self, path, kind, settings, arrays, provenance, shard_blocks: int = 1) -> None:
+        from surpipe.store.sharding import effective_shard_blocks, shard_shape
+
         g = self.root.require_group(path)
         n, b = self.num_samples, self.block_rows
+        K = effective_shard_blocks(shard_blocks, self.num_blocks)
         specs = {}
         for aname, spec in arrays.items():
             if spec.block_capacity:
                 cap = int(spec.block_capacity)
+                chunks = (cap, *spec.row_shape)
                 a = g.create_array(aname, shape=(self.num_blocks * cap, *spec.row_shape), dtype=spec.dtype,
-                                   chunks=(cap, *spec.row_shape), compressors=codec_chain(spec.codec),
+                                   chunks=chunks, shards=shard_shape(chunks, K), compressors=codec_chain(spec.codec),
                                    fill_value=0, attributes={"block_capacity": cap})
             else:
-                a = g.create_array(aname, shape=(n, *spec.row_shape), dtype=spec.dtype,
-                                   chunks=(min(b, max(n, 1)), *spec.row_shape),
-                                   compressors=codec_chain(spec.codec), fill_value=0)
+                chunks = (min(b, max(n, 1)), *spec.row_shape)
+                a = g.create_array(aname, shape=(n, *spec.row_shape), dtype=spec.dtype, chunks=chunks,
+                                   shards=shard_shape(chunks, K), compressors=codec_chain(spec.codec), fill_value=0)
             specs[aname] = {"dtype": str(a.dtype), "shape": list(a.shape), "chunks": list(a.chunks),
                             "checksum": "crc32c"}
+            if K > 1:
+                specs[aname]["shards"] = list(a.shards)
         # done[b] holds the generation id that completed block b (0: not done)
-        g.create_array("done", shape=(self.num_blocks,), dtype="int64", chunks=(1,), fill_value=0,
-                       compressors=codec_chain("none"))
+        g.create_array("done", shape=(self.num_blocks,), dtype="int64", chunks=(1,), shards=shard_shape((1,), K),
+                       fill_value=0, compressors=codec_chain("none"))
         g.update_attributes({  # one metadata write: a kill leaves all of these or none
             "kind": kind,
             "settings": settings,
@@ -377,6 +388,7 @@ class FeatureStore:
             "arrays": list(arrays),
             "array_specs": specs,
             "generation": uuid.uuid4().hex,
+            "shard_blocks": K,
             "provenance": {**dict(provenance or {}), "library_versions": library_versions(),
                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
         })

@@ -119,15 +119,28 @@ class FeatureGroup:
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
 
+    @property
+    def shard_blocks(self) -> int:
+        """Blocks per stored object (1: unsharded; :mod:`surpipe.store.sharding`)."""
+        try:
+            return max(1, int(self.group.attrs.get("shard_blocks", 1) or 1))
+        except (TypeError, ValueError):
+            return 1
+
     def pending_blocks(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Blocks not yet done that belong to ``rank`` (block b belongs to rank b % world_size).
+        """Blocks not yet done that belong to ``rank``: block b belongs to rank (b // K) % world_size,
+        K the group's blocks per shard (1 unsharded), so a shard object is only ever written by
+        one rank.
 
         Ownership depends on the block index alone, never on timing, so ranks that list their
         blocks at different moments still get disjoint sets; a resumed job may use another
         world size.
         """
+        from surpipe.store.sharding import owner
+
+        k = self.shard_blocks
         pending = np.flatnonzero(~self.done_mask()).tolist()
-        return [b for b in pending if b % world_size == rank]
+        return [b for b in pending if owner(b, k, world_size) == rank]
 
     def write_block(self, block: int, values: Mapping[str, np.ndarray], fence=None) -> None:
         """Write every array's rows of ``block`` (one chunk each), then mark the block done.
@@ -137,59 +150,79 @@ class FeatureGroup:
         writer lock's ``check``) is called right before the block is marked done: a writer whose
         lease was taken over stops there.
         """
+        self.write_blocks([block], [values], fence)
+
+    def write_blocks(self, blocks: list[int], values: list[Mapping[str, np.ndarray]], fence=None) -> None:
+        """Write consecutive ``blocks`` (of one shard, :func:`surpipe.store.sharding.shard_runs`) in one
+        piece per array, then mark them done: a sharded group's shard object is uploaded once
+        rather than rewritten block by block."""
         try:
-            self._write_block(block, values, fence)
+            self._write_blocks(list(blocks), list(values), fence)
         except (SurpipeError, ValueError, TypeError, KeyError):
             raise
         except Exception as e:
+            span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
             if not getattr(self.store, "remote", False) or isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 if isinstance(e, OSError):
-                    return self._failed(block, e)
+                    return self._failed(span, e)
                 raise
             from surpipe.store.location import remote_failure
 
-            raise SurpipeError(f"writing {self.path} block {block} of store {self.store.path} failed: "
-                               f"{remote_failure(e, str(self.store.path))}; block {block} is not marked done: "
+            raise SurpipeError(f"writing {self.path} {span} of store {self.store.path} failed: "
+                               f"{remote_failure(e, str(self.store.path))}; {span} not marked done: "
                                "rerun the same command (finished blocks are kept)") from None
 
-    def _failed(self, block: int, e: OSError) -> None:
+    def _failed(self, span: str, e: OSError) -> None:
         where = e.filename or self.store.path
         what = "no space left on device" if e.errno == errno.ENOSPC else "write failed"
         raise SurpipeError(
-            f"{what} while writing {self.path} block {block} of store {self.store.path} "
-            f"({where}: {e.strerror or e}); block {block} is not marked done: free space or fix "
+            f"{what} while writing {self.path} {span} of store {self.store.path} "
+            f"({where}: {e.strerror or e}); {span} not marked done: free space or fix "
             "the disk, then rerun the same command (finished blocks are kept)") from None
 
-    def _write_block(self, block: int, values: Mapping[str, np.ndarray], fence=None) -> None:
+    def _stored_rows(self, name: str, arr, block: int, x: np.ndarray) -> np.ndarray:
+        """``x`` checked against ``block``'s place in ``arr`` and converted to the stored dtype."""
         start, stop = self.store.block_range(block)
-        missing = sorted(set(self.array_names) - set(values))
-        extra = sorted(set(values) - set(self.array_names))
-        if missing or extra:
-            raise ValueError(f"write_block({self.path}): missing arrays {missing}, unexpected {extra}")
-        self.check_generation(block)
-        for name, x in values.items():
+        cap = arr.attrs.get("block_capacity")
+        if cap:  # block-ragged array: this block owns flat rows [block * cap, (block + 1) * cap)
+            cap = int(cap)
+            if x.ndim != arr.ndim or x.shape[0] > cap or x.shape[1:] != arr.shape[1:]:
+                raise ValueError(f"{self.path}/{name}: block {block} expects at most {cap} rows of "
+                                 f"shape {arr.shape[1:]}, got {x.shape}")
+            full = np.zeros((cap, *arr.shape[1:]), dtype=x.dtype)
+            full[: x.shape[0]] = x
+            return to_storage(full, str(arr.dtype), f"{self.path}/{name} block {block} (rows {start}-{stop - 1})")
+        if x.shape != (stop - start, *arr.shape[1:]):
+            raise ValueError(f"{self.path}/{name}: block {block} expects shape "
+                             f"{(stop - start, *arr.shape[1:])}, got {x.shape}")
+        return to_storage(x, str(arr.dtype), f"{self.path}/{name} rows {start}-{stop - 1}")
+
+    def _write_blocks(self, blocks: list[int], values: list[Mapping[str, np.ndarray]], fence=None) -> None:
+        if any(b + 1 != c for b, c in zip(blocks, blocks[1:])):
+            raise ValueError(f"write_blocks({self.path}): blocks {blocks} are not consecutive")
+        for v in values:
+            missing = sorted(set(self.array_names) - set(v))
+            extra = sorted(set(v) - set(self.array_names))
+            if missing or extra:
+                raise ValueError(f"write_block({self.path}): missing arrays {missing}, unexpected {extra}")
+        for b in blocks:
+            self.check_generation(b)
+        first, last = blocks[0], blocks[-1]
+        for name in values[0]:
             # write_empty_chunks: an all-zero block still gets its chunk file, so a done block with a
             # missing chunk file is always damage (surpipe verify checks it)
             arr = self.group[name].with_config({"write_empty_chunks": True})
+            parts = [self._stored_rows(name, arr, b, v[name]) for b, v in zip(blocks, values)]
             cap = arr.attrs.get("block_capacity")
-            if cap:  # block-ragged array: this block owns flat rows [block * cap, (block + 1) * cap)
-                cap = int(cap)
-                if x.ndim != arr.ndim or x.shape[0] > cap or x.shape[1:] != arr.shape[1:]:
-                    raise ValueError(f"{self.path}/{name}: block {block} expects at most {cap} rows of "
-                                     f"shape {arr.shape[1:]}, got {x.shape}")
-                full = np.zeros((cap, *arr.shape[1:]), dtype=x.dtype)
-                full[: x.shape[0]] = x
-                arr[block * cap:(block + 1) * cap] = to_storage(
-                    full, str(arr.dtype), f"{self.path}/{name} block {block} (rows {start}-{stop - 1})")
-                continue
-            if x.shape != (stop - start, *arr.shape[1:]):
-                raise ValueError(f"{self.path}/{name}: block {block} expects shape "
-                                 f"{(stop - start, *arr.shape[1:])}, got {x.shape}")
-            arr[start:stop] = to_storage(x, str(arr.dtype), f"{self.path}/{name} rows {start}-{stop - 1}")
-        self.check_generation(block)  # a job that lost its group never marks a block of the new one
+            lo, hi = ((first * int(cap), (last + 1) * int(cap)) if cap else
+                      (self.store.block_range(first)[0], self.store.block_range(last)[1]))
+            arr[lo:hi] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        for b in blocks:
+            self.check_generation(b)  # a job that lost its group never marks a block of the new one
         if fence is not None:
             fence()  # a writer whose lease was taken over never marks a block
-        self.group["done"][block] = self.gen_id if self.gen_id is not None else True
+        mark = self.gen_id if self.gen_id is not None else True
+        self.group["done"][first:last + 1] = np.full(len(blocks), mark, dtype=self.group["done"].dtype)
 
     def mark_incomplete(self, block: int) -> None:
         kept = self.group.attrs.get("kept_rows")

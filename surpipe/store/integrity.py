@@ -61,10 +61,12 @@ def chunk_files(store_path: str | os.PathLike, arr, first: int) -> list[Path]:
 
 
 def chunk_keys(arr, first: int) -> list[str]:
-    """The keys (relative to the array) of ``arr``'s chunks whose first index is ``first``."""
+    """The keys (relative to the array) of the objects holding ``arr``'s chunks whose first index
+    is ``first``: the chunk objects, or in a sharded array the shards that hold them."""
     import itertools
 
     grid = arr.shards or arr.chunks
+    first //= max(1, grid[0] // max(1, arr.chunks[0]))  # the shard holding inner chunk `first`
     rest = [range(-(-s // max(c, 1))) for s, c in zip(arr.shape[1:], grid[1:])]
     enc = arr.metadata.chunk_key_encoding.encode_chunk_key
     return [enc((first, *tail)) for tail in itertools.product(*rest)]
