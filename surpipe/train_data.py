@@ -180,7 +180,8 @@ class BlockReader:
 def _done_value(store_path: str, done, block: int, gen: int | None):
     """``done[block]``, read from its chunk file directly when the layout is format 2's (8 bytes of
     little-endian int64, then the crc32c): a zarr read costs ~2 ms, this ~50 us, for every block."""
-    if gen is not None and len(done.compressors) == 1 and getattr(done.serializer, "endian", None) is not None \
+    if gen is not None and done.shards is None and len(done.compressors) == 1 \
+            and getattr(done.serializer, "endian", None) is not None \
             and str(done.serializer.endian.value) == "little":
         import google_crc32c
 

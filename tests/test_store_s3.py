@@ -114,6 +114,8 @@ def test_stage_one_two_gloo_ranks_on_s3_equal_one_local_process_then_verify_insp
     a = _zarr_group(url, "llm/dp", s3_server)
     b = zarr.open_group(str(ref), mode="r")["llm/dp"]
     assert (a["done"][:] != 0).all() and a.attrs["provenance"]["world_size"] == 2
+    # 8 blocks at the object-store default of 4 per shard: each rank wrote one whole shard object
+    assert a.attrs["shard_blocks"] == 4 and len(fs.ls(f"{bucket}/prefix/surd.zarr/llm/dp/layer_1/pooled/c")) == 2
     for name in ("layer_1/pooled", "layer_3/pooled", "token_counts"):
         np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
 
@@ -168,11 +170,16 @@ def test_sigkill_mid_write_then_resume_completes_and_rewrites_no_finished_block(
         proc.wait(timeout=30)
     assert killed is not None, proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL
-    done = (_zarr_group(url, "llm/k", s3_server)["done"][:] != 0)
+    g = _zarr_group(url, "llm/k", s3_server)
+    done = (g["done"][:] != 0)
     assert 3 <= done.sum() < len(done)
     finished = np.flatnonzero(done).tolist()
-    # the finished blocks' chunk objects as they are now (content and modification time)
-    before = {b: fs.info(f"{s3_bucket[5:]}/surd.zarr/llm/k/layer_1/pooled/c/{b}/0") for b in finished}
+    # an object store's default: 4 blocks per object (zarr sharding); a shard is written whole
+    K = g.attrs["shard_blocks"]
+    assert K == 4 and g["layer_1/pooled"].shards[0] == 4 * 4
+    assert all(done[(b // K) * K:(b // K + 1) * K].all() for b in finished)  # whole shards done, never parts
+    # the finished blocks' objects as they are now (content and modification time)
+    before = {b // K: fs.info(f"{s3_bucket[5:]}/surd.zarr/llm/k/layer_1/pooled/c/{b // K}/0") for b in finished}
 
     t0 = time.time()
     rc, err = run_cli_err(*args)  # the killed writer's lease (a dead pid of this machine) is taken over at once
@@ -182,9 +189,9 @@ def test_sigkill_mid_write_then_resume_completes_and_rewrites_no_finished_block(
     assert f"{(len(done) - len(finished)) * 4} prompts" in line  # only the unfinished blocks were computed
     g = _zarr_group(url, "llm/k", s3_server)
     assert (g["done"][:] != 0).all()
-    for b, info in before.items():
-        now = fs.info(f"{s3_bucket[5:]}/surd.zarr/llm/k/layer_1/pooled/c/{b}/0")
-        assert (now["ETag"], now["LastModified"]) == (info["ETag"], info["LastModified"]), b
+    for shard, info in before.items():
+        now = fs.info(f"{s3_bucket[5:]}/surd.zarr/llm/k/layer_1/pooled/c/{shard}/0")
+        assert (now["ETag"], now["LastModified"]) == (info["ETag"], info["LastModified"]), shard
     rc, out, err = run_cli("verify", url)
     assert rc == 0 and "OK: no problems" in out, out + err
 

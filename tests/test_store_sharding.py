@@ -16,6 +16,7 @@ from surpipe.blockjob import DistEnv, run_block_job
 from surpipe.errors import SurpipeError
 from surpipe.store import ArraySpec, FeatureStore
 from surpipe.store.sharding import default_shard_blocks, owner, shard_runs
+from s3server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 from test_store_growth import BLOCK, _surd, _values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,3 +207,61 @@ def check_store_sound(store) -> bool:
 
     rep = check_store(store)
     return rep.sound or print(rep.problems)
+
+
+def test_train_reads_a_sharded_s3_store_through_the_cache(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """A sharded group on object storage: training reads each shard object once (the cache keeps it
+    whole and serves zarr's byte ranges of it), nothing in the second epoch, the stored values."""
+    import s3fs
+
+    from surpipe.store_groups import resolve_groups
+    from surpipe.train_data import BlockReader, SampleStream
+    from test_train import make_store
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SURPIPE_STORAGE_OPTIONS", "")
+    monkeypatch.setenv("SURPIPE_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SURPIPE_STORE_CACHE_GB", "1")
+    url = f"{s3_bucket}/sharded.zarr"
+    real = FeatureStore.require_group
+    with monkeypatch.context() as m:
+        m.setattr(FeatureStore, "require_group", lambda self, *a, **k: real(self, *a, **{**k, "shard_blocks": 2}))
+        make_store(url, n=32, block_rows=8)  # 4 blocks: 2 shard objects per array
+    make_store(tmp_path / "plain.zarr", n=32, block_rows=8)  # the same values, unsharded, local
+    st = FeatureStore(url)
+    assert {st.group(p).shard_blocks for p in st.group_paths()} == {2}
+
+    gets: list[str] = []
+    orig = s3fs.S3FileSystem._cat_file
+
+    async def counting(self, path, *a, **kw):
+        gets.append(path)
+        return await orig(self, path, *a, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counting)
+    groups, problems = resolve_groups(st, llm_layer=-1, llm_group=None, clip_group=None, vae_group=None,
+                                      use_flip=True)
+    assert not problems
+    reader = BlockReader(url, groups, st.block_rows)
+    ref = BlockReader(str(tmp_path / "plain.zarr"), groups, st.block_rows)
+
+    def data_gets():
+        return [p for p in gets if "/c/" in p and "/done/" not in p and "/prompts/" not in p and "/keys/" not in p]
+
+    def epoch():
+        it = iter(SampleStream(reader, batch_size=4, seed=0))
+        return [next(it) for _ in range(32 // 4)]
+
+    gets.clear()
+    first = epoch()
+    assert len(data_gets()) == 2 * 7 and len(set(data_gets())) == 2 * 7  # 2 shards x 7 arrays, once each
+    gets.clear()
+    second = epoch()
+    assert data_gets() == []
+    for x, y in zip(first, second):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for b in range(4):
+        for k, v in reader[b].items():
+            np.testing.assert_array_equal(v, ref[b][k], err_msg=k)

@@ -154,19 +154,21 @@ class CachedStore(WrapperStore):
         return None
 
     async def get(self, key, prototype, byte_range=None):
-        ns = self._ns(key) if byte_range is None else None
+        ns = self._ns(key)
         if ns is None:
             return await self._store.get(key, prototype, byte_range)
         data = self.cache.get(ns, key)
-        if data is not None:
-            return prototype.buffer.from_bytes(data)
-        value = await self._store.get(key, prototype, byte_range)
-        self.remote_gets += 1
-        if value is None:
-            self.missing.add(key)
-            return None
-        self.cache.put(ns, key, value.to_bytes())
-        return value
+        if data is None:
+            # the whole object, also for a range: a shard's index and its inner chunks are read as
+            # ranges of one object (zarr sharding), which the cache keeps whole
+            value = await self._store.get(key, prototype)
+            self.remote_gets += 1
+            if value is None:
+                self.missing.add(key)
+                return None
+            data = value.to_bytes()
+            self.cache.put(ns, key, data)
+        return prototype.buffer.from_bytes(_byte_range(data, byte_range))
 
     async def exists(self, key: str) -> bool:
         ns = self._ns(key)
@@ -183,6 +185,21 @@ class CachedStore(WrapperStore):
         from zarr.core.sync import sync
 
         return sync(self.get(key, default_buffer_prototype())) is not None
+
+
+def _byte_range(data: bytes, byte_range) -> bytes:
+    """``data`` cut to a zarr byte request (None: all of it)."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    if byte_range is None:
+        return data
+    if isinstance(byte_range, RangeByteRequest):
+        return data[byte_range.start:byte_range.end]
+    if isinstance(byte_range, OffsetByteRequest):
+        return data[byte_range.offset:]
+    if isinstance(byte_range, SuffixByteRequest):
+        return data[-byte_range.suffix:] if byte_range.suffix else b""
+    raise TypeError(f"unknown byte request {byte_range!r}")
 
 
 def cached_root(store, groups: Mapping[str, Any], arrays: Mapping[str, list[str]]):
