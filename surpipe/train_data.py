@@ -123,7 +123,8 @@ class BlockReader:
                             "to mark the damaged block for recomputation, then rerun the stage that wrote it")
 
     def __getitem__(self, block: int) -> dict[str, np.ndarray]:
-        from surpipe.store import chunk_files, missing_chunk, read_failure
+        from surpipe.store import missing_chunk, read_failure
+        from surpipe.store.integrity import missing_block_file
 
         if self._pid != os.getpid() and getattr(self.store_location, "protocol", None):
             self._open()  # a forked DataLoader worker: the parent's object-store connections are not usable here
@@ -150,14 +151,28 @@ class BlockReader:
             if self._cache is not None:  # present = fetched into the cache (no extra request)
                 from surpipe.store.integrity import chunk_keys
 
+                from surpipe.store.sharding import index_bytes, inner_chunk_missing
+
                 for ck in chunk_keys(arr, block):
-                    if not self._cache.ensure(f"{arr.path}/{ck}"):
+                    obj = f"{arr.path}/{ck}"
+                    try:
+                        gone = not self._cache.ensure(obj)
+                        if not gone and arr.shards:  # an object over the cache's cap is not kept: ask the store
+                            data = self._cache.cached_bytes(obj)
+                            gone = (inner_chunk_missing(data[-index_bytes(arr):], arr, block) if data else
+                                    missing_block_file(self.store_path, arr, block) is not None)
+                    except ValueError as e:  # a damaged shard index
+                        raise read_failure(self.store_path, where, block, (start, stop), e) from None
+                    if gone:
                         raise missing_chunk(self.store_path, where, block, (start, stop),
-                                            f"{self.store_path.rstrip('/')}/{arr.path}/{ck}")
+                                            f"{self.store_path.rstrip('/')}/{obj}")
             else:
-                for f in chunk_files(self.store_path, arr, block):
-                    if not f.is_file():
-                        raise missing_chunk(self.store_path, where, block, (start, stop), f)
+                try:
+                    f = missing_block_file(self.store_path, arr, block)
+                except ValueError as e:
+                    raise read_failure(self.store_path, where, block, (start, stop), e) from None
+                if f is not None:
+                    raise missing_chunk(self.store_path, where, block, (start, stop), f)
             try:
                 x = np.asarray(arr[start:stop])
             except Exception as e:

@@ -360,8 +360,24 @@ class _Checker:
                                  "as zeros)".format(b), group=path, block=b, rows=rows,
                                  chunk=f"{arr.path}/{self._key(arr, missing[0])}")
                     continue
+                if arr.shards:
+                    from surpipe.store.sharding import index_bytes, inner_chunk_missing, read_tail
+
+                    shard = self._chunk_file(arr, next(iter(self._chunk_coords(arr, b))))
+                    try:
+                        gone = inner_chunk_missing(read_tail(shard, index_bytes(arr)), arr, b)
+                    except (ValueError, OSError) as e:
+                        self.problem(where, f"shard index cannot be read ({first_line(e, '')[:120]}): the shard "
+                                     "object was altered or truncated", group=path, block=b, rows=rows,
+                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b))))}")
+                        continue
+                    if gone:
+                        self.problem(where, f"chunk missing from its shard although done[{b}] is true (it would "
+                                     "read back as zeros)", group=path, block=b, rows=rows,
+                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b))))}")
+                        continue
                 v = self._read(arr, where, slice(s, e), group=path, block=b, rows=rows,
-                               chunk=f"{arr.path}/{self._key(arr, (b, *([0] * (arr.ndim - 1))))}")
+                               chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b))))}")
                 if v is None or not is_float:
                     continue
                 v = np.asarray(v)
@@ -403,6 +419,24 @@ def check_store(path) -> VerifyReport:
     return c.rep
 
 
+def _drop_damaged_shards(store, g, blocks: list[int]) -> list[int]:
+    """For a sharded group: delete the shard objects holding damaged ``blocks`` (zarr re-reads a shard
+    before writing into it, so a damaged one could never be rewritten) and return every block they
+    held, all to be recomputed; unsharded: ``blocks``."""
+    from surpipe.store.integrity import chunk_files
+
+    k = g.shard_blocks
+    if k <= 1:
+        return list(blocks)
+    out = sorted({x for b in blocks for x in range((b // k) * k, min((b // k + 1) * k, store.num_blocks))})
+    for name in [*g.array_names, "done"]:  # the done shard too: its marks for these blocks are void
+        arr = g.group[name]
+        for s in sorted({b // k for b in blocks}):
+            for f in chunk_files(store.path, arr, s * k):
+                f.unlink(missing_ok=True)
+    return out
+
+
 def verify_store(path, repair: bool = False) -> VerifyReport:
     """Check the store; with ``repair``, mark every damaged done block incomplete (``done[b] = False``,
     nothing recomputed) and check again. The returned report's ``repaired`` lists what was marked;
@@ -413,11 +447,15 @@ def verify_store(path, repair: bool = False) -> VerifyReport:
         return rep
     from surpipe.store import FeatureGroup, FeatureStore
 
+    from surpipe.locks import group_lock
+
     store = FeatureStore(path, mode="a")  # refuses a read-only store with a clear message
     for gpath, blocks in damaged.items():
-        g = FeatureGroup(store, gpath)
-        for b in blocks:
-            g.mark_incomplete(b)
+        # exclusively: a writer marking blocks of the same done object meanwhile could undo a mark
+        with group_lock(store.path, gpath, exclusive=True):
+            g = FeatureGroup(store, gpath)
+            for b in _drop_damaged_shards(store, g, blocks):
+                g.mark_incomplete(b)
     fixed = [p for p in rep.problems if p.group is not None and p.block is not None]
     t = rep.seconds
     rep = check_store(path)

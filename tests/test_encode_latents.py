@@ -296,13 +296,13 @@ def test_changed_image_names_the_key(encoded, surd, sd_dir, tmp_path):
 _KILL_SCRIPT = r"""
 import sys, time
 import surpipe.store as st
-orig = st.FeatureGroup.write_block
-def write_block(self, block, values):
-    orig(self, block, values)
-    print(f"WROTE {self.path} {block}", flush=True)
+orig = st.FeatureGroup.write_blocks
+def write_blocks(self, blocks, values, fence=None):
+    orig(self, blocks, values, fence)
+    print(f"WROTE {self.path} {blocks[0]}", flush=True)
     if self.path.startswith("vae/"):
         time.sleep(60)
-st.FeatureGroup.write_block = write_block
+st.FeatureGroup.write_blocks = write_blocks
 from stages.cli import main
 sys.exit(main(sys.argv[1:]))
 """

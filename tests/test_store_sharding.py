@@ -265,3 +265,70 @@ def test_train_reads_a_sharded_s3_store_through_the_cache(s3_server, s3_bucket, 
     for b in range(4):
         for k, v in reader[b].items():
             np.testing.assert_array_equal(v, ref[b][k], err_msg=k)
+
+
+def _flip(f: Path, at: int) -> None:
+    data = bytearray(f.read_bytes())
+    data[at] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_a_block_missing_from_its_shard_index_is_never_read_as_zeros(tmp_path):
+    """An inner chunk absent from an existing shard (what two writers in one shard leave) would read
+    back as fill values: verify, reads and the training reader refuse it."""
+    import struct
+
+    import google_crc32c
+
+    from surpipe.verify import check_store
+
+    st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(32), block_rows=4)
+    _job(st, 4)
+    shard = tmp_path / "s.zarr/llm/g/x/c/1/0/0"  # blocks 4-7
+    data = bytearray(shard.read_bytes())
+    n = 16 * 4
+    idx = bytearray(data[-(n + 4):-4])
+    struct.pack_into("<QQ", idx, 16 * 1, 2**64 - 1, 2**64 - 1)  # block 5: no inner chunk
+    data[-(n + 4):] = bytes(idx) + google_crc32c.value(bytes(idx)).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+    assert zarr.open_array(str(tmp_path / "s.zarr/llm/g/x"), mode="r")[20:24].sum() == 0  # zarr alone: zeros
+    rep = check_store(tmp_path / "s.zarr")
+    assert [(p.block, "missing from its shard" in p.message) for p in rep.problems] == [(5, True)], rep.problems
+    with pytest.raises(SurpipeError, match="missing"):
+        FeatureStore(tmp_path / "s.zarr").group("llm/g").read("x", 20, 24)
+
+
+def test_repair_of_a_damaged_shard_index_recomputes_its_blocks(tmp_path):
+    from surpipe.verify import check_store, verify_store
+
+    st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(32), block_rows=4)
+    _job(st, 4)
+    _flip(tmp_path / "s.zarr/llm/g/x/c/1/0/0", -10)  # inside the index of shard 1 (blocks 4-7)
+    with pytest.raises(SurpipeError, match="damaged|verify"):  # writing into it: one clear message
+        FeatureStore(tmp_path / "s.zarr", mode="a").group("llm/g").write_block(5, _compute(20, 24))
+    rep = verify_store(tmp_path / "s.zarr", repair=True)
+    assert rep.sound and sorted({p.block for p in rep.repaired}) >= [4]
+    g = FeatureStore(tmp_path / "s.zarr").group("llm/g")
+    assert g.done_mask().tolist() == [True] * 4 + [False] * 4
+    _job(FeatureStore(tmp_path / "s.zarr", mode="a"), 4)  # the rerun writes a fresh shard
+    ref = FeatureStore.create_or_open(tmp_path / "ref.zarr", _rows(32), block_rows=4)
+    _job(ref, 1)
+    for name in ("x", "n", "tok"):
+        np.testing.assert_array_equal(FeatureStore(tmp_path / "s.zarr").group("llm/g").read(name),
+                                      ref.group("llm/g").read(name))
+    assert check_store(tmp_path / "s.zarr").sound
+
+
+def test_repair_waits_for_no_writer(tmp_path):
+    """verify --repair takes the group's lock exclusively: with a writer at work it refuses, so the
+    writer cannot undo its marks (a shard's done flags are one object)."""
+    from surpipe.locks import writer_lock
+    from surpipe.verify import verify_store
+
+    st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(16), block_rows=4)
+    _job(st, 2)
+    _flip(tmp_path / "s.zarr/llm/g/x/c/0/0/0", 30)
+    with writer_lock(st.path, "llm/g", 0):
+        with pytest.raises(SurpipeError, match="being written"):
+            verify_store(tmp_path / "s.zarr", repair=True)
+    assert verify_store(tmp_path / "s.zarr", repair=True).sound

@@ -176,6 +176,11 @@ class CachedStore(WrapperStore):
             return True
         return await self._store.exists(key)
 
+    def cached_bytes(self, key: str) -> bytes:
+        """The cached object ``key`` (after :meth:`ensure`), or b"" when it is not cached."""
+        ns = self._ns(key)
+        return (self.cache.get(ns, key) or b"") if ns is not None else b""
+
     def ensure(self, key: str) -> bool:
         """Whether chunk ``key`` exists, fetching it into the cache when it is not there yet."""
         ns = self._ns(key)

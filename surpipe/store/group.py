@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from surpipe.errors import SurpipeError, first_line
-from surpipe.store.integrity import (chunk_files, fresh_attrs, generation_id, missing_chunk, read_failure,
+from surpipe.store.integrity import (fresh_attrs, missing_block_file, generation_id, missing_chunk, read_failure,
                                      recorded_layout, to_storage)
 
 if TYPE_CHECKING:
@@ -158,7 +158,16 @@ class FeatureGroup:
         rather than rewritten block by block."""
         try:
             self._write_blocks(list(blocks), list(values), fence)
-        except (SurpipeError, ValueError, TypeError, KeyError):
+        except ValueError as e:
+            if self.shard_blocks > 1 and "checksum" in str(e).lower():  # zarr re-reads a shard it writes into
+                span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
+                raise SurpipeError(
+                    f"store {self.store.path}: the shard of {self.path} holding {span} is damaged (checksum "
+                    f"mismatch), so it cannot be written into; run `surpipe verify --repair {self.store.path}` "
+                    "(it removes damaged shards and marks their blocks for recomputation), then rerun the same "
+                    "command") from None
+            raise
+        except (SurpipeError, TypeError, KeyError):
             raise
         except Exception as e:
             span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
@@ -288,10 +297,14 @@ class FeatureGroup:
             done = self.done_mask()
             for b in range(start // c, -(-stop // c)):
                 if b < len(done) and done[b]:
-                    for f in chunk_files(self.store.path, arr, b):
-                        if not f.is_file():
-                            raise missing_chunk(self.store.path, f"{self.path}/{name}", b,
-                                                (b * c, min((b + 1) * c, n)), f)
+                    try:
+                        f = missing_block_file(self.store.path, arr, b)
+                    except ValueError as e:  # a damaged shard index
+                        raise read_failure(self.store.path, f"{self.path}/{name}", b, (b * c, min((b + 1) * c, n)),
+                                           e) from None
+                    if f is not None:
+                        raise missing_chunk(self.store.path, f"{self.path}/{name}", b,
+                                            (b * c, min((b + 1) * c, n)), f)
         try:
             return arr[start:stop]
         except Exception as e:

@@ -72,6 +72,20 @@ def chunk_keys(arr, first: int) -> list[str]:
     return [enc((first, *tail)) for tail in itertools.product(*rest)]
 
 
+def missing_block_file(store_path, arr, block: int):
+    """The file (or object) holding ``block`` of ``arr`` when the block's chunk is absent, else None:
+    a chunk file that does not exist, or in a sharded array an existing shard whose index has no
+    entry for the block (zarr would read it as fill values). A damaged shard index raises ValueError."""
+    from surpipe.store.sharding import index_bytes, inner_chunk_missing, read_tail
+
+    for f in chunk_files(store_path, arr, block):
+        if not f.is_file():
+            return f
+        if arr.shards and inner_chunk_missing(read_tail(f, index_bytes(arr)), arr, block):
+            return f
+    return None
+
+
 def _base(store_path):
     """``store_path`` as a Path, or a RemotePath for a store at a URL."""
     from surpipe.store.location import is_url, store_path as _sp

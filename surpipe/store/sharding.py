@@ -59,3 +59,54 @@ def shard_runs(blocks: list[int], k: int) -> list[list[int]]:
         else:
             runs.append([b])
     return runs
+
+
+_EMPTY = 2**64 - 1
+
+
+def inner_chunks_per_shard(arr) -> int:
+    """Inner chunks per shard of ``arr`` along the row axis (1: unsharded)."""
+    if not arr.shards:
+        return 1
+    return max(1, arr.shards[0] // max(1, arr.chunks[0]))
+
+
+def index_bytes(arr) -> int:
+    """Size of a shard's index (zarr's default: at the end, a (offset, nbytes) uint64 pair per inner
+    chunk, then its crc32c)."""
+    n = 1
+    for s, c in zip(arr.shards, arr.chunks):
+        n *= max(1, s // max(1, c))
+    return 16 * n + 4
+
+
+def inner_chunk_missing(tail: bytes, arr, block: int) -> bool:
+    """Whether the shard whose index ends ``tail`` holds no inner chunk for ``block``. A shard keeps
+    one index for all its chunks: an inner chunk absent from it reads back as fill values, so a
+    done block must be looked up there, not only its shard object (:func:`index_bytes` bytes).
+    A damaged index raises ValueError (a checksum mismatch, as zarr reports it)."""
+    import struct
+
+    import google_crc32c
+
+    n = index_bytes(arr)
+    if len(tail) < n:
+        raise ValueError(f"shard index truncated ({len(tail)} of {n} bytes)")
+    idx, crc = tail[-n:-4], tail[-4:]
+    if google_crc32c.value(idx) != int.from_bytes(crc, "little"):
+        raise ValueError("Stored and computed checksum do not match (shard index)")
+    # rows are the only sharded axis: the other axes hold one chunk per shard
+    off, nbytes = struct.unpack_from("<QQ", idx, 16 * (block % inner_chunks_per_shard(arr)))
+    return off == _EMPTY and nbytes == _EMPTY
+
+
+def read_tail(f, n: int) -> bytes:
+    """The last ``n`` bytes of file or object ``f`` (a Path, or a RemotePath)."""
+    fs = getattr(f, "fs", None)
+    if fs is not None and hasattr(f, "path"):
+        return fs.cat_file(f.path, start=-n)
+    with open(f, "rb") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - n))
+        return fh.read()
