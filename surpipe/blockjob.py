@@ -103,7 +103,7 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
     if group.is_complete():
         return BlockJobResult(group.path, 0, 0, True, time.perf_counter() - t0, {})
 
-    with writer_lock(store.path, group.path, env.rank) as fence:
+    with writer_lock(store.path, group.path, env.rank, env.world_size) as fence:
         blocks = group.pending_blocks(env.rank, env.world_size)
         kept = group.kept_rows()  # blocks completed before the store grew: their old rows stay bit for bit
         spans = [store.block_range(b) for b in blocks]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,9 +27,10 @@ from surpipe.errors import SurpipeError
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_file: str | os.PathLike, what: str):
+def exclusive_lock(lock_file: str | os.PathLike, what: str, note: str = ""):
     """Hold an exclusive, non-blocking lock on ``lock_file``; a second holder is refused with a
-    message naming ``what`` and the process that holds it. Released when the process dies."""
+    message naming ``what`` and the process that holds it (with ``note`` after it). Released when
+    the process dies."""
     fh = open(lock_file, "a+")
     try:
         try:
@@ -42,7 +44,7 @@ def exclusive_lock(lock_file: str | os.PathLike, what: str):
             ) from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}{note}")
         fh.flush()
         yield
     finally:
@@ -191,19 +193,43 @@ def creation_lock(store_path: str | os.PathLike, group_path: str, wait_s: float 
         yield
 
 
+_RANKS = re.compile(r"\(rank \d+ of (\d+)\)")
+
+
+def _other_job(holders: list[str], world_size: int) -> str | None:
+    """The first holder of a rank lock whose job has another number of ranks (its record ends
+    ``(rank r of W)``): rank locks alone cannot tell two such jobs apart, and their ranks would
+    share shard objects (block ownership depends on the world size)."""
+    for h in holders:
+        m = _RANKS.search(h)
+        if m and int(m.group(1)) != world_size:
+            return h
+    return None
+
+
+def _refuse_other_job(what: str, holder: str, world_size: int) -> SurpipeError:
+    return SurpipeError(f"{what} is being written by another job ({holder}) with another number of ranks than "
+                        f"this one's {world_size}; wait for it to finish (or stop it) before starting another job on it")
+
+
 @contextlib.contextmanager
-def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
-    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused.
-    Also holds the group's lock shared, so nobody deletes (``--overwrite``) the group meanwhile.
-    Yields a fence: call its ``check()`` before marking a block done (a remote lease taken over
-    raises there)."""
+def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int, world_size: int = 1):
+    """Hold an exclusive lock for (group, rank): a second job writing the same group is refused,
+    also one with another number of ranks (each rank's record names its job's world size, and a
+    rank refuses when a live rank lock of the group names another). Also holds the group's lock
+    shared, so nobody deletes (``--overwrite``) the group meanwhile. Yields a fence: call its
+    ``check()`` before marking a block done (a remote lease taken over raises there)."""
+    note = f" (rank {rank} of {world_size})"
     if _remote(store_path):
         from surpipe.store.lease import Lease, describe, live_holders
 
         fs, d = _lease_dir(store_path)
         what = f"group {group_path} of store {store_path}"
         name = _lease_name(group_path)
-        with Lease(fs, f"{d}/{name}.rank{rank}", what) as lease:
+        with Lease(fs, f"{d}/{name}.rank{rank}", what + note) as lease:
+            other = _other_job([describe(r) for r in live_holders(fs, d, f"{name}.rank*")], world_size)
+            if other:  # written, then read: of two racing jobs at least one sees the other
+                raise _refuse_other_job(what, other, world_size)
             deadline = time.monotonic() + 30.0
             while True:  # shared vs a deleter: the rank lease is written, then no live delete lease may exist
                 deleting = live_holders(fs, d, f"{name}.delete")
@@ -215,6 +241,10 @@ def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int):
                 time.sleep(0.25)
             yield lease
         return
-    with exclusive_lock(_lock_file(store_path, group_path, f"rank{rank}"), f"group {group_path} of store {store_path}"):
+    what = f"group {group_path} of store {store_path}"
+    with exclusive_lock(_lock_file(store_path, group_path, f"rank{rank}"), what, note):
+        other = _other_job(_holders(store_path, group_path).split(", "), world_size)
+        if other:
+            raise _refuse_other_job(what, other, world_size)
         with group_lock(store_path, group_path, exclusive=False, wait_s=30.0):
             yield _NoFence()

@@ -332,3 +332,29 @@ def test_repair_waits_for_no_writer(tmp_path):
         with pytest.raises(SurpipeError, match="being written"):
             verify_store(tmp_path / "s.zarr", repair=True)
     assert verify_store(tmp_path / "s.zarr", repair=True).sound
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_job_with_another_number_of_ranks_is_refused(where, tmp_path, request, monkeypatch):
+    """Rank locks are per rank: job B's rank 1 would not meet job A's rank 0, and with another world
+    size their ranks own other shards, so two writers would share shard objects. Each rank's record
+    names its job's world size; a rank refuses when a live one names another."""
+    from surpipe.locks import writer_lock
+
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("SURPIPE_STORAGE_OPTIONS", "")
+        store = FeatureStore.create_or_open(f"{request.getfixturevalue('s3_bucket')}/s.zarr", _rows(8), block_rows=4)
+    else:
+        store = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(8), block_rows=4)
+    with writer_lock(store.path, "llm/g", 0, world_size=1):  # job A: one process writes every shard
+        with pytest.raises(SurpipeError, match="another number of ranks") as e:
+            with writer_lock(store.path, "llm/g", 1, world_size=2):  # job B's rank 1
+                pass
+        assert "rank 0 of 1" in str(e.value)
+        with writer_lock(store.path, "llm/other", 1, world_size=2):  # another group: no conflict
+            pass
+    with writer_lock(store.path, "llm/g", 1, world_size=2):  # A finished: B may start
+        pass

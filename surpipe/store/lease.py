@@ -391,7 +391,7 @@ class Lease:
                     time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())) or 0.01)
                     continue
                 n = top_n + 1
-            now = time.time()
+            now, t_mono = time.time(), time.monotonic()
             me = {"pid": os.getpid(), "host": socket.gethostname(), "machine": _machine(),
                   "start": _proc_start(os.getpid()), "token": token, "what": self.what,
                   "acquired": now, "renewed": now, "ttl_s": self.ttl_s, "released": False}
@@ -408,7 +408,7 @@ class Lease:
             break
         self.index = n
         self.holder = dict(me, object=_obj(self.dir, self.name, n), name=self.name)
-        self._renewed_mono = time.monotonic()
+        self._renewed_mono = t_mono
         for k, p in after:
             if k < n:
                 with contextlib.suppress(Exception):
@@ -459,9 +459,10 @@ class Lease:
             if why:
                 self._lost = why
                 return
+            t = time.monotonic()  # taken with the stamp: the PUT's latency counts against us, not others
             self.holder["renewed"] = time.time()
             _overwrite(self.fs, self.holder["object"], json.dumps(self._record()).encode())
-            self._renewed_mono = time.monotonic()
+            self._renewed_mono = t
             self._last_error = None
 
     def _renew_loop(self) -> None:
@@ -493,8 +494,10 @@ class Lease:
                 f"the lease on {self.what} ({self.path}) was {self._lost}: this job was paused or cut off "
                 f"longer than the lease TTL ({self.ttl_s:g} s) and another job took over; stopping so "
                 "that two jobs never write it at once")
+        # half the TTL: a taker may act at renewed + TTL by its own clock; the other half covers the
+        # time until the caller's next write lands and the clocks' skew
         idle = time.monotonic() - self._renewed_mono
-        if idle > self.ttl_s:
+        if idle > self.ttl_s / 2:
             raise SurpipeError(
                 f"the lease on {self.what} ({self.path}) could not be renewed for {idle:.0f} s (TTL "
                 f"{self.ttl_s:g} s; last error: {self._last_error or 'none'}); another job may take it "
