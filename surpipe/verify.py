@@ -363,21 +363,21 @@ class _Checker:
                 if arr.shards:
                     from surpipe.store.sharding import index_bytes, inner_chunk_missing, read_tail
 
-                    shard = self._chunk_file(arr, next(iter(self._chunk_coords(arr, b))))
+                    shard = self._chunk_file(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))
                     try:
                         gone = inner_chunk_missing(read_tail(shard, index_bytes(arr)), arr, b)
                     except (ValueError, OSError) as e:
                         self.problem(where, f"shard index cannot be read ({first_line(e, '')[:120]}): the shard "
                                      "object was altered or truncated", group=path, block=b, rows=rows,
-                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b))))}")
+                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))}")
                         continue
                     if gone:
                         self.problem(where, f"chunk missing from its shard although done[{b}] is true (it would "
                                      "read back as zeros)", group=path, block=b, rows=rows,
-                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b))))}")
+                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))}")
                         continue
                 v = self._read(arr, where, slice(s, e), group=path, block=b, rows=rows,
-                               chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b))))}")
+                               chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))}")
                 if v is None or not is_float:
                     continue
                 v = np.asarray(v)

@@ -37,7 +37,9 @@ def effective_shard_blocks(shard_blocks: int, num_blocks: int) -> int:
 
 def shard_shape(chunks: tuple[int, ...], k: int) -> tuple[int, ...] | None:
     """The ``shards=`` argument of ``create_array`` for ``k`` chunks per shard (None: unsharded)."""
-    return None if k <= 1 else (chunks[0] * k, *chunks[1:])
+    if k <= 1 or 0 in chunks:  # zero-width rows (an empty vector) have no chunks to group
+        return None
+    return (chunks[0] * k, *chunks[1:])
 
 
 def shard_of(block: int, k: int) -> int:
