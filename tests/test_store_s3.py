@@ -220,7 +220,8 @@ def test_second_writer_of_a_group_is_refused_naming_the_holder(s3_server, s3_buc
                           env=DistEnv(), compute_block=lambda s, e: {"layer_0/pooled": np.ones((e - s, 4))},
                           progress=False)
         msg = str(e.value)
-        assert f"group llm/g of store {url} is being written by pid {holder.pid} on {socket.gethostname()}" in msg
+        assert f"group llm/g of store {url} (rank 0 of 1) is being written by pid {holder.pid} on " \
+               f"{socket.gethostname()}" in msg
         assert st.group("llm/g").completed_blocks() == 0  # the refused job wrote nothing
         # --overwrite cannot delete the group while its writer runs
         with pytest.raises(SurpipeError, match="cannot be\\s+replaced"):
