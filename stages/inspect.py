@@ -62,6 +62,7 @@ def describe(store) -> dict:
             "complete_blocks": int(mask.sum()),
             "num_blocks": int(mask.size),
             "incomplete_blocks": np.flatnonzero(~mask).tolist()[:50],
+            "shard_blocks": g.shard_blocks,
             "settings": g.settings,
             "provenance": g.attrs.get("provenance", {}),
             "arrays": arrays,
@@ -117,7 +118,8 @@ def run(cfg: InspectConfig) -> dict:
         return info
     for g in info["groups"]:
         state = "complete" if g["complete_blocks"] == g["num_blocks"] else "INCOMPLETE"
-        print(f"\n  {g['path']}: {g['complete_blocks']}/{g['num_blocks']} blocks done ({state})")
+        shards = f", {g['shard_blocks']} blocks per stored object" if g["shard_blocks"] > 1 else ""
+        print(f"\n  {g['path']}: {g['complete_blocks']}/{g['num_blocks']} blocks done ({state}){shards}")
         if g["incomplete_blocks"] and state != "complete":
             print(f"    pending blocks: {g['incomplete_blocks']}")
         for k, v in g["settings"].items():

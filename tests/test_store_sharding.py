@@ -358,3 +358,17 @@ def test_a_job_with_another_number_of_ranks_is_refused(where, tmp_path, request,
             pass
     with writer_lock(store.path, "llm/g", 1, world_size=2):  # A finished: B may start
         pass
+
+
+def test_inspect_shows_the_shard_layout(tmp_path):
+    from helpers import run_cli
+
+    st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(16), block_rows=4)
+    _job(st, 2)
+    rc, out, err = run_cli("inspect", tmp_path / "s.zarr", "--full")
+    assert rc == 0, err
+    assert "llm/g: 4/4 blocks done (complete), 2 blocks per stored object" in out
+    rc, out, err = run_cli("inspect", tmp_path / "s.zarr", "--json")
+    import json
+
+    assert [g["shard_blocks"] for g in json.loads(out)["groups"]] == [2]
