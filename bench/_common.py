@@ -334,38 +334,44 @@ def synthetic_dataset(n: int, base=None):
 
 
 def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, codec: str = "zstd",
-                dtype: str = "float16", llm_layer: int = 3) -> Path:
-    """A training store of ``rows`` rows: the real activations tiled (row i holds activation i % n)."""
+                dtype: str = "float16", llm_layer: int = 3, shard_blocks: int = 1) -> Path:
+    """A training store of ``rows`` rows: the real activations tiled (row i holds activation i % n).
+    ``path`` may be a URL; ``shard_blocks`` blocks per stored object (each shard written in one piece)."""
     from surpipe.store import ArraySpec, FeatureStore
+    from surpipe.store.sharding import shard_runs
 
     st = FeatureStore.create_or_open(path, synthetic_dataset(rows), block_rows=block_rows)
     n = act.llm.shape[0]
     lat = act.lat_mean.shape[1:]
     width = act.clip_simple.shape[-1]
     llm = st.require_group("llm", "bench", {"layers": [llm_layer]},
-                           {f"layer_{llm_layer}/pooled": ArraySpec((act.llm.shape[1],), dtype, codec)})
+                           {f"layer_{llm_layer}/pooled": ArraySpec((act.llm.shape[1],), dtype, codec)},
+                           shard_blocks=shard_blocks)
     xl = act.pooled_simple is not None
     if xl:  # SDXL: the groups encode-latents writes (pooled embeddings, micro-conditioning)
         from surpipe.features import ClipXLFeatures, VaeFeatures
 
         cs = ClipXLFeatures.settings(max_length=77, hidden_size=width, pooled_size=act.pooled_simple.shape[-1],
                                      store_dtype=dtype)
-        clip = st.require_group("clip", "bench", cs, ClipXLFeatures.arrays(cs, codec))
+        clip = st.require_group("clip", "bench", cs, ClipXLFeatures.arrays(cs, codec), shard_blocks=shard_blocks)
         vs = VaeFeatures.settings(resolution=act.resolution, flip=True, scaling_factor=act.scaling_factor,
                                   shift_factor=None, latent_channels=lat[0], downsample_factor=act.resolution // lat[-1],
                                   store_dtype=dtype, micro_conditioning=True)
-        vae = st.require_group("vae", f"bench-{act.resolution}", vs, VaeFeatures.arrays(vs, codec))
+        vae = st.require_group("vae", f"bench-{act.resolution}", vs, VaeFeatures.arrays(vs, codec),
+                               shard_blocks=shard_blocks)
     else:
         clip = st.require_group("clip", "bench", {"m": 1}, {
             "simple": ArraySpec((77, width), dtype, codec), "complex": ArraySpec((77, width), dtype, codec),
-            "simple_len": ArraySpec((), "int32", codec), "complex_len": ArraySpec((), "int32", codec)})
+            "simple_len": ArraySpec((), "int32", codec), "complex_len": ArraySpec((), "int32", codec)},
+            shard_blocks=shard_blocks)
         vae = st.require_group("vae", f"bench-{act.resolution}", {"resolution": act.resolution,
                                                                   "scaling_factor": act.scaling_factor},
-                               {k: ArraySpec(lat, dtype, codec) for k in ("mean", "std", "flip_mean", "flip_std")})
-    for b in range(st.num_blocks):
+                               {k: ArraySpec(lat, dtype, codec) for k in ("mean", "std", "flip_mean", "flip_std")},
+                               shard_blocks=shard_blocks)
+
+    def block_values(b):
         s, e = st.block_range(b)
         idx = np.arange(s, e) % n
-        llm.write_block(b, {f"layer_{llm_layer}/pooled": act.llm[idx]})
         cb = {"simple": act.clip_simple[idx], "complex": act.clip_complex[idx],
               "simple_len": np.full(e - s, 9), "complex_len": np.full(e - s, 60)}
         vb = {"mean": act.lat_mean[idx], "std": act.lat_std[idx],
@@ -374,9 +380,14 @@ def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, c
             cb.update(simple_pooled=act.pooled_simple[idx], complex_pooled=act.pooled_complex[idx],
                       simple_len_2=np.full(e - s, 9), complex_len_2=np.full(e - s, 60))
             vb.update(original_size=act.original_size[idx], crop_top_left=act.crop_top_left[idx])
-        clip.write_block(b, cb)
-        vae.write_block(b, vb)
-    return Path(path)
+        return {f"layer_{llm_layer}/pooled": act.llm[idx]}, cb, vb
+
+    # a shard's blocks in one piece: zarr rewrites the whole shard object at every partial write
+    for run in shard_runs(list(range(st.num_blocks)), llm.shard_blocks):
+        vals = [block_values(b) for b in run]
+        for i, g in enumerate((llm, clip, vae)):
+            g.write_blocks(run, [v[i] for v in vals])
+    return path if isinstance(path, str) and "://" in path else Path(path)
 
 
 def store_groups(resolution: int, llm_layer: int = 3, flip: bool = True):

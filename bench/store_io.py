@@ -2,6 +2,7 @@
 
     python bench/store_io.py [--quick] --out FILE.json [--models tiny,mid] [--cache DIR]
     python bench/store_io.py --real-widths [--quick] --out FILE.json [--cache DIR]
+    python bench/store_io.py --s3 [--tiny] --out FILE.json [--cache DIR]
 
 * bytes per sample per array and compression ratio + read speed by codec (zstd, blosc-lz4, gzip,
   none), float16, on REAL activations: the bundled sample's prompts and images through CLIP text
@@ -17,6 +18,10 @@
   [77, 768] x 2, latents 4x64x64 mean/std/flip mean/flip std) and LLM features 4096 and 5120 wide,
   and the loader's samples/s with 0/1/2 workers against the rate bench/cost_model.py predicts for
   one GPU step from the store (``run_real``).
+* ``--s3`` (only this): the loader over the same store (SD 1.5 widths, LLM 5120) in a local folder
+  and on a local S3 server (moto, 127.0.0.1) unsharded and 4 blocks per object, through the read-through
+  chunk cache: samples/s and remote GETs/bytes of epoch 1 (cold cache) and epoch 2 (warm), workers 0
+  and 2, and the data-wait share against the predicted GPU step (``run_s3``).
 """
 
 from __future__ import annotations
@@ -276,6 +281,300 @@ def summary_real(d: dict) -> list[tuple[str, str]]:
     return rows
 
 
+# ------------------------------------------------------------------ --s3 (object storage, local cache)
+S3_FULL = dict(model="sd15", rows=2, llm_width=5120, loader_rows=2048, block_rows=64, batch=8, workers=(0, 2),
+               shard_blocks=(1, 4), cache_gb=8.0, utilisation=0.4, peak_tflops=989.0, predicted_samples_per_s=None)
+S3_TINY = dict(S3_FULL, model="tiny", rows=8, llm_width=None, loader_rows=64, block_rows=8, batch=4)
+
+_MOTO_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from s3server import start_server
+s = start_server()
+print(s.endpoint, flush=True)
+sys.stdin.read()  # until the parent closes the pipe
+s.stop()
+"""
+
+
+class _Moto:
+    """tests/s3server.py's moto S3 server on 127.0.0.1, run in a child process (its own interpreter,
+    so the server's request handling does not take this process's GIL from the loader)."""
+
+    def __enter__(self):
+        import subprocess
+
+        sys.path.insert(0, str(C.REPO / "tests"))
+        from s3server import S3Server
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD, str(C.REPO / "tests")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        endpoint = self.proc.stdout.readline().strip()
+        if not endpoint.startswith("http://127.0.0.1:"):
+            self.proc.kill()
+            raise SystemExit(f"bench: the moto S3 server did not start (got {endpoint!r})")
+        self.server = S3Server(None, endpoint)
+        return self.server
+
+    def __exit__(self, *exc):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:  # noqa: BLE001 - a server that will not stop is killed
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _GetLog:
+    """Every request s3fs sends (``S3FileSystem._call_s3``: its GETs, HEADs, LISTs), from this process
+    and from the DataLoader workers it forks (the patch is inherited; each process appends
+    ``method\tbytes\tkey`` lines to its own file); GETs are split into feature-chunk data and other
+    (metadata, done records), their bytes from the response's ContentLength."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self):
+        import os
+
+        import s3fs
+
+        self._orig = orig = s3fs.S3FileSystem._call_s3
+        folder = self.folder
+
+        async def counting(fs, method, *a, **kw):
+            out = await orig(fs, method, *a, **kw)
+            n = int(out.get("ContentLength") or 0) if method == "get_object" and isinstance(out, dict) else 0
+            with open(folder / f"calls-{os.getpid()}.log", "a") as f:
+                f.write(f"{method}\t{n}\t{kw.get('Key', '')}\n")
+            return out
+
+        s3fs.S3FileSystem._call_s3 = counting
+        return self
+
+    def __exit__(self, *exc):
+        import s3fs
+
+        s3fs.S3FileSystem._call_s3 = self._orig
+
+    def clear(self) -> None:
+        for f in self.folder.glob("calls-*.log"):
+            f.unlink()
+
+    def read(self) -> dict:
+        out = {"chunk_gets": 0, "chunk_bytes": 0, "other_gets": 0, "other_bytes": 0, "requests": {}, "processes": 0}
+        for f in self.folder.glob("calls-*.log"):
+            out["processes"] += 1
+            for line in f.read_text().splitlines():
+                method, n, key = line.split("\t", 2)
+                out["requests"][method] = out["requests"].get(method, 0) + 1
+                if method == "get_object":
+                    kind = "chunk" if _is_chunk(key) else "other"
+                    out[f"{kind}_gets"] += 1
+                    out[f"{kind}_bytes"] += int(n)
+        return out
+
+
+def _is_chunk(key: str) -> bool:
+    """A feature array's chunk object (not the done records, row keys or prompts)."""
+    return "/c/" in key and not any(x in key for x in ("/done/", "/keys/", "/prompts/"))
+
+
+def _epochs(store: str, res: int, batch: int, workers: int, block_rows: int, log: _GetLog | None,
+            step_ms_per_batch: float, epochs: int = 2) -> dict:
+    """Samples/s, remote GETs and data-wait share of each of ``epochs`` whole epochs read by one
+    SampleStream (DataLoader workers start afresh at each epoch)."""
+    from surpipe.train_data import BlockReader, SampleStream
+
+    reader = BlockReader(str(store), C.store_groups(res), block_rows)
+    if reader.num_rows % batch:
+        raise SystemExit(f"bench: {reader.num_rows} rows do not split into batches of {batch}")
+    n = reader.num_rows // batch
+    it = iter(SampleStream(reader, batch, seed=0, workers=workers))
+    out = {}
+    for e in range(1, epochs + 1):
+        if log:
+            log.clear()
+        t0 = time.perf_counter()
+        first = None
+        for i in range(n):
+            next(it)
+            if i == 0:
+                first = time.perf_counter() - t0
+        el = time.perf_counter() - t0
+        ms = el / n * 1e3
+        r = {"samples_per_s": round(n * batch / el, 1), "seconds": round(el, 3), "first_batch_s": round(first, 4),
+             "loader_ms_per_batch": round(ms, 3),
+             # without the first batch: the DataLoader workers' start (a fork, the store reopened)
+             "after_first_batch_samples_per_s": round((n - 1) * batch / max(el - first, 1e-9), 1) if n > 1 else None,
+             # loader and step one after the other: loader and step one after the other (no overlap)
+             "data_wait_share": round(ms / (ms + step_ms_per_batch), 4),
+             # with the loader overlapped with the step (workers prefetching), the step waits only for
+             # the loader's excess over it
+             "stall_share_if_overlapped": round(max(0.0, ms - step_ms_per_batch) / max(ms, step_ms_per_batch), 4)}
+        if log:
+            r["remote"] = log.read()
+        out[f"epoch{e}"] = r
+    return out
+
+
+def _remote_objects(fs, url: str) -> dict:
+    """Count and bytes of the feature chunk objects under a store URL."""
+    found = fs.find(url[len("s3://"):], detail=True)
+    chunks = [v["size"] for k, v in found.items() if _is_chunk(k)]
+    return {"chunk_objects": len(chunks), "chunk_MB": round(sum(chunks) / 1e6, 2), "all_objects": len(found)}
+
+
+def _sd15_activations(rows: int, llm_width: int, cache: Path) -> C.Activations:
+    """``--real-widths``' SD 1.5 activations without its UNet (which the store does not need): CLIP
+    ViT-L/14 text and the SD 1.5 VAE from cost_model.ARCHS["sd15"] with the seeds of
+    ``_common._build_published_sd``, random weights, on the sample's first ``rows`` prompts and 512 px
+    images (the encode path of ``_common.real_activations``), and the pooled layer-1 features of
+    ``_llm_size(llm_width)``'s random LLaMA. Kept in ``cache``."""
+    npz = Path(cache) / f"act-sd15-noUNet-{rows}-llm{llm_width}.npz"
+    if npz.is_file():
+        z = np.load(npz)
+        return C.Activations(**{k: z[k] for k in z.files if k not in ("resolution", "scaling_factor")},
+                             resolution=int(z["resolution"]), scaling_factor=float(z["scaling_factor"]))
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import cost_model
+    from surpipe import sd
+    from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
+
+    a = cost_model.ARCHS["sd15"]
+    tiny = tiny_sd_configs()
+    with tempfile.TemporaryDirectory(prefix="surpipe-bench-clip-") as d:
+        tok = write_clip_tokenizer(d, **tiny["tokenizer"])
+    torch.manual_seed(1)
+    enc = CLIPTextModel(CLIPTextConfig(**dict(tiny["text_encoder"], **a["text"][0][1]))).eval()
+    te = sd.TextEncoder(tok, enc, int(tok.model_max_length), int(enc.config.hidden_size),
+                        bool(getattr(enc.config, "use_attention_mask", False)))
+    torch.manual_seed(2)
+    vm = AutoencoderKL(**a["vae"]).eval()
+    vm.decoder = vm.post_quant_conv = None
+    vae = sd.VaeEncoder(vm, int(a["vae"]["latent_channels"]), 2 ** (len(a["vae"]["block_out_channels"]) - 1),
+                        float(a["vae"]["scaling_factor"]), None, 512)
+    res = a["px"]
+    samples = C.sample_rows(rows)
+    parts = {k: [] for k in ("clip_simple", "clip_complex", "lat_mean", "lat_std", "flip_mean", "flip_std")}
+    for i in range(0, len(samples), 8):
+        part = samples[i:i + 8]
+        parts["clip_simple"].append(sd.encode_prompts(te, [s.simple for s in part]).numpy())
+        parts["clip_complex"].append(sd.encode_prompts(te, [s.complex for s in part]).numpy())
+        x = torch.stack([sd.preprocess(s.image(), res) for s in part])
+        for pre, img in (("lat", x), ("flip", torch.flip(x, dims=[-1]))):
+            m, s_ = sd.encode_latent_dist(vae, img)
+            parts[f"{pre}_mean"].append(m.numpy())
+            parts[f"{pre}_std"].append(s_.numpy())
+    del enc, vm, te, vae
+    llm = C.llm_pooled([s.simple for s in samples], layer=1, size=_llm_size(llm_width))
+    act = C.Activations(**{k: np.concatenate(v) for k, v in parts.items()}, llm=llm, resolution=res,
+                        scaling_factor=float(a["vae"]["scaling_factor"]))
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    with open(npz, "wb") as f:
+        np.savez(f, **act.arrays(), resolution=act.resolution, scaling_factor=act.scaling_factor)
+    return act
+
+
+def run_s3(tiny: bool = False, cache: Path | None = None, **over) -> dict:
+    """The training loader reading the same store from a local folder and from an S3 server (moto's,
+    on 127.0.0.1, in a child process) unsharded and sharded: per epoch samples/s, the GETs and bytes
+    fetched remotely (epoch 2 must fetch no chunk data: the local read-through cache), and the
+    data-wait share against the GPU step bench/cost_model.py predicts. ``tiny``: S3_TINY (seconds)."""
+    import os
+
+    with C.bench_run(tiny, S3_TINY, S3_FULL, over, "surpipe-bench-io-s3-", None, cache) as (
+            p, _, tmp, cache, res):
+        res.pop("quick", None)
+        res["tiny"] = tiny
+        if p["model"] == "sd15":
+            act = _sd15_activations(p["rows"], p["llm_width"], cache)
+            how = ("SD 1.5 widths (--real-widths' store): CLIP ViT-L/14 text + SD 1.5 VAE encoder, random "
+                   f"weights, {p['rows']} sample rows at 512 px, LLM pooled {p['llm_width']} wide")
+        else:
+            _, act = C.cached_model_and_activations(p["model"], cache, p["rows"])
+            how = f"bench model {p['model']!r} (random weights) on {p['rows']} sample rows"
+        act = _distinct_rows(act, min(p["loader_rows"], 64))
+        r, B, br = act.resolution, p["batch"], p["block_rows"]
+        pred = ({"samples_per_s": p["predicted_samples_per_s"], "given": True,
+                 "ms_per_sample": round(1e3 / p["predicted_samples_per_s"], 3)} if p["predicted_samples_per_s"]
+                else _predicted_rate(p["model"], p["utilisation"], p["peak_tflops"]))
+        step_ms = pred["ms_per_sample"] * B
+        out = {"activations": how, "resolution": r, "rows": p["loader_rows"], "batch": B, "block_rows": br,
+               "server": ("moto's S3 server (tests/s3server.py) in a child process on 127.0.0.1, sharing this "
+                          "machine's cores with the loader: the figures bound the protocol and client "
+                          "overhead, not a real network's latency or bandwidth"),
+               "predicted_gpu_step": pred, "predicted_step_ms_per_batch": round(step_ms, 3),
+               "stores": {}, "write_s": {}, "runs": {}}
+        t0 = time.perf_counter()
+        local = C.write_store(tmp / "local.zarr", act, p["loader_rows"], block_rows=br)
+        out["write_s"]["local"] = round(time.perf_counter() - t0, 2)
+        out["stores"]["local"] = {"chunk_MB": round(C.dir_bytes(local) / 1e6, 2)}
+        saved = {k: os.environ.get(k) for k in ("SURPIPE_STORE_CACHE_DIR", "SURPIPE_STORE_CACHE_GB",
+                                                 "SURPIPE_STORAGE_OPTIONS", "AWS_ENDPOINT_URL",
+                                                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                 "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
+                                                 "NO_PROXY", "no_proxy")}
+        try:
+            with _Moto() as server:
+                os.environ.update(server.env())
+                os.environ["SURPIPE_STORAGE_OPTIONS"] = ""
+                os.environ["SURPIPE_STORE_CACHE_GB"] = str(p["cache_gb"])
+                bucket = server.make_bucket("bench")
+                fs = server.fs()
+                urls = {}
+                for k in p["shard_blocks"]:
+                    url = f"s3://{bucket}/x-shard{k}.zarr"
+                    t0 = time.perf_counter()
+                    C.write_store(url, act, p["loader_rows"], block_rows=br, shard_blocks=k)
+                    out["write_s"][f"s3_shard{k}"] = round(time.perf_counter() - t0, 2)
+                    out["stores"][f"s3_shard{k}"] = _remote_objects(fs, url)
+                    urls[f"s3_shard{k}"] = url
+                with _GetLog(tmp / "gets") as log:
+                    for w in p["workers"]:
+                        out["runs"].setdefault("local", {})[str(w)] = _epochs(local, r, B, w, br, None, step_ms)
+                    for name, url in urls.items():
+                        for w in p["workers"]:
+                            cdir = tmp / f"cache-{name}-{w}"  # a cold cache for epoch 1
+                            os.environ["SURPIPE_STORE_CACHE_DIR"] = str(cdir)
+                            d = _epochs(url, r, B, w, br, log, step_ms)
+                            d["cache_MB"] = round(sum(f.stat().st_size for f in cdir.rglob("*") if f.is_file())
+                                                  / 1e6, 2)
+                            out["runs"].setdefault(name, {})[str(w)] = d
+                            shutil.rmtree(cdir, ignore_errors=True)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        res["s3"] = out
+    return res
+
+
+def summary_s3(d: dict) -> list[tuple[str, str]]:
+    s = d["s3"]
+    rows = [(f"predicted GPU step: ms per batch of {s['batch']} (samples/s)",
+             f"{s['predicted_step_ms_per_batch']} ({s['predicted_gpu_step']['samples_per_s']})")]
+    for name, by_w in s["runs"].items():
+        for w, ep in by_w.items():
+            e1, e2 = ep["epoch1"], ep["epoch2"]
+            got = ""
+            if "remote" in e1:
+                got = (f"; chunk GETs {e1['remote']['chunk_gets']} -> {e2['remote']['chunk_gets']}, "
+                       f"MB {e1['remote']['chunk_bytes'] / 1e6:.1f} -> {e2['remote']['chunk_bytes'] / 1e6:.1f}")
+            rows.append((f"{name} workers {w}: samples/s epoch 1 -> 2 (data-wait share)",
+                         f"{e1['samples_per_s']} ({e1['data_wait_share']:.1%}) -> {e2['samples_per_s']} "
+                         f"({e2['data_wait_share']:.1%}){got}"))
+    return rows
+
+
 def summary(d: dict) -> list[tuple[str, str]]:
     rows = []
     for kind, c in d["codecs"].items():
@@ -304,6 +603,17 @@ def main(argv=None) -> int:
     if "--real-widths" in argv:
         argv.remove("--real-widths")
         return C.model_bench_main(argv, __doc__, "store_io.py --real-widths", run_real, summary_real, models=False)
+    if "--s3" in argv:
+        argv.remove("--s3")
+        ap = C.bench_parser(__doc__)
+        ap.add_argument("--tiny", action="store_true", help="the tiny bench model, 64 rows (seconds)")
+        ap.add_argument("--cache", default=None, help="folder to keep built models and activations in")
+        args = ap.parse_args(argv)
+        if args.quick:
+            ap.error("--s3 has no --quick; --tiny is its small run")
+        d = run_s3(args.tiny, cache=args.cache)
+        cmd = "python bench/store_io.py --s3" + (" --tiny" if args.tiny else "") + f" --out {args.out}"
+        return C.write_result(d, args.out, cmd, summary_s3)
     return C.model_bench_main(argv, __doc__, "store_io.py", run, summary)
 
 
