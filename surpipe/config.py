@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import math
 import os
 import types
@@ -58,12 +59,42 @@ def _range_problems(f: dataclasses.Field, value: Any, where: str) -> list[str]:
     return out
 
 
+_SECRET = ("secret", "token", "password", "credential", "passphrase")
+
+
+def _is_secret(key: str) -> bool:
+    k = str(key).lower()
+    return k in ("key", "access_key", "account_key", "sas_token") or k.endswith("_key") or any(w in k for w in _SECRET)
+
+
+def redact_storage_options(text: Any) -> Any:
+    """``--storage-options`` JSON without its secrets (keys, secrets, tokens, passwords, at any depth):
+    configs are saved inside and beside stores and run folders, which others may read; a rerun from a
+    saved config takes the secrets from the environment."""
+    if not isinstance(text, str) or not text.strip():
+        return text
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None  # invalid JSON was refused before any work; never save it verbatim
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if not _is_secret(k)}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(data), sort_keys=True)
+
+
 def to_dict(cfg: Any) -> dict:
-    """A JSON-ready dict of a (nested) config dataclass."""
+    """A JSON-ready dict of a (nested) config dataclass (``storage_options`` without secrets)."""
 
     def conv(v):
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {f.name: (redact_storage_options(getattr(v, f.name)) if f.name == "storage_options"
+                             else conv(getattr(v, f.name))) for f in dataclasses.fields(v)}
         if isinstance(v, (list, tuple)):
             return [conv(x) for x in v]
         if isinstance(v, dict):
@@ -120,6 +151,18 @@ def _coerce(tp, value, where: str, problems: list[str]):
     return value
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _url_problems(name: str, value: Any, key: str) -> list[str]:
+    """An output folder given as a URL: only stores live on object storage (``--store``); a run,
+    image or shard folder named ``s3://...`` would silently become a local folder called ``s3:``."""
+    if name == "out" and isinstance(value, str):
+        if _URL.match(value):
+            return [f"{key}: {value} is a URL; output folders are local paths (only --store takes URLs)"]
+    return []
+
+
 def _from_dict(cls, data: dict, where: str, problems: list[str], label=None):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -138,7 +181,7 @@ def _from_dict(cls, data: dict, where: str, problems: list[str], label=None):
         if f.name in data:
             sub: list[str] = []
             kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, sub)
-            problems += sub or _range_problems(f, kwargs[f.name], key)
+            problems += sub or _range_problems(f, kwargs[f.name], key) or _url_problems(f.name, kwargs[f.name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{key}: required option missing")
     if problems:

@@ -416,3 +416,33 @@ def test_adding_layers_to_a_group_on_s3_keeps_the_stored_ones(s3_server, s3_buck
     assert not s3_server.fs().find(f"{url[5:]}.adding-layers")  # the side store (and its locks) is gone
     rc, out, err = run_cli("verify", url)
     assert rc == 0 and "OK: no problems" in out, out + err
+
+
+def test_saved_configs_keep_no_secrets_and_bad_urls_and_outs_are_refused(s3_server, s3_bucket, tiny_models, tmp_path):
+    """--storage-options secrets never reach the store, its sidecar configs or a run folder (others
+    read those); URLs with empty or '.' parts (another object prefix than they seem) and output
+    folders given as URLs (they would become local folders named 's3:') are one-line refusals."""
+    from surpipe.config import redact_storage_options
+
+    env = s3_server.env()
+    opts = json.dumps({"key": env["AWS_ACCESS_KEY_ID"], "secret": "SuperSecret123", "endpoint_url": env["AWS_ENDPOINT_URL"],
+                       "client_kwargs": {"aws_session_token": "Tok456", "region_name": "us-east-1"}})
+    url = f"{s3_bucket}/sec.zarr"
+    rc, err = run_cli_err(*_extract_args(url, tiny_models / "llm", name="t", layers="1"), "--storage-options", opts)
+    assert rc == 0, err
+    fs = s3_server.fs()
+    bucket = s3_bucket[len("s3://"):]
+    blobs = [fs.cat(f"{bucket}/sec.zarr/llm/t/zarr.json"), fs.cat(f"{bucket}/sec.zarr.configs/extract-llm-t.json")]
+    for b in blobs:
+        assert b"SuperSecret123" not in b and b"Tok456" not in b
+    assert b"endpoint_url" in blobs[1] and b"region_name" in blobs[1]  # the rest of the options is kept
+    assert json.loads(redact_storage_options(opts)) == {"endpoint_url": env["AWS_ENDPOINT_URL"],
+                                                          "client_kwargs": {"region_name": "us-east-1"}}
+
+    for bad in (f"{s3_bucket}//sec.zarr", f"{s3_bucket}/./sec.zarr"):
+        rc, out, err = run_cli("inspect", bad)
+        assert rc == 1 and "Traceback" not in err and "write it without them" in err, err
+    rc, out, err = run_cli("train", "--store", url, "--model", tiny_models / "sd", "--llm-layer", "1",
+                           "--out", f"{s3_bucket}/run")
+    assert rc == 1 and "output folders are local paths" in err, err
+    assert not (REPO / "s3:").exists()

@@ -101,6 +101,13 @@ def store_path(path: Any, options: Any = None) -> "Path | RemotePath":
     rest = text[m.end():].rstrip("/")
     if not rest or rest.startswith("/"):
         raise SurpipeError(f"feature store {text}: no bucket in the URL; give {protocol}://BUCKET/PREFIX/NAME.zarr")
+    parts = rest.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        # object keys are plain strings: "a//b" or "a/./b" would be another store than "a/b", whose
+        # objects listings then miss
+        clean = "/".join(p for p in parts if p not in ("", "."))
+        raise SurpipeError(f"feature store {text}: empty, '.' or '..' parts in the URL name other objects than "
+                           f"they seem to; write it without them (e.g. {protocol}://{clean})")
     return RemotePath(protocol, rest, storage_options(options))
 
 
@@ -197,6 +204,8 @@ def remote_failure(exc: BaseException, where: str) -> SurpipeError:
     elif isinstance(exc, PermissionError) or "accessdenied" in low.replace(" ", "") or "forbidden" in low \
             or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low:
         why = f"access denied{ep} ({text}); check the credentials and the bucket's permissions"
+    elif isinstance(exc, TypeError) and "unexpected keyword argument" in low:  # s3fs checks options late
+        why = f"storage options not accepted ({text}); fix --storage-options"
     else:
         why = f"{type(exc).__name__}: {text}"
     return SurpipeError(f"object storage {where}: {why}")
