@@ -176,7 +176,17 @@ class BlockReader:
             try:
                 x = np.asarray(arr[start:stop])
             except Exception as e:
-                raise read_failure(self.store_path, where, block, (start, stop), e) from None
+                from surpipe.store.integrity import chunk_keys
+
+                # a cached copy cut short (the machine lost power while writing it) is not the store's
+                # damage: drop it and read the store once more before blaming the store
+                if self._cache is None or not any([self._cache.drop(f"{arr.path}/{ck}")
+                                                   for ck in chunk_keys(arr, block)]):
+                    raise read_failure(self.store_path, where, block, (start, stop), e) from None
+                try:
+                    x = np.asarray(arr[start:stop])
+                except Exception as e2:
+                    raise read_failure(self.store_path, where, block, (start, stop), e2) from None
             if x.dtype.kind in "fc":
                 finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) if x.size else np.ones(len(x), bool)
                 if not finite.all():

@@ -446,3 +446,27 @@ def test_saved_configs_keep_no_secrets_and_bad_urls_and_outs_are_refused(s3_serv
                            "--out", f"{s3_bucket}/run")
     assert rc == 1 and "output folders are local paths" in err, err
     assert not (REPO / "s3:").exists()
+
+
+def test_a_cached_copy_cut_short_is_fetched_again(s3_server, s3_bucket, tmp_path):
+    """A cache file truncated by a crash of the machine is the cache's damage, not the store's: the
+    reader drops it and reads the store again, instead of sending the user to verify --repair."""
+    from surpipe.store import FeatureStore
+    from surpipe.store_groups import resolve_groups
+    from surpipe.train_data import BlockReader
+    from test_train import make_store
+
+    url = f"{s3_bucket}/c.zarr"
+    make_store(url, n=16, block_rows=8)
+    st = FeatureStore(url)
+    groups, problems = resolve_groups(st, llm_layer=-1, llm_group=None, clip_group=None, vae_group=None,
+                                      use_flip=True)
+    assert not problems
+    first = BlockReader(url, groups, st.block_rows)[1]
+    cached = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "/clip/" in str(p))
+    assert cached
+    for p in cached:
+        p.write_bytes(p.read_bytes()[:7])  # cut short
+    again = BlockReader(url, groups, st.block_rows)[1]
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k], err_msg=k)

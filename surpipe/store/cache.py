@@ -176,6 +176,17 @@ class CachedStore(WrapperStore):
             return True
         return await self._store.exists(key)
 
+    def drop(self, key: str) -> bool:
+        """Forget the cached copy of ``key``; whether there was one."""
+        ns = self._ns(key)
+        if ns is None:
+            return False
+        try:
+            self.cache.path(ns, key).unlink()
+            return True
+        except OSError:
+            return False
+
     def cached_bytes(self, key: str) -> bytes:
         """The cached object ``key`` (after :meth:`ensure`), or b"" when it is not cached."""
         ns = self._ns(key)
