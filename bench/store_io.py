@@ -102,15 +102,19 @@ def loader_rate(store: Path, res: int, batch: int, workers: int, block_rows: int
     reader = BlockReader(str(store), C.store_groups(res), block_rows)
     stream = SampleStream(reader, batch, seed=0, workers=workers)
     n = reader.num_rows * epochs // batch
-    it = iter(stream)
+    el, first = _time_batches(iter(stream), n)
+    return {"samples_per_s": round(n * batch / el, 1), "first_batch_s": round(first, 4), "samples": n * batch}
+
+
+def _time_batches(it, n: int) -> tuple[float, float]:
+    """(seconds for ``n`` batches of ``it``, seconds to the first one)."""
     t0 = time.perf_counter()
     first = None
     for i in range(n):
         next(it)
         if i == 0:
             first = time.perf_counter() - t0
-    el = time.perf_counter() - t0
-    return {"samples_per_s": round(n * batch / el, 1), "first_batch_s": round(first, 4), "samples": n * batch}
+    return time.perf_counter() - t0, first
 
 
 _RSS_CHILD = r"""
@@ -396,13 +400,7 @@ def _epochs(store: str, res: int, batch: int, workers: int, block_rows: int, log
     for e in range(1, epochs + 1):
         if log:
             log.clear()
-        t0 = time.perf_counter()
-        first = None
-        for i in range(n):
-            next(it)
-            if i == 0:
-                first = time.perf_counter() - t0
-        el = time.perf_counter() - t0
+        el, first = _time_batches(it, n)
         ms = el / n * 1e3
         r = {"samples_per_s": round(n * batch / el, 1), "seconds": round(el, 3), "first_batch_s": round(first, 4),
              "loader_ms_per_batch": round(ms, 3),
