@@ -354,7 +354,10 @@ class _Checker:
             for b in np.flatnonzero(done).tolist():
                 s, e = (b * cap, (b + 1) * cap) if cap else (b * br, min((b + 1) * br, n))
                 rows = None if cap else (s, e)
-                missing = [c for c in self._chunk_coords(arr, b) if not self._chunk_file(arr, c).is_file()]
+                coords = list(self._chunk_coords(arr, b))
+                # the object named in messages: the block's (first) chunk file, or the shard holding it
+                chunk = f"{arr.path}/{self._key(arr, coords[0] if coords else (b, *([0] * (arr.ndim - 1))))}"
+                missing = [c for c in coords if not self._chunk_file(arr, c).is_file()]
                 if missing:
                     self.problem(where, "chunk file missing although done[{}] is true (it would read back "
                                  "as zeros)".format(b), group=path, block=b, rows=rows,
@@ -363,21 +366,21 @@ class _Checker:
                 if arr.shards:
                     from surpipe.store.sharding import index_bytes, inner_chunk_missing, read_tail
 
-                    shard = self._chunk_file(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))
+                    shard = self._chunk_file(arr, coords[0])
                     try:
                         gone = inner_chunk_missing(read_tail(shard, index_bytes(arr)), arr, b)
                     except (ValueError, OSError) as e:
                         self.problem(where, f"shard index cannot be read ({first_line(e, '')[:120]}): the shard "
                                      "object was altered or truncated", group=path, block=b, rows=rows,
-                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))}")
+                                     chunk=chunk)
                         continue
                     if gone:
                         self.problem(where, f"chunk missing from its shard although done[{b}] is true (it would "
                                      "read back as zeros)", group=path, block=b, rows=rows,
-                                     chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))}")
+                                     chunk=chunk)
                         continue
                 v = self._read(arr, where, slice(s, e), group=path, block=b, rows=rows,
-                               chunk=f"{arr.path}/{self._key(arr, next(iter(self._chunk_coords(arr, b)), (b, *([0] * (arr.ndim - 1)))))}")
+                               chunk=chunk)
                 if v is None or not is_float:
                     continue
                 v = np.asarray(v)
