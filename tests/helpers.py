@@ -83,3 +83,26 @@ def as_sdxl(src: Path, dst: Path) -> Path:
     idx["_class_name"] = "StableDiffusionXLPipeline"
     (dst / "model_index.json").write_text(json.dumps(idx))
     return dst
+
+
+def sigkill_when(proc, ready, timeout: float, poll: float = 0.05):
+    """SIGKILL ``proc`` as soon as ``ready()`` returns something truthy, and return that (the state
+    the kill was aimed at). None when ``proc`` ended or ``timeout`` passed first; then ``proc`` is
+    killed too. Always waits for ``proc`` to end."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    seen = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            seen = ready()
+            if seen:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(poll)
+    finally:
+        if proc.poll() is None and not seen:
+            proc.kill()
+        proc.wait(timeout=30)
+    return seen or None

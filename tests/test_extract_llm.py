@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import run_cli_err as _run
+from helpers import sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [0, 2, 3]  # the tiny LM has 4 decoder layers: 3 is the last (its raw output is not normed)
@@ -335,24 +335,17 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, llm_dir, sample_dir_m
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, *args], env=_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     done_path = store / "llm" / "t" / "done"
-    deadline = time.time() + 60
-    killed_at = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (done_path / "zarr.json").is_file():
-                try:
-                    d = zarr.open_array(str(done_path), mode="r")[:]
-                except Exception:  # caught mid-write: look again
-                    d = np.zeros(1, dtype=bool)
-                if (d != 0).sum() >= 2:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed_at = d
-                    break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        proc.wait(timeout=30)
+
+    def two_blocks_done():
+        if not (done_path / "zarr.json").is_file():
+            return None
+        try:
+            d = zarr.open_array(str(done_path), mode="r")[:]
+        except Exception:  # caught mid-write: look again
+            return None
+        return (d != 0).sum() >= 2
+
+    killed_at = sigkill_when(proc, two_blocks_done, timeout=60, poll=0.02)
     assert killed_at is not None, proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL
     after_kill = zarr.open_array(str(done_path), mode="r")[:]

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, SyntheticDataset, run_cli, run_cli_err
+from helpers import REPO, SyntheticDataset, run_cli, run_cli_err, sigkill_when
 from s3server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 pytest.importorskip("s3fs")
@@ -150,24 +150,14 @@ def test_sigkill_mid_write_then_resume_completes_and_rewrites_no_finished_block(
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     fs = s3_server.fs()
     done_dir = f"{s3_bucket[5:]}/surd.zarr/llm/k/done/c"
-    killed = None
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                fs.invalidate_cache()
-                marked = fs.ls(done_dir)
-            except FileNotFoundError:
-                marked = []
-            if len(marked) >= 3:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = marked
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed is None:
-            proc.kill()
-        proc.wait(timeout=30)
+    def three_marked():
+        try:
+            fs.invalidate_cache()
+            return len(fs.ls(done_dir)) >= 3
+        except FileNotFoundError:
+            return None
+
+    killed = sigkill_when(proc, three_marked, timeout=120)
     assert killed is not None, proc.stdout.read().decode()
     assert proc.returncode == -signal.SIGKILL
     g = _zarr_group(url, "llm/k", s3_server)
