@@ -59,33 +59,110 @@ def _range_problems(f: dataclasses.Field, value: Any, where: str) -> list[str]:
     return out
 
 
-_SECRET = ("secret", "token", "password", "credential", "passphrase")
+# Storage options saved with a config (inside and beside stores, in run folders: others read those).
+# An ALLOW-list of options known to hold no secret, because a secret can sit under any name (an SSE-C
+# key in s3_additional_kwargs.SSECustomerKey, an Azure connection_string, a gcsfs token dict, ...):
+# everything not listed is dropped, and a rerun from the saved config takes credentials from the
+# environment again. A dict lists the keys kept inside that nested mapping; None keeps a plain JSON
+# value (text, number, true/false, null; no URL with a password), never a mapping or list.
+_TIMEOUTS = {"timeout": None, "connect_timeout": None, "read_timeout": None, "connection_timeout": None}
+SAFE_STORAGE_OPTIONS: dict = {
+    # fsspec, any backend
+    "anon": None, "use_listings_cache": None, "listings_expiry_time": None, "max_paths": None,
+    "skip_instance_cache": None, "default_block_size": None, "default_fill_cache": None,
+    "default_cache_type": None, "block_size": None, "blocksize": None, "version_aware": None,
+    "max_concurrency": None, "retries": None, **_TIMEOUTS,
+    # s3fs (s3://)
+    "endpoint_url": None, "region_name": None, "use_ssl": None, "requester_pays": None,
+    "cache_regions": None, "fixed_upload_size": None,
+    "client_kwargs": {"endpoint_url": None, "region_name": None, "use_ssl": None, "verify": None,
+                      "api_version": None},
+    "config_kwargs": {"connect_timeout": None, "read_timeout": None, "signature_version": None,
+                      "region_name": None, "max_pool_connections": None, "tcp_keepalive": None,
+                      "parameter_validation": None, "request_checksum_calculation": None,
+                      "response_checksum_validation": None,
+                      "retries": {"max_attempts": None, "total_max_attempts": None, "mode": None},
+                      "s3": {"addressing_style": None, "use_accelerate_endpoint": None,
+                             "use_dualstack_endpoint": None, "payload_signing_enabled": None,
+                             "us_east_1_regional_endpoint": None}},
+    "s3_additional_kwargs": {"ServerSideEncryption": None, "SSECustomerAlgorithm": None,
+                             "StorageClass": None, "ACL": None, "RequestPayer": None},
+    # gcsfs (gs://)
+    "project": None, "access": None, "consistency": None, "default_location": None,
+    "cache_timeout": None, "check_connection": None,
+    # adlfs (az://, abfs://)
+    "account_name": None, "account_host": None, "location_mode": None,
+}
 
 
-def _is_secret(key: str) -> bool:
-    k = str(key).lower()
-    return k in ("key", "access_key", "account_key", "sas_token") or k.endswith("_key") or any(w in k for w in _SECRET)
+def _has_userinfo(value: str) -> bool:
+    """Whether ``value`` is a URL carrying a user name or password (``http://user:pass@host``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(value)
+        return "://" in value and (u.username is not None or u.password is not None)
+    except ValueError:
+        return True  # not parseable: not known to be safe
+
+
+def _split_options(value: Any, spec: dict | None) -> tuple[Any, list[str]]:
+    """(the allowed part of ``value`` per ``spec``, every text value dropped); the dropped texts let
+    messages blank out secrets that a library echoed."""
+    dropped: list[str] = []
+
+    def texts(v):
+        if isinstance(v, str):
+            dropped.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                texts(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                texts(x)
+
+    if not isinstance(value, dict):
+        texts(value)
+        return {}, dropped
+    kept = {}
+    for k, v in value.items():
+        sub = (spec or {}).get(k, False)
+        if isinstance(sub, dict) and isinstance(v, dict):
+            kept[k], more = _split_options(v, sub)
+            dropped += more
+        elif sub is None and (v is None or isinstance(v, (bool, int, float)) or
+                              isinstance(v, str) and not _has_userinfo(v)):
+            kept[k] = v
+        else:
+            texts(v)
+    return kept, dropped
+
+
+def safe_storage_options(options: Any) -> dict:
+    """The part of storage options (a mapping) known to hold no secret: :data:`SAFE_STORAGE_OPTIONS`."""
+    return _split_options(options, SAFE_STORAGE_OPTIONS)[0]
+
+
+def secret_texts(options: Any) -> list[str]:
+    """Every text value of storage options (a mapping) not known to be safe, longest first: what a
+    message must never show. Texts under 4 characters are no credentials, and blanking them would
+    garble the message's own words."""
+    texts = {t for t in _split_options(options, SAFE_STORAGE_OPTIONS)[1] if len(t) >= 4}
+    return sorted(texts, key=len, reverse=True)
 
 
 def redact_storage_options(text: Any) -> Any:
-    """``--storage-options`` JSON without its secrets (keys, secrets, tokens, passwords, at any depth):
-    configs are saved inside and beside stores and run folders, which others may read; a rerun from a
-    saved config takes the secrets from the environment."""
+    """``--storage-options`` (JSON text or a mapping) as saved in configs: only the options known
+    to hold no secret (:data:`SAFE_STORAGE_OPTIONS`), at any depth; everything else is dropped."""
+    if isinstance(text, dict):
+        return safe_storage_options(text)
     if not isinstance(text, str) or not text.strip():
         return text
     try:
         data = json.loads(text)
     except ValueError:
         return None  # invalid JSON was refused before any work; never save it verbatim
-
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items() if not _is_secret(k)}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(data), sort_keys=True)
+    return json.dumps(safe_storage_options(data), sort_keys=True) if isinstance(data, dict) else None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -163,6 +240,17 @@ def _url_problems(name: str, value: Any, key: str) -> list[str]:
     return []
 
 
+def _storage_options_field(value: Any, key: str, problems: list[str]) -> Any:
+    """``storage_options`` as a command takes it: JSON text, or (in a config file) a JSON object,
+    kept as its JSON text. A problem names the type only: the value may hold credentials."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return json.dumps(value)
+    problems.append(f"{key}: expected a JSON object (or its JSON text), got {type(value).__name__}")
+    return None
+
+
 def _from_dict(cls, data: dict, where: str, problems: list[str], label=None):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -178,7 +266,9 @@ def _from_dict(cls, data: dict, where: str, problems: list[str], label=None):
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = name_of(f.name)
-        if f.name in data:
+        if f.name == "storage_options" and f.name in data:
+            kwargs[f.name] = _storage_options_field(data[f.name], key, problems)
+        elif f.name in data:
             sub: list[str] = []
             kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, sub)
             problems += sub or _range_problems(f, kwargs[f.name], key) or _url_problems(f.name, kwargs[f.name], key)

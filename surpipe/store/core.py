@@ -110,7 +110,7 @@ class FeatureStore:
                                         mode="r" if mode == "r" else "r+")
         except Exception as e:  # zarr raises several types for broken metadata
             if self.remote and not isinstance(e, (ValueError, KeyError, TypeError)):
-                raise remote_failure(e, str(self.path)) from None
+                raise remote_failure(e, self.path) from None
             raise SurpipeError(f"cannot open feature store {self.path}: {e}") from None
         # "<format>+growing" while rows are being appended (surpipe.store.growth): older surpipe
         # versions refuse that format, so a half-grown store is never misread

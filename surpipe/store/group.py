@@ -178,7 +178,7 @@ class FeatureGroup:
             from surpipe.store.location import remote_failure
 
             raise SurpipeError(f"writing {self.path} {span} of store {self.store.path} failed: "
-                               f"{remote_failure(e, str(self.store.path))}; {span} not marked done: "
+                               f"{remote_failure(e, self.store.path)}; {span} not marked done: "
                                "rerun the same command (finished blocks are kept)") from None
 
     def _failed(self, span: str, e: OSError) -> None:

@@ -77,6 +77,9 @@ def apply_store_options(cfg: Any) -> None:
     if so not in (None, "", {}):
         opts = parse_storage_options(so)
         os.environ[OPTIONS_ENV] = json.dumps({**storage_options(), **opts})
+    store = getattr(cfg, "store", None)
+    if isinstance(store, (str, os.PathLike)) and is_url(store):
+        store_path(store)  # a refused URL is refused now, before models load or anything is written
     if getattr(cfg, "cache_dir", None):
         os.environ[CACHE_DIR_ENV] = str(Path(cfg.cache_dir).expanduser())
     if getattr(cfg, "cache_gb", None) is not None:
@@ -86,8 +89,9 @@ def apply_store_options(cfg: Any) -> None:
 def store_path(path: Any, options: Any = None) -> "Path | RemotePath":
     """``path`` as a local :class:`Path` (also for ``file://`` URLs) or a :class:`RemotePath`.
 
-    An unknown protocol (often a mistyped local path) or a protocol whose fsspec backend is not
-    installed is a SurpipeError saying what to do."""
+    An unknown protocol (often a mistyped local path), a protocol whose fsspec backend is not
+    installed, or a URL that would name other objects than it seems to (a query, a password,
+    ``..``) is a SurpipeError saying what to do, before anything is read or written."""
     if isinstance(path, RemotePath):
         return path
     text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
@@ -95,20 +99,78 @@ def store_path(path: Any, options: Any = None) -> "Path | RemotePath":
     if not m:
         return Path(text)
     protocol = m.group(1).lower()
+    rest = text[m.end():]
+    if "?" in rest or "#" in rest:
+        # fsspec reads a query as options (s3fs: "?versionId=" is an object version, and every write
+        # then goes to the one key before the "?"); a URL's query or fragment is no part of a store's
+        # name, and may hold a signature: never shown
+        name, mark, _ = re.split("([?#])", rest, maxsplit=1)
+        clean = f"{protocol}://{name}"
+        store_path(clean, options)  # its own refusal first, so that the advice below works
+        raise SurpipeError(f"feature store {clean}{mark}...: a query ('?...') or fragment ('#...') in a store URL "
+                           "is refused (fsspec would read it as options, e.g. an object version, and write "
+                           f"elsewhere); give the URL without it: {clean}")
+    host, sep, tail = rest.partition("/")
+    if "@" in host:
+        _refuse_userinfo(protocol, host, sep + tail)
     if protocol in ("file", "local"):
-        return Path(text[m.end():] or "/")
-    _check_protocol(protocol, text)
-    rest = text[m.end():].rstrip("/")
+        return _file_url_path(protocol, host, sep, tail)
+    shown = f"{protocol}://{rest}"
+    _check_protocol(protocol, shown)
+    rest = rest.rstrip("/")
     if not rest or rest.startswith("/"):
-        raise SurpipeError(f"feature store {text}: no bucket in the URL; give {protocol}://BUCKET/PREFIX/NAME.zarr")
+        raise SurpipeError(f"feature store {shown}: no bucket in the URL; give {protocol}://BUCKET/PREFIX/NAME.zarr")
     parts = rest.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        # object keys are plain strings: "a//b" or "a/./b" would be another store than "a/b", whose
-        # objects listings then miss
-        clean = "/".join(p for p in parts if p not in ("", "."))
-        raise SurpipeError(f"feature store {text}: empty, '.' or '..' parts in the URL name other objects than "
-                           f"they seem to; write it without them (e.g. {protocol}://{clean})")
+        # object keys are plain strings: "a//b", "a/./b" or "a/x/../b" would be another store than
+        # "a/b", whose object listings then miss
+        clean = _normalised(parts)
+        advice = (f"write it as {protocol}://{'/'.join(clean)}" if clean
+                  else "write the URL without them (its '..' parts climb above the bucket)")
+        raise SurpipeError(f"feature store {shown}: empty, '.' or '..' parts in the URL name other objects "
+                           f"than they seem to; {advice}")
     return RemotePath(protocol, rest, storage_options(options))
+
+
+def _normalised(parts: list[str]) -> list[str]:
+    """URL path ``parts`` without empty and ``.`` parts, each ``..`` taking away the part before it;
+    empty when a ``..`` would climb above the first part (the bucket)."""
+    out: list[str] = []
+    for p in parts:
+        if p == "..":
+            if len(out) < 2:  # above the bucket: no store URL means that
+                return []
+            out.pop()
+        elif p not in ("", "."):
+            out.append(p)
+    return out
+
+
+# fsspec protocols whose URLs put a container before "@" (abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/...)
+_AT_IN_HOST = {"az", "abfs", "abfss", "adl"}
+
+
+def _refuse_userinfo(protocol: str, host: str, path: str) -> None:
+    """A user name or password in a store URL (``s3://user:pass@bucket/...``): object storage takes
+    credentials from the environment or ``--storage-options``, never the URL, and the URL is printed
+    and saved everywhere. The message shows neither the user nor the password."""
+    user, _, place = host.rpartition("@")
+    if protocol in _AT_IN_HOST and ":" not in user:
+        return  # abfs://container@account...: not credentials
+    raise SurpipeError(f"feature store {protocol}://***@{place}{path}: a user name or password in a store URL is "
+                       "refused (it would be printed and saved with the URL); give the credentials in the "
+                       f"environment or --storage-options, and the URL as {protocol}://{place}{path}")
+
+
+def _file_url_path(protocol: str, host: str, sep: str, tail: str) -> Path:
+    """The local path of a ``file://HOST/PATH`` URL, as the URL standard reads it: an empty host or
+    ``localhost`` is this machine (``file:///data/s.zarr``, ``file://localhost/data/s.zarr``); another
+    host is refused, not taken as the relative folder ``HOST/PATH``."""
+    if host == "" or host.lower() == "localhost":
+        return Path("/" + tail)
+    raise SurpipeError(f"feature store {protocol}://{host}{sep}{tail}: a {protocol}:// URL on host {host!r} "
+                       f"cannot be opened here (only {protocol}:///PATH or {protocol}://localhost/PATH are this "
+                       f"machine's); for a folder relative to here give the plain path {host}{sep}{tail}")
 
 
 def _check_protocol(protocol: str, text: str) -> None:
@@ -141,18 +203,53 @@ def filesystem(protocol: str, options: dict, asynchronous: bool = False):
     key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=str), asynchronous, str(env))
     fs = _FS_CACHE.get(key)
     if fs is None:
-        kw = dict(options)
-        if protocol in ("s3", "s3a"):
-            kw.setdefault("use_listings_cache", False)
+        kw, retries = s3_settings(options) if protocol in ("s3", "s3a") else (dict(options), None)
         try:
             fs = fsspec.filesystem(protocol, skip_instance_cache=True, asynchronous=asynchronous, **kw)
-        except TypeError as e:
+        except (TypeError, ValueError, KeyError) as e:
             raise SurpipeError(f"storage options {sorted(options)} are not accepted by the {protocol}:// filesystem "
-                               f"({first_line(e)[:160]}); fix --storage-options") from None
+                               f"({_scrub(first_line(e), options)[:200]}); fix --storage-options") from None
+        if retries is not None:
+            fs.retries = retries
         _FS_CACHE[key] = fs
         if asynchronous:
             _close_at_exit()
     return fs
+
+
+# Against an endpoint that accepts connections and never answers, s3fs's defaults (15 s read timeout,
+# botocore's 5 attempts inside s3fs's own 5) block for about 7 minutes without a word. Bounded by
+# default: at most S3_RETRIES x 2 attempts of S3_READ_TIMEOUT each (about 40 s), overridable in
+# --storage-options (config_kwargs.connect_timeout / read_timeout / retries; "retries" for s3fs's own).
+S3_CONNECT_TIMEOUT = 5
+S3_READ_TIMEOUT = 10  # seconds without a byte from the server (aiohttp's sock_read), not a whole transfer
+S3_ATTEMPTS = 2  # botocore's total attempts per request ("standard" mode: throttling and 5xx too)
+S3_RETRIES = 2  # s3fs's own attempts around botocore's (it also retries a body cut short)
+
+
+def s3_settings(options: dict) -> tuple[dict, int]:
+    """(s3fs keyword arguments, s3fs's own retry count) for storage ``options``: the bounded
+    defaults above where the options (or AWS_MAX_ATTEMPTS / AWS_RETRY_MODE) do not say otherwise."""
+    kw = dict(options)
+    kw.setdefault("use_listings_cache", False)
+    retries = kw.pop("retries", S3_RETRIES)  # s3fs takes it as an attribute, not an argument
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
+        raise SurpipeError("storage option 'retries' (s3fs's own attempts) must be a whole number >= 1, got "
+                           f"{retries if isinstance(retries, int) else type(retries).__name__}; fix --storage-options")
+    ck = kw.get("config_kwargs") or {}
+    if not isinstance(ck, dict):
+        raise SurpipeError(f"storage option 'config_kwargs' must be a JSON object, got {type(ck).__name__}; "
+                           "fix --storage-options")
+    ck = dict(ck)
+    ck.setdefault("connect_timeout", S3_CONNECT_TIMEOUT)
+    ck.setdefault("read_timeout", S3_READ_TIMEOUT)
+    if "retries" not in ck:
+        r = {} if os.environ.get("AWS_MAX_ATTEMPTS") else {"total_max_attempts": S3_ATTEMPTS}
+        if not os.environ.get("AWS_RETRY_MODE"):
+            r["mode"] = "standard"
+        ck["retries"] = r
+    kw["config_kwargs"] = ck
+    return kw, retries
 
 
 _CLOSER = []
@@ -181,20 +278,47 @@ def _close_at_exit() -> None:
     _CLOSER.append(close)
 
 
-def remote_failure(exc: BaseException, where: str) -> SurpipeError:
-    """A failure of the object store as one clear line (what is wrong and what to check)."""
+def endpoint_in_use(protocol: str, options: dict) -> str | None:
+    """The endpoint a filesystem with ``options`` talks to, as botocore picks it: ``endpoint_url``
+    in the options, then ``client_kwargs.endpoint_url``, then AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL;
+    None for the default (AWS) or a protocol without one. Any user name or password is left out."""
+    ep = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    if not ep and protocol in ("s3", "s3a"):
+        ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return re.sub(r"//[^/@]*@", "//", str(ep)) if ep else None
+
+
+def _scrub(text: str, options: dict) -> str:
+    """``text`` (a library's message) with every storage option value not known to be safe blanked
+    out, in case the library echoed one."""
+    from surpipe.config import secret_texts
+
+    for t in secret_texts(options):
+        text = text.replace(t, "***")
+    return text
+
+
+def remote_failure(exc: BaseException, where: Any) -> SurpipeError:
+    """A failure of the object store at ``where`` (a :class:`RemotePath` or its URL) as one clear
+    line: what is wrong, which endpoint (the one in use) and what to check."""
     if isinstance(exc, SurpipeError):
         return exc
-    text = first_line(exc)[:200]
+    protocol, options = ((where.protocol, where.options) if isinstance(where, RemotePath)
+                         else (str(where).split("://", 1)[0].lower(), storage_options()))
+    # the whole message on one line (its reason is often on the second), no option value in it
+    text = _scrub(" ".join(str(exc).split()) or type(exc).__name__, options)[:300]
     names = {c.__name__ for c in type(exc).__mro__}
     low = text.lower()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or storage_options().get("endpoint_url")
+    endpoint = endpoint_in_use(protocol, options)
     ep = f" (endpoint {endpoint})" if endpoint else ""
     if "NoSuchBucket" in text or "bucket does not exist" in low:
-        bucket = where.split("://", 1)[-1].split("/", 1)[0]
+        bucket = str(where).split("://", 1)[-1].split("/", 1)[0]
         why = f"bucket {bucket!r} does not exist{ep}; create it or fix the URL"
-    elif names & {"EndpointConnectionError", "ConnectionError", "ClientConnectorError", "ConnectTimeoutError",
-                  "ClientOSError", "ServerDisconnectedError", "ConnectionRefusedError", "TimeoutError"} \
+    elif names & {"ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError", "FSTimeoutError"} \
+            or type(exc) is TimeoutError:
+        why = _timeout_advice(protocol, options, endpoint, "ConnectTimeoutError" in names)
+    elif names & {"EndpointConnectionError", "ConnectionError", "ClientConnectorError", "ClientOSError",
+                  "ServerDisconnectedError", "ConnectionRefusedError", "TimeoutError"} \
             or "could not connect" in low or "cannot connect" in low:
         why = (f"cannot reach the object store{ep}: {text}; check AWS_ENDPOINT_URL / --storage-options "
                "'{\"endpoint_url\": ...}' and the network")
@@ -211,6 +335,22 @@ def remote_failure(exc: BaseException, where: str) -> SurpipeError:
     return SurpipeError(f"object storage {where}: {why}")
 
 
+def _timeout_advice(protocol: str, options: dict, endpoint: str | None, connecting: bool) -> str:
+    """Why an endpoint that never answered failed, naming it and the timeout that ran out."""
+    where = endpoint or "the default endpoint"
+    if protocol not in ("s3", "s3a"):
+        return f"the object store at {where} did not answer in time; check the endpoint and the network"
+    kw, retries = s3_settings(options)
+    ck = kw["config_kwargs"]
+    which = "connect_timeout" if connecting else "read_timeout"
+    r = ck["retries"]
+    attempts = r.get("total_max_attempts") or (r["max_attempts"] + 1 if "max_attempts" in r
+                                               else os.environ.get("AWS_MAX_ATTEMPTS", "?"))
+    return (f"the object store at {where} did not answer within {which} {ck[which]} s ({retries} x {attempts} "
+            f"attempts); check that the endpoint is right and up, or allow longer: add "
+            f"\"config_kwargs\": {{\"{which}\": 60}} to --storage-options")
+
+
 @contextlib.contextmanager
 def remote_errors(where: Any):
     """Turn any failure of the object store inside the block into :func:`remote_failure`; a
@@ -221,10 +361,10 @@ def remote_errors(where: Any):
         raise
     except (FileNotFoundError, FileExistsError) as e:
         if "bucket" in str(e).lower():
-            raise remote_failure(e, str(where)) from None
+            raise remote_failure(e, where) from None
         raise
     except Exception as e:
-        raise remote_failure(e, str(where)) from None
+        raise remote_failure(e, where) from None
 
 
 class RemotePath:
