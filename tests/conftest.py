@@ -12,6 +12,25 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _numeric_matrix() -> None:
+    """Run the suite under another numeric setup (README, "Tests on any CPU"):
+    SURPIPE_TEST_THREADS=N sets torch's threads here and OMP_NUM_THREADS for the CLI subprocesses;
+    SURPIPE_TEST_FASTPATH=0 turns off torch's fused transformer/MHA fast path in this process."""
+    threads, fastpath = os.environ.get("SURPIPE_TEST_THREADS"), os.environ.get("SURPIPE_TEST_FASTPATH")
+    if threads is None and fastpath is None:
+        return
+    import torch
+
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = threads
+        torch.set_num_threads(int(threads))
+    if fastpath is not None:
+        torch.backends.mha.set_fastpath_enabled(fastpath not in ("0", "false", "off"))
+
+
+_numeric_matrix()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """Tiny LLaMA (``/llm``) and tiny Stable Diffusion (``/sd``), built once per test session."""

@@ -126,10 +126,11 @@ def test_forward_matches_independent_reference(mixing):
         out, e, f = m.forward_with_aux(x)
         out2 = m(x)
     r_out, r_e, r_f = reference_forward(x, m.state_dict(), H, 0.1, mixing)
+    # float64 on both sides (other kernels, same function): rounding ~1e-15 per op, 1e-10 covers the depth
     torch.testing.assert_close(e, r_e, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(f, r_f, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, r_out, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)  # the same call on the same input: bit-equal
     # The two modes really differ (the check above is not vacuous).
     other = reference_forward(x, m.state_dict(), H, 0.1, "tokenwise" if mixing == "sequence" else "sequence")[0]
     assert (other - r_out).abs().max() > 1e-3
@@ -176,6 +177,7 @@ def test_rows_never_mix(mixing):
     with torch.no_grad():
         a, b = m(x), m(x2)
         single = m(x[:1])
+    # float64: another batch size may pick other kernels; float64 rounding stays far below 1e-12
     torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a[2], b[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a[:1], single, rtol=1e-12, atol=1e-12)
@@ -186,10 +188,11 @@ def test_init_output_is_blend_with_fc_bias():
     torch.manual_seed(0)
     m = SURAdapter(width=D, nhead=H, dim_feedforward=FF).eval()
     assert torch.count_nonzero(m.fc.weight) == 0
-    x = torch.randn(2, L, D)
+    m = m.double()  # float64: the claim is the formula, not float32 rounding of two add orders
+    x = torch.randn(2, L, D, dtype=torch.float64)
     with torch.no_grad():
         out = m(x)
-    torch.testing.assert_close(out, 0.9 * x + 0.1 * m.fc.bias, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, 0.9 * x + 0.1 * m.fc.bias, rtol=1e-12, atol=1e-12)
 
 
 def test_defaults_are_the_authors():

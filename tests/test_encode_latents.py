@@ -194,6 +194,7 @@ def test_preprocessing_rules():
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         x = sd.preprocess(img, 64).numpy()
         assert x.shape == (3, 64, 64) and x.dtype == np.float32
+        # the same resample of the same 8-bit pixels, then x/127.5-1 in float32: at most a few eps of [-1, 1]
         np.testing.assert_allclose(x, _independent_crop(img, 64), rtol=0, atol=1e-6)
 
 

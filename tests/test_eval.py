@@ -60,6 +60,8 @@ def test_clip_score_matches_an_independent_computation(tiny_clip):
     cos = (img * txt).sum(-1) / (img.norm(dim=-1) * txt.norm(dim=-1))
     want = (100 * cos.clamp(min=0)).numpy()
     assert np.all(want > 0)  # the tiny CLIP gives scores inside (0, 100), not all clamped
+    # float32 CLIP features (scorer, batched) vs a float64 cosine of features from another batch: scores
+    # are 100 x cosine, so 1e-3 is 1e-5 in cosine, ~100 float32 eps through the towers' reductions
     np.testing.assert_allclose(got, want, atol=1e-3)
     assert len(set(np.round(got, 3))) == 5
 
@@ -85,6 +87,7 @@ def test_preprocessing_is_the_standard_clip_one(tiny_clip):
     assert pre.mean == CLIP_MEAN and pre.std == CLIP_STD
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     ref = cls.from_pretrained(tiny_clip)(images=_images(), return_tensors="pt")["pixel_values"]
+    # the same PIL resample, then (x/255 - mean)/std in float32 on values up to ~2.2: 1e-5 is ~40 eps there
     np.testing.assert_allclose(pre(_images()).numpy(), ref.numpy(), atol=1e-5)
     # no preprocessor_config.json: CLIP defaults at the vision tower's size
     d = Preprocess.from_config(None, 224)
@@ -132,7 +135,7 @@ def test_preprocessing_matches_the_step_by_step_clip_recipe(cfg):
     assert type(pre.processor).__name__ == "CLIPImageProcessorPil"
     assert got.shape == (len(ims), 3, crop, crop) and got.dtype == np.float32
     want = np.stack([_hand_clip_pixels(im, edge, crop) for im in ims])
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-5)  # as above: float32 normalisation of identical pixels
     assert pre.to_dict()["shortest_edge"] == edge and pre.to_dict()["crop_size"] == [crop, crop]
 
 

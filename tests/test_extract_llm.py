@@ -67,11 +67,13 @@ def reference(llm_dir, sample_dir_module):
         for L in range(n):
             tokens[L].append(got[L].numpy())
             if L < n - 1:
+                # the same tensors of one forward (hook vs hidden_states): equal up to a copy
                 np.testing.assert_allclose(hs[L + 1][0].numpy(), got[L].numpy(), rtol=0, atol=1e-6)
             else:  # the last entry of hidden_states is normed: NOT the raw output
                 assert not np.allclose(hs[L + 1][0].numpy(), got[L].numpy(), atol=1e-3)
                 with torch.no_grad():
                     normed = model.model.norm(got[L][None])[0]
+                # the model's own norm on the same input, on values up to ~10: a few float32 eps
                 np.testing.assert_allclose(hs[L + 1][0].numpy(), normed.numpy(), atol=1e-5)
     for h in hooks:
         h.remove()
@@ -126,6 +128,8 @@ def test_stored_vectors_match_independent_reference(fp32_store, reference):
             x = g[f"layer_{L}/pooled"][:]
             assert x.shape == (n, 64) and x.dtype == np.float32
             ref = reference[pooling][L]
+            # float32 both sides, other batch and padding shapes through 4 layers: a row's relative error
+            # is ~depth x eps (1.2e-7) x sqrt(width) ~ 1e-6; 1e-5 leaves a factor 10
             assert _rowwise_rel(x, ref).max() < 1e-5, (name, L)
     # per-token states: flat rows + offsets, block-ragged
     g = root["llm/tokens-right"]
@@ -136,6 +140,7 @@ def test_stored_vectors_match_independent_reference(fp32_store, reference):
         flat = g[f"layer_{L}/tokens"]
         for i in (0, 17, n - 1):
             rows = flat[int(off[i]):int(off[i]) + int(cnt[i])]
+            # per-token float32 states, other batch shapes (as above): ~1e-6 relative expected
             np.testing.assert_allclose(rows, reference["tokens"][L][i], rtol=1e-5, atol=1e-6)
     # offsets stay inside the owning block's region
     br = root.attrs["block_rows"]
@@ -187,7 +192,9 @@ def test_truncated_model_loads_only_needed_layers(llm_dir, reference):
     ids = reference["ids"][:8]
     a = L.extract(t, ids, [1], batch_size=8).pooled[1]
     b = L.extract(f, ids, [1], batch_size=8).pooled[1]
+    # the same first two layers on the same batch (truncated or not): identical kernels, ~bit-equal
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # against the one-prompt-at-a-time reference: float32 with padding, ~1e-6 relative (as above)
     np.testing.assert_allclose(a, reference["mean"][1][:8], rtol=1e-5, atol=1e-6)
 
 

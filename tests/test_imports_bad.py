@@ -49,19 +49,26 @@ def test_real_48_key_checkpoint_imports_and_matches_their_forward(tmp_path):
 
     ad = SURAdapter.from_pretrained(out)
     assert not ad.training and ad.config.token_mixing == "tokenwise"
-    x = torch.randn(3, L, D, generator=torch.Generator().manual_seed(2))
+    for k, v in sd.items():  # the import itself is exact
+        if k not in TEMPLATE_KEYS:
+            assert torch.equal(ad.state_dict()[k], v), k
+    # The claim is that the two forwards are the same function, so both run in float64: in float32
+    # they are different kernels (torch's fused encoder fast path, other CPUs' SIMD) and differ by
+    # ~1e-5 on some machines. The 1e-6 left is their float32 sqrt(D) in the attention scale.
+    ad, theirs = ad.double(), theirs.double()
+    x = torch.randn(3, L, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with torch.no_grad():
         got = ad.forward_with_aux(x)
         # tokenwise = their forward at their training batch size (1), dropout off in both
         for b in range(3):
             want = theirs(x[b:b + 1])
             for g_, w_ in zip(got, want):
-                torch.testing.assert_close(g_[b:b + 1], w_, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(g_[b:b + 1], w_, rtol=1e-6, atol=1e-7)
         # the same weights in sequence mode = their module with the encoder across the tokens
-        seq = SURAdapter(dataclass_replace(ad.config, token_mixing="sequence")).eval()
+        seq = SURAdapter(dataclass_replace(ad.config, token_mixing="sequence")).double().eval()
         seq.load_state_dict(ad.state_dict())
         for g_, w_ in zip(seq.forward_with_aux(x), theirs.forward_sequence(x)):
-            torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g_, w_, rtol=1e-6, atol=1e-7)
         assert (seq(x) - got[0]).abs().max() > 1e-3  # the two modes really differ
     assert (got[0] - 0.9 * x).abs().max() > 1e-2  # the adapter branch is not negligible
 

@@ -20,6 +20,8 @@ def test_masked_llm_loss_is_the_loss_of_the_matched_rows_only():
     p, e = torch.randn(5, 8, generator=g), torch.randn(5, 3, 8, generator=g)
     mask = torch.tensor([True, False, True, True, False])
     got = L.llm_loss(p, e, mask=mask)
+    # float32 on both sides, the same softmaxes over 8 and sums of <= 15 terms: a few eps; 1e-6 absolute on
+    # values ~0.5 is ~16 eps
     assert torch.allclose(got, _reference(p[mask], e[mask]), atol=1e-6)
     assert torch.allclose(L.llm_loss(p, e, mask=torch.ones(5, dtype=torch.bool)), _reference(p, e), atol=1e-6)
     e.requires_grad_(True)

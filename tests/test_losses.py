@@ -27,6 +27,7 @@ def test_kl_align_is_authors_order_and_batchmean():
     x = torch.randn(3, 77, 16, generator=_g(0), dtype=torch.float64)
     y = torch.randn(3, 77, 16, generator=_g(1), dtype=torch.float64)
     got = kl_align(x, y)
+    # float64 on both sides of every comparison here: 1e-12 is far above float64 rounding at this depth
     # batchmean: total sum over batch AND tokens, divided by B only (not B * 77).
     torch.testing.assert_close(got, manual_kl_sum(x, y) / 3, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(got, manual_kl_sum(y, x) / 3)  # the order matters
@@ -44,6 +45,8 @@ def test_kl_align_temperature_and_half_inputs():
                                rtol=1e-12, atol=1e-12)
     h = kl_align(x.half(), y.half())
     assert h.dtype == torch.float32
+    # float32 result vs float64 reference of the same half inputs: softmaxes over 8 and a sum of 80 terms
+    # in float32, a few eps (1.2e-7) each; 1e-5 relative is ~80 eps
     torch.testing.assert_close(h.double(), manual_kl_sum(x.half(), y.half()) / 2, rtol=1e-5, atol=1e-6)
     with pytest.raises(SurpipeError):
         kl_align(x, y, temperature=0)
@@ -116,6 +119,7 @@ def test_min_snr_weights_against_manual(sched):
     eps = min_snr_weights(sched, t, gamma, "epsilon")
     v = min_snr_weights(sched, t, gamma, "v_prediction")
     assert eps.dtype == torch.float32 and eps.shape == (5,)
+    # float32 weights vs float64 formula: three rounded float32 ops after float64 alphas; 1e-6 is ~8 eps
     torch.testing.assert_close(eps.double(), torch.minimum(snr, torch.full_like(snr, gamma)) / snr,
                                rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(v.double(), torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1),
@@ -123,7 +127,7 @@ def test_min_snr_weights_against_manual(sched):
     # low-noise timesteps (huge SNR) are down-weighted; high-noise ones keep weight 1 (epsilon)
     assert eps[0] < 0.01 and eps[-1] == 1.0
     # prediction type from the scheduler's config by default
-    torch.testing.assert_close(min_snr_weights(sched, t, gamma), eps)
+    torch.testing.assert_close(min_snr_weights(sched, t, gamma), eps)  # same computation, same inputs
     with pytest.raises(SurpipeError, match="gamma"):
         min_snr_weights(sched, t, 0)
 
@@ -144,6 +148,7 @@ def test_denoise_targets(sched):
     v = denoise_target(sched, lat, noise, t, prediction_type="v_prediction")
     acp = _acp64(sched, t)[:, None, None, None]
     ref = acp.sqrt() * noise.double() - (1 - acp).sqrt() * lat.double()
+    # float32 vs float64: two products and a difference of unit-scale values, a few eps; 1e-5 / 1e-6 leave room
     torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-6)
     vs = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
     torch.testing.assert_close(denoise_target(vs, lat, noise, t), v)
@@ -164,6 +169,8 @@ def test_denoise_loss_per_sample_weighted():
     pred = torch.randn(3, 4, 8, 8, generator=_g(10))
     target = torch.randn(3, 4, 8, 8, generator=_g(11))
     per = ((pred.double() - target.double()) ** 2).flatten(1).mean(1)
+    # float32 mean of 768 squares vs float64: summation error ~eps*log2(768) ~ 1.2e-6 relative at worst
+    # with pairwise/vectorised sums; values ~2, so rtol 1e-6 + atol 1e-7 is about that bound
     torch.testing.assert_close(denoise_loss(pred, target).double(), per.mean(), rtol=1e-6, atol=1e-7)
     w = torch.tensor([0.5, 1.0, 2.0])
     torch.testing.assert_close(denoise_loss(pred, target, w).double(), (per * w.double()).mean(),
@@ -175,7 +182,7 @@ def test_noise_offset():
     noise = torch.randn(2, 4, 8, 8, generator=_g(12))
     assert apply_noise_offset(noise, 0.0) is noise
     got = apply_noise_offset(noise, 0.1, _g(13))
-    shift = torch.randn(2, 4, 1, 1, generator=_g(13))
+    shift = torch.randn(2, 4, 1, 1, generator=_g(13))  # same formula on the same tensors: default float32 tolerance
     torch.testing.assert_close(got, noise + 0.1 * shift)
     d = got - noise  # constant over H, W per sample and channel
     assert torch.allclose(d, d[:, :, :1, :1].expand_as(d))

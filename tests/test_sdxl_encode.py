@@ -69,6 +69,7 @@ def test_embeddings_and_pooled_equal_encode_prompt(encoded, surd, tiny_models):
             emb, _, pooled, _ = pipe.encode_prompt(prompts[w], device="cpu", num_images_per_prompt=1,
                                                    do_classifier_free_guidance=False)
         assert g[w].shape == (7, 77, 64) and g[f"{w}_pooled"].shape == (7, 32)
+        # diffusers' own encode_prompt vs surpipe's, float32, other batch grouping: a few eps of values ~3
         np.testing.assert_allclose(g[w][:], emb.numpy(), rtol=0, atol=1e-5, err_msg=w)
         np.testing.assert_allclose(g[f"{w}_pooled"][:], pooled.numpy(), rtol=0, atol=1e-5, err_msg=w)
         # token counts before truncation, both tokenizers, as a plain tokenizer call gives them
@@ -110,6 +111,7 @@ def test_micro_conditioning_and_latents(encoded, surd, tiny_models):
     x = torch.stack([preprocess(im.convert("RGB"), R) for im in imgs[:3]])
     with torch.no_grad():
         dist = vae.encode(x).latent_dist
+    # the same VAE, float32, 3 rows vs the stage's blocks: conv reductions in other splits, a few eps
     np.testing.assert_allclose(g["mean"][:3], dist.mean.numpy(), rtol=0, atol=1e-5)
     assert "flip_mean" in g and "flip_crop_top_left" not in g  # a flipped row records the same offsets
 

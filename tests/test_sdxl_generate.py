@@ -68,7 +68,7 @@ def test_pooled_head_maps_both_pooled_embeddings(tiny_models, tmp_path, monkeypa
     b = render.encode_args(pipe, ["a cat"], headed, "blurry")
     # without a head the pooled embeddings are the pipeline's; with it, head(p) for both arms
     assert torch.equal(a["pooled_prompt_embeds"], ref[2]) and torch.equal(a["negative_pooled_prompt_embeds"], ref[3])
-    with torch.no_grad():
+    with torch.no_grad():  # the same modules on the same inputs: the same kernels, float32 rounding at most
         assert torch.allclose(b["pooled_prompt_embeds"], headed.pool(ref[2]), atol=1e-6)
         assert torch.allclose(b["negative_pooled_prompt_embeds"], headed.pool(ref[3]), atol=1e-6)
     assert not torch.allclose(b["pooled_prompt_embeds"], ref[2])

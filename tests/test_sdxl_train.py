@@ -88,7 +88,7 @@ def test_sdxl_trains_from_a_unet_only_folder_with_the_added_conditioning(xl_stor
     for s in seen:
         for p, t in zip(s["text_embeds"].numpy(), s["time_ids"].numpy()):
             row = int(np.argmin(np.abs(pooled - p).sum(1)))
-            assert np.allclose(pooled[row], p, atol=1e-6)
+            assert np.allclose(pooled[row], p, atol=1e-6)  # stored float32 values passed through: equal
             assert t[:2].tolist() == orig[row].tolist() and t[4:].tolist() == [R, R]
             assert t[2:4].tolist() in (crop[row].tolist(), [crop[row][0], R - crop[row][1]])
     from surpipe.adapter import SURAdapter
@@ -134,7 +134,7 @@ def test_pooled_aligned_trains_a_pooled_head(xl_store, tiny_models, tmp_path):
     last = [r for r in _metrics(out) if "val/prompt" in r][-1]  # the final adapter, as training evaluated it
     got = json.loads((tmp_path / "ev" / "held_out.json").read_text())["categories"]["all"]
     for k in ("val/denoise", "val/prompt", "val/llm", "val/prompt_baseline"):
-        assert np.isclose(got[k], last[k], rtol=1e-5), k
+        assert np.isclose(got[k], last[k], rtol=1e-5), k  # eval recomputes training's float32 terms
 
 
 def test_mismatched_store_and_unet_are_refused_clearly(xl_store, store, tiny_models, tmp_path):

@@ -33,6 +33,14 @@ def _surpipe(args, env_extra=None, unset=(), timeout=120):
     return p.returncode, p.stdout + p.stderr, time.perf_counter() - t0
 
 
+def _startup_secs() -> float:
+    """Seconds a subprocess takes to start and import what a stage imports, measured now: "fails fast"
+    is judged on top of it, so a loaded machine (or one thread) does not fail the test, a retry loop does."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, diffusers"], check=True, timeout=300)
+    return time.perf_counter() - t0
+
+
 def _closed_port() -> int:
     import socket
 
@@ -78,7 +86,8 @@ def test_unreachable_hub_fails_fast_naming_the_fix(cmd, args, surd, tmp_path):
                                         "HF_HOME": str(tmp_path / "hf")},
                              unset=("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     assert rc == 1, out
-    assert secs < 10, f"took {secs:.1f} s"
+    base = _startup_secs()
+    assert secs < 10 + 1.5 * base, f"took {secs:.1f} s (start-up alone {base:.1f} s)"
     assert "Traceback" not in out and "Retrying" not in out
     assert "cannot reach the Hugging Face hub" in out
     assert "local folder" in out and "HF_HUB_OFFLINE=1" in out and "hf download" in out
@@ -91,7 +100,8 @@ def test_offline_without_cache_is_a_clear_message(cmd, args, surd, tmp_path):
     rc, out, secs = _surpipe([cmd, "--data", surd, "--store", store, *args],
                              env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert rc == 1, out
-    assert secs < 10, f"took {secs:.1f} s"
+    base = _startup_secs()
+    assert secs < 10 + 1.5 * base, f"took {secs:.1f} s (start-up alone {base:.1f} s)"
     assert "Traceback" not in out
     assert "HF_HUB_OFFLINE is set" in out and "not in the local Hugging Face cache" in out
     assert "local folder" in out
