@@ -324,15 +324,25 @@ def _interrupted_message(command: str, code: int) -> str:
     return f"surpipe: {command}: interrupted" + (f"; {hint}" if hint else "")
 
 
-def describe_unexpected(e: BaseException) -> str:
-    """One line for an exception no check anticipated: what the environment did, or a bug report hint."""
+# Out-of-memory advice for train that a rerun on the same --out accepts: a run's global batch
+# (batch-size x processes x grad-accum) is its identity, its split into micro-batches is not.
+_TRAIN_OOM = ("lower --batch-size and raise --grad-accum by the same factor (the global batch stays, so the "
+              "run resumes), or add --gradient-checkpointing")
+
+
+def describe_unexpected(e: BaseException, command: str = "surpipe") -> str:
+    """One line for an exception no check anticipated: what the environment did, or a bug report
+    hint. Advice to rerun with other options names only options the rerun of ``command`` accepts."""
     import errno
 
+    train = command == "train"
     if isinstance(e, MemoryError):
-        return "out of memory: lower --batch-size (or the data's image size) and rerun"
+        return (f"out of memory: {_TRAIN_OOM}, and rerun" if train else
+                "out of memory: lower --batch-size (or the data's image size) and rerun")
     if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
-        return ("GPU out of memory: lower --batch-size, or use --gradient-checkpointing / --mixed-precision "
-                "fp16|bf16, and rerun (finished work is kept)")
+        return (f"GPU out of memory: {_TRAIN_OOM} or --mixed-precision bf16, and rerun (finished work is kept)"
+                if train else "GPU out of memory: lower --batch-size, or use --gradient-checkpointing / "
+                "--mixed-precision fp16|bf16, and rerun (finished work is kept)")
     if isinstance(e, OSError) and e.errno is not None:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         if e.errno == errno.ENOSPC:
@@ -397,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if verbose():
             raise
-        print(f"surpipe: error: {describe_unexpected(e)}", file=sys.stderr)
+        print(f"surpipe: error: {describe_unexpected(e, _command_of(argv))}", file=sys.stderr)
         return 1
     if isinstance(rv, int) and rv == 130:  # typer turns a Ctrl-C outside our commands into Exit(130)
         print(_interrupted_message(_command_of(argv), 130), file=sys.stderr)

@@ -66,8 +66,8 @@ class ExtractLLMConfig(StageOneCommon):
     revision: Optional[str] = opt(None, help="hub revision (branch, tag or commit) of --model", group="model")
     trust_remote_code: bool = opt(False, help="run the model repository's own Python code (only if you trust it)",
                                   group="model")
-    padding_side: Literal["right", "left"] = opt("right", help="padding side of batches (values do not depend on "
-                                                 "it: positions are explicit)", group="running")
+    padding_side: Literal["right", "left"] = opt("right", help="padding side of batches (values change only by "
+                                                 "rounding: positions are explicit)", group="running")
     bucket: bool = opt(True, help="sort prompts by length within a block to minimise padding", group="running")
 
 

@@ -39,7 +39,8 @@ def _validate_numbers(cfg: TrainConfig) -> list[str]:
         p.append(f"lr_warmup_steps: {cfg.lr_warmup_steps} warm-up steps have no effect with lr_scheduler "
                  "constant; use constant_with_warmup (or linear, cosine)")
     if cfg.keep_best and not (cfg.val_rows or cfg.val_fraction):
-        p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F")
+        p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F (a run "
+                 "keeps the split it began with: to a run folder begun without one, only in another --out)")
     problem = _tracker_problem(cfg.report_to)
     if problem:
         p.append(problem)
@@ -82,7 +83,10 @@ class TrainRecipe:
 
         found, problems = gather(self.cfg)
         problems = _validate_numbers(self.cfg) + problems
-        problems += check_run_folder(self.cfg, found["store"], found["groups"], split=found.get("split"))
+        from surpipe.blockjob import dist_env
+
+        problems += check_run_folder(self.cfg, found["store"], found["groups"], split=found.get("split"),
+                                     world=dist_env().world_size)
         if self.cfg.pooled == "aligned" and found.get("store") is not None and found.get("pooled_width") is None:
             problems.append("--pooled aligned: the store has no SDXL pooled embeddings (an SD 1.x/2.x store); "
                             "use --pooled simple")
@@ -127,7 +131,9 @@ class TrainRecipe:
         self.vset = self._validation_set() if self.main else None  # held-out numbers: computed once
         if self.main:
             try:
+                # world_size: the global batch of the run is batch_size x world_size x grad_accum
                 save(cfg, self.out / "config.json", extra={"store_fingerprint": inputs.store.fingerprint,
+                                                           "world_size": self.world,
                                                            "run": run_identity(cfg, inputs.store, inputs.groups,
                                                                                split=inputs.split)})
             except OSError as e:

@@ -14,6 +14,10 @@ RESUMABLE_CHANGES = {
     "progress", "device", "validation_every", "validation_prompts", "validation_steps",
     "validation_size", "validation_seed", "loss_curve", "validation_images", "keep_best",
     "log_denoise_every", "storage_options", "cache_dir", "cache_gb",
+    # how the same computation runs (advice in train's messages says to change these and rerun)
+    "compile_unet", "gradient_checkpointing", "mixed_precision",
+    # an override of a check: the group it lets through is recorded in the identity
+    "allow_other_vae",
 }
 
 # Settings compared resolved at a resume (``run_identity``), not as typed: the same store or model
@@ -26,6 +30,10 @@ KINDS = ("llm", "clip", "vae")
 # also notices when the same settings pick other rows (the store's keys changed).
 SPLIT_KEYS = {"val_rows", "val_fraction", "val_seed"}
 
+# The batch options: compared as the run's global batch (``batch_problem``), with the number of
+# processes recorded in ``_surpipe.world_size``, not one by one.
+BATCH_KEYS = {"batch_size", "grad_accum"}
+
 
 def resume_settings(cfg: Any) -> dict:
     """The settings a resume must share with the run, with the identity keys (store, model,
@@ -33,7 +41,41 @@ def resume_settings(cfg: Any) -> dict:
     from surpipe.config import to_dict
 
     return {k: v for k, v in to_dict(cfg).items()
-            if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS}
+            if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS and k not in BATCH_KEYS}
+
+
+def batch_problem(old: dict, meta: dict, cfg: Any, world: int) -> Optional[str]:
+    """Why a resume with ``cfg``'s batch options on ``world`` processes would train another global
+    batch than the run ``old`` (its saved options, ``meta`` its ``_surpipe`` record); None: the same.
+
+    The global batch, batch-size x processes x grad-accum, is the run's identity; how it is split
+    is not: the sample stream is one row sequence cut into steps of that many rows
+    (surpipe.train_data.SampleStream), so every split reads the same rows at every step and a
+    checkpoint's data position is exact for all of them (only the noise draws and dropout masks
+    fall otherwise, as on another device). A folder from before ``world_size`` was recorded ran on
+    one process."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    bs, ga = old.get("batch_size", defaults["batch_size"]), old.get("grad_accum", defaults["grad_accum"])
+    w = meta.get("world_size", 1)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (bs, ga, w)):
+        return (f"{Path(cfg.out) / 'config.json'} is damaged: batch_size {bs!r}, grad_accum {ga!r}, world_size "
+                f"{w!r} are not all positive integers; restore it, or choose another --out")
+    then, now = bs * w * ga, cfg.batch_size * world * cfg.grad_accum
+    if then == now:
+        return None
+
+    def procs(n):
+        return f"{n} process" + ("es" if n != 1 else "")
+
+    # the run's global batch on this many processes: keep this run's accumulation, else the run's,
+    # else micro-batches of one row; on one process when this many do not divide it
+    way = next((f"--batch-size {then // (world * g)} --grad-accum {g} on {procs(world)}"
+                for g in (cfg.grad_accum, ga, then // world) if g and then % (world * g) == 0),
+               f"--batch-size {bs * w} --grad-accum {ga} on 1 process")
+    return (f"run folder {cfg.out} trains a global batch of {then} rows per step (batch-size {bs} x {procs(w)} "
+            f"x grad-accum {ga}), this run would take {now} (batch-size {cfg.batch_size} x {procs(world)} x "
+            f"grad-accum {cfg.grad_accum}); resume with {way} (any split of {then} rows resumes), "
+            "or choose another --out")
 
 
 def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optional[dict]:
@@ -132,10 +174,10 @@ def identity_changes(cfg: Any, store, groups, old: dict, meta: dict) -> list[str
     return changes
 
 
-def check_run_folder(cfg: Any, store, groups, split: Optional[dict] = None) -> list[str]:
-    """Problems with resuming (or starting) in ``cfg.out``: a file in the way, a foreign folder, a
-    damaged config.json, other settings, other data than recorded, or another held-out ``split``
-    (every one at once)."""
+def check_run_folder(cfg: Any, store, groups, split: Optional[dict] = None, world: int = 1) -> list[str]:
+    """Problems with resuming (or starting) in ``cfg.out`` on ``world`` processes: a file in the way,
+    a foreign folder, a damaged config.json, other settings, another global batch, other data than
+    recorded, or another held-out ``split`` (every one at once)."""
     out = Path(cfg.out)
     for folder in (out, *out.parents):  # a file where the run folder (or a folder above it) goes
         if folder.exists() or folder.is_symlink():
@@ -160,15 +202,18 @@ def check_run_folder(cfg: Any, store, groups, split: Optional[dict] = None) -> l
         return [f"{saved} is damaged: it does not hold a surpipe training config (a JSON object with "
                 f"its _surpipe record){damaged}"]
     identity = {k: v for k, v in old.items() if k in IDENTITY_KEYS}
+    batch = batch_problem(old, meta, cfg, world)
     new = resume_settings(cfg)
     # a key missing from an older run folder holds its default (options added since keep it)
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     old = {k: v for k, v in old.items()
-           if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS}
+           if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS and k not in BATCH_KEYS}
     diff = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
     problems = [f"run folder {out} was started with other settings ({k}: {old.get(k, defaults.get(k))!r} "
                 f"there, {new.get(k)!r} now); resume with the same settings or choose another --out"
                 for k in diff]
+    if batch:
+        problems.append(batch)
     changes = identity_changes(cfg, store, groups, identity, meta)
     if changes:
         problems.append(f"run folder {out} was trained on other data than this run would read; a resume "

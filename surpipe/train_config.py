@@ -32,6 +32,9 @@ class TrainConfig:
     clip_group: Optional[str] = opt(None, help="CLIP embedding group of the store (default: the one matching "
                                                "--model).", group="data")
     vae_group: Optional[str] = opt(None, help="VAE latent group of the store (default: the only one).", group="data")
+    allow_other_vae: bool = opt(False, help="Train on a VAE group whose latents come from another VAE than --model's "
+                                            "(other scaling factor, shift or latent channels); refused without it.",
+                                group="data")
     revision: Optional[str] = opt(None, help="Hub revision (branch, tag or commit) of --model.", group="model")
     flip: bool = opt(True, help="Use the stored horizontally flipped latents for half the samples (augmentation).",
                      group="data")

@@ -28,7 +28,9 @@ class BlockReader:
     shape and chunks against the settings and the layout recorded at creation), and every block
     read checks that the block is done in the group's current generation, that every chunk file
     exists (a deleted one would read as zeros), that the chunks pass their crc32c checksums, and
-    that the float values are finite. Any failure is a SurpipeError naming store, array and rows.
+    that the float values are finite. Any failure is a SurpipeError naming store, array and rows;
+    with a remote store's local cache, a cached copy that fails is fetched again first (only the
+    store's own object failing is store damage).
     """
 
     def __init__(self, store_path: str, groups: StoreGroups, block_rows: int):
@@ -123,8 +125,7 @@ class BlockReader:
                             "to mark the damaged block for recomputation, then rerun the stage that wrote it")
 
     def __getitem__(self, block: int) -> dict[str, np.ndarray]:
-        from surpipe.store import missing_chunk, read_failure
-        from surpipe.store.integrity import missing_block_file
+        from surpipe.store import read_failure
 
         if self._pid != os.getpid() and getattr(self.store_location, "protocol", None):
             self._open()  # a forked DataLoader worker: the parent's object-store connections are not usable here
@@ -148,45 +149,7 @@ class BlockReader:
         out = {}
         for key, (gpath, name, arr) in self._arrays.items():
             where = f"{gpath}/{name}"
-            if self._cache is not None:  # present = fetched into the cache (no extra request)
-                from surpipe.store.integrity import chunk_keys
-
-                from surpipe.store.sharding import index_bytes, inner_chunk_missing
-
-                for ck in chunk_keys(arr, block):
-                    obj = f"{arr.path}/{ck}"
-                    try:
-                        gone = not self._cache.ensure(obj)
-                        if not gone and arr.shards:  # an object over the cache's cap is not kept: ask the store
-                            data = self._cache.cached_bytes(obj)
-                            gone = (inner_chunk_missing(data[-index_bytes(arr):], arr, block) if data else
-                                    missing_block_file(self.store_path, arr, block) is not None)
-                    except ValueError as e:  # a damaged shard index
-                        raise read_failure(self.store_path, where, block, (start, stop), e) from None
-                    if gone:
-                        raise missing_chunk(self.store_path, where, block, (start, stop),
-                                            f"{self.store_path.rstrip('/')}/{obj}")
-            else:
-                try:
-                    f = missing_block_file(self.store_path, arr, block)
-                except ValueError as e:
-                    raise read_failure(self.store_path, where, block, (start, stop), e) from None
-                if f is not None:
-                    raise missing_chunk(self.store_path, where, block, (start, stop), f)
-            try:
-                x = np.asarray(arr[start:stop])
-            except Exception as e:
-                from surpipe.store.integrity import chunk_keys
-
-                # a cached copy cut short (the machine lost power while writing it) is not the store's
-                # damage: drop it and read the store once more before blaming the store
-                if self._cache is None or not any([self._cache.drop(f"{arr.path}/{ck}")
-                                                   for ck in chunk_keys(arr, block)]):
-                    raise read_failure(self.store_path, where, block, (start, stop), e) from None
-                try:
-                    x = np.asarray(arr[start:stop])
-                except Exception as e2:
-                    raise read_failure(self.store_path, where, block, (start, stop), e2) from None
+            x = self._read_array(gpath, name, arr, block, start, stop)
             if x.dtype.kind in "fc":
                 finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) if x.size else np.ones(len(x), bool)
                 if not finite.all():
@@ -200,6 +163,59 @@ class BlockReader:
                         + (" ..." if len(bad) > 10 else "") + (f" (keys {keys})" if keys else ""))
             out[key] = x
         return out
+
+    def _read_array(self, gpath: str, name: str, arr, block: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``arr`` (block ``block``), after checking its chunk objects exist.
+
+        With a cache, a copy that fails its checks (a shard index or chunk checksum, a decode: a copy
+        cut short or overwritten by a crash or a bad disk) is the cache's damage, not the store's:
+        it is dropped and fetched once more, and only a failure of the freshly fetched object is
+        reported as store damage (else every rerun fails the same way while verify finds nothing)."""
+        from surpipe.store import missing_chunk, read_failure
+        from surpipe.store.integrity import chunk_keys, missing_block_file
+
+        where, span = f"{gpath}/{name}", (start, stop)
+        if self._cache is None:
+            try:
+                f = missing_block_file(self.store_path, arr, block)
+            except ValueError as e:  # a damaged shard index
+                raise read_failure(self.store_path, where, block, span, e) from None
+            if f is not None:
+                raise missing_chunk(self.store_path, where, block, span, f)
+            try:
+                return np.asarray(arr[start:stop])
+            except Exception as e:
+                raise read_failure(self.store_path, where, block, span, e) from None
+        objs = [f"{arr.path}/{ck}" for ck in chunk_keys(arr, block)]
+        for attempt in (1, 2):
+            try:
+                self._check_cached(arr, block, where, span, objs)
+            except ValueError as e:  # a shard index that fails its checksum
+                err = e
+            else:
+                try:
+                    return np.asarray(arr[start:stop])
+                except Exception as e:  # a chunk that fails its checksum or does not decode
+                    err = e
+            if attempt == 2 or not any([self._cache.drop(o) for o in objs]):
+                raise read_failure(self.store_path, where, block, span, err) from None
+        raise AssertionError("unreachable")
+
+    def _check_cached(self, arr, block: int, where: str, span: tuple[int, int], objs: list[str]) -> None:
+        """Fetch ``objs`` into the cache (if not there) and refuse a chunk the store does not hold; a
+        damaged shard index raises ValueError."""
+        from surpipe.store import missing_chunk
+        from surpipe.store.integrity import missing_block_file
+        from surpipe.store.sharding import index_bytes, inner_chunk_missing
+
+        for obj in objs:
+            gone = not self._cache.ensure(obj)  # present = fetched into the cache (no extra request)
+            if not gone and arr.shards:  # an object over the cache's cap is not kept: ask the store
+                data = self._cache.cached_bytes(obj)
+                gone = (inner_chunk_missing(data[-index_bytes(arr):], arr, block) if data else
+                        missing_block_file(self.store_path, arr, block) is not None)
+            if gone:
+                raise missing_chunk(self.store_path, where, block, span, f"{self.store_path.rstrip('/')}/{obj}")
 
 
 def _done_value(store_path: str, done, block: int, gen: int | None):

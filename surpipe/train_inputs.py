@@ -133,6 +133,8 @@ def gather(cfg) -> tuple[dict, list[str]]:
         if unet_cfg is not None and unet_cfg.get("in_channels") != lat.shape[0]:
             problems.append(f"latent channels mismatch: store {lat.shape[0]}, "
                             f"UNet in_channels {unet_cfg.get('in_channels')}")
+        if unet_cfg is not None and not cfg.allow_other_vae:
+            problems += _other_vae(cfg, g.vae_group, lat)
     if g is not None and clip is not None and g.vae_group:
         _sdxl(cfg, clip, store.group(g.vae_group), unet_cfg, found, problems)
     if sched_cfg is not None:
@@ -142,6 +144,34 @@ def gather(cfg) -> tuple[dict, list[str]]:
         found["prediction_type"] = pt
         found["sched_config"] = sched_cfg
     return found, problems
+
+
+def _other_vae(cfg, group: str, lat) -> list[str]:
+    """A latent group made by a VAE whose latent space is not that of ``cfg.model``'s VAE (another
+    scaling factor, shift or channel count, e.g. SDXL's VAE, 0.13025, under an SD 1.5 UNet, 0.18215):
+    the frozen UNet only knows its own VAE's latents, so training on these silently learns the
+    wrong thing (as a text-encoder group must match the model: store_groups.clip_matcher). Only
+    the numbers that define the latent space are compared, not the VAE's config hash: a fine-tuned
+    VAE given to encode-latents with --vae (sd-vae-ft-mse for SD 1.5) shares the latent space."""
+    import math
+
+    from surpipe.hub import read_model_config
+
+    try:
+        vae = read_model_config(cfg.model, "vae", cfg.revision)
+        want = {"scaling_factor": float(vae.get("scaling_factor", 0.18215)),  # diffusers' defaults
+                "shift_factor": float(vae.get("shift_factor") or 0.0),
+                "latent_channels": int(vae.get("latent_channels", 4))}
+    except (SurpipeError, TypeError, ValueError):
+        return []  # no readable vae/ (a UNet-only folder): nothing to compare with
+    have = {"scaling_factor": lat.scaling_factor, "shift_factor": lat.shift_factor, "latent_channels": lat.shape[0]}
+    diff = [f"{k} {have[k]} there, {want[k]} in {cfg.model}'s VAE" for k in want
+            if have[k] is not None and not math.isclose(have[k], want[k], rel_tol=1e-6)]
+    if not diff:
+        return []
+    return [f"{group} holds latents of another VAE than the model's ({'; '.join(diff)}): the UNet would "
+            "train on latents it was never trained with; use a VAE group encoded for this model (surpipe "
+            f"encode-latents --model {cfg.model}), or train with --allow-other-vae if you mean it"]
 
 
 def _sdxl(cfg, clip, vae, unet_cfg: Optional[dict], found: dict, problems: list[str]) -> None:

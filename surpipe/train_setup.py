@@ -154,4 +154,5 @@ def stopped_message(step: int, what: str, latest) -> str:
             else "no checkpoint had been written yet")
     return (f"training stopped at step {step}: {what}. Nothing of this step was saved and {kept}. "
             "Check the store (surpipe verify) and the options (learning_rate, loss weights, noise_offset, "
-            "min_snr_gamma); a rerun resumes from the last checkpoint.")
+            "min_snr_gamma): a rerun of the same command resumes from the last checkpoint, other values of "
+            "those options need another --out.")

@@ -372,3 +372,66 @@ def test_inspect_shows_the_shard_layout(tmp_path):
     import json
 
     assert [g["shard_blocks"] for g in json.loads(out)["groups"]] == [2]
+
+
+def test_a_damaged_cached_shard_is_fetched_again_not_blamed_on_the_store(s3_server, s3_bucket, tiny_models,
+                                                                          tmp_path, monkeypatch):
+    """A cached shard object that fails its checks (cut in half by a crash, overwritten with garbage
+    of the same length) is the cache's damage: train drops it and fetches it again (it used to stop
+    with "checksum mismatch ... verify --repair" on every rerun, while verify said the store was
+    fine). Only an object that fails its checks as freshly fetched is the store's damage."""
+    import os
+
+    from helpers import run_cli_err
+    from surpipe.store_groups import resolve_groups
+    from surpipe.train_data import BlockReader
+    from test_train import make_store
+
+    def damaged(data: bytes, how: str) -> bytes:
+        return data[:len(data) // 2] if how == "cut in half" else os.urandom(len(data))
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SURPIPE_STORAGE_OPTIONS", "")
+    url = f"{s3_bucket}/sharded.zarr"
+    real = FeatureStore.require_group
+    with monkeypatch.context() as m:
+        m.setattr(FeatureStore, "require_group", lambda self, *a, **k: real(self, *a, **{**k, "shard_blocks": 2}))
+        make_store(url, n=32, block_rows=8)  # 4 blocks: 2 shard objects per array
+    cache = tmp_path / "cache"
+
+    def train(out):
+        return run_cli_err("train", "--store", url, "--model", tiny_models / "sd", "--llm-layer", "-1",
+                           "--out", tmp_path / out, "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
+                           "--no-progress", "--device", "cpu", "--cache-dir", cache)
+
+    def shards():
+        return {p: p.read_bytes() for p in cache.rglob("*") if p.is_file() and "/c/" in p.as_posix()}
+
+    rc, err = train("run0")
+    assert rc == 0, err
+    whole = shards()
+    assert whole
+    for how in ("cut in half", "random bytes"):
+        for p, data in whole.items():
+            p.write_bytes(damaged(data, how))
+        rc, err = train(f"run-{how}")
+        assert rc == 0, (how, err)  # was: exit 1, "checksum mismatch (crc32c) ... run surpipe verify --repair"
+        assert {p: d for p, d in shards().items() if p in whole} == whole, how  # fetched again, whole
+
+    # damage in the store itself (the fresh fetch fails too) is still the store's
+    monkeypatch.setenv("SURPIPE_STORE_CACHE_DIR", str(tmp_path / "cache2"))
+    monkeypatch.setenv("SURPIPE_STORE_CACHE_GB", "1")
+    st = FeatureStore(url)
+    groups, problems = resolve_groups(st, llm_layer=-1, llm_group=None, clip_group=None, vae_group=None,
+                                      use_flip=True)
+    assert not problems
+    fs = s3_server.fs()
+    for how in ("cut in half", "random bytes"):
+        for b, obj in ((0, "mean/c/0/0/0/0"), (2, "std/c/1/0/0/0")):
+            key = f"{url[len('s3://'):]}/{groups.vae_group}/{obj}"
+            data = fs.cat_file(key)
+            fs.pipe_file(key, damaged(data, how))
+            with pytest.raises(SurpipeError, match=f"{obj.split('/')[0]} block {b} .*verify --repair"):
+                BlockReader(url, groups, st.block_rows)[b]
+            fs.pipe_file(key, data)

@@ -9,8 +9,8 @@ generically (the ``nn.ModuleList`` of ``num_hidden_layers`` blocks), never from 
 Pooling is over the tokens the tokenizer produces by default (BOS included where it adds one),
 padding excluded by selection (padded positions may hold NaN under SDPA), with explicit
 ``position_ids`` so that left padding does not shift RoPE positions. Prompts are batched by length
-(sorted buckets), and a prompt's vector does not depend on its batch, its padding or the padding
-side.
+(sorted buckets); what a prompt's vector is computed from does not depend on its batch, its padding
+or the padding side, only its rounding does (docs/store-format.md states the bound).
 
 Heavy libraries (torch, transformers, bitsandbytes) are imported inside the functions.
 

@@ -1,6 +1,8 @@
 """Extracting features from a loaded LLM: tokens, length-bucketed batches, hooked decoder-layer
-outputs and pooling over each prompt's real tokens (a prompt's vector does not depend on its batch,
-its padding or the padding side)."""
+outputs and pooling over each prompt's real tokens, in float32. What a prompt's vector is computed
+from does not depend on its batch, its padding or the padding side; its rounding does (a padded
+batch runs the matrix products in other shapes): within one float16 step of the stored value with
+float32 compute, a relative 1e-3 with half-precision compute (docs/store-format.md)."""
 
 from __future__ import annotations
 
