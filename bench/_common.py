@@ -288,12 +288,13 @@ def llm_pooled(prompts, layer: int = 3, seed: int = 0, size: dict | None = None)
 def real_activations(model_dir: Path, rows: int | None = None, batch: int = 8,
                      resolution: int | None = None) -> Activations:
     """CLIP last hidden states of the simple and complex prompts, VAE latent mean/std of the
-    center-cropped images and their flips (surpipe.sd, the encode-latents code path), LLM pooled.
-    An SDXL folder: both encoders' embeddings and the pooled embedding (surpipe.sdxl) and the
+    center-cropped images and their flips (surpipe.sd.components, the encode-latents code path), LLM pooled.
+    An SDXL folder: both encoders' embeddings and the pooled embedding (surpipe.sd.xl) and the
     micro-conditioning. ``resolution``: None for the pipeline's default."""
     import torch
 
-    from surpipe import sd, sdxl
+    from surpipe.sd import components as sd
+    from surpipe.sd import xl as sdxl
 
     samples = sample_rows(rows)
     xl = sd.check_pipeline_class(str(model_dir), None, accept=("sd", "sdxl")) == "sdxl"
@@ -391,7 +392,7 @@ def write_store(path: Path, act: Activations, rows: int, block_rows: int = 64, c
 
 
 def store_groups(resolution: int, llm_layer: int = 3, flip: bool = True):
-    from surpipe.store_groups import StoreGroups
+    from surpipe.train.groups import StoreGroups
 
     return StoreGroups("llm/bench", llm_layer, "clip/bench", f"vae/bench-{resolution}", flip)
 

@@ -6,11 +6,11 @@
 1. Training step of the SD 1.5 architecture (UNet 859.5 M, VAE, CLIP ViT-L/14 text tower, adapter
    768 / 8 heads / FFN 2048: ``bench/cost_model.py``'s published configs, random weights) at 512 px,
    batch 1, 8 and 32, the paper's gradient path (the denoising loss reaches the adapter through the
-   frozen UNet's input gradients: the step the cost model counts), ``surpipe.losses.composed_loss``,
+   frozen UNet's input gradients: the step the cost model counts), ``surpipe.train.losses.composed_loss``,
    grad-norm clip and AdamW, frozen models in bf16 and the adapter under bf16 autocast:
 
    * from the store: a real Zarr store (``bench/_common.write_store``, real widths, random values)
-     read by ``SampleStream`` and turned into tensors by ``surpipe.train_setup.batch_tensors``; only
+     read by ``SampleStream`` and turned into tensors by ``surpipe.train.setup.batch_tensors``; only
      the UNet, the adapter and the projection are on the GPU;
    * online (the authors' way): VAE encode of a 512 px image batch already on the GPU (decoding the
      files is CPU work a loader overlaps) + CLIP on the simple and the complex prompt (77 random
@@ -262,7 +262,7 @@ def write_store(folder: Path, arch: str, llm_width: int, rows: int, block_rows: 
 def loss_config():
     """TrainConfig's loss settings with its defaults, on the paper's gradient path (the UNet's
     backward reaches the adapter: the step the cost model counts)."""
-    from surpipe.train_config import TrainConfig
+    from surpipe.train.config import TrainConfig
 
     keys = ("llm_weight", "prompt_weight", "prompt_target", "min_snr_gamma", "noise_offset")
     d = {f.name: f.default for f in fields(TrainConfig) if f.name in keys}
@@ -274,10 +274,10 @@ def train_step_check(run: Run, arch: str, batches, warmup: int, steps: int, llm_
     import torch
     from diffusers import DDPMScheduler
 
-    from surpipe.losses import LLMProjection, composed_loss
+    from surpipe.train.losses import LLMProjection, composed_loss
     from surpipe.tiny import tiny_sd_configs
-    from surpipe.train_data import BlockReader, SampleStream
-    from surpipe.train_setup import batch_tensors
+    from surpipe.train.data import BlockReader, SampleStream
+    from surpipe.train.setup import batch_tensors
 
     dev = run.dev
     a = CM.ARCHS[arch]

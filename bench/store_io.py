@@ -97,7 +97,7 @@ def dtype_error(act: C.Activations) -> dict:
 
 
 def loader_rate(store: Path, res: int, batch: int, workers: int, block_rows: int, epochs: int = 1) -> dict:
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.data import BlockReader, SampleStream
 
     reader = BlockReader(str(store), C.store_groups(res), block_rows)
     stream = SampleStream(reader, batch, seed=0, workers=workers)
@@ -121,7 +121,7 @@ _RSS_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[4])
 import _common as C
-from surpipe.train_data import BlockReader, SampleStream
+from surpipe.train.data import BlockReader, SampleStream
 store, res, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 reader = BlockReader(store, C.store_groups(res), int(sys.argv[5]))
@@ -389,7 +389,7 @@ def _epochs(store: str, res: int, batch: int, workers: int, block_rows: int, log
             step_ms_per_batch: float, epochs: int = 2) -> dict:
     """Samples/s, remote GETs and data-wait share of each of ``epochs`` whole epochs read by one
     SampleStream (DataLoader workers start afresh at each epoch)."""
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.data import BlockReader, SampleStream
 
     reader = BlockReader(str(store), C.store_groups(res), block_rows)
     if reader.num_rows % batch:
@@ -442,7 +442,7 @@ def _sd15_activations(rows: int, llm_width: int, cache: Path) -> C.Activations:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     import cost_model
-    from surpipe import sd
+    from surpipe.sd import components as sd
     from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
 
     a = cost_model.ARCHS["sd15"]

@@ -10,7 +10,7 @@ AdamW step). They differ only in where the batch comes from:
   ``TrainRecipe._batch_to_tensors`` (latent sample from the stored mean/std, flip choice);
 * online (the authors' way): decode the image files of the batch, resize + center-crop (+ random
   flip), ``vae.encode(x).latent_dist.sample() * scaling_factor``, CLIP text encoder on the simple
-  AND the complex prompts (``surpipe.sd``: the encode-latents code path, pipeline-exact
+  AND the complex prompts (``surpipe.sd.components``: the encode-latents code path, pipeline-exact
   tokenization); the LLM features come from memory, as the authors' prompt2vec dict did.
 
 Steps of the two paths alternate in rounds (noisy machine), and medians are reported. A second
@@ -57,7 +57,7 @@ FULL = dict(models=("tiny", "mid"), rows={"tiny": None, "mid": None}, batch={"ti
 
 
 def _cfg(store, mdir, out, kind, batch, workers, max_steps):
-    from stages.train import TrainConfig
+    from surpipe.train.config import TrainConfig
 
     return TrainConfig(store=str(store), model=str(mdir), out=str(out), llm_layer=3, batch_size=batch,
                        grad_accum=1, workers=workers, device="cpu", progress=False, loss_curve=False,
@@ -85,7 +85,7 @@ _LOSS_PARTS = ("loss_forward", "backward", "optimizer")
 def store_stepper(recipe, store: Path, batch: int):
     """The store path's step (``SampleStream`` block reads, workers 0 -> ``_batch_to_tensors`` ->
     loss, backward, AdamW) and the dict of its parts' seconds, one list per part."""
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.data import BlockReader, SampleStream
 
     it = iter(SampleStream(BlockReader(str(store), recipe.groups, 64), batch, seed=0, workers=0))
     parts = {k: [] for k in ("read_batch", "to_tensors", *_LOSS_PARTS, "loss_backward_opt")}
@@ -114,8 +114,9 @@ def online_stepper(recipe, mdir: Path, llm: np.ndarray, batch: int, resolution: 
     the pipeline's default."""
     import torch
 
-    from surpipe import sd, sdxl
-    from surpipe.train_setup import sdxl_conditioning
+    from surpipe.sd import components as sd
+    from surpipe.sd import xl as sdxl
+    from surpipe.train.setup import sdxl_conditioning
 
     xl = sd.check_pipeline_class(str(mdir), None, accept=("sd", "sdxl")) == "sdxl"
     te = sdxl.load_text_encoders_xl(str(mdir)) if xl else sd.load_text_encoder(str(mdir))
@@ -161,7 +162,7 @@ def online_stepper(recipe, mdir: Path, llm: np.ndarray, batch: int, resolution: 
 
 def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int, per_round: int,
                 train_steps: int, store_rows: int, train_workers) -> dict:
-    from stages.train import TrainRecipe
+    from surpipe.train.recipe import TrainRecipe
 
     t_model = time.perf_counter()
     mdir, act = C.cached_model_and_activations(kind, cache, rows)
@@ -241,7 +242,7 @@ def worker(spec: dict) -> int:
     seconds; ``stop`` answers with the process's memory and parameter counts."""
     import torch
 
-    from stages.train import TrainRecipe
+    from surpipe.train.recipe import TrainRecipe
 
     def reply(d):
         sys.stdout.write(_MARK + json.dumps(d) + "\n")

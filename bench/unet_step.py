@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from surpipe.adapter import SURAdapter
-    from surpipe.losses import LLMProjection, llm_loss, prompt_loss
+    from surpipe.train.losses import LLMProjection, llm_loss, prompt_loss
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

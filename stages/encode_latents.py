@@ -13,7 +13,7 @@ Writes two feature groups of the store (layout: docs/store-format.md):
   horizontally flipped crop (``flip_mean``, ``flip_std``). For SDXL also each row's micro-conditioning
   (source size, crop offsets). ``vae`` replaces the model's VAE (e.g. an fp16-fixed SDXL VAE).
 
-Each group is written by its own resumable block loop (``surpipe.blockjob.run_block_job``, shared
+Each group is written by its own resumable block loop (``surpipe.store.blockjob.run_block_job``, shared
 with extract-llm): data-parallel ranks (torchrun) take disjoint blocks, a rerun computes only the
 blocks not yet done, a group written with other settings is refused unless ``overwrite``.
 Only the tokenizer, the text encoder and the VAE are loaded; never the UNet.
@@ -91,7 +91,7 @@ def _validate(cfg: EncodeLatentsConfig) -> None:
     for k in ("name", "vae_name"):
         v = getattr(cfg, k)
         if v is not None:
-            from surpipe.sd import sanitize_name
+            from surpipe.sd.components import sanitize_name
 
             if v != sanitize_name(v):
                 problems.append(f"{k}: {v!r} is not a valid group name (letters, digits, '.', '_', '-'; "
@@ -133,9 +133,9 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     from surpipe.store.location import apply_store_options
 
     apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
-    from surpipe import sd
+    from surpipe.sd import components as sd
     from surpipe.hub import check_model_source
-    from surpipe.blockjob import dist_env, init_distributed
+    from surpipe.store.blockjob import dist_env, init_distributed
     from surpipe.devices import resolve_device
     from surpipe.store.opening import discard_new_store_on_error, open_store
 
@@ -151,7 +151,7 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
     check_model_source(cfg.model)
     family = sd.check_pipeline_class(cfg.model, cfg.revision, accept=("sd", "sdxl"))
     if sd.is_local(cfg.model):
-        from surpipe.sdxl import TEXT_COMPONENTS
+        from surpipe.sd.xl import TEXT_COMPONENTS
 
         text = list(TEXT_COMPONENTS if family == "sdxl" else TEXT_COMPONENTS[:2])
         sd.validate_folder(cfg.model, (text if want_clip else []) + (["vae"] if want_vae and not cfg.vae else []),
@@ -170,7 +170,8 @@ def run(cfg: EncodeLatentsConfig) -> dict[str, Any]:
 def _text_side(cfg: EncodeLatentsConfig, family: str, model_id: str, device: str):
     """(feature class, settings, encode(texts) -> (embeddings, pooled or None), count(texts) -> counts
     by tokenizer, loaded info) of the model's text side: SD's one encoder or SDXL's two."""
-    from surpipe import sd, sdxl
+    from surpipe.sd import components as sd
+    from surpipe.sd import xl as sdxl
     from surpipe.features import ClipFeatures, ClipXLFeatures
 
     ident = dict(model=model_id, revision=cfg.revision, variant=cfg.variant)
@@ -198,9 +199,9 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
             ) -> dict[str, Any]:
     import torch
 
-    from surpipe import sd
+    from surpipe.sd import components as sd
     from surpipe.features import VaeFeatures
-    from surpipe.blockjob import barrier, run_block_job
+    from surpipe.store.blockjob import barrier, run_block_job
 
     want_clip, want_vae = "clip" in cfg.parts, "vae" in cfg.parts
     if want_vae:
@@ -325,7 +326,7 @@ def _encode(cfg: EncodeLatentsConfig, env, device: str, ds, store, t_start: floa
         counter = {"images": 0}
 
         def vae_block(start: int, stop: int) -> dict[str, np.ndarray]:
-            from surpipe.sdxl import micro_conditioning_rows
+            from surpipe.sd.xl import micro_conditioning_rows
 
             parts: list[tuple] = []  # (mean, std) of the crops, then of the flipped crops
             sizes: list = []  # each source image's (width, height)

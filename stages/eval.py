@@ -6,7 +6,7 @@
 The prompt suites (``data/eval_prompts/suite.jsonl``: action, color, counting and free narrative,
 simple prompts in the paper's style) are rendered by the stock diffusers pipeline without the
 adapter and with it, each (prompt, seed) in both arms with the same initial noise. Each image is
-scored against its prompt by a CLIP image-text model (``surpipe.clip_score``:
+scored against its prompt by a CLIP image-text model (``surpipe.evaluation.clip_score``:
 ``100 * max(cos(image, text), 0)``, torchmetrics' CLIPScore definition). Writes:
 
 - ``OUT/results.md`` and ``OUT/results.json``: per category, both arms' mean CLIP score, the
@@ -37,8 +37,8 @@ from typing import Optional, Union
 
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
-from surpipe.evaluate import DEFAULT_SUITE
-from surpipe.inference import DtypeName, SchedulerName, option, size_problems
+from surpipe.evaluation.suite import DEFAULT_SUITE
+from surpipe.evaluation.generate import DtypeName, SchedulerName, option, size_problems
 from surpipe.logs import get_logger
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
@@ -106,8 +106,10 @@ def run(cfg: EvalConfig) -> dict:
 
     apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
     from surpipe import config as cfgmod
-    from surpipe import evaluate, inference, render
-    from surpipe.clip_score import DEFINITION, CLIPScorer
+    from surpipe.evaluation import suite as evaluate
+    from surpipe.evaluation import generate as inference
+    from surpipe.evaluation import render
+    from surpipe.evaluation.clip_score import DEFINITION, CLIPScorer
     from surpipe.devices import resolve_device
     from surpipe.hub import check_model_source
 
@@ -118,7 +120,7 @@ def run(cfg: EvalConfig) -> dict:
     if not cfg.clip_score:
         return {"held_out": held}
     if cfg.model is None:
-        from surpipe.held_out import run_config
+        from surpipe.train.validation.report import run_config
 
         cfg.model = (run_config(cfg.adapter) or {}).get("model")
         if cfg.model is None:
@@ -188,7 +190,7 @@ def _held_out_markdown(held: dict) -> str:
 def _held_out(cfg: EvalConfig) -> dict:
     """The --store report: computed, printed, and written under --out when given."""
     from surpipe.config import atomic_write_text
-    from surpipe.held_out import evaluate_store
+    from surpipe.train.validation.report import evaluate_store
 
     t0 = time.perf_counter()
     held = evaluate_store(cfg.store, cfg.adapter, model=cfg.model, revision=cfg.revision, device=cfg.device,

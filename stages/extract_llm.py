@@ -5,7 +5,7 @@ stream before the final norm), pooled over the prompt's tokens, in the store gro
 (layout: docs/store-format.md, section "llm/<name>"). One forward pass serves every requested layer;
 layers above the deepest one are never loaded nor run.
 
-Resumable and data-parallel through ``surpipe.blockjob.run_block_job``: a rerun computes only the
+Resumable and data-parallel through ``surpipe.store.blockjob.run_block_job``: a rerun computes only the
 blocks not yet done (a SIGKILL loses at most the blocks in flight), a finished group is left alone,
 a group written with other settings is refused unless ``overwrite``; under ``torchrun`` /
 ``accelerate launch`` each rank computes and writes only its own whole blocks.
@@ -106,7 +106,7 @@ def run(cfg: ExtractLLMConfig) -> dict[str, Any]:
     from surpipe import llm as L
     from surpipe.features import LLMFeatures
     from surpipe.hub import check_model_source
-    from surpipe.blockjob import dist_env, init_distributed
+    from surpipe.store.blockjob import dist_env, init_distributed
     from surpipe.devices import resolve_device, resolve_dtype
     from surpipe.store.opening import discard_new_store_on_error, open_store
     from surpipe.store.sidecar import config_file
@@ -257,8 +257,8 @@ def _extract(cfg, env, store, *, path, name, layers, settings, resolved, cfg_pat
              n_layers, hidden, dtype, device, t_start) -> dict[str, Any]:
     from surpipe import llm as L
     from surpipe.features import LLMFeatures
-    from surpipe.blockjob import barrier, run_block_job
-    from surpipe.locks import group_lock
+    from surpipe.store.blockjob import barrier, run_block_job
+    from surpipe.store.locks import group_lock
     from surpipe.store import FeatureStore
 
     report: dict[str, Any] = {"group": path, "store": str(cfg.store), "rows": store.num_samples,

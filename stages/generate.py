@@ -4,7 +4,7 @@
         --prompt "a dog jumping over a fence" --out out/gen --compare
 
 CLIP encodes the prompt and the negative prompt, the adapter conditions each one separately
-(``surpipe.render.encode``), and the pipeline takes them as ``prompt_embeds`` /
+(``surpipe.evaluation.render.encode``), and the pipeline takes them as ``prompt_embeds`` /
 ``negative_prompt_embeds``. No LLM is loaded. ``--adapter`` is a training run folder (its
 ``adapter/`` is used) or an adapter folder (``config.json`` + ``model.safetensors``).
 
@@ -29,7 +29,7 @@ from typing import Optional
 
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
-from surpipe.inference import DtypeName, SchedulerName, option, size_problems
+from surpipe.evaluation.generate import DtypeName, SchedulerName, option, size_problems
 from surpipe.logs import get_logger
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
@@ -78,7 +78,8 @@ def run(cfg: GenerateConfig) -> dict:
     """Render the prompts (and, with ``compare``, the same without the adapter); return the record
     written to ``OUT/generate.json``."""
     from surpipe import config as cfgmod
-    from surpipe import inference, render
+    from surpipe.evaluation import generate as inference
+    from surpipe.evaluation import render
 
     problems = _validate(cfg)
     if problems:

@@ -127,7 +127,7 @@ def run(cfg: ImportPrompt2VecConfig) -> dict[str, Any]:
     from surpipe import config as cfgmod
     from surpipe.features import LLMFeatures
     from surpipe.llm import sanitize_name
-    from surpipe.blockjob import DistEnv, run_block_job
+    from surpipe.store.blockjob import DistEnv, run_block_job
     from surpipe.store import FeatureStore, config_file
 
     if cfg.name != sanitize_name(cfg.name):

@@ -202,7 +202,7 @@ def run(cfg: PipelineConfig) -> dict:
 
 def _held_out_line(run_dir: Path) -> Optional[str]:
     """The training run's last held-out summary (None without a held-out split)."""
-    from surpipe.train_log import validation_summary
+    from surpipe.train.log import validation_summary
 
     try:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/" in line]

@@ -8,7 +8,7 @@ Exit status 0 when the store is sound (incomplete blocks are warnings: a stage h
 it sets ``done[b] = False`` for every done block with a damaged (checksum mismatch), missing or
 non-finite chunk, or one completed by another generation of its group, so
 rerunning the stage that wrote the group redoes exactly those blocks. The checks live in
-``surpipe.verify``.
+``surpipe.store.verify``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def run(cfg: VerifyConfig) -> dict:
     from surpipe.store.location import apply_store_options
 
     apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
-    from surpipe.verify import verify_store
+    from surpipe.store.verify import verify_store
 
     rep = verify_store(cfg.store, repair=cfg.repair)
     out = rep.to_dict()

@@ -138,7 +138,7 @@ def test_prompts_of_0_and_10000_characters_and_non_utf8_metadata(make_surd, tiny
     import torch
 
     from surpipe.data import open_dataset
-    from surpipe.render import encode, load_pipeline
+    from surpipe.evaluation.render import encode, load_pipeline
 
     long = "a very long prompt " * 527  # 10,013 characters
     img = png_bytes((16, 16))

@@ -143,8 +143,8 @@ def test_train_step_arch_sdxl_tiny_one_after_the_other(cache, monkeypatch):
     assert {"vae_encoder", "text_encoder", "text_encoder_2"} <= set(p)  # both SDXL text encoders online
     assert "text_encoder" not in m["memory_MB"]["store"]["params_M"]
     # the store holds what encode-latents writes for SDXL: the stored pooled embeddings are those of
-    # surpipe.sdxl.encode_prompts_xl on the sample's prompts (independent recomputation)
-    from surpipe import sdxl
+    # surpipe.sd.xl.encode_prompts_xl on the sample's prompts (independent recomputation)
+    from surpipe.sd import xl as sdxl
 
     _, act = C.cached_model_and_activations("tiny-xl", cache, 4)
     te = sdxl.load_text_encoders_xl(str(cache / "sd-tiny-xl"))

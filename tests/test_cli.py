@@ -80,7 +80,7 @@ def test_train_help_is_grouped_and_names_are_never_cut():
     for panel in ("Data", "Model", "Optimisation", "Losses", "Running"):
         assert f"─ {panel} " in p.stdout, panel
     from stages.cli import cli_fields, flag
-    from stages.train import TrainConfig
+    from surpipe.train.config import TrainConfig
 
     for f in cli_fields(TrainConfig):
         assert flag(f.name) in p.stdout, f.name

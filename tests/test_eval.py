@@ -39,7 +39,7 @@ def _images(n: int = 5):
 def test_clip_score_matches_an_independent_computation(tiny_clip):
     from transformers import CLIPModel, CLIPTokenizer
 
-    from surpipe.clip_score import CLIPScorer
+    from surpipe.evaluation.clip_score import CLIPScorer
 
     texts = ["a dog jumping over a fence", "three cats sitting on a sofa", "a green apple next to a red mug",
              "a red bird", "a robot watering flowers in a garden " * 12]  # the last one exceeds 77 tokens
@@ -67,7 +67,7 @@ def test_clip_score_matches_an_independent_computation(tiny_clip):
 
 
 def test_clip_score_clamps_negative_cosines_to_zero(tiny_clip, monkeypatch):
-    from surpipe.clip_score import CLIPScorer
+    from surpipe.evaluation.clip_score import CLIPScorer
 
     scorer = CLIPScorer(str(tiny_clip))
     monkeypatch.setattr(scorer, "image_embeddings", lambda ims: torch.tensor([[1.0, 0.0], [3.0, 4.0]]))
@@ -79,7 +79,7 @@ def test_preprocessing_is_the_standard_clip_one(tiny_clip):
     """Same pixels as transformers' own CLIP image processor (its PIL backend, as torchvision is absent)."""
     import transformers
 
-    from surpipe.clip_score import CLIP_MEAN, CLIP_STD, Preprocess, _read_preprocessor_config
+    from surpipe.evaluation.clip_score import CLIP_MEAN, CLIP_STD, Preprocess, _read_preprocessor_config
 
     cfg, _ = _read_preprocessor_config(str(tiny_clip), None)
     pre = Preprocess.from_config(cfg, 32)
@@ -97,7 +97,7 @@ def test_preprocessing_is_the_standard_clip_one(tiny_clip):
 def _hand_clip_pixels(im: Image.Image, edge: int, crop: int) -> np.ndarray:
     """CLIP preprocessing step by step (RGB, bicubic resize of the shortest side on 8-bit pixels,
     zero-padded center crop, /255, OpenAI mean/std): the hand-written code surpipe used before."""
-    from surpipe.clip_score import CLIP_MEAN, CLIP_STD
+    from surpipe.evaluation.clip_score import CLIP_MEAN, CLIP_STD
 
     im = im.convert("RGB")
     w, h = im.size
@@ -120,7 +120,7 @@ def test_preprocessing_matches_the_step_by_step_clip_recipe(cfg):
     """Defaults (no preprocessor_config.json) and a config with crop < side: the same pixels as the
     documented CLIP steps, on portrait, landscape, grey and RGBA images (scores unchanged by the
     switch to transformers' processor)."""
-    from surpipe.clip_score import Preprocess
+    from surpipe.evaluation.clip_score import Preprocess
 
     pre = Preprocess.from_config(cfg, 32)
     edge, crop = (32, 32) if cfg is None else (48, 40)
@@ -145,7 +145,7 @@ def test_unusable_preprocessor_config_is_refused_when_the_scorer_opens(tiny_clip
     built (before eval renders anything), not as a traceback in the middle of scoring."""
     import shutil
 
-    from surpipe.clip_score import CLIPScorer
+    from surpipe.evaluation.clip_score import CLIPScorer
     from surpipe.errors import SurpipeError
 
     clip = tmp_path / "clip"
@@ -157,7 +157,7 @@ def test_unusable_preprocessor_config_is_refused_when_the_scorer_opens(tiny_clip
 
 
 def test_bundled_suite_has_the_four_categories():
-    from surpipe.evaluate import DEFAULT_SUITE, read_suite
+    from surpipe.evaluation.suite import DEFAULT_SUITE, read_suite
 
     assert DEFAULT_SUITE == REPO / "data" / "eval_prompts" / "suite.jsonl"
     suite = read_suite(None)
@@ -168,7 +168,7 @@ def test_bundled_suite_has_the_four_categories():
 
 def test_bad_suite_files_are_refused_with_every_bad_line(tmp_path):
     from surpipe.errors import SurpipeError
-    from surpipe.evaluate import read_suite
+    from surpipe.evaluation.suite import read_suite
 
     bad = tmp_path / "suite.jsonl"
     bad.write_text('{"category": "color", "prompt": "a red bird"}\n\n{"category": "color"}\nnot json\n')
@@ -186,7 +186,7 @@ def test_bad_suite_files_are_refused_with_every_bad_line(tmp_path):
 
 
 def test_parse_seeds():
-    from surpipe.evaluate import parse_seeds
+    from surpipe.evaluation.suite import parse_seeds
     from surpipe.errors import SurpipeError
 
     assert parse_seeds("0") == [0]

@@ -278,7 +278,8 @@ def _read_only(monkeypatch, folder: Path):
 
 def _no_model_loads(monkeypatch):
     import stages.import_prompt2vec as ip
-    from surpipe import llm, sd
+    from surpipe import llm
+    from surpipe.sd import components as sd
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the store was found read-only")
@@ -324,7 +325,7 @@ def test_read_only_store_refused_before_any_model_loads(tmp_path, monkeypatch, t
 
 
 _HOLD_LOCK = (
-    "import sys\nfrom surpipe.locks import writer_lock\n"
+    "import sys\nfrom surpipe.store.locks import writer_lock\n"
     "with writer_lock(sys.argv[1], sys.argv[2], 0):\n    print('LOCKED', flush=True)\n    sys.stdin.read()\n"
 )
 

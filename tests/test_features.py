@@ -191,7 +191,8 @@ def test_typed_reads_give_the_models_numbers(written, tiny_models):
 
 
 def test_train_check_reads_the_groups_through_the_kinds(written, tiny_models, tmp_path):
-    from stages.train import TrainConfig, TrainRecipe
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
 
     vae_cfg = json.loads((tiny_models / "sd" / "vae" / "config.json").read_text())
     llm_cfg = json.loads((tiny_models / "llm" / "config.json").read_text())

@@ -46,7 +46,7 @@ def _png(path: Path) -> np.ndarray:
 
 
 def test_compare_grid_without_equals_plain_pipeline_and_with_differs(tiny_models, run_dir, tmp_path):
-    from surpipe import render
+    from surpipe.evaluation import render
 
     out = tmp_path / "gen"
     prompts = ["a dog jumping over a fence", "a green apple next to a red mug"]
@@ -91,7 +91,7 @@ def test_adapter_weight_zero_gives_identical_images(tiny_models, run_dir, tmp_pa
 
 def test_cond_and_uncond_pass_through_the_adapter_separately(tiny_models, run_dir, tmp_path, monkeypatch):
     from stages.generate import GenerateConfig, run
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.adapter import SURAdapter
 
     seen = []
@@ -144,7 +144,7 @@ def test_scheduler_choices_are_renders():
     import typing
 
     from stages.generate import SchedulerName
-    from surpipe.render import SCHEDULERS
+    from surpipe.evaluation.render import SCHEDULERS
 
     assert typing.get_args(SchedulerName) == SCHEDULERS
 
@@ -188,7 +188,7 @@ def test_clear_errors(case, tiny_models, run_dir, tmp_path, capsys):
                                            ('{"unet": 1}', "model_index.json has no vae, text_encoder")])
 def test_model_folder_with_a_bad_model_index_is_refused_by_name(tmp_path, index, expect):
     from surpipe.errors import SurpipeError
-    from surpipe.inference import check_sd_model
+    from surpipe.evaluation.generate import check_sd_model
 
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(index)

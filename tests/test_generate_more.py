@@ -70,7 +70,7 @@ def _noise(side: int, n: int = 2, seed: int = 0):
 def test_grid_headers_and_captions_never_overlap_at_small_sizes(side, cell):
     """No header pixel crosses the gutter between columns, no text is drawn over an image, and
     every caption line fits the grid."""
-    from surpipe.render import caption_grid
+    from surpipe.evaluation.render import caption_grid
 
     rows = [("a dog jumping over a fence in a sunny park with a supercalifragilisticexpialidocious name (seed 0)",
              _noise(side, seed=1)), ("three cats (seed 1)", _noise(side, seed=2))]
@@ -101,7 +101,7 @@ def test_grid_headers_and_captions_never_overlap_at_small_sizes(side, cell):
 
 
 def test_wrap_px_fits_width_and_keeps_every_character():
-    from surpipe.render import _font, _text_w, wrap_px
+    from surpipe.evaluation.render import _font, _text_w, wrap_px
 
     font = _font(12)
     text = "a dog jumping over a fence with averyveryveryverylongwordthatcannotfit in the park"
@@ -113,7 +113,7 @@ def test_wrap_px_fits_width_and_keeps_every_character():
 
 
 def test_grid_note_is_drawn_in_red_above_the_headers():
-    from surpipe.render import caption_grid
+    from surpipe.evaluation.render import caption_grid
 
     grey = Image.new("RGB", (32, 32), (128, 128, 128))
     rows = [("a cat (seed 0)", [grey, grey])]
@@ -131,7 +131,7 @@ def test_grid_note_is_drawn_in_red_above_the_headers():
 
 
 def test_tiny_model_note_reads_the_marker(tiny_models, tiny_clip, tmp_path):
-    from surpipe.render import TINY_MARKER, tiny_model_note
+    from surpipe.evaluation.render import TINY_MARKER, tiny_model_note
 
     assert (tiny_models / "sd" / TINY_MARKER).is_file() and (tiny_clip / TINY_MARKER).is_file()
     real = tmp_path / "real-sd"
@@ -143,7 +143,7 @@ def test_tiny_model_note_reads_the_marker(tiny_models, tiny_clip, tmp_path):
 
 
 def test_results_md_says_the_models_are_tiny(tmp_path):
-    from surpipe.evaluate import markdown as _markdown, stats as _stats
+    from surpipe.evaluation.suite import markdown as _markdown, stats as _stats
 
     table = {"color": _stats([20.0, 21.0], [21.0, 23.0])}
     md = _markdown(table, table["color"], {"model": "x"}, note="random tiny test models (sd, clip): noise")
@@ -155,7 +155,7 @@ def test_results_md_says_the_models_are_tiny(tmp_path):
 
 
 def test_stats_standard_errors_match_a_hand_computation():
-    from surpipe.evaluate import stats as _stats
+    from surpipe.evaluation.suite import stats as _stats
 
     s = _stats([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 5.0, 5.0])
     # without: mean 2.5, sample variance 5/3 -> sem sqrt(5/12); with: mean 3.5, variance 3 -> sem sqrt(3/4)
@@ -175,7 +175,7 @@ def test_stats_standard_errors_match_a_hand_computation():
 
 
 def test_chart_axis_zooms_on_small_differences_and_keeps_zero_for_large_ones(tmp_path):
-    from surpipe.evaluate import chart as _chart, chart_limits, stats as _stats
+    from surpipe.evaluation.suite import chart as _chart, chart_limits, stats as _stats
 
     rs = np.random.RandomState(0)
     w = rs.normal(26, 1.0, 30)
@@ -283,7 +283,7 @@ def test_adapter_with_a_nan_weight_is_refused(command, tiny_models, tiny_clip, t
 
 
 def test_adapter_whose_output_overflows_writes_no_image(tiny_models, tmp_path, capsys):
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.adapter import SURAdapter
 
     bad = _adapter(tmp_path / "huge", scale=3e38)  # finite weights, infinite output
@@ -299,7 +299,7 @@ def test_adapter_whose_output_overflows_writes_no_image(tiny_models, tmp_path, c
 
 
 def test_non_finite_pixels_are_refused_not_saved(tiny_models, monkeypatch):
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.errors import SurpipeError
 
     pipe = render.load_pipeline(str(tiny_models / "sd"))
@@ -318,7 +318,7 @@ def test_non_finite_pixels_are_refused_not_saved(tiny_models, monkeypatch):
 
 
 def test_clip_and_adapter_run_once_per_prompt_not_once_per_image(tiny_models, adapter_dir, monkeypatch):
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.adapter import SURAdapter
 
     pipe = render.load_pipeline(str(tiny_models / "sd"))

@@ -9,8 +9,8 @@ from test_store_growth import _encode, _extract, _surd
 def test_reader_of_a_store_that_grew_names_the_growth(make_surd, tiny_models, tmp_path):
     from surpipe.errors import SurpipeError
     from surpipe.store import FeatureStore
-    from surpipe.store_groups import resolve_groups
-    from surpipe.train_data import BlockReader
+    from surpipe.train.groups import resolve_groups
+    from surpipe.train.data import BlockReader
 
     store = tmp_path / "s.zarr"
     small = _surd(make_surd, 7, "seven")

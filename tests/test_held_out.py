@@ -61,7 +61,7 @@ def test_prompt_alignment_learns_on_held_out_rows(sample_run):
 
 def test_keep_best_keeps_the_lowest_evaluated_score(sample_run):
     from surpipe.adapter import SURAdapter
-    from surpipe.validation import selection_score
+    from surpipe.train.validation.metrics import selection_score
 
     _, run, printed = sample_run
     trained = [r for r in _val_rows(run) if r["step"] > 0]  # step 0 (untrained) is never "best"
@@ -183,7 +183,7 @@ def test_eval_store_after_growth_leaves_the_training_rows_out(tiny_models, tmp_p
     assert rc == 0, err
     held_keys = set()
     keys48 = FeatureStore(store).keys()
-    from surpipe.validation import held_out_rows
+    from surpipe.train.validation.metrics import held_out_rows
 
     held_keys = {str(k) for k in keys48[held_out_rows(keys48, fraction=0.25, seed=0)]}
     stage_one(src)  # grows the store to 64 rows

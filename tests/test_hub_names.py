@@ -1,5 +1,5 @@
 """One rule for model arguments (local folder or hub id) and one for group names, shared by the LLM
-and Stable Diffusion sides (surpipe.hub); they used to differ between surpipe/llm.py and surpipe/sd.py."""
+and Stable Diffusion sides (surpipe.hub); they used to differ between surpipe/llm.py and surpipe/sd/components.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from surpipe import hub, llm, sd
+from surpipe import hub, llm
+from surpipe.sd import components as sd
 
 
 def test_one_home_for_each_rule():

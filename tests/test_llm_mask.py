@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from surpipe import losses as L
+from surpipe.train import losses as L
 from surpipe.store import ArraySpec, FeatureStore
 from tests.test_train import LAT, _DS, _args
 
@@ -53,8 +53,8 @@ def _store_with_unmatched_rows(path, n=16, width=32, llm_size=16):
 
 def test_reader_carries_matched_and_train_runs(tmp_path, tiny_models):
     from stages.cli import main
-    from surpipe.store_groups import resolve_groups
-    from surpipe.train_data import BlockReader
+    from surpipe.train.groups import resolve_groups
+    from surpipe.train.data import BlockReader
 
     st = _store_with_unmatched_rows(tmp_path / "s.zarr")
     groups, problems = resolve_groups(st, llm_layer=3, llm_group=None, clip_group=None, vae_group=None, use_flip=False)

@@ -60,7 +60,7 @@ def test_the_paper_path_always_computes_the_denoising_term(store, tiny_models, t
 def test_skipping_on_the_paper_path_is_refused_in_the_library(store, tiny_models, tmp_path):
     from types import SimpleNamespace
 
-    from surpipe.losses import composed_loss
+    from surpipe.train.losses import composed_loss
 
     with pytest.raises(ValueError):
         b = {"latents": torch.zeros(1, 4, 8, 8), "clip_simple": torch.zeros(1, 77, 32), "clip_complex": torch.zeros(1, 77, 32),

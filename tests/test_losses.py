@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from surpipe import SurpipeError
-from surpipe.losses import (LLMProjection, apply_noise_offset, denoise_loss, denoise_target, kl_align,
+from surpipe.train.losses import (LLMProjection, apply_noise_offset, denoise_loss, denoise_target, kl_align,
                             llm_loss, min_snr_weights, prompt_loss)
 
 

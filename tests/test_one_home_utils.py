@@ -44,7 +44,8 @@ def test_one_dtype_resolver():
     assert devices.torch_dtype("fp64") is torch.float64 and devices.torch_dtype("bf16") is torch.bfloat16
     with pytest.raises(SurpipeError, match="unknown dtype"):
         devices.torch_dtype("int8")
-    from surpipe import llm, sd
+    from surpipe import llm
+    from surpipe.sd import components as sd
 
     assert not hasattr(llm, "resolve_dtype") and not hasattr(sd, "DTYPES")
 

@@ -1,5 +1,5 @@
 """The README's "own diffusers pipeline" recipe runs as written (tiny model, tiny adapter) and gives
-exactly the image that ``surpipe.render.render`` gives for the same prompt and seed."""
+exactly the image that ``surpipe.evaluation.render.render`` gives for the same prompt and seed."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_recipe_block_is_short_and_uses_the_placeholders():
 
 
 def test_recipe_runs_and_matches_render(tiny_models, tmp_path, monkeypatch):
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.adapter import SURAdapter
 
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ def test_generate_sdxl_without_equals_plain_pipeline_and_with_differs(tiny_model
 
 
 def test_pooled_head_maps_both_pooled_embeddings(tiny_models, tmp_path, monkeypatch):
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.adapter import SURAdapter
 
     pipe = render.load_pipeline(str(tiny_models / "sdxl"))
@@ -95,7 +95,7 @@ def _recipe() -> str:
 
 
 def test_readme_sdxl_recipe_runs_and_matches_render(tiny_models, tmp_path, monkeypatch):
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.adapter import SURAdapter
 
     _adapter(tmp_path / "adapter", pooled_width=32)

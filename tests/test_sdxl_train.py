@@ -41,7 +41,7 @@ def _metrics(out):
 def test_time_ids_follow_diffusers_sdxl_example():
     """original (h, w) + crop (top, left) + target (R, R); a flipped row's left offset is R - left,
     as the example records it after flipping the cropped square."""
-    from surpipe.train_setup import sdxl_conditioning
+    from surpipe.train.setup import sdxl_conditioning
 
     batch = {"original_size": np.array([[100, 200], [300, 50]], np.int32),
              "crop_top_left": np.array([[0, 10], [5, 0]], np.int32),

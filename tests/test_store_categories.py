@@ -122,7 +122,7 @@ def test_pack_keeps_categories_and_shards_give_the_same_store_rows(make_surd, tm
 def test_store_made_before_categories_opens_matches_and_verifies(make_surd, tmp_path):
     from surpipe.store import FeatureStore
     from surpipe.store.opening import open_store
-    from surpipe.verify import verify_store
+    from surpipe.store.verify import verify_store
 
     data = _surd(make_surd, labels=[("red", "red"), ("blue", "blue"), ("red", "red")])
     old = tmp_path / "old.zarr"
@@ -146,7 +146,7 @@ def test_store_made_before_categories_opens_matches_and_verifies(make_surd, tmp_
 def test_verify_checks_the_category_array(make_surd, tmp_path):
     from surpipe.store import FeatureStore, create_store
     from surpipe.data import open_dataset
-    from surpipe.verify import verify_store
+    from surpipe.store.verify import verify_store
 
     ds = open_dataset(str(_surd(make_surd)), check_images="none", progress=False)
     create_store(tmp_path / "s.zarr", ds)

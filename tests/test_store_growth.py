@@ -88,7 +88,7 @@ def _train(store, sd, out, steps):
 def test_grow_7_to_12_keeps_old_rows_equals_a_fresh_store_and_trains(make_surd, tiny_models, tmp_path):
     from surpipe.data import open_dataset
     from surpipe.store import FeatureStore
-    from surpipe.verify import check_store
+    from surpipe.store.verify import check_store
 
     d7, d12 = _surd(make_surd, 7, "d7"), _surd(make_surd, 12, "d12")
     store = tmp_path / "s.zarr"
@@ -152,7 +152,7 @@ def _plain_store(make_surd, tmp_path, n=7):
 
 
 def _fill(store, offset):
-    from surpipe.blockjob import DistEnv, run_block_job
+    from surpipe.store.blockjob import DistEnv, run_block_job
     from surpipe.store import ArraySpec, FeatureStore
 
     st = FeatureStore(store, mode="a")
@@ -200,7 +200,7 @@ def test_rows_whose_images_fail_are_left_out_of_the_growth(make_surd, tmp_path):
 def _check_grown(store, n_new=12):
     """The grown store after its groups are completed: old rows kept, new rows computed."""
     from surpipe.store import FeatureStore
-    from surpipe.verify import check_store
+    from surpipe.store.verify import check_store
 
     _fill(store, offset=100.0)  # new values differ from the old ones: a recomputed old row would show
     st = FeatureStore(store)
@@ -220,7 +220,7 @@ def test_growth_interrupted_at_any_step_is_refused_then_completed_by_a_rerun(mak
     import surpipe.store.growth as G
     from surpipe.store import FeatureStore
     from surpipe.store.opening import open_store
-    from surpipe.verify import check_store
+    from surpipe.store.verify import check_store
 
     store = _plain_store(make_surd, tmp_path)
     data = _surd(make_surd, 12, "grown")
@@ -330,7 +330,7 @@ def test_a_writer_that_opened_the_store_before_it_grew_is_refused(make_surd, tmp
 def test_a_store_smaller_than_one_block_grows(make_surd, tmp_path):
     from surpipe.store import FeatureStore
     from surpipe.store.opening import open_store
-    from surpipe.verify import check_store
+    from surpipe.store.verify import check_store
 
     store = _plain_store(make_surd, tmp_path, n=3)  # arrays chunked by 3 rows: re-chunked to blocks of 4
     open_store(str(_surd(make_surd, 10, "grown")), str(store), progress=False)

@@ -20,8 +20,8 @@ from test_train import _DS, make_store
 
 from surpipe.errors import SurpipeError
 from surpipe.store import ArraySpec, FeatureStore
-from surpipe.store_groups import StoreGroups
-from surpipe.train_data import BlockReader, SampleStream
+from surpipe.train.groups import StoreGroups
+from surpipe.train.data import BlockReader, SampleStream
 
 GROUPS = StoreGroups("llm/tiny", 3, "clip/sd", "vae/sd-16", True)
 
@@ -157,7 +157,7 @@ def _llm(st, overwrite=False, model="m"):
 
 
 def test_overwrite_is_refused_while_another_job_writes_the_group(tmp_path):
-    from surpipe.locks import writer_lock
+    from surpipe.store.locks import writer_lock
 
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _DS(8), block_rows=4)
     g = _llm(st)

@@ -117,7 +117,7 @@ def test_encode_latents_refuses_store_rows_whose_image_broke_naming_them(make_su
 
 def test_failed_new_store_is_removed_with_its_sidecars_but_an_old_one_stays(make_surd, tmp_path):
     from surpipe.config import atomic_write_text
-    from surpipe.locks import writer_lock
+    from surpipe.store.locks import writer_lock
     from surpipe.store import config_file
     from surpipe.store.opening import discard_new_store_on_error, open_store
 
@@ -166,7 +166,7 @@ def test_locks_and_configs_live_beside_the_store_and_plain_zarr_does_not_warn(ti
 
 
 def test_block_job_resumes_and_takes_its_lock_beside_the_store(tmp_path):
-    from surpipe.blockjob import DistEnv, run_block_job
+    from surpipe.store.blockjob import DistEnv, run_block_job
     from surpipe.store import ArraySpec, FeatureStore
     from tests.test_store import FakeDataset
 

@@ -187,13 +187,13 @@ def test_sigkill_mid_write_then_resume_completes_and_rewrites_no_finished_block(
 
 
 _HOLDER = (
-    "import sys, time\nfrom surpipe.locks import writer_lock\n"
+    "import sys, time\nfrom surpipe.store.locks import writer_lock\n"
     "with writer_lock(sys.argv[1], 'llm/g', 0):\n    print('held', flush=True)\n    time.sleep(60)\n"
 )
 
 
 def test_second_writer_of_a_group_is_refused_naming_the_holder(s3_server, s3_bucket):
-    from surpipe.blockjob import DistEnv, run_block_job
+    from surpipe.store.blockjob import DistEnv, run_block_job
     from surpipe.errors import SurpipeError
     from surpipe.store import ArraySpec, FeatureStore
 
@@ -228,7 +228,7 @@ def test_second_writer_of_a_group_is_refused_naming_the_holder(s3_server, s3_buc
 
 def test_fencing_a_writer_whose_lease_was_taken_over_marks_no_block(s3_server, s3_bucket):
     from surpipe.errors import SurpipeError
-    from surpipe.locks import _lease_dir, writer_lock
+    from surpipe.store.locks import _lease_dir, writer_lock
     from surpipe.store import ArraySpec, FeatureStore
 
     url = f"{s3_bucket}/f.zarr"
@@ -253,8 +253,8 @@ def test_train_from_s3_and_the_second_epoch_fetches_no_chunk_data(s3_server, s3_
     import s3fs
 
     from surpipe.store import FeatureStore
-    from surpipe.store_groups import resolve_groups
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.groups import resolve_groups
+    from surpipe.train.data import BlockReader, SampleStream
     from test_train import make_store
 
     url = f"{s3_bucket}/t.zarr"
@@ -442,8 +442,8 @@ def test_a_cached_copy_cut_short_is_fetched_again(s3_server, s3_bucket, tmp_path
     """A cache file truncated by a crash of the machine is the cache's damage, not the store's: the
     reader drops it and reads the store again, instead of sending the user to verify --repair."""
     from surpipe.store import FeatureStore
-    from surpipe.store_groups import resolve_groups
-    from surpipe.train_data import BlockReader
+    from surpipe.train.groups import resolve_groups
+    from surpipe.train.data import BlockReader
     from test_train import make_store
 
     url = f"{s3_bucket}/c.zarr"

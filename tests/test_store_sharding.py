@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from helpers import SyntheticDataset
-from surpipe.blockjob import DistEnv, run_block_job
+from surpipe.store.blockjob import DistEnv, run_block_job
 from surpipe.errors import SurpipeError
 from surpipe.store import ArraySpec, FeatureStore
 from surpipe.store.sharding import default_shard_blocks, owner, shard_runs
@@ -132,7 +132,7 @@ def test_a_shard_is_written_in_one_piece_and_resume_keeps_finished_shards(tmp_pa
 
 
 def test_verify_checks_a_sharded_store(tmp_path):
-    from surpipe.verify import check_store as verify_store
+    from surpipe.store.verify import check_store as verify_store
 
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(20), block_rows=4)
     _job(st, 2)
@@ -152,7 +152,7 @@ def test_verify_checks_a_sharded_store(tmp_path):
 
 
 def test_stage_one_sharded_equals_unsharded_and_grows(make_surd, tiny_models, tmp_path):
-    from surpipe.verify import check_store
+    from surpipe.store.verify import check_store
 
     small = _surd(make_surd, 10, "small")
     for store, k in ((tmp_path / "plain.zarr", None), (tmp_path / "sharded.zarr", 2)):
@@ -203,7 +203,7 @@ def test_added_layers_keep_the_groups_shard_layout(make_surd, tiny_models, tmp_p
 
 
 def check_store_sound(store) -> bool:
-    from surpipe.verify import check_store
+    from surpipe.store.verify import check_store
 
     rep = check_store(store)
     return rep.sound or print(rep.problems)
@@ -214,8 +214,8 @@ def test_train_reads_a_sharded_s3_store_through_the_cache(s3_server, s3_bucket, 
     whole and serves zarr's byte ranges of it), nothing in the second epoch, the stored values."""
     import s3fs
 
-    from surpipe.store_groups import resolve_groups
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.groups import resolve_groups
+    from surpipe.train.data import BlockReader, SampleStream
     from test_train import make_store
 
     for k, v in s3_server.env().items():
@@ -280,7 +280,7 @@ def test_a_block_missing_from_its_shard_index_is_never_read_as_zeros(tmp_path):
 
     import google_crc32c
 
-    from surpipe.verify import check_store
+    from surpipe.store.verify import check_store
 
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(32), block_rows=4)
     _job(st, 4)
@@ -299,7 +299,7 @@ def test_a_block_missing_from_its_shard_index_is_never_read_as_zeros(tmp_path):
 
 
 def test_repair_of_a_damaged_shard_index_recomputes_its_blocks(tmp_path):
-    from surpipe.verify import check_store, verify_store
+    from surpipe.store.verify import check_store, verify_store
 
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(32), block_rows=4)
     _job(st, 4)
@@ -322,8 +322,8 @@ def test_repair_of_a_damaged_shard_index_recomputes_its_blocks(tmp_path):
 def test_repair_waits_for_no_writer(tmp_path):
     """verify --repair takes the group's lock exclusively: with a writer at work it refuses, so the
     writer cannot undo its marks (a shard's done flags are one object)."""
-    from surpipe.locks import writer_lock
-    from surpipe.verify import verify_store
+    from surpipe.store.locks import writer_lock
+    from surpipe.store.verify import verify_store
 
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(16), block_rows=4)
     _job(st, 2)
@@ -339,7 +339,7 @@ def test_a_job_with_another_number_of_ranks_is_refused(where, tmp_path, request,
     """Rank locks are per rank: job B's rank 1 would not meet job A's rank 0, and with another world
     size their ranks own other shards, so two writers would share shard objects. Each rank's record
     names its job's world size; a rank refuses when a live one names another."""
-    from surpipe.locks import writer_lock
+    from surpipe.store.locks import writer_lock
 
     if where == "s3":
         server = request.getfixturevalue("s3_server")
@@ -383,8 +383,8 @@ def test_a_damaged_cached_shard_is_fetched_again_not_blamed_on_the_store(s3_serv
     import os
 
     from helpers import run_cli_err
-    from surpipe.store_groups import resolve_groups
-    from surpipe.train_data import BlockReader
+    from surpipe.train.groups import resolve_groups
+    from surpipe.train.data import BlockReader
     from test_train import make_store
 
     def damaged(data: bytes, how: str) -> bytes:

@@ -250,7 +250,7 @@ def test_every_command_saves_its_config_without_storage_option_secrets(tmp_path)
     classes = [getattr(importlib.import_module(m), c) for m, c in (
         ("stages.extract_llm", "ExtractLLMConfig"), ("stages.encode_latents", "EncodeLatentsConfig"),
         ("stages.import_prompt2vec", "ImportPrompt2VecConfig"), ("stages.verify", "VerifyConfig"),
-        ("stages.inspect", "InspectConfig"), ("stages.eval", "EvalConfig"), ("surpipe.train_config", "TrainConfig"))]
+        ("stages.inspect", "InspectConfig"), ("stages.eval", "EvalConfig"), ("surpipe.train.config", "TrainConfig"))]
     for cls in classes:
         required = {f.name: "x" for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}

@@ -112,8 +112,9 @@ def test_resume_equals_straight_run(tmp_path, store, tiny_models):
 
 def test_gradient_paths(tmp_path, store, tiny_models):
     """paper: the denoising loss reaches the adapter through the frozen UNet; authors: it does not."""
-    from stages.train import TrainConfig, TrainRecipe
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
+    from surpipe.train.data import BlockReader, SampleStream
 
     grads = {}
     for path in ("paper", "authors"):
@@ -132,8 +133,9 @@ def test_gradient_paths(tmp_path, store, tiny_models):
 
 
 def test_gradient_checkpointing_really_recomputes(tmp_path, store, tiny_models):
-    from stages.train import TrainConfig, TrainRecipe
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
+    from surpipe.train.data import BlockReader, SampleStream
 
     counts = {}
     for gc in (False, True):
@@ -212,8 +214,8 @@ def test_layer_ablation_one_adapter_per_layer(tmp_path, store, tiny_models):
 
 
 def test_block_shuffled_stream_is_exact_and_resumable(tmp_path, store):
-    from surpipe.store_groups import StoreGroups
-    from surpipe.train_data import BlockReader, Position, SampleStream
+    from surpipe.train.groups import StoreGroups
+    from surpipe.train.data import BlockReader, Position, SampleStream
 
     groups = StoreGroups("llm/tiny", 3, "clip/sd", "vae/sd-16", True)
     reader = BlockReader(str(store), groups, 8)
@@ -267,7 +269,7 @@ def test_training_variants_run_and_save(tmp_path, store, tiny_models, extra):
 
 
 def test_learnable_projection_is_trained_and_saved(tmp_path, store, tiny_models):
-    from surpipe.losses import LLMProjection
+    from surpipe.train.losses import LLMProjection
 
     out = tmp_path / "run"
     assert main(_args(store, tiny_models / "sd", out, "--max-steps", "2", "--projection", "learnable",
@@ -282,7 +284,7 @@ def test_learnable_projection_is_trained_and_saved(tmp_path, store, tiny_models)
 
 
 def test_second_job_on_the_same_run_folder_is_refused(tmp_path, store, tiny_models, capsys):
-    from surpipe.locks import exclusive_lock
+    from surpipe.store.locks import exclusive_lock
 
     out = tmp_path / "run"
     out.mkdir()

@@ -50,7 +50,7 @@ def test_rerun_without_compile_unet_after_a_compile_failure_resumes(store, tiny_
                                                                     capsys):
     """'torch.compile failed ...; rerun without --compile-unet': that rerun was refused with
     'compile_unet: True there, False now'. --compile-unet changes no result: not the run's identity."""
-    from surpipe import train_setup
+    from surpipe.train import setup as train_setup
 
     sd, out = tiny_models / "sd", tmp_path / "run"
     rc, _, err = _run(store, sd, out, capsys, "--max-steps", "2")
@@ -75,7 +75,7 @@ def test_out_of_memory_advice_resumes_the_run(store, tiny_models, tmp_path, monk
     """Out of memory at step 3 (after the checkpoint of step 2): each change the message suggests
     (a smaller micro-batch with more accumulation, gradient checkpointing, bf16 mixed precision)
     resumes the run on the same --out (lowering --batch-size alone was refused: batch_size differs)."""
-    from stages import train as train_stage
+    from surpipe.train import recipe as train_stage
 
     sd, out = tiny_models / "sd", tmp_path / "run"
     args = ("--batch-size", "2", "--grad-accum", "2", "--checkpoint-every", "2")
@@ -109,7 +109,7 @@ def test_fp16_scaler_advice_resumes_the_run(store, tiny_models, tmp_path, capsys
     either (mixed precision is how the same steps are computed, like --device)."""
     import inspect
 
-    from stages import train as train_stage
+    from surpipe.train import recipe as train_stage
 
     sd, out = tiny_models / "sd", tmp_path / "run"
     assert _run(store, sd, out, capsys, "--max-steps", "2")[0] == 0
@@ -138,7 +138,7 @@ def test_keep_best_advice_names_when_it_needs_another_out(store, tiny_models, tm
 def test_stopped_run_advice_says_which_reruns_resume(store, tiny_models, tmp_path, monkeypatch, capsys):
     """A run stopped on a non-finite loss says a rerun of the same command resumes and that other
     option values need another --out (both followed here)."""
-    from surpipe import numerics
+    from surpipe.train import numerics
 
     sd, out = tiny_models / "sd", tmp_path / "run"
     assert _run(store, sd, out, capsys, "--max-steps", "1")[0] == 0
@@ -192,8 +192,8 @@ def test_the_global_batch_is_the_identity_not_its_split(store, tiny_models, tmp_
 def test_resume_advice_for_a_global_batch_these_processes_do_not_divide(tmp_path):
     """The suggested options give the run's global batch on the processes of this run, or say to
     use one process when they cannot."""
-    from surpipe.run_folder import batch_problem
-    from surpipe.train_config import TrainConfig
+    from surpipe.train.run_folder import batch_problem
+    from surpipe.train.config import TrainConfig
 
     def advice(then: tuple, now: tuple, world: int):
         bs, w, ga = then
@@ -214,8 +214,8 @@ def test_every_split_of_a_global_batch_reads_the_same_rows_at_every_step(store):
     into batches, so k micro-batches of b rows are the rows of one batch of k*b, and the position
     recorded after each step is the same."""
     from surpipe.store import FeatureStore
-    from surpipe.store_groups import resolve_groups
-    from surpipe.train_data import BlockReader, SampleStream
+    from surpipe.train.groups import resolve_groups
+    from surpipe.train.data import BlockReader, SampleStream
 
     st = FeatureStore(store)
     groups, problems = resolve_groups(st, llm_layer=-1, llm_group=None, clip_group=None, vae_group=None,

@@ -23,7 +23,7 @@ def _train(store, sd, out, *extra):
 
 
 def _compare(tmp_path, store, tiny_models, monkeypatch, backend, weight_atol=1e-5):
-    from surpipe import train_setup
+    from surpipe.train import setup as train_setup
 
     monkeypatch.setattr(train_setup, "COMPILE_BACKEND", backend)
     calls = []
@@ -64,7 +64,7 @@ def test_a_failing_compiler_is_one_line_naming_the_flag(tmp_path, store, tiny_mo
     --compile-unet, not a traceback."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    from surpipe import train_setup
+    from surpipe.train import setup as train_setup
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no C++ compiler found")

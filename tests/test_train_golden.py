@@ -17,7 +17,8 @@ LLM_W, PROMPT_W = 0.7, 0.3  # not the authors' 1e-5: both KL terms must weigh in
 
 
 def _recipe(store, sd, out, gradient_path, token_mixing):
-    from stages.train import TrainConfig, TrainRecipe
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
 
     cfg = TrainConfig(store=str(store), model=str(sd), out=str(out), llm_layer=3, nhead=4, dim_feedforward=64,
                       batch_size=3, workers=0, device="cpu", dropout=0.0, llm_weight=LLM_W, prompt_weight=PROMPT_W,

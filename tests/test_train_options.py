@@ -75,7 +75,8 @@ def test_python_built_config_is_range_checked_too(tmp_path, store, tiny_models):
 # --------------------------------------------------------------------------- prompt_target
 @pytest.mark.parametrize("target", ["out", "fc"])
 def test_prompt_target_compares_the_right_tensor(tmp_path, store, tiny_models, target):
-    from stages.train import TrainConfig, TrainRecipe
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
 
     cfg = TrainConfig(store=str(store), model=str(tiny_models / "sd"), out=str(tmp_path / "run"), llm_layer=3,
                       nhead=4, dim_feedforward=64, batch_size=3, workers=0, device="cpu", prompt_target=target)
@@ -97,7 +98,7 @@ def test_prompt_target_compares_the_right_tensor(tmp_path, store, tiny_models, t
 # --------------------------------------------------------------------------- non-finite stops
 def _inject(monkeypatch, at_call, poison):
     """Make TrainRecipe.loss poison its result from micro-batch call ``at_call`` (1-based) on."""
-    from stages.train import TrainRecipe
+    from surpipe.train.recipe import TrainRecipe
 
     orig = TrainRecipe.loss
     calls = {"n": 0}
@@ -174,7 +175,8 @@ def test_weight_gone_non_finite_after_the_step_stops(tmp_path, store, tiny_model
 
 
 def test_save_paths_refuse_a_non_finite_adapter(tmp_path, store, tiny_models):
-    from stages.train import TrainConfig, TrainRecipe
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
     from surpipe.errors import SurpipeError
 
     out = tmp_path / "run"
@@ -205,7 +207,7 @@ def test_missing_tracker_package_refused_before_the_run_folder(tmp_path, store, 
 
 
 def test_old_tensorboard_key_maps_to_report_to(tmp_path, store, tiny_models, capsys):
-    from stages.train import TrainConfig
+    from surpipe.train.config import TrainConfig
     from surpipe.config import from_dict
     from surpipe.errors import SurpipeError
 
@@ -229,7 +231,7 @@ def test_metrics_and_validation_grids_reach_the_tracker(tmp_path, store, tiny_mo
     from accelerate.tracking import GeneralTracker
     from PIL import Image
 
-    import stages.train as T
+    import surpipe.train.recipe as T
 
     class Recorder(GeneralTracker):
         name = "recorder"
@@ -282,8 +284,8 @@ def test_metrics_and_validation_grids_reach_the_tracker(tmp_path, store, tiny_mo
 
 # --------------------------------------------------------------------------- loss curve
 def test_smoothing_is_a_debiased_ema():
-    from surpipe.train_log import smooth as _smooth
-    from surpipe.train_log import smoothing_weight as _smoothing_weight
+    from surpipe.train.log import smooth as _smooth
+    from surpipe.train.log import smoothing_weight as _smoothing_weight
 
     # by hand: s = 0.5*s + 0.5*v, then / (1 - 0.5**(i+1))
     assert _smooth([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75, 2.125 / 0.875])
@@ -299,7 +301,7 @@ def test_smoothing_is_a_debiased_ema():
 def test_loss_curve_png_with_note(tmp_path):
     from PIL import Image
 
-    from stages.train import _loss_curve
+    from surpipe.train.recipe import _loss_curve
 
     m = tmp_path / "metrics.jsonl"
     m.write_text("".join(json.dumps({"step": i + 1, "loss": 1 / (i + 1), "denoise": 1.0, "llm": 2.0,

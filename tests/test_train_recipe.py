@@ -10,16 +10,16 @@ import pytest
 
 
 def _cfg(store, tiny_models, out, **kw):
-    from stages.train import TrainConfig
+    from surpipe.train.config import TrainConfig
 
     return TrainConfig(store=str(store), model=str(tiny_models / "sd"), out=str(out), llm_layer=3, nhead=4,
                        dim_feedforward=64, workers=0, device="cpu", progress=False, loss_curve=False, **kw)
 
 
 def test_check_returns_frozen_inputs_and_runs_once(tmp_path, store, tiny_models, monkeypatch):
-    import surpipe.train_inputs as TI
+    import surpipe.train.inputs as TI
     from stages.train import run
-    from surpipe.train_inputs import TrainingInputs
+    from surpipe.train.inputs import TrainingInputs
 
     calls = {"n": 0}
     orig = TI.gather
@@ -29,7 +29,7 @@ def test_check_returns_frozen_inputs_and_runs_once(tmp_path, store, tiny_models,
         return orig(cfg)
 
     monkeypatch.setattr(TI, "gather", counting)
-    from stages.train import TrainRecipe
+    from surpipe.train.recipe import TrainRecipe
 
     inputs = TrainRecipe(_cfg(store, tiny_models, tmp_path / "a")).check()
     assert isinstance(inputs, TrainingInputs) and inputs.width == 32 and inputs.groups.llm_layer == 3

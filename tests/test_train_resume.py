@@ -124,7 +124,7 @@ def test_resume_on_a_group_rewritten_with_other_settings_is_refused(run_copy, ti
 def test_resume_when_the_auto_picked_group_changed_is_refused(run_copy, tiny_models, capsys):
     """The first run auto-picked clip/sd (the only one); a group encoded later with --model's own
     text encoder is what the pick finds now: a different group, refused."""
-    from surpipe import sd
+    from surpipe.sd import components as sd
 
     store, out = run_copy
     te = sd.load_text_encoder(str(tiny_models / "sd"))
@@ -151,7 +151,8 @@ def test_run_folder_without_identity_record_still_compares_the_fingerprint(run_c
 
 def test_llm_layer_minus_one_is_the_last_stored_layer(run_copy, tiny_models, capsys):
     store, out = run_copy
-    from stages.train import TrainConfig, TrainRecipe
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
 
     for layer, want in ((-1, 3), (-2, 1)):
         r = TrainRecipe(TrainConfig(store=str(store), model=str(tiny_models / "sd"), out=str(out.parent / "x"),
@@ -331,7 +332,7 @@ def test_full_disk_at_a_checkpoint(tmp_path, store_small, tiny_models, capsys, m
 
 
 def test_stale_tmp_step_folders_are_cleaned_at_the_next_start(run_copy, tiny_models, capsys):
-    from surpipe.locks import exclusive_lock
+    from surpipe.store.locks import exclusive_lock
 
     store, out = run_copy
     ck = out / "checkpoints"
@@ -370,7 +371,7 @@ def two_models(tiny_models, tmp_path_factory):
     """The tiny SD model and a copy whose text encoder has other weights (same config)."""
     from safetensors.torch import load_file, save_file
 
-    from surpipe import sd
+    from surpipe.sd import components as sd
 
     other = tmp_path_factory.mktemp("other") / "sd-b"
     shutil.copytree(tiny_models / "sd", other)
@@ -394,7 +395,8 @@ def _two_clip_store(path, two_models):
 
 
 def _check(store, model, out, **kw):
-    from stages.train import TrainConfig, TrainRecipe
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
 
     r = TrainRecipe(TrainConfig(store=str(store), model=str(model), out=str(out), llm_layer=3, nhead=4, **kw))
     r.check()

@@ -14,7 +14,7 @@ VAL_ARGS = ("--val-rows", "6", "--validation-every", "5", "--prompt-weight", "1"
 
 def _groups(store):
     from surpipe.store import FeatureStore
-    from surpipe.store_groups import resolve_groups
+    from surpipe.train.groups import resolve_groups
 
     g, problems = resolve_groups(FeatureStore(store), llm_layer=3, llm_group=None, clip_group=None, vae_group=None,
                                  use_flip=True)
@@ -40,7 +40,7 @@ def _old_plan(num_rows, block_rows, seed, epoch):
 
 
 def _stream_rows(reader, keep, batches, batch_size=3, position=None, seed=5):
-    from surpipe.train_data import SampleStream
+    from surpipe.train.data import SampleStream
 
     row = _row_of(reader)
     s = SampleStream(reader, batch_size, seed=seed, workers=0, keep=keep, position=position)
@@ -52,8 +52,8 @@ def _stream_rows(reader, keep, batches, batch_size=3, position=None, seed=5):
 
 def test_stream_never_reads_held_out_rows_and_keeps_the_old_order(train_store):
     from surpipe.store import FeatureStore
-    from surpipe.train_data import BlockReader
-    from surpipe.validation import held_out_rows
+    from surpipe.train.data import BlockReader
+    from surpipe.train.validation.metrics import held_out_rows
 
     reader = BlockReader(str(train_store), _groups(train_store), 8)
     keys = FeatureStore(train_store).keys()
@@ -78,7 +78,7 @@ def test_stream_never_reads_held_out_rows_and_keeps_the_old_order(train_store):
 
 
 def test_stream_with_split_resumes_at_its_position_and_drops_emptied_blocks(train_store):
-    from surpipe.train_data import BlockReader, epoch_plan
+    from surpipe.train.data import BlockReader, epoch_plan
 
     reader = BlockReader(str(train_store), _groups(train_store), 8)
     keep = np.ones(24, dtype=bool)
@@ -102,9 +102,10 @@ def test_validation_rows_logged_split_recorded_resume_refused_and_reproducible(t
     """One short run (CPU time is scarce): val/* rows every 5 steps and at the end, the split in
     config.json, a resume with another split refused, and the end-of-training values reproduced
     exactly by the adapter reloaded from its checkpoint, twice."""
-    from stages.train import TrainConfig, TrainRecipe
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.recipe import TrainRecipe
     from surpipe.store import FeatureStore
-    from surpipe.validation import METRICS, held_out_rows, split_record
+    from surpipe.train.validation.metrics import METRICS, held_out_rows, split_record
 
     # --validation-every also renders the picture grid (minutes on CPU), not what is tested here
     monkeypatch.setattr(TrainRecipe, "validate", lambda self: self.out / "grid.png")

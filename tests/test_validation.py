@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import SyntheticDataset
-from surpipe import losses as L
+from surpipe.train import losses as L
 from surpipe.adapter import SURAdapter
 from surpipe.errors import SurpipeError
 from surpipe.store import ArraySpec, FeatureStore
-from surpipe.store_groups import StoreGroups
-from surpipe.validation import (ValidationSet, check_same_split, evaluate, evaluate_rows, held_out_rows,
+from surpipe.train.groups import StoreGroups
+from surpipe.train.validation.metrics import (ValidationSet, check_same_split, evaluate, evaluate_rows, held_out_rows,
                                 load_rows, markdown_table, per_category, selection_score, split_record,
                                 training_rows)
 

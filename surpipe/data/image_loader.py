@@ -21,7 +21,7 @@ class ImageRows:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from surpipe.sd import preprocess
+        from surpipe.sd.components import preprocess
 
         s = self.samples[i]
         try:

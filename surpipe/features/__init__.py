@@ -11,7 +11,7 @@ One class per kind (``llm``, ``clip``, ``vae``) owns the kind's whole contract:
 * typed reads: what a trainer needs (``LLMFeatures.layers``, ``ClipFeatures.embedding_shape``,
   ``VaeFeatures.latent_params``) and ``train_arrays``, the arrays the training reader loads.
 
-Writers (extract-llm, import-prompt2vec, encode-latents), ``surpipe.verify``, the store's layout
+Writers (extract-llm, import-prompt2vec, encode-latents), ``surpipe.store.verify``, the store's layout
 check and the training reader all go through these classes: every stored array name is spelled in
 its kind's module (``surpipe/features/<kind>.py``) and nowhere else, so adding an array touches that
 module and the code computing it; adding a kind, one new module registered in ``KINDS``.

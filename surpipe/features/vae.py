@@ -31,7 +31,7 @@ class VaeFeatures(FeatureKind):
     _FLIP = ("flip_mean", "flip_std")
     # SDXL micro-conditioning per row (settings micro_conditioning): the source image's (height, width)
     # and the (top, left) of the crop in the resized image. A flipped row's offsets are derived from
-    # these in training (surpipe.train_setup.sdxl_conditioning), so there is no flipped variant.
+    # these in training (surpipe.train.setup.sdxl_conditioning), so there is no flipped variant.
     _MICRO = ("original_size", "crop_top_left")
 
     @staticmethod

@@ -9,7 +9,7 @@ Integrity (format 2): every chunk ends with a crc32c checksum (zarr v3's ``crc32
 the chain), so a flipped byte is a read error naming store, array and block; every group carries a
 random ``generation`` id and ``done[b]`` records the generation that completed block b, so a block
 written into a group that was since replaced (``--overwrite``) is never taken for valid data.
-Groups are created and deleted only under the group's exclusive lock (:mod:`surpipe.locks`).
+Groups are created and deleted only under the group's exclusive lock (:mod:`surpipe.store.locks`).
 
 Modules: ``core`` (the store object), ``rows`` (creating a store, matching it to a dataset),
 ``opening`` (the one step a stage-one command calls), ``group`` (feature groups and their blocks),

@@ -324,7 +324,7 @@ class FeatureStore:
         writing is never deleted, and of two jobs creating the same group, the second waits and
         opens the first's. Each creation draws a new ``generation`` id.
         """
-        from surpipe.locks import creation_lock, group_lock
+        from surpipe.store.locks import creation_lock, group_lock
 
         if kind not in KINDS:
             raise SurpipeError(f"unknown feature kind {kind!r}; valid choices: {', '.join(KINDS)}")

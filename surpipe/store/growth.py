@@ -59,7 +59,7 @@ def _now() -> str:
 def growth_lock(store_path, wait_s: float = 600.0):
     """The store-level lock of growths: of several processes (data-parallel ranks) growing one
     store, one grows it while the others wait, then find it grown."""
-    from surpipe.locks import _flock, _lease_dir, _remote, lock_dir
+    from surpipe.store.locks import _flock, _lease_dir, _remote, lock_dir
 
     if _remote(store_path):
         from surpipe.store.lease import Lease
@@ -140,7 +140,7 @@ def grow_rows(store: "FeatureStore", dataset, rows: list) -> None:
 def grow_group(store: "FeatureStore", path: str, n: int, m: int) -> None:
     """Resize group ``path`` from ``n`` to ``m`` rows (see the module docstring, step 2), holding
     its group lock exclusively: a job writing the group meanwhile makes this refuse."""
-    from surpipe.locks import _holders, group_lock
+    from surpipe.store.locks import _holders, group_lock
 
     with contextlib.ExitStack() as stack:
         try:

@@ -36,7 +36,7 @@ paused and that lands later: it targets a block the old holder owned and not yet
 the same rows' values; ``verify`` (checksums, chunk presence) is the check of record. A long TTL
 makes this need a pause of over a minute.
 
-Wiring (surpipe/locks.py on a remote store; ``L`` = ``<store>.locks`` on the store's filesystem):
+Wiring (surpipe/store/locks.py on a remote store; ``L`` = ``<store>.locks`` on the store's filesystem):
 ``writer_lock(store, group, rank)`` = ``shared_lease(fs, L, group.replace("/", "__"), f"rank{rank}",
 what)`` (yields the Lease: call ``check()`` before marking a block done);
 ``group_lock(..., exclusive=True, wait_s)`` = ``exclusive_lease(fs, L, g, what, wait_s=wait_s)``;

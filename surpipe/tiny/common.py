@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from surpipe.errors import SurpipeError
-from surpipe.render import TINY_MARKER
+from surpipe.evaluation.render import TINY_MARKER
 
 PIP_HINT = "pip install --no-deps open_clip_torch mistral-common"
 

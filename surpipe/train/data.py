@@ -18,7 +18,7 @@ import numpy as np
 from surpipe.errors import SurpipeError
 
 if TYPE_CHECKING:
-    from surpipe.store_groups import StoreGroups
+    from surpipe.train.groups import StoreGroups
 
 
 class BlockReader:

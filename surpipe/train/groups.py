@@ -56,7 +56,7 @@ def model_id(model: str) -> str:
     """How stage one records a model: a local folder as its resolved absolute path, a hub id as is."""
     from pathlib import Path
 
-    from surpipe import sd
+    from surpipe.sd import components as sd
 
     return str(Path(model).expanduser().resolve()) if sd.is_local(model) else model
 
@@ -67,7 +67,7 @@ def _text_encoder_fingerprint(model: str, revision: str | None, with_weights: bo
     None when ``model`` is no local folder with text_encoder/ (a UNet-only folder, a hub id)."""
     from pathlib import Path
 
-    from surpipe import sd
+    from surpipe.sd import components as sd
 
     if not sd.is_local(model):
         return None

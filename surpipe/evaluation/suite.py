@@ -1,7 +1,7 @@
 """Evaluation of a SUR-adapter by CLIP score: prompt suites, seeds, paired statistics, tables, chart.
 
-What ``surpipe eval`` computes and writes, apart from rendering (:mod:`surpipe.inference`) and
-scoring (:mod:`surpipe.clip_score`). Statistics are over paired images: each (prompt, seed) is
+What ``surpipe eval`` computes and writes, apart from rendering (:mod:`surpipe.evaluation.generate`) and
+scoring (:mod:`surpipe.evaluation.clip_score`). Statistics are over paired images: each (prompt, seed) is
 rendered without and with the adapter from the same initial noise. Importing this module loads
 no torch or matplotlib.
 """
@@ -54,7 +54,7 @@ def parse_seeds(seeds: Union[str, list[int], int]) -> list[int]:
 def read_suite(path: Optional[str]) -> dict[str, list[str]]:
     """{category: prompts} from a JSONL suite (``category`` + ``prompt`` per line) or a folder of
     ``CATEGORY.txt`` / ``CATEGORY.jsonl`` files; categories in file order."""
-    from surpipe.inference import json_lines, read_prompts, refuse_bad_lines, text_lines
+    from surpipe.evaluation.generate import json_lines, read_prompts, refuse_bad_lines, text_lines
 
     p = Path(path) if path else DEFAULT_SUITE
     if not p.exists():
@@ -99,7 +99,7 @@ def eval_items(suite: dict[str, list[str]], seeds: Sequence[int]) -> list[tuple[
 def score_rows(items, scores: dict, images: Optional[dict] = None, out: Optional[Path] = None) -> list[dict]:
     """One record per image and arm (``scores.jsonl``); with ``images`` and ``out``, each image is
     saved under ``out/images/CATEGORY/`` and its record names the file."""
-    from surpipe.inference import image_name
+    from surpipe.evaluation.generate import image_name
 
     rows = []
     for k, (cat, i, prompt, seed) in enumerate(items):
@@ -118,7 +118,7 @@ def score_rows(items, scores: dict, images: Optional[dict] = None, out: Optional
 def category_grids(out: Path, items, images: dict, scores: dict, seed: int, note: Optional[str] = None) -> dict:
     """``out/grids/CATEGORY.png``: each prompt of the category at ``seed``, without and with the
     adapter, captioned with both scores; returns {category: relative path}."""
-    from surpipe.render import arms_grid, grid_cell
+    from surpipe.evaluation.render import arms_grid, grid_cell
 
     (out / "grids").mkdir(exist_ok=True)
     grids = {}

@@ -15,7 +15,7 @@ class TrainingInputs:
     """The checked inputs of one training run (returned by ``TrainRecipe.check``)."""
 
     store: Any  # surpipe.store.FeatureStore
-    groups: Any  # surpipe.store_groups.StoreGroups: llm/clip/vae group paths, resolved llm_layer, use_flip
+    groups: Any  # surpipe.train.groups.StoreGroups: llm/clip/vae group paths, resolved llm_layer, use_flip
     unet_config: dict
     sched_config: dict
     seq_len: int  # CLIP tokens (77)
@@ -26,7 +26,7 @@ class TrainingInputs:
     shift_factor: float
     prediction_type: str  # epsilon or v_prediction
     held_out: Any = None  # sorted row indices of the validation rows (numpy int64; empty: no split)
-    split: Optional[dict] = None  # surpipe.validation.split_record of the split, recorded in the run folder
+    split: Optional[dict] = None  # surpipe.train.validation.metrics.split_record of the split, recorded in the run folder
     resolution: Optional[int] = None  # pixels of the stored latents' square crops (SDXL's target size)
     pooled_width: Optional[int] = None  # SDXL: width of the pooled text embedding (None: SD 1.x/2.x)
 
@@ -34,7 +34,7 @@ class TrainingInputs:
 def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[dict]]:
     """The UNet and scheduler configs of ``cfg.model`` (None where unreadable, the problem noted)."""
     from surpipe.hub import read_model_config
-    from surpipe.sd import check_pipeline_class
+    from surpipe.sd.components import check_pipeline_class
 
     unet_cfg = sched_cfg = None
     family = None
@@ -64,10 +64,10 @@ def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[d
 
 def _split(cfg, store, found: dict, problems: list[str]) -> None:
     """The held-out validation rows of ``--val-rows``/``--val-fraction`` (chosen from the sample
-    keys, surpipe.validation.held_out_rows) and their record, into ``found``."""
+    keys, surpipe.train.validation.metrics.held_out_rows) and their record, into ``found``."""
     import numpy as np
 
-    from surpipe.validation import held_out_rows, split_record
+    from surpipe.train.validation.metrics import held_out_rows, split_record
 
     rows, fraction, seed = cfg.val_rows, cfg.val_fraction, cfg.val_seed
     try:
@@ -85,7 +85,7 @@ def gather(cfg) -> tuple[dict, list[str]]:
     ``TrainingInputs`` found (possibly partial) and every problem, without raising."""
     from surpipe.features import LLMFeatures, VaeFeatures, clip_features
     from surpipe.store import FeatureStore
-    from surpipe.store_groups import resolve_groups
+    from surpipe.train.groups import resolve_groups
 
     problems: list[str] = []
     found: dict = {"store": None, "groups": None}

@@ -1,5 +1,5 @@
 """Held-out numbers of a finished adapter on a feature store (``surpipe eval --store``), per prompt
-category: the validation terms of training (surpipe.validation) without generating an image.
+category: the validation terms of training (surpipe.train.validation.metrics) without generating an image.
 
 Which rows: those the adapter never trained on. For a training run on this very store, the rows its
 held-out split kept out (recomputed from the recorded split settings, checked against the recorded
@@ -56,7 +56,7 @@ def run_config(adapter: str) -> Optional[dict]:
 
 def _train_config(store: str, saved: Optional[dict], model: Optional[str], revision: Optional[str], same: bool):
     from surpipe.config import from_dict
-    from surpipe.train_config import TrainConfig
+    from surpipe.train.config import TrainConfig
 
     if saved is None:
         if model is None:
@@ -74,9 +74,9 @@ def _training_keys(saved: dict) -> Optional[set]:
     """The sample keys the run trained on: its recorded store's keys minus its held-out ones (None
     when that store cannot be read)."""
     from surpipe.store import FeatureStore
-    from surpipe.validation import held_out_rows
+    from surpipe.train.validation.metrics import held_out_rows
 
-    from surpipe.validation import check_same_split, split_record
+    from surpipe.train.validation.metrics import check_same_split, split_record
 
     run = (saved.get("_surpipe") or {}).get("run") or {}
     path = run.get("store") or saved.get("store")
@@ -107,7 +107,7 @@ def _select_rows(adapter, store, fs, saved, meta, found, same):
                                "--val-rows/--val-fraction")
         recorded = (meta.get("run") or {}).get("split")
         if recorded is not None:
-            from surpipe.validation import check_same_split
+            from surpipe.train.validation.metrics import check_same_split
 
             changed = check_same_split(recorded, found["split"])
             if changed:
@@ -138,11 +138,11 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     from surpipe.adapter import SURAdapter
     from surpipe.adapter_io import resolve_adapter_dir
     from surpipe.devices import resolve_device
-    from surpipe.losses import LLMProjection
+    from surpipe.train.losses import LLMProjection
     from surpipe.store import FeatureStore
-    from surpipe.train_inputs import gather
-    from surpipe.train_setup import Runtime, load_unet
-    from surpipe.validation import ValidationSet, evaluate_rows, markdown_table, per_category
+    from surpipe.train.inputs import gather
+    from surpipe.train.setup import Runtime, load_unet
+    from surpipe.train.validation.metrics import ValidationSet, evaluate_rows, markdown_table, per_category
 
     folder = resolve_adapter_dir(adapter)
     saved = run_config(adapter)

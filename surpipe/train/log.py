@@ -116,7 +116,7 @@ class RunLogger:
 def validation_summary(m: dict, rows: int, first: Optional[dict] = None) -> str:
     """One line: the held-out prompt term with vs without the adapter (and, given ``first``, the
     step-0 row, vs the untrained adapter: the gain that is learned) and the cosines to the complex
-    prompt (``m``: surpipe.validation.evaluate's metrics)."""
+    prompt (``m``: surpipe.train.validation.metrics.evaluate's metrics)."""
     p, b = m.get("val/prompt"), m.get("val/prompt_baseline")
     line = f"held-out ({rows} rows, step {m.get('step')}):"
     if p is not None and b is not None:

@@ -79,7 +79,7 @@ def build_trainables(cfg, inputs, rt: Runtime):
     from diffusers.optimization import get_scheduler
 
     from surpipe.adapter import SURAdapter, SURAdapterConfig
-    from surpipe.losses import LLMProjection
+    from surpipe.train.losses import LLMProjection
 
     adapter = SURAdapter(SURAdapterConfig(
         width=inputs.width, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward, num_layers=cfg.num_layers,
@@ -103,8 +103,8 @@ def build_trainables(cfg, inputs, rt: Runtime):
 
 def batch_tensors(batch: dict, inputs, device, generator: torch.Generator, share=None) -> dict:
     """A loaded batch as tensors on ``device``, the latents sampled from the stored distributions
-    (``share = (global batch, first row)`` on data-parallel ranks: surpipe.losses._rows)."""
-    from surpipe.losses import sample_latents
+    (``share = (global batch, first row)`` on data-parallel ranks: surpipe.train.losses._rows)."""
+    from surpipe.train.losses import sample_latents
 
     latents, flip = sample_latents(batch, use_flip=inputs.groups.use_flip, scaling_factor=inputs.scaling_factor,
                                    shift_factor=inputs.shift_factor, generator=generator, return_flip=True,
@@ -126,7 +126,7 @@ def sdxl_conditioning(batch: dict, flip, resolution: int) -> dict:
     """SDXL's added conditioning of a batch: the simple prompt's pooled embedding (docs/method-decisions.md),
     the complex prompt's (for ``--pooled aligned``), and the time ids from each row's original size
     and crop (for flipped rows, the crop as diffusers' SDXL example records it)."""
-    from surpipe.losses import sdxl_time_ids
+    from surpipe.train.losses import sdxl_time_ids
 
     crop = torch.from_numpy(np.asarray(batch["crop_top_left"])).long()
     if flip is not None:

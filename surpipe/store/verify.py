@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from surpipe.errors import SurpipeError, first_line
-from surpipe.verify_report import Finding, VerifyReport  # noqa: F401  (re-exported)
+from surpipe.store.verify_report import Finding, VerifyReport  # noqa: F401  (re-exported)
 
 _FLOAT_KINDS = "fc"
 
@@ -450,7 +450,7 @@ def verify_store(path, repair: bool = False) -> VerifyReport:
         return rep
     from surpipe.store import FeatureGroup, FeatureStore
 
-    from surpipe.locks import group_lock
+    from surpipe.store.locks import group_lock
 
     store = FeatureStore(path, mode="a")  # refuses a read-only store with a clear message
     for gpath, blocks in damaged.items():

@@ -5,7 +5,7 @@ Diffusion pipeline (:func:`open_models`: cheap checks first, so a wrong argument
 big load; devices and dtypes come from :mod:`surpipe.devices`), prompt files, rendering both arms
 (without / with the adapter) at the same seeds, image file names, and generate's output folder
 rules (never mix old and new images; a finished run is not redone). Rendering itself and the
-grids are in :mod:`surpipe.render`.
+grids are in :mod:`surpipe.evaluation.render`.
 
 Importing this module loads no torch (the CLI's ``--help`` stays fast).
 """
@@ -20,9 +20,9 @@ from typing import Any, Literal, Optional, Sequence
 
 from surpipe.config import read_json_object
 from surpipe.errors import SurpipeError
-from surpipe.render import SCHEDULERS
+from surpipe.evaluation.render import SCHEDULERS
 
-SchedulerName = Literal[SCHEDULERS]  # the choices of surpipe.render, never a copy
+SchedulerName = Literal[SCHEDULERS]  # the choices of surpipe.evaluation.render, never a copy
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 
 # Files a generate run writes at the top of --out; --overwrite deletes these and nothing else.
@@ -178,7 +178,7 @@ def check_sd_model(model: str, revision: Optional[str] = None) -> Optional[int]:
     """Refuse early a local folder that is not a diffusers Stable Diffusion model; return the text
     encoder's width when it can be read without loading weights."""
     from surpipe.hub import check_model_source, is_local_model, read_model_config
-    from surpipe.sd import check_pipeline_class
+    from surpipe.sd.components import check_pipeline_class
 
     check_model_source(model)
     local = Path(model).expanduser()
@@ -229,7 +229,7 @@ def open_models(model: str, adapter: str, *, revision, device: str, dtype: str, 
                 adapter_weight: Optional[float] = None) -> Models:
     """Load and check everything before rendering. Errors are SurpipeError with one clear message;
     the adapter and the model's config are checked before the pipeline's weights load."""
-    from surpipe import render
+    from surpipe.evaluation import render
     from surpipe.devices import resolve_device, resolve_dtype, torch_dtype
 
     dev = resolve_device(device, mps=True)
@@ -248,7 +248,7 @@ def render_arms(models: Models, prompts: Sequence[str], *, arms: Sequence[str], 
     """{arm: images} for each arm of ``arms``: ``"without"`` renders without the adapter, any other
     name (``"with"``, ``""``) with it; the same seeds in every arm, so the pairs differ by the
     adapter only. Everything is rendered before anything is written: a failure leaves no partial set."""
-    from surpipe import render
+    from surpipe.evaluation import render
 
     return {arm: render.render(models.pipe, prompts, adapter=None if arm == "without" else models.adapter,
                                desc=label + (f": {arm} adapter" if arm else ""), **kw) for arm in arms}

@@ -1,6 +1,6 @@
 """SDXL components for stage one: both tokenizers and text encoders, loaded from a diffusers
 ``StableDiffusionXLPipeline`` checkpoint (hub id or local folder). The VAE and the image side are
-SD's (``surpipe.sd``); SDXL adds the micro-conditioning each row's image needs (``micro_conditioning``).
+SD's (``surpipe.sd.components``); SDXL adds the micro-conditioning each row's image needs (``micro_conditioning``).
 
 Exactness rules (tests/test_sdxl_encode.py checks each against ``StableDiffusionXLPipeline.encode_prompt``):
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from surpipe.devices import torch_dtype
 from surpipe.errors import SurpipeError
-from surpipe.sd import center_crop_box, is_local, load_clip_component, resized_size, validate_folder
+from surpipe.sd.components import center_crop_box, is_local, load_clip_component, resized_size, validate_folder
 
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 def validation_set(cfg, inputs, scheduler):
     """The held-out rows with their fixed latents, noise and timesteps (None without a split)."""
-    from surpipe.validation import ValidationSet
+    from surpipe.train.validation.metrics import ValidationSet
 
     if inputs.held_out is None or not len(inputs.held_out):
         return None
@@ -22,8 +22,8 @@ def validation_set(cfg, inputs, scheduler):
 def keep_if_best(out: Path, metrics: dict, step: int, modules: dict) -> Optional[float]:
     """Write ``OUT/best`` when ``metrics``' score (val/prompt + val/llm) beats the kept one; returns
     the score when it did. Checkpoints and resume are untouched."""
-    from surpipe.checkpoint import best_score, save_final
-    from surpipe.validation import selection_score
+    from surpipe.train.checkpoint import best_score, save_final
+    from surpipe.train.validation.metrics import selection_score
 
     score = selection_score(metrics)
     kept = best_score(out)
@@ -36,7 +36,7 @@ def keep_if_best(out: Path, metrics: dict, step: int, modules: dict) -> Optional
 
 def validation_grid(cfg, inputs, adapter, unet, out: Path, step: int, device, dtype) -> Path:
     """Render the validation prompts without and with the adapter (same seeds) into a grid."""
-    from surpipe.render import compare_grid
+    from surpipe.evaluation.render import compare_grid
 
     prompts = cfg.validation_prompts or [str(p) for p in inputs.store.prompts("simple")[:4]]
     was_training = adapter.training

@@ -90,7 +90,7 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
     """
     from surpipe.store.sharding import shard_runs
 
-    from surpipe.locks import writer_lock
+    from surpipe.store.locks import writer_lock
     from surpipe.progress import progress_bar
 
     t0 = time.perf_counter()

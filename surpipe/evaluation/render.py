@@ -24,7 +24,7 @@ def load_pipeline(model: str, *, revision: str | None = None, unet=None, device=
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from surpipe.sd import check_pipeline_class
+    from surpipe.sd.components import check_pipeline_class
 
     dtype = dtype or torch.float32
     xl = check_pipeline_class(model, revision, accept=("sd", "sdxl")) == "sdxl"

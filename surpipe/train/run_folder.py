@@ -50,7 +50,7 @@ def batch_problem(old: dict, meta: dict, cfg: Any, world: int) -> Optional[str]:
 
     The global batch, batch-size x processes x grad-accum, is the run's identity; how it is split
     is not: the sample stream is one row sequence cut into steps of that many rows
-    (surpipe.train_data.SampleStream), so every split reads the same rows at every step and a
+    (surpipe.train.data.SampleStream), so every split reads the same rows at every step and a
     checkpoint's data position is exact for all of them (only the noise draws and dropout masks
     fall otherwise, as on another device). A folder from before ``world_size`` was recorded ran on
     one process."""
@@ -81,10 +81,10 @@ def batch_problem(old: dict, meta: dict, cfg: Any, world: int) -> Optional[str]:
 def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optional[dict]:
     """What this run trains on, resolved: the store (path, dataset fingerprint, rows, blocks),
     the model, the LLM layer, each group with its settings and the held-out ``split``
-    (``surpipe.validation.split_record``, when given); None when the store or a group could not be
+    (``surpipe.train.validation.metrics.split_record``, when given); None when the store or a group could not be
     resolved."""
     from surpipe.store import settings_hash
-    from surpipe.store_groups import model_id
+    from surpipe.train.groups import model_id
 
     g = groups
     if store is None or g is None or None in (g.llm_group, g.clip_group, g.vae_group):
@@ -107,7 +107,7 @@ def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optio
 
 def _legacy_changes(old: dict, meta: dict, new: dict) -> list[str]:
     """Changes against a run folder from before identities were recorded (typed options only)."""
-    from surpipe.store_groups import model_id
+    from surpipe.train.groups import model_id
 
     fp = meta.get("store_fingerprint")
     changes = []
@@ -220,7 +220,7 @@ def check_run_folder(cfg: Any, store, groups, split: Optional[dict] = None, worl
                         "must see the same store, groups and layer (restore them, or choose another --out "
                         "for a new run). Changed since the run began: " + "; ".join(changes))
     if split is not None:  # a folder from before splits existed recorded none: the split was off
-        from surpipe.validation import check_same_split
+        from surpipe.train.validation.metrics import check_same_split
 
         rec = meta.get("run") if isinstance(meta.get("run"), dict) else {}
         saved_split = rec.get("split") if isinstance(rec.get("split"), dict) else None

@@ -7,7 +7,7 @@ alignment score measured on those rows with fixed noise.
   noise and timesteps drawn once per row from ``(seed, key)``: every evaluation of every run sees
   the same inputs, so values are comparable across steps and runs.
 - :func:`evaluate` computes ``val/denoise``, ``val/llm``, ``val/prompt`` with the training loss
-  functions (:mod:`surpipe.losses`), plus ``val/prompt_baseline`` (the prompt term of the raw
+  functions (:mod:`surpipe.train.losses`), plus ``val/prompt_baseline`` (the prompt term of the raw
   simple-prompt embedding, what SD sees without the adapter) and the token-averaged cosine
   similarity to the complex prompt's embedding with and without the adapter.
 
@@ -156,7 +156,7 @@ def load_rows(store_path: str, groups: Any, rows: np.ndarray) -> dict[str, np.nd
     import dataclasses
 
     from surpipe.store import FeatureStore
-    from surpipe.train_data import BlockReader
+    from surpipe.train.data import BlockReader
 
     rows = np.asarray(rows, dtype=np.int64)
     groups = dataclasses.replace(groups, use_flip=False)
@@ -234,7 +234,7 @@ class ValidationSet:
             vs.noise = torch.stack(noise)
             vs.timesteps = torch.cat(steps).long()
         if "pooled_simple" in t:
-            from surpipe.losses import sdxl_time_ids
+            from surpipe.train.losses import sdxl_time_ids
 
             if resolution is None:
                 raise SurpipeError("validation set: SDXL rows need the training resolution")
@@ -280,7 +280,7 @@ def evaluate_rows(adapter, projection, unet, scheduler, vset: ValidationSet, *, 
     import torch
     import torch.nn.functional as F
 
-    from surpipe import losses as L
+    from surpipe.train import losses as L
 
     if prompt_target not in ("out", "fc"):
         raise SurpipeError(f"prompt_target must be out or fc, got {prompt_target!r}")
@@ -348,7 +348,7 @@ def evaluate(adapter, projection, unet, scheduler, vset: ValidationSet, *, predi
     """The held-out metrics, means over the rows (``val/llm`` over rows with an LLM vector; a key
     is left out when no row has a value; ``val/denoise`` needs ``unet``):
 
-    - ``val/denoise``, ``val/llm``, ``val/prompt``: the training terms (:mod:`surpipe.losses`) on
+    - ``val/denoise``, ``val/llm``, ``val/prompt``: the training terms (:mod:`surpipe.train.losses`) on
       the fixed inputs; the mean over rows equals the term computed on all rows as one batch.
     - ``val/prompt_baseline``: the prompt term for the raw simple-prompt embedding (no adapter).
     - ``val/cos_adapter`` / ``val/cos_baseline``: cosine similarity between the conditioning

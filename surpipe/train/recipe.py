@@ -1,0 +1,419 @@
+"""The training recipe of stage two (``surpipe train``): the SUR-adapter trained from the feature
+store with the frozen UNet. :class:`TrainRecipe` reads top to bottom: ``check`` (every problem at
+once, before any compute) -> ``setup`` (models, optimizer, resume) -> ``train`` (the loop) ->
+``save_final``. The command's entry point is :func:`stages.train.run`; tests and the bench use the
+recipe directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from surpipe.errors import SurpipeError
+# torch-free at import; the names are this module's so tests can replace them
+from surpipe.train.log import loss_curve as _loss_curve
+from surpipe.train.log import tracker_problem as _tracker_problem
+from surpipe.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from surpipe.train.inputs import TrainingInputs
+
+
+def _validate_numbers(cfg: TrainConfig) -> list[str]:
+    """Every declared range (for configs built in Python, which skip ``from_dict``) and the checks
+    that involve several options."""
+    from surpipe.config import _range_problems
+
+    p = []
+    for f in dataclasses.fields(cfg):
+        p += _range_problems(f, getattr(cfg, f.name), f.name)
+    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":
+        p.append(f"lr_warmup_steps: {cfg.lr_warmup_steps} warm-up steps have no effect with lr_scheduler "
+                 "constant; use constant_with_warmup (or linear, cosine)")
+    if cfg.keep_best and not (cfg.val_rows or cfg.val_fraction):
+        p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F (a run "
+                 "keeps the split it began with: to a run folder begun without one, only in another --out)")
+    problem = _tracker_problem(cfg.report_to)
+    if problem:
+        p.append(problem)
+    return p
+
+def _log_with(report_to: str):
+    """The ``log_with`` argument of ``Accelerator`` for ``report_to`` (tests replace this)."""
+    return None if report_to == "none" else [report_to]
+
+
+
+
+class TrainRecipe:
+    """One training program, read top to bottom: ``check`` (every problem at once, before any
+    compute) -> ``setup`` (models, optimizer, resume) -> ``train`` (the loop) -> ``save_final``."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.lock_held = False  # set by run() while it holds the run folder's lock
+        self.inputs: Optional[TrainingInputs] = None
+        self.vset = None  # the held-out ValidationSet (setup), None without a split
+        self.last_val: dict = {}  # the latest held-out metrics, with their step
+        self.first_val: Optional[dict] = None  # the step-0 (untrained) held-out metrics of a fresh run
+        self.main, self.rank, self.world = True, 0, 1  # set by setup() from accelerate
+
+    def __getattr__(self, name: str):
+        # after check(): recipe.store, recipe.groups, recipe.width ... are the checked inputs'
+        inputs = self.__dict__.get("inputs")
+        if inputs is not None and name in inputs.__dataclass_fields__:
+            return getattr(inputs, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # ------------------------------------------------------------------ check, before any compute
+    def check(self) -> TrainingInputs:
+        """Find every problem of the setup at once (options, store, groups, UNet width, run folder)
+        and return what ``setup`` needs; raises SurpipeError listing them all."""
+        from surpipe.train.run_folder import check_run_folder
+        from surpipe.train.inputs import TrainingInputs, gather
+
+        found, problems = gather(self.cfg)
+        problems = _validate_numbers(self.cfg) + problems
+        from surpipe.store.blockjob import dist_env
+
+        problems += check_run_folder(self.cfg, found["store"], found["groups"], split=found.get("split"),
+                                     world=dist_env().world_size)
+        if self.cfg.pooled == "aligned" and found.get("store") is not None and found.get("pooled_width") is None:
+            problems.append("--pooled aligned: the store has no SDXL pooled embeddings (an SD 1.x/2.x store); "
+                            "use --pooled simple")
+        if problems:
+            raise SurpipeError("cannot start training:", problems)
+        self.inputs = TrainingInputs(**found)
+        return self.inputs
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, inputs: Optional[TrainingInputs] = None) -> None:
+        """Load the frozen UNet, build the adapter, projection, optimizer and schedule, and resume
+        from the latest checkpoint of the run folder (``check`` runs first unless given its result)."""
+        import numpy as np
+        import torch
+        from diffusers import DDPMScheduler
+
+        from surpipe.train import checkpoint as C
+        from surpipe.config import save
+        from surpipe.train.numerics import param_names
+        from surpipe.train.run_folder import run_identity
+        from surpipe.train.setup import build_trainables, load_unet, unet_for_loss
+
+        inputs = inputs or self.inputs or self.check()
+        self.inputs = inputs
+        cfg = self.cfg
+        self._start_accelerator()
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # data flips, noise, timesteps
+        self.unet = load_unet(cfg, self.runtime)
+        self.loss_unet = unet_for_loss(self.unet, cfg)
+        self.noise_scheduler = DDPMScheduler.from_config(inputs.sched_config)
+        self.adapter, self.projection, self.optimizer, self.lr_scheduler = build_trainables(cfg, inputs, self.runtime)
+        self.param_names = param_names(adapter=self._unwrapped("adapter"), projection=self._unwrapped("projection"))
+        self.step, self.position = 0, None
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.lock_held:  # only then can no live writer own a .tmp-step-* folder
+            C.clean_stale_tmp(self.out / "checkpoints")
+        latest = C.latest(self.out / "checkpoints")
+        if latest is not None:
+            self.load_checkpoint(latest)
+        self.vset = self._validation_set() if self.main else None  # held-out numbers: computed once
+        if self.main:
+            try:
+                # world_size: the global batch of the run is batch_size x world_size x grad_accum
+                save(cfg, self.out / "config.json", extra={"store_fingerprint": inputs.store.fingerprint,
+                                                           "world_size": self.world,
+                                                           "run": run_identity(cfg, inputs.store, inputs.groups,
+                                                                               split=inputs.split)})
+            except OSError as e:
+                raise SurpipeError(C.write_failure(self.out, "config.json", e)) from None
+        self.accelerator.wait_for_everyone()
+
+    def _start_accelerator(self) -> None:
+        from surpipe.train.setup import start_accelerator
+
+        rt = start_accelerator(self.cfg, self.out, log_with=_log_with(self.cfg.report_to))
+        self.accelerator, self.device = rt.accelerator, rt.device
+        self.weight_dtype, self.mixed_precision = rt.weight_dtype, rt.mixed_precision
+        self.runtime = rt
+        # data-parallel (torchrun / accelerate launch): rank 0 writes, every rank trains on its rows
+        self.main, self.rank, self.world = (rt.accelerator.is_main_process, rt.accelerator.process_index,
+                                            rt.accelerator.num_processes)
+
+    def _unwrapped(self, name: str):
+        return self.accelerator.unwrap_model(getattr(self, name))
+
+    # ------------------------------------------------------------------ data
+    def _stream(self):
+        from surpipe.train.data import BlockReader, Position, SampleStream
+        from surpipe.train.validation.metrics import keep_mask
+
+        reader = BlockReader(self.cfg.store, self.inputs.groups, self.inputs.store.block_rows)
+        pos = Position(**self.position) if self.position else None
+        workers = self.cfg.workers
+        if workers is None:
+            # a block read costs ~0.2 ms against steps of hundreds of ms: on CPU, forked loader
+            # processes only compete with the step for cores (bench/store_io.py, docs/performance.md)
+            workers = 2 if self.device.type == "cuda" else 0
+        # one global batch of world x batch_size rows per micro-step, the order of a single process
+        # with that batch; each rank keeps its own rows of it (surpipe.train.data.rank_rows)
+        return SampleStream(reader, self.cfg.batch_size * self.world, self.cfg.seed, workers=workers, position=pos,
+                            keep=keep_mask(self.inputs.store.num_samples, self.inputs.held_out))
+
+    def _batch_to_tensors(self, batch):
+        from surpipe.train.setup import batch_tensors
+
+        from surpipe.train.data import rank_rows
+
+        b = self.cfg.batch_size
+        share = (b * self.world, b * self.rank) if self.world > 1 else None
+        return batch_tensors(rank_rows(batch, self.rank, self.world), self.inputs, self.device, self.gen, share)
+
+    def loss(self, b, denoise: bool = True):
+        """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors
+        (``denoise=False``: the UNet term skipped, see surpipe.train.losses.composed_loss)."""
+        from surpipe.train.losses import composed_loss
+
+        return composed_loss(b, adapter=self.adapter, projection=self.projection, unet=self.loss_unet,
+                             scheduler=self.noise_scheduler, generator=self.gen, cfg=self.cfg,
+                             prediction_type=self.inputs.prediction_type, weight_dtype=self.weight_dtype,
+                             denoise=denoise)
+
+    def _needs_denoise(self) -> bool:
+        """Whether this step computes the denoising term: always on the paper's gradient path; on
+        the authors' (no gradient from it) the first and every log_denoise_every-th step, for the log."""
+        cfg, step = self.cfg, self.step + 1
+        return cfg.gradient_path == "paper" or step == 1 or step % cfg.log_denoise_every == 0
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        """Train (or resume) to max_steps, then write the final adapter and the loss curve."""
+        from surpipe.train import checkpoint as C
+        from surpipe.train import log as train_log
+        from surpipe.config import to_dict
+        from surpipe.progress import progress_bar
+
+        cfg = self.cfg
+        if self.step >= cfg.max_steps:
+            if C.final_adapter_stale(self.out):  # killed after the last checkpoint, before the adapter was written
+                self.save_final()
+            if self.main:
+                print(f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps")
+            return {"step": self.step, "resumed": True, "nothing_to_do": True}
+        stream = self._stream()
+        it = iter(stream)  # loader workers start here, before the trackers
+        start_step = self.step
+        if self.main:  # rows a killed run logged after its last checkpoint (all, without one) are replayed: drop them
+            train_log.drop_metrics_after(self.out / "metrics.jsonl", start_step if start_step else -1)
+        train_log.init_trackers(self.accelerator, cfg.report_to, to_dict(cfg), self.out)
+        logger = train_log.RunLogger(self.out, self.accelerator) if self.main else train_log.QuietLogger()
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
+                           disable=not (cfg.progress and self.main))
+        if start_step:
+            logger.log_text(f"resumed from step {start_step}")
+        elif self.vset is not None:  # the untrained adapter: what the held-out numbers start from
+            self.last_val = self.first_val = {"step": 0, **self.evaluate_held_out()}
+            logger.log_validation(self.last_val)
+        t_run = time.perf_counter()
+        try:
+            last = self._loop(stream, it, logger, bar)
+        except SurpipeError as e:
+            logger.log_text(f"error: {e}")
+            raise
+        finally:
+            bar.close()
+            logger.close()
+        self.save_final()
+        if not self.main:
+            return {"step": self.step, "rank": self.rank}
+        if cfg.loss_curve:
+            from surpipe.evaluation.render import tiny_model_note
+
+            _loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png", note=tiny_model_note(cfg.model))
+        elapsed, n = time.perf_counter() - t_run, self.step - start_step
+        print(f"trained {n} steps in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.2f} steps/s); last loss "
+              f"{last.get('loss', float('nan')):.5f}; adapter: {self.out / 'adapter'}")
+        if self.last_val:
+            print(train_log.validation_summary(self.last_val, len(self.vset), self.first_val))
+        if cfg.keep_best and (self.out / "best").is_dir():
+            from surpipe.train.checkpoint import best_score
+
+            print(f"best held-out adapter (val/prompt + val/llm {best_score(self.out):.5f}): {self.out / 'best'}")
+        return {"step": self.step, "steps_run": n, "seconds": round(elapsed, 2), "final": last,
+                "adapter": str(self.out / "adapter")}
+
+    def _loop(self, stream, it, logger, bar) -> dict:
+        """Steps until max_steps; stops with a SurpipeError (before anything is saved) on a
+        non-finite loss, gradient or weight."""
+        import torch
+
+        from surpipe.train import numerics as N
+
+        cfg = self.cfg
+        last: dict = {}
+        skipped = 0  # consecutive optimizer steps skipped by the fp16 loss scaler
+        params = list(self.optimizer.param_groups[0]["params"])
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            if self.world > 1:  # dropout masks from (seed, step, rank): a resume replays them without saved states
+                torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
+            sums, times = self._accumulate(it)
+            # a non-finite term stops the run here, before the optimizer step: the weights and the
+            # last checkpoint stay as they were
+            self._stop_if(N.loss_problem(sums))
+            te = time.perf_counter()
+            if self.accelerator.scaler is None:  # with fp16 loss scaling overflows are expected (skipped steps)
+                self._stop_if(N.gradient_problem(params, self.param_names))
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            self.optimizer.step()
+            skipped = skipped + 1 if getattr(self.optimizer, "step_was_skipped", False) else 0
+            if skipped >= 30:  # the scale fell by 2**30: the gradients overflow even unscaled
+                self._stop_if(f"the fp16 loss scaler skipped {skipped} steps in a row "
+                              "(non-finite gradients); try --mixed-precision bf16 or no")
+            self._stop_if(N.weight_problem(params, self.param_names))
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.position = stream.position.to_dict()
+            step_s = time.perf_counter() - t0
+            last = {"step": self.step, **sums, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "step_s": step_s, **times, "optimizer_s": time.perf_counter() - te,
+                    "samples_per_s": cfg.batch_size * cfg.grad_accum * self.world / step_s,
+                    "epoch": stream.position.epoch}
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                logger.log(last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", wait=f"{times['data_wait_s'] / step_s:.0%}", refresh=False)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                if self.main:
+                    self.save_checkpoint()
+                self.accelerator.wait_for_everyone()
+            if self.vset is not None and (self.step == cfg.max_steps or (
+                    cfg.validation_every and self.step % cfg.validation_every == 0)):
+                self.last_val = {"step": self.step, **self.evaluate_held_out()}
+                logger.log_validation(self.last_val)
+                if cfg.keep_best:
+                    self._keep_if_best(logger)
+            if self.main and cfg.validation_every and cfg.validation_images and (
+                    self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
+                logger.log_image("validation", self.validate(), self.step)
+            if self.world > 1 and cfg.validation_every and self.step % cfg.validation_every == 0:
+                self.accelerator.wait_for_everyone()  # the others wait while rank 0 evaluates
+        return last
+
+    def _accumulate(self, it) -> tuple[dict, dict]:
+        """Forward and backward of grad_accum micro-batches: the mean loss terms and the times spent."""
+        cfg = self.cfg
+        times = {"data_wait_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
+        with_denoise = self._needs_denoise()
+        sums = {"loss": 0.0, "denoise": 0.0 if with_denoise else None, "llm": 0.0, "prompt": 0.0}
+        for _ in range(cfg.grad_accum):
+            ta = time.perf_counter()
+            batch = self._batch_to_tensors(next(it))
+            tb = time.perf_counter()
+            with self.accelerator.autocast():
+                losses = self.loss(batch) if with_denoise else self.loss(batch, denoise=False)
+            tc = time.perf_counter()
+            self.accelerator.backward(losses["loss"] / cfg.grad_accum)
+            times["data_wait_s"] += tb - ta
+            times["forward_s"] += tc - tb
+            times["backward_s"] += time.perf_counter() - tc
+            for k in sums:
+                if sums[k] is not None:
+                    sums[k] += float(losses[k].detach()) / cfg.grad_accum
+        if self.world > 1:  # the logged terms are the global batch's means, as one process would log them
+            from surpipe.train.setup import global_means
+
+            sums = global_means(self.accelerator, sums)
+        return sums, times
+
+    def _stop_if(self, what: Optional[str]) -> None:
+        """Stop the run on a non-finite number (``what`` says where), keeping the last checkpoint."""
+        from surpipe.train.checkpoint import latest
+        from surpipe.train.setup import stopped_message
+
+        if what is not None:
+            raise SurpipeError(stopped_message(self.step + 1, what, latest(self.out / "checkpoints")))
+
+    # ------------------------------------------------------------------ checkpoints and the final adapter
+    def _modules(self) -> dict:
+        return {"adapter": self._unwrapped("adapter"), "projection": self._unwrapped("projection")}
+
+    def _refuse_nonfinite_weights(self, what: str) -> None:
+        """Never write a NaN/Inf adapter or projection: raise naming the tensors instead."""
+        from surpipe.train.numerics import listing, nonfinite_tensors
+
+        bad = nonfinite_tensors(**self._modules())
+        if bad:
+            raise SurpipeError(f"refusing to write a {what} of {self.out} at step {self.step}: non-finite "
+                               f"values in {listing(bad)}")
+
+    def save_checkpoint(self) -> Path:
+        """Adapter, projection, optimizer, LR schedule, step, RNG states and data position (atomic;
+        older checkpoints pruned to keep_checkpoints)."""
+        from surpipe.train.checkpoint import save_checkpoint
+
+        self._refuse_nonfinite_weights("checkpoint")
+        return save_checkpoint(self.out, self.step, **self._modules(), optimizer=self.optimizer,
+                               lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler, gen=self.gen,
+                               position=self.position, max_steps=self.cfg.max_steps, keep=self.cfg.keep_checkpoints)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint (a damaged one raises SurpipeError naming it and the previous one)."""
+        from surpipe.train.checkpoint import load_checkpoint
+
+        self.step, self.position = load_checkpoint(
+            path, **self._modules(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            scaler=self.accelerator.scaler, gen=self.gen, num_blocks=self.inputs.store.num_blocks,
+            block_rows=self.inputs.store.block_rows)
+        if self.main:
+            print(f"resuming {self.out} from {path.name} (step {self.step})")
+
+    def save_final(self) -> None:
+        """The final adapter in ``OUT/adapter`` (save_pretrained layout) and the projection."""
+        from surpipe.train.checkpoint import save_final
+
+        self._refuse_nonfinite_weights("final adapter")
+        if self.main:
+            save_final(self.out, **self._modules())
+        self.accelerator.wait_for_everyone()
+
+    def _keep_if_best(self, logger) -> None:
+        from surpipe.train.validation.during import keep_if_best
+
+        self._refuse_nonfinite_weights("best adapter")
+        score = keep_if_best(self.out, self.last_val, self.step, self._modules())
+        if score is not None:
+            logger.log_text(f"best held-out score {score:.5f} at step {self.step}: {self.out / 'best'}")
+
+    # ------------------------------------------------------------------ held-out validation, pictures
+    def _validation_set(self):
+        from surpipe.train.validation.during import validation_set
+
+        return validation_set(self.cfg, self.inputs, self.noise_scheduler)
+
+    def evaluate_held_out(self) -> dict:
+        """The held-out metrics (surpipe.train.validation.metrics.METRICS) of the adapter as it is now, under the
+        training autocast; draws nothing from the training random generators."""
+        from surpipe.train.validation.metrics import evaluate
+
+        if self.vset is None:
+            raise SurpipeError("no held-out rows: give --val-rows or --val-fraction")
+        with self.accelerator.autocast():
+            return evaluate(self._unwrapped("adapter"), self._unwrapped("projection"), self.unet,
+                            self.noise_scheduler, self.vset, prediction_type=self.inputs.prediction_type,
+                            min_snr_gamma=self.cfg.min_snr_gamma, prompt_target=self.cfg.prompt_target,
+                            weight_dtype=self.weight_dtype)
+
+    def validate(self) -> Path:
+        """Render the validation prompts without and with the adapter (same seeds) into a grid."""
+        from surpipe.train.validation.during import validation_grid
+
+        return validation_grid(self.cfg, self.inputs, self._unwrapped("adapter"), self.unet, self.out, self.step,
+                               self.device, self.weight_dtype)
