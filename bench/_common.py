@@ -29,6 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SAMPLE = REPO / "data" / "sample"
 
+from _results import write_result  # noqa: E402,F401  (the bench's scripts call C.write_result)
+
 # SD-like models built from configs. "tiny": surpipe.tiny defaults (CLIP 32 wide, VAE/UNet (32, 64),
 # 64 px). "mid": UNet (64, 128, 256) x 2 layers, VAE (64, 128, 256, 256) x 2 layers at 256 px,
 # CLIP 384 wide x 6 layers (SD-1.5-like block types and attention, scaled down).
@@ -288,12 +290,12 @@ def llm_pooled(prompts, layer: int = 3, seed: int = 0, size: dict | None = None)
 def real_activations(model_dir: Path, rows: int | None = None, batch: int = 8,
                      resolution: int | None = None) -> Activations:
     """CLIP last hidden states of the simple and complex prompts, VAE latent mean/std of the
-    center-cropped images and their flips (surpipe.sd.components, the encode-latents code path), LLM pooled.
+    center-cropped images and their flips (surpipe.sd, the encode-latents code path), LLM pooled.
     An SDXL folder: both encoders' embeddings and the pooled embedding (surpipe.sd.xl) and the
     micro-conditioning. ``resolution``: None for the pipeline's default."""
     import torch
 
-    from surpipe.sd import components as sd
+    from surpipe import sd
     from surpipe.sd import xl as sdxl
 
     samples = sample_rows(rows)
@@ -432,16 +434,6 @@ def _release_freed_memory() -> None:
 
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file() and not f.name.endswith(".json"))
-
-
-def write_result(d: dict, out: str, command: str, summary_rows) -> int:
-    """Record the reproducing command in ``d``, write it as JSON to ``out`` and print the summary."""
-    d["command"] = command
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(d, indent=2) + "\n")
-    for k, v in summary_rows(d):
-        print(f"{k:60s} {v}")
-    return 0
 
 
 def bench_parser(doc: str, out_help: str = "JSON file to write"):

@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import write_result  # noqa: E402
+from _results import write_result  # noqa: E402
 
 # ---------------------------------------------------------------- published configs (SD 1.5, LLaMA)
 SD15_UNET = dict(

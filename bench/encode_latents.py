@@ -6,7 +6,7 @@ Measures, for a tiny Stable Diffusion (surpipe.tiny defaults: CLIP width 32 x 2 
 at 64 px) and a mid-size one (CLIP width 512 x 6 layers, VAE (64, 128, 256, 256) at 256 px), both
 with random weights built offline:
 
-* prompts/s of the CLIP path (tokenize + text encoder, the pipeline-exact ``surpipe.sd.components.encode_prompts``)
+* prompts/s of the CLIP path (tokenize + text encoder, the pipeline-exact ``surpipe.sd.encode_prompts``)
   by batch size, on the bundled sample's complex prompts;
 * images/s of ``vae.encode(x).latent_dist`` (mean + std) by batch size, on the sample's images
   preprocessed to the model's resolution; and images/s of decoding + preprocessing alone (one process);
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
     from bench._common import host_info
     from stages.encode_latents import EncodeLatentsConfig, run
-    from surpipe.sd import components as sd
+    from surpipe import sd
     from surpipe.data import open_dataset
     from surpipe.tiny import build_tiny_sd
 

@@ -442,7 +442,7 @@ def _sd15_activations(rows: int, llm_width: int, cache: Path) -> C.Activations:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     import cost_model
-    from surpipe.sd import components as sd
+    from surpipe import sd
     from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
 
     a = cost_model.ARCHS["sd15"]

@@ -10,7 +10,7 @@ AdamW step). They differ only in where the batch comes from:
   ``TrainRecipe._batch_to_tensors`` (latent sample from the stored mean/std, flip choice);
 * online (the authors' way): decode the image files of the batch, resize + center-crop (+ random
   flip), ``vae.encode(x).latent_dist.sample() * scaling_factor``, CLIP text encoder on the simple
-  AND the complex prompts (``surpipe.sd.components``: the encode-latents code path, pipeline-exact
+  AND the complex prompts (``surpipe.sd``: the encode-latents code path, pipeline-exact
   tokenization); the LLM features come from memory, as the authors' prompt2vec dict did.
 
 Steps of the two paths alternate in rounds (noisy machine), and medians are reported. A second
@@ -114,7 +114,7 @@ def online_stepper(recipe, mdir: Path, llm: np.ndarray, batch: int, resolution: 
     the pipeline's default."""
     import torch
 
-    from surpipe.sd import components as sd
+    from surpipe import sd
     from surpipe.sd import xl as sdxl
     from surpipe.train.setup import sdxl_conditioning
 
@@ -207,7 +207,7 @@ def bench_model(kind: str, tmp: Path, cache: Path, rows, batch: int, rounds: int
         r = TrainRecipe(_cfg(store, mdir, tmp / f"{kind}-train-w{w}", kind, batch, w, train_steps))
         r.setup()
         r.train()
-        rows_ = [json.loads(line) for line in (Path(r.out) / "metrics.jsonl").read_text().splitlines()][1:]
+        rows_ = [json.loads(line) for line in r.run.metrics.read_text().splitlines()][1:]
         step = sum(m["step_s"] for m in rows_)
         wait = sum(m["data_wait_s"] for m in rows_)
         waits[str(w)] = {"steps": len(rows_), "step_s_median": round(C.median([m["step_s"] for m in rows_]), 4),

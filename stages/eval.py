@@ -28,7 +28,6 @@ folder of ``CATEGORY.txt`` files (one prompt a line).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from surpipe.errors import SurpipeError
 from surpipe.evaluation.suite import DEFAULT_SUITE
 from surpipe.evaluation.generate import DtypeName, SchedulerName, option, size_problems
 from surpipe.logs import get_logger
+from surpipe.train.run_folder import run_config
+from surpipe.train.validation import report as held_out_report
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
@@ -120,8 +121,6 @@ def run(cfg: EvalConfig) -> dict:
     if not cfg.clip_score:
         return {"held_out": held}
     if cfg.model is None:
-        from surpipe.train.validation.report import run_config
-
         cfg.model = (run_config(cfg.adapter) or {}).get("model")
         if cfg.model is None:
             raise SurpipeError("give --model: the adapter comes without its training run")
@@ -173,35 +172,24 @@ def run(cfg: EvalConfig) -> dict:
     evaluate.write_results(out, result, rows, header, note)
     if held is not None:  # beside the CLIP-score table
         with open(out / "results.md", "a", encoding="utf-8") as f:
-            f.write("\n" + _held_out_markdown(held))
+            f.write("\n" + held_out_report.markdown(held))
     cfgmod.save(cfg, out / "config.json")
     print(evaluate.markdown(table, overall, {}).split("\n\n", 1)[-1], file=sys.stderr)
     log.info(f"wrote {out / 'results.md'}, results.json, clip_scores.png")
     return result
 
 
-def _held_out_markdown(held: dict) -> str:
-    return (f"## Held-out alignment ({held['scope']}: {held['rows']} rows of {held['store']})\n\n"
-            "Lower is better for the prompt and llm terms; val/prompt_baseline is the prompt term without the "
-            "adapter, val/cos_* the cosine to the complex prompt's embedding with and without it.\n\n"
-            + held["table"])
-
-
 def _held_out(cfg: EvalConfig) -> dict:
     """The --store report: computed, printed, and written under --out when given."""
-    from surpipe.config import atomic_write_text
-    from surpipe.train.validation.report import evaluate_store
-
     t0 = time.perf_counter()
-    held = evaluate_store(cfg.store, cfg.adapter, model=cfg.model, revision=cfg.revision, device=cfg.device,
-                          batch_size=cfg.batch_size, adapter_weight=cfg.adapter_weight)
-    text = _held_out_markdown(held)
+    held = held_out_report.evaluate_store(cfg.store, cfg.adapter, model=cfg.model, revision=cfg.revision,
+                                          device=cfg.device, batch_size=cfg.batch_size,
+                                          adapter_weight=cfg.adapter_weight)
+    text = held_out_report.markdown(held)
     print(text, end="")
     if cfg.out:
         out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "held_out.md", text)
-        atomic_write_text(out / "held_out.json", json.dumps(held, indent=2) + "\n")
+        held_out_report.write(out, held)
         if not cfg.clip_score:
             from surpipe import config as cfgmod
 

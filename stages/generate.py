@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from surpipe.config import opt
-from surpipe.errors import SurpipeError
+from surpipe import config as cfgmod
+from surpipe.config import Config, opt
+from surpipe.evaluation import generate as inference
+from surpipe.evaluation import render
 from surpipe.evaluation.generate import DtypeName, SchedulerName, option, size_problems
 from surpipe.logs import get_logger
 
@@ -36,7 +38,7 @@ log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Config):
     """Settings of ``surpipe generate``. Give ``prompt`` or ``prompts_file`` (or both)."""
 
     model: str = option("model")
@@ -64,26 +66,18 @@ class GenerateConfig:
     overwrite: bool = opt(False, help="Replace the images of an earlier generate in --out (nothing else is "
                                       "deleted).", group="output")
 
-
-def _validate(cfg: GenerateConfig) -> list[str]:
-    from surpipe.config import declared_problems
-
-    p = declared_problems(cfg)
-    if not cfg.prompt and not cfg.prompts_file:
-        p.append("give --prompt TEXT or --prompts-file FILE")
-    return p + size_problems(cfg.size)
+    def problems(self) -> list[str]:
+        """Declared types and ranges, a prompt source, the image size."""
+        p = super().problems()
+        if not self.prompt and not self.prompts_file:
+            p.append("give --prompt TEXT or --prompts-file FILE")
+        return p + size_problems(self.size)
 
 
 def run(cfg: GenerateConfig) -> dict:
     """Render the prompts (and, with ``compare``, the same without the adapter); return the record
     written to ``OUT/generate.json``."""
-    from surpipe import config as cfgmod
-    from surpipe.evaluation import generate as inference
-    from surpipe.evaluation import render
-
-    problems = _validate(cfg)
-    if problems:
-        raise SurpipeError("invalid generate settings:", problems)
+    cfg.raise_problems("invalid generate settings:")
     prompts = ([cfg.prompt] if cfg.prompt else []) + (inference.read_prompts(cfg.prompts_file)
                                                       if cfg.prompts_file else [])
     items = [(p, cfg.seed + i * cfg.images_per_prompt + j)

@@ -18,9 +18,10 @@ from typing import Optional
 
 from surpipe import config as cfgmod
 from surpipe.limits import MAX_SIZES
-from surpipe.config import opt
+from surpipe.config import Config, opt
 from surpipe.errors import SurpipeError
 from surpipe.logs import get_logger
+from surpipe.safeload import file_sha256, load_torch_file, tensor_kind_problem
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
@@ -28,7 +29,7 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "adapter", "module")
 
 
 @dataclass
-class ImportOfficialConfig:
+class ImportOfficialConfig(Config):
     file: str = opt(help="The authors' released adapter state dict (.pt).", group="data", argument=True)
     out: str = opt(help="Output SURAdapter folder (config.json + model.safetensors).", group="output",
                    argument=True)
@@ -44,9 +45,7 @@ class ImportOfficialConfig:
 
 def read_official(path: str | Path) -> dict:
     """The flat {str: Tensor} state dict in the authors' .pt, or SurpipeError."""
-    import torch
-
-    from surpipe.safeload import load_torch_file, tensor_kind_problem
+    import torch  # heavy: keeps --help torch-free
 
     p = Path(path)
     obj = load_torch_file(p, "checkpoint")
@@ -74,9 +73,8 @@ def _first(items: list[str], n: int = 20) -> list[str]:
 
 
 def run(cfg: ImportOfficialConfig) -> Path:
-    import torch
+    import torch  # heavy: keeps --help torch-free (surpipe.adapter imports torch too)
 
-    from surpipe.safeload import file_sha256
     from surpipe.adapter import SURAdapter, SURAdapterConfig, check_state_dict, split_template_layer
 
     if cfg.adapter_weight is None:

@@ -9,29 +9,28 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
 from surpipe.config import opt
+from surpipe.errors import SurpipeError
+from surpipe.options import StoreAccess
+from surpipe.store import FeatureStore, describe_codecs, has_checksums
+from surpipe.store.core import ROW_ARRAYS
+from surpipe.store.location import apply_store_options
 
 
 @dataclass
-class InspectConfig:
+class InspectConfig(StoreAccess):
     store: str = opt(help="Feature store (Zarr) to describe: a folder or an fsspec URL (s3://...).", group="data", argument=True)
     full: bool = opt(False, help="Print every group's settings, arrays, codecs and provenance.", group="output")
     json: bool = opt(False, help="Print the whole description as JSON.", group="output")
-    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
-                                                    "profile, ...; credentials better from the environment).",
-                                         group="data")
 
 
 def describe(store) -> dict:
     """A JSON-ready description of ``store``: groups, arrays, completion and provenance."""
-    from surpipe.store import describe_codecs, has_checksums
-
     root = store.root
-    unchecked = [n for n in ("keys", "prompts/simple", "prompts/complex") if not has_checksums(root[n])]
+    unchecked = [n for n in ROW_ARRAYS if not has_checksums(root[n])]
     out = {
         "path": str(store.path),
         "format": root.attrs.get("surpipe_format"),
@@ -83,13 +82,8 @@ def _fmt_bytes(n) -> str:
 
 
 def run(cfg: InspectConfig) -> dict:
-    from surpipe.store.location import apply_store_options
-
+    """Describe the store (one line per group, ``--full`` or ``--json``); returns the description."""
     apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
-    from surpipe.store import FeatureStore
-
-    from surpipe.errors import SurpipeError
-
     store = FeatureStore(cfg.store)
     try:
         info = describe(store)

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Literal
 
 from surpipe import config as cfgmod
-from surpipe.config import opt
+from surpipe.config import Config, opt
 from surpipe.logs import get_logger
+from surpipe.tiny import make_tiny_models
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 @dataclass
-class TinyModelsConfig:
+class TinyModelsConfig(Config):
     out: str = opt(help="folder to write llm/, sd/, sdxl/ and clip/ into", group="output", argument=True)
     seed: int = opt(0, help="random seed of the weights (the same seed gives the same models)", group="model",
                     ge=0, lt=2**32)
@@ -34,8 +35,7 @@ class TinyModelsConfig:
 
 
 def run(cfg: TinyModelsConfig) -> Path:
-    from surpipe.tiny import make_tiny_models
-
+    """Build the tiny models into ``cfg.out``; returns that folder."""
     t0 = time.perf_counter()
     out = make_tiny_models(cfg.out, seed=cfg.seed, overwrite=cfg.overwrite, llm_tokenizer=cfg.llm_tokenizer,
                            clip=cfg.clip, sdxl=cfg.sdxl)

@@ -14,14 +14,17 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from surpipe.config import opt
+from surpipe import config as cfgmod
+from surpipe.config import Config, opt
+from surpipe.data import open_dataset
 from surpipe.data.images import DEFAULT_MAX_PIXELS
+from surpipe.data.shards import check_out_folder, write_shards
 from surpipe.data.surd import DEFAULT_COMPLEX_FIELD, DEFAULT_SIMPLE_FIELD
 from surpipe.errors import SurpipeError
 
 
 @dataclass
-class PackConfig:
+class PackConfig(Config):
     src: str = opt(help="SURD imagefolder (a folder with metadata.jsonl), or shards to repack.",
                    group="data", argument=True)
     out: str = opt(help="Output folder for the .tar shards; published in one step when complete.",
@@ -47,10 +50,6 @@ def run(cfg: PackConfig) -> dict:
 
     OUT appears complete (shards, report, config) in one step, or not at all.
     """
-    from surpipe import config as cfgmod
-    from surpipe.data import open_dataset
-    from surpipe.data.shards import check_out_folder, write_shards
-
     if cfg.samples_per_shard < 1:
         raise SurpipeError(f"--samples-per-shard must be at least 1, not {cfg.samples_per_shard}")
     src_real, out_real = os.path.realpath(cfg.src), os.path.realpath(cfg.out)

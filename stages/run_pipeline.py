@@ -10,13 +10,19 @@ models and the full SURD to run at scale: every stage's options can be set in it
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from surpipe.config import atomic_write_text, from_dict, save
 from surpipe.errors import SurpipeError
+from surpipe.tiny import build_tiny_clip, make_tiny_models
+from surpipe.train.log import validation_summary
+from surpipe.train.run_folder import RunFolder
 
 STEPS = ("make_tiny_models", "pack", "extract_llm", "encode_latents", "train", "generate", "eval")
 
@@ -45,10 +51,6 @@ class PipelineConfig:
 
 
 def _stage(module: str, cls_name: str, values: dict):
-    import importlib
-
-    from surpipe.config import from_dict
-
     mod = importlib.import_module(f"stages.{module}")
     section = module
     cfg = from_dict(getattr(mod, cls_name), values, what=f"pipeline config, section {section!r}",
@@ -75,8 +77,6 @@ class _Ledger:
         self.keys: dict[str, str] = {}
 
     def key(self, name: str, values: dict) -> str:
-        import hashlib
-
         upstream = {d: self.keys.get(d, "") for d in DEPENDS[name]}
         blob = json.dumps({"values": values, "upstream": upstream}, sort_keys=True, default=str)
         self.keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -87,8 +87,6 @@ class _Ledger:
         return isinstance(rec, dict) and rec.get("key") == self.keys.get(name)
 
     def record(self, name: str) -> None:
-        from surpipe.config import atomic_write_text
-
         self.done[name] = {"key": self.keys[name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
 
@@ -97,16 +95,8 @@ def _banner(name: str) -> None:
     print(f"\n=== surpipe run: {name} ===", flush=True)
 
 
-def run(cfg: PipelineConfig) -> dict:
-    from surpipe.config import save
-
-    unknown = [s for s in cfg.steps if s not in STEPS]
-    if unknown:
-        raise SurpipeError(f"unknown steps {unknown}; valid choices: {', '.join(STEPS)}")
-    work = Path(cfg.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    save(cfg, work / "pipeline_config.json")
-    models = work / "models"
+def _models(cfg: PipelineConfig, models: Path) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(LLM, Stable Diffusion, CLIP) the chain uses: the config's, else the tiny ones; refuses a missing one."""
     llm = cfg.llm_model or (str(models / "llm") if cfg.tiny_models else None)
     sd = cfg.sd_model or (str(models / cfg.tiny_sd) if cfg.tiny_models else None)
     clip = cfg.clip_model or (str(models / "clip") if cfg.tiny_models else None)
@@ -115,45 +105,85 @@ def run(cfg: PipelineConfig) -> dict:
         missing.append("clip_model")
     if missing:
         raise SurpipeError("the pipeline config needs " + ", ".join(missing) + " (or tiny_models: true)")
-    shards, store = work / "shards", work / "store.zarr"
-    run_dir, gen_dir, eval_dir = work / "train", work / "generate", work / "eval"
-    layer = cfg.train_layer if cfg.train_layer is not None else max(cfg.llm_layers)
-    timings: dict = {}
-    ledger = _Ledger(work / "pipeline_state.json")
-    skipped: list[str] = []
+    return llm, sd, clip
 
-    def step(name, fn, values: dict, output: Path):
-        if name not in cfg.steps:
+
+class _Steps:
+    """Runs the chain's steps: each at most once, skipped when unchanged since it finished."""
+
+    def __init__(self, cfg: PipelineConfig, work: Path):
+        self.cfg = cfg
+        self.ledger = _Ledger(work / "pipeline_state.json")
+        self.timings: dict = {}
+        self.skipped: list[str] = []
+
+    def step(self, name, fn, values: dict, output: Path):
+        if name not in self.cfg.steps:
             return
-        ledger.key(name, values)
-        if ledger.finished(name) and output.exists():
-            skipped.append(name)
+        self.ledger.key(name, values)
+        if self.ledger.finished(name) and output.exists():
+            self.skipped.append(name)
             print(f"--- {name}: unchanged since it finished ({output}); skipped", flush=True)
             return
         _banner(name)
         t0 = time.perf_counter()
         fn(values)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        ledger.record(name)
-        print(f"--- {name} done in {timings[name]}s", flush=True)
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        self.ledger.record(name)
+        print(f"--- {name} done in {self.timings[name]}s", flush=True)
+
+
+def _tiny(models: Path) -> None:
+    if all((models / m).is_dir() for m in ("llm", "sd", "sdxl", "clip")):
+        print(f"tiny models already in {models}")
+        return
+    if not all((models / m).is_dir() for m in ("llm", "sd", "sdxl")):
+        make_tiny_models(models, seed=0, overwrite=True)
+    if not (models / "clip").is_dir():
+        build_tiny_clip(models / "clip", seed=0)
+    print(f"tiny models written to {models}")
+
+
+def _stage_fn(module, cls_name):
+    return lambda values: _stage(module, cls_name, values)
+
+
+def _print_results(results: dict, timings: dict, skipped: list[str]) -> None:
+    if skipped and not timings:
+        print("\n=== surpipe run: nothing to do: every step is unchanged since it finished "
+              "(change the config, or delete a step's output, to redo it) ===")
+    else:
+        print("\n=== surpipe run: finished ===")
+    if results["held_out"]:
+        print(f"  {results['held_out']}")
+    for k in ("grid", "eval_table", "metrics", "loss_curve", "adapter", "store"):
+        v = results[k]
+        print(f"  {k:<11} {', '.join(v) if isinstance(v, list) else v}")
+    print(f"  step times  {json.dumps(timings)}")
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Run the configured steps in order (each skipped when unchanged); returns the results record."""
+    unknown = [s for s in cfg.steps if s not in STEPS]
+    if unknown:
+        raise SurpipeError(f"unknown steps {unknown}; valid choices: {', '.join(STEPS)}")
+    work = Path(cfg.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    save(cfg, work / "pipeline_config.json")
+    models = work / "models"
+    llm, sd, clip = _models(cfg, models)
+    shards, store = work / "shards", work / "store.zarr"
+    run_dir, gen_dir, eval_dir = work / "train", work / "generate", work / "eval"
+    layer = cfg.train_layer if cfg.train_layer is not None else max(cfg.llm_layers)
+    steps = _Steps(cfg, work)
+    step, stage = steps.step, _stage_fn
+    timings, skipped = steps.timings, steps.skipped
 
     def tiny(_values):
-        if all((models / m).is_dir() for m in ("llm", "sd", "sdxl", "clip")):
-            print(f"tiny models already in {models}")
-            return
-        from surpipe.tiny import build_tiny_clip, make_tiny_models
-
-        if not all((models / m).is_dir() for m in ("llm", "sd", "sdxl")):
-            make_tiny_models(models, seed=0, overwrite=True)
-        if not (models / "clip").is_dir():
-            build_tiny_clip(models / "clip", seed=0)
-        print(f"tiny models written to {models}")
+        _tiny(models)
 
     def pack(values):
         _stage("pack", "PackConfig", {**values, "overwrite": True})
-
-    def stage(module, cls_name):
-        return lambda values: _stage(module, cls_name, values)
 
     if cfg.tiny_models:
         step("make_tiny_models", tiny, {"seed": 0}, models / "clip")
@@ -166,7 +196,7 @@ def run(cfg: PipelineConfig) -> dict:
         "data": data, "store": str(store), "model": sd, "flip": True, **cfg.encode_latents}, store)
     step("train", stage("train", "TrainConfig"), {
         "store": str(store), "model": sd, "out": str(run_dir), "llm_layer": layer, **cfg.train},
-        run_dir / "adapter" / "model.safetensors")
+        RunFolder(run_dir).adapter / "model.safetensors")
     # generate/eval rewrite their own folder when rerun for a changed config or adapter
     step("generate", stage("generate", "GenerateConfig"), {
         "model": sd, "adapter": str(run_dir), "out": str(gen_dir), "compare": True, "overwrite": True,
@@ -178,35 +208,26 @@ def run(cfg: PipelineConfig) -> dict:
     results = {
         "grid": sorted(str(p) for p in gen_dir.glob("*grid*.png")),
         "eval_table": str(eval_dir / "results.md"),
-        "metrics": str(run_dir / "metrics.jsonl"),
-        "loss_curve": str(run_dir / "loss_curve.png"),
-        "adapter": str(run_dir / "adapter"),
+        "metrics": str(RunFolder(run_dir).metrics),
+        "loss_curve": str(RunFolder(run_dir).loss_curve),
+        "adapter": str(RunFolder(run_dir).adapter),
         "store": str(store),
         "timings_s": timings,
         "held_out": _held_out_line(run_dir),
     }
     (work / "pipeline_results.json").write_text(json.dumps(results, indent=2))
-    if skipped and not timings:
-        print("\n=== surpipe run: nothing to do: every step is unchanged since it finished "
-              "(change the config, or delete a step's output, to redo it) ===")
-    else:
-        print("\n=== surpipe run: finished ===")
-    if results["held_out"]:
-        print(f"  {results['held_out']}")
-    for k in ("grid", "eval_table", "metrics", "loss_curve", "adapter", "store"):
-        v = results[k]
-        print(f"  {k:<11} {', '.join(v) if isinstance(v, list) else v}")
-    print(f"  step times  {json.dumps(timings)}")
+    _print_results(results, timings, skipped)
     return results
 
 
 def _held_out_line(run_dir: Path) -> Optional[str]:
     """The training run's last held-out summary (None without a held-out split)."""
-    from surpipe.train.log import validation_summary
-
+    run = RunFolder(run_dir)
     try:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/" in line]
-        split = json.loads((run_dir / "config.json").read_text())["_surpipe"]["run"]["split"]
+        rows = [json.loads(line) for line in run.metrics.read_text().splitlines() if "val/" in line]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    split = run.recorded_split()
+    if split is None:
         return None
     return validation_summary(rows[-1], split.get("count", "?"), rows[0]) if rows else None

@@ -35,7 +35,7 @@ def run(cfg: TrainConfig) -> dict:
     except OSError as e:
         raise SurpipeError(f"cannot create run folder {recipe.out}: {e.strerror or e}; choose another --out") from None
     main = dist_env().rank == 0  # data-parallel: rank 0 holds the run folder for the job
-    lock = exclusive_lock(recipe.out / ".lock", f"run folder {recipe.out}") if main else contextlib.nullcontext()
+    lock = exclusive_lock(recipe.run.lock, f"run folder {recipe.out}") if main else contextlib.nullcontext()
     with lock:
         recipe.lock_held = main
         recipe.setup(inputs)

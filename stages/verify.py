@@ -15,31 +15,26 @@ from __future__ import annotations
 
 import json as _json
 from dataclasses import dataclass
-from typing import Optional
 
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
+from surpipe.options import StoreAccess
+from surpipe.store.location import apply_store_options
+from surpipe.store.verify import verify_store
 
 
 @dataclass
-class VerifyConfig:
+class VerifyConfig(StoreAccess):
     store: str = opt(help="Feature store (Zarr) to check: a folder or an fsspec URL (s3://...).", group="data", argument=True)
     repair: bool = opt(False, help="Mark damaged blocks incomplete (done=false) so rerunning the stage "
                        "redoes only them; recomputes nothing.", group="running")
     json: bool = opt(False, help="Print the report as JSON.", group="output")
-    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
-                                                    "profile, ...; credentials better from the environment).",
-                                         group="data")
 
 
 def run(cfg: VerifyConfig) -> dict:
     """Verify (and with ``repair`` mark damaged blocks incomplete); raise SurpipeError listing every
     problem left, so the CLI exits 1. Returns the report as a dict."""
-    from surpipe.store.location import apply_store_options
-
     apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
-    from surpipe.store.verify import verify_store
-
     rep = verify_store(cfg.store, repair=cfg.repair)
     out = rep.to_dict()
     if cfg.json:

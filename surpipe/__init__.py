@@ -5,8 +5,8 @@ Heavy modules (torch, diffusers, transformers) load lazily so ``import surpipe``
 """
 
 from surpipe.errors import SurpipeError
+from surpipe.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["SURAdapter", "SurpipeError", "__version__"]
 
 

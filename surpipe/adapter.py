@@ -58,6 +58,7 @@ from surpipe.config import from_dict, opt, read_json_object
 from surpipe.errors import SurpipeError
 # Largest sizes a config may ask for (SD text encoders are 768-4096 wide); checked before allocating.
 from surpipe.limits import MAX_PARAMETERS, MAX_SIZES  # torch-free home, for CLI ranges
+from surpipe.version import __version__
 
 TOKEN_MIXING = ("sequence", "tokenwise")
 
@@ -296,8 +297,6 @@ class SURAdapter(nn.Module, ModelHubMixin, library_name="surpipe", paper_url="ht
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
-
-        from surpipe import __version__
 
         out = Path(save_directory)
         cfg = dataclasses.asdict(self.config)

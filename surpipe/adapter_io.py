@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from surpipe.errors import SurpipeError, first_line
+from surpipe.train.run_layout import ADAPTER, has_run_parts  # the run-folder names: a torch-free leaf
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -60,11 +61,6 @@ def split_template_layer(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     return {k: v for k, v in state_dict.items() if k not in extra}, sorted(extra)
 
 
-def has_run_parts(folder: Path) -> bool:
-    """Whether ``folder`` holds what a training run writes (adapter/, checkpoints/, metrics.jsonl)."""
-    return (folder / "adapter").exists() or (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()
-
-
 def resolve_adapter_dir(path: Union[str, os.PathLike], **hub_kwargs) -> Path:
     """A training run folder (its ``adapter/`` subfolder), an adapter folder or a hub id
     ``owner/name`` (its cached snapshot, downloaded when needed) -> the adapter folder.
@@ -86,8 +82,8 @@ def resolve_adapter_dir(path: Union[str, os.PathLike], **hub_kwargs) -> Path:
         raise SurpipeError(f"{p} is not a folder: give a training run folder or an adapter folder "
                            f"({CONFIG_NAME} + {WEIGHTS_NAME}); for the authors' .pt run "
                            f"`surpipe import-official` first")
-    if (p / "adapter" / WEIGHTS_NAME).is_file():
-        return p / "adapter"
+    if (p / ADAPTER / WEIGHTS_NAME).is_file():
+        return p / ADAPTER
     if (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
         return p  # an adapter folder (from_pretrained names what it lacks)
     hint = " (a training run without a finished adapter/: run or resume `surpipe train`)" if has_run_parts(p) else ""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from surpipe.errors import SurpipeError
+from surpipe.version import __version__
 
 T = TypeVar("T")
 
@@ -302,6 +303,21 @@ def declared_problems(cfg: Any) -> list[str]:
     return []
 
 
+class Config:
+    """Base of every command's config: :meth:`problems` lists every problem at once, before any work."""
+
+    def problems(self) -> list[str]:
+        """Types, finiteness and declared ranges of every field; subclasses add the checks that
+        involve several options (``super().problems() + [...]``)."""
+        return declared_problems(self)
+
+    def raise_problems(self, what: str) -> None:
+        """One SurpipeError listing every problem (``what``: "invalid train options:"), if any."""
+        problems = self.problems()
+        if problems:
+            raise SurpipeError(what, problems)
+
+
 def load(cls: type[T], path: str | os.PathLike, overrides: dict | None = None, what: str | None = None,
          label=None) -> T:
     """Load config ``cls`` from a JSON file, then apply ``overrides`` (non-None values)."""
@@ -350,7 +366,7 @@ def atomic_path(path: str | os.PathLike):
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`); a path on object
-    storage (surpipe.store.location.RemotePath, e.g. a store's saved configs) in one PUT."""
+    storage (surpipe.store.remote.RemotePath, e.g. a store's saved configs) in one PUT."""
     if hasattr(path, "write_text") and hasattr(path, "protocol"):
         path.write_text(text)
         return
@@ -360,8 +376,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def save(cfg: Any, path: str | os.PathLike, extra: dict | None = None) -> None:
     """Write ``cfg`` as JSON (atomically), so the same run can be repeated from the file."""
-    from surpipe import __version__
-
     data = to_dict(cfg)
     data["_surpipe"] = {"version": __version__, "config": type(cfg).__name__, **(extra or {})}
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

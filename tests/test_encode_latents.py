@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stages.cli import main as cli_main  # noqa: E402
 from stages.encode_latents import EncodeLatentsConfig, run  # noqa: E402
-from surpipe.sd import components as sd
+from surpipe import sd
 from surpipe.errors import SurpipeError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_sd2_like_width_is_read_from_config(surd, encoded, tmp_path):
 
 
 def _independent_crop(img: Image.Image, res: int) -> np.ndarray:
-    """Resize shorter side + center crop, computed independently of surpipe.sd.components (torchvision's rules:
+    """Resize shorter side + center crop, computed independently of surpipe.sd (torchvision's rules:
     long side truncated, offsets rounded half to even) and returned as float32 CHW in [-1, 1]."""
     w, h = img.size
     scale = res / min(w, h)

@@ -277,9 +277,9 @@ def _read_only(monkeypatch, folder: Path):
 
 
 def _no_model_loads(monkeypatch):
-    import stages.import_prompt2vec as ip
+    import surpipe.llm.prompt2vec as ip
     from surpipe import llm
-    from surpipe.sd import components as sd
+    from surpipe import sd
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the store was found read-only")

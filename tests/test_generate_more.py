@@ -131,7 +131,8 @@ def test_grid_note_is_drawn_in_red_above_the_headers():
 
 
 def test_tiny_model_note_reads_the_marker(tiny_models, tiny_clip, tmp_path):
-    from surpipe.evaluation.render import TINY_MARKER, tiny_model_note
+    from surpipe.evaluation.render import tiny_model_note
+    from surpipe.tiny import TINY_MARKER
 
     assert (tiny_models / "sd" / TINY_MARKER).is_file() and (tiny_clip / TINY_MARKER).is_file()
     real = tmp_path / "real-sd"

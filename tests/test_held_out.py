@@ -183,7 +183,7 @@ def test_eval_store_after_growth_leaves_the_training_rows_out(tiny_models, tmp_p
     assert rc == 0, err
     held_keys = set()
     keys48 = FeatureStore(store).keys()
-    from surpipe.train.validation.metrics import held_out_rows
+    from surpipe.train.validation.split import held_out_rows
 
     held_keys = {str(k) for k in keys48[held_out_rows(keys48, fraction=0.25, seed=0)]}
     stage_one(src)  # grows the store to 64 rows

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from surpipe import hub, llm
-from surpipe.sd import components as sd
+from surpipe import sd
 
 
 def test_one_home_for_each_rule():

@@ -250,7 +250,7 @@ def _pause(lease):
 def test_fencing_after_takeover(where, monkeypatch):
     fs, folder, _ = where
     path = f"{folder}/llm__x.rank0"
-    import surpipe.store.lease as lease_mod
+    import surpipe.store.lease_records as lease_mod
 
     old = Lease(fs, path, "w", ttl_s=1.0)
     old.acquire()

@@ -45,7 +45,7 @@ def test_one_dtype_resolver():
     with pytest.raises(SurpipeError, match="unknown dtype"):
         devices.torch_dtype("int8")
     from surpipe import llm
-    from surpipe.sd import components as sd
+    from surpipe import sd
 
     assert not hasattr(llm, "resolve_dtype") and not hasattr(sd, "DTYPES")
 

@@ -14,7 +14,7 @@ from tests.test_train import _args, make_store
 
 def test_check_pipeline_class_families(tiny_models, tmp_path):
     from surpipe.errors import SurpipeError
-    from surpipe.sd.components import check_pipeline_class
+    from surpipe.sd import check_pipeline_class
 
     sd, sdxl = str(tiny_models / "sd"), str(tiny_models / "sdxl")
     assert check_pipeline_class(sd) == "sd" and check_pipeline_class(sd, accept=("sd", "sdxl")) == "sd"

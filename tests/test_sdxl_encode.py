@@ -92,7 +92,7 @@ def test_micro_conditioning_and_latents(encoded, surd, tiny_models):
     import torch
     from diffusers import AutoencoderKL
 
-    from surpipe.sd.components import preprocess
+    from surpipe.sd import preprocess
 
     store, _ = encoded
     g = _zarr(store)["vae/sdxl-64"]
@@ -118,7 +118,7 @@ def test_micro_conditioning_and_latents(encoded, surd, tiny_models):
 
 def test_vae_option_replaces_the_vae_and_is_recorded(encoded, surd, tiny_models, tmp_path):
     from surpipe.errors import SurpipeError
-    from surpipe.sd.components import vae_subfolder
+    from surpipe.sd import vae_subfolder
     from surpipe.tiny import build_tiny_sdxl
 
     store, _ = encoded

@@ -246,7 +246,7 @@ def test_sdxl_pipeline_is_refused_by_name(sdxl_dir, surd, tmp_path):
 
 def test_pipeline_check_function(sdxl_dir, tiny_models, tmp_path):
     from surpipe.errors import SurpipeError
-    from surpipe.sd.components import check_pipeline_class
+    from surpipe.sd import check_pipeline_class
 
     check_pipeline_class(str(tiny_models / "sd"))  # SD 1.x/2.x passes
     with pytest.raises(SurpipeError, match="SDXL is not supported yet"):

@@ -1,4 +1,4 @@
-"""Store creation and matching as one explicit step (surpipe.store.rows / .opening): exception
+"""Store creation and matching as one explicit step (surpipe.store.feature_store / .opening): exception
 classes instead of error strings, matching by keys and prompts without decoding images, the
 image check of the rows encode-latents reads; lock files and saved configs beside the store, so
 plain zarr reads a finished store without warnings; the one device/dtype resolver."""

@@ -355,7 +355,7 @@ def test_a_half_built_remote_store_is_never_read_and_is_rebuilt(s3_server, s3_bu
     built over."""
     from surpipe.errors import SurpipeError
     from surpipe.store import FeatureStore
-    from surpipe.store.rows import _build, building_marker
+    from surpipe.store.creation import _build, building_marker
     from surpipe.store.location import store_path
 
     url = f"{s3_bucket}/h.zarr"

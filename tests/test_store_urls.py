@@ -313,7 +313,7 @@ def test_no_message_shows_a_storage_option_value(s3_env, s3_bucket, tmp_path, mo
 
 
 def test_a_library_message_that_echoes_a_secret_is_blanked():
-    from surpipe.store.location import RemotePath, remote_failure
+    from surpipe.store.remote import RemotePath, remote_failure
 
     where = RemotePath("s3", "b/s.zarr", {"secret": "SecretValue02", "endpoint_url": "http://127.0.0.1:9"})
     msg = str(remote_failure(RuntimeError("bad signature for SecretValue02\non the second line"), where))
@@ -377,7 +377,7 @@ def test_a_silent_endpoint_fails_within_the_timeouts_naming_endpoint_and_timeout
 
 
 def test_s3_timeouts_and_retries_are_bounded_by_default(monkeypatch):
-    from surpipe.store.location import filesystem, s3_settings
+    from surpipe.store.remote import filesystem, s3_settings
 
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)

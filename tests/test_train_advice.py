@@ -192,7 +192,7 @@ def test_the_global_batch_is_the_identity_not_its_split(store, tiny_models, tmp_
 def test_resume_advice_for_a_global_batch_these_processes_do_not_divide(tmp_path):
     """The suggested options give the run's global batch on the processes of this run, or say to
     use one process when they cannot."""
-    from surpipe.train.run_folder import batch_problem
+    from surpipe.train.identity import batch_problem
     from surpipe.train.config import TrainConfig
 
     def advice(then: tuple, now: tuple, world: int):

@@ -124,7 +124,7 @@ def test_resume_on_a_group_rewritten_with_other_settings_is_refused(run_copy, ti
 def test_resume_when_the_auto_picked_group_changed_is_refused(run_copy, tiny_models, capsys):
     """The first run auto-picked clip/sd (the only one); a group encoded later with --model's own
     text encoder is what the pick finds now: a different group, refused."""
-    from surpipe.sd import components as sd
+    from surpipe import sd
 
     store, out = run_copy
     te = sd.load_text_encoder(str(tiny_models / "sd"))
@@ -371,7 +371,7 @@ def two_models(tiny_models, tmp_path_factory):
     """The tiny SD model and a copy whose text encoder has other weights (same config)."""
     from safetensors.torch import load_file, save_file
 
-    from surpipe.sd import components as sd
+    from surpipe import sd
 
     other = tmp_path_factory.mktemp("other") / "sd-b"
     shutil.copytree(tiny_models / "sd", other)

@@ -53,7 +53,7 @@ def _stream_rows(reader, keep, batches, batch_size=3, position=None, seed=5):
 def test_stream_never_reads_held_out_rows_and_keeps_the_old_order(train_store):
     from surpipe.store import FeatureStore
     from surpipe.train.data import BlockReader
-    from surpipe.train.validation.metrics import held_out_rows
+    from surpipe.train.validation.split import held_out_rows
 
     reader = BlockReader(str(train_store), _groups(train_store), 8)
     keys = FeatureStore(train_store).keys()
@@ -105,7 +105,8 @@ def test_validation_rows_logged_split_recorded_resume_refused_and_reproducible(t
     from surpipe.train.config import TrainConfig
     from surpipe.train.recipe import TrainRecipe
     from surpipe.store import FeatureStore
-    from surpipe.train.validation.metrics import METRICS, held_out_rows, split_record
+    from surpipe.train.validation.metrics import METRICS
+    from surpipe.train.validation.split import held_out_rows, split_record
 
     # --validation-every also renders the picture grid (minutes on CPU), not what is tested here
     monkeypatch.setattr(TrainRecipe, "validate", lambda self: self.out / "grid.png")

@@ -14,9 +14,9 @@ from surpipe.adapter import SURAdapter
 from surpipe.errors import SurpipeError
 from surpipe.store import ArraySpec, FeatureStore
 from surpipe.train.groups import StoreGroups
-from surpipe.train.validation.metrics import (ValidationSet, check_same_split, evaluate, evaluate_rows, held_out_rows,
-                                load_rows, markdown_table, per_category, selection_score, split_record,
-                                training_rows)
+from surpipe.train.validation.metrics import (ValidationSet, evaluate, evaluate_rows, load_rows, markdown_table,
+                                              per_category, selection_score)
+from surpipe.train.validation.split import check_same_split, held_out_rows, split_record, training_rows
 
 GROUPS = StoreGroups("llm/tiny", 3, "clip/sd", "vae/sd-16", False)
 LAT = (4, 8, 8)

@@ -8,6 +8,7 @@ from other fields. ``Sample.category`` is the optional metadata ``category`` (``
 from surpipe.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb, to_rgb
 from surpipe.data.surd import (DEFAULT_CATEGORY_FIELD, DEFAULT_COMPLEX_FIELD, DEFAULT_SIMPLE_FIELD, Sample,
                                ScanReport, SurdDataset, base_key, is_blank_prompt, open_dataset)
+from surpipe.data.shards import write_shards  # webdataset loads only when shards are written
 
 __all__ = [
     "DEFAULT_CATEGORY_FIELD",
@@ -26,10 +27,3 @@ __all__ = [
     "write_shards",
 ]
 
-
-def __getattr__(name: str):
-    if name == "write_shards":  # imports webdataset, which is slower; only pack needs it
-        from surpipe.data.shards import write_shards
-
-        return write_shards
-    raise AttributeError(f"module 'surpipe.data' has no attribute {name!r}")

@@ -4,6 +4,7 @@ store row order, with a bad image or a dead or stalled worker reported as a Surp
 from __future__ import annotations
 
 from surpipe.errors import SurpipeError, first_line
+from surpipe.sd.image import preprocess
 
 
 class ImageRows:
@@ -21,8 +22,6 @@ class ImageRows:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from surpipe.sd.components import preprocess
-
         s = self.samples[i]
         try:
             img = s.image()
@@ -33,7 +32,7 @@ class ImageRows:
 
 
 def collate_images(items):
-    import torch
+    import torch  # heavy: keeps --help torch-free
 
     idx = [i for i, *_ in items]
     errs = [(i, e) for i, _, e, _ in items if e is not None]
@@ -66,7 +65,7 @@ class BlockFeeder:
 
     def __init__(self, samples, store, blocks: list[int], resolution: int, batch_size: int, workers: int,
                  pin_memory: bool = False, timeout: float = 0):
-        import torch
+        import torch  # heavy: keeps --help torch-free
         from torch.utils.data import DataLoader
 
         self.samples = samples

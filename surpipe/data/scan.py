@@ -91,83 +91,99 @@ def _tar_end_problem(fh: BinaryIO, end: int, size: int) -> tuple[str, str] | Non
     return None
 
 
+def _shard_groups(fh: BinaryIO, size: int) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo], str]],
+                                                     tuple[str, str] | None, str | None]:
+    """(samples, shard problem, why unreadable) of an open tar shard of ``size`` bytes. A sample is
+    (webdataset key, {extension: member}, why it is cut off by the end of the file or "")."""
+    groups: list[tuple[str, dict[str, tarfile.TarInfo], str]] = []
+    problem = None
+    end = 0
+    try:
+        with tarfile.open(fileobj=fh, mode="r:") as tf:
+            for m in tf:  # streams headers only
+                end = tf.offset  # where the next header starts: the end of this member
+                if not m.isfile():
+                    continue
+                split = _split_member(m.name)
+                if split is None:
+                    continue
+                k, ext = split
+                if not groups or groups[-1][0] != k:
+                    groups.append((k, {}, ""))
+                groups[-1][1].setdefault(ext.lower(), m)
+                if m.offset_data + m.size > size:
+                    groups[-1] = (k, groups[-1][1], f"member {printable(m.name)!r} is cut off by the end "
+                                                    f"of the file at byte {size}")
+            end = tf.offset
+        problem = _tar_end_problem(fh, end, size)
+        if problem is not None and groups and not groups[-1][2]:
+            k, members, _ = groups[-1]
+            if "json" not in members or not any(e in IMAGE_EXTENSIONS for e in members):
+                where = "ends" if problem[0] == "truncated shard" else "is damaged"
+                groups[-1] = (k, members, f"the shard {where} inside this sample (members of it are missing)")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if not groups:
+            return groups, None, f"not a readable uncompressed .tar shard: {e}"
+        if any(g[2] for g in groups):
+            problem = _tar_end_problem(fh, size + 1, size)
+        else:
+            problem = ("damaged shard", f"unreadable after {len(groups)} samples: {e}")
+    return groups, problem, None
+
+
+def _shard_sample(fh: BinaryIO, shard: str, wkey: str, members: dict[str, tarfile.TarInfo], cut: str,
+                  fields: Fields, seen: set[str], keys: KeyMaker, max_pixels: int) -> Sample:
+    """The sample of one webdataset key of a shard; BadRow when it cannot be used."""
+    if lone_surrogate(wkey) is not None:
+        raise BadRow("invalid UTF-8 member name", printable(wkey))
+    if cut:
+        raise BadRow("truncated shard", cut)
+    jm = members.get("json")
+    if jm is None:
+        raise BadRow("missing .json member")
+    img_ext = next((e for e in members if e in IMAGE_EXTENSIONS), None)
+    if img_ext is None:
+        raise BadRow("missing image member")
+    im = members[img_ext]
+    fh.seek(jm.offset_data)
+    try:
+        obj = json.loads(fh.read(jm.size).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRow("malformed JSON", str(e)) from None
+    simple, complex_ = check_fields(obj, fields, file_name=False)
+    if wkey in seen:
+        raise BadRow("duplicate key", printable(wkey))
+    seen.add(wkey)
+    return Sample(keys(wkey), simple, complex_, im.name, os.path.abspath(shard), im.offset_data, im.size,
+                  max_pixels, category=read_category(obj, fields))
+
+
 def scan_shards(shards: list[str], report: ScanReport, max_pixels: int, fields: Fields) -> list[Row]:
+    """One row per webdataset sample of the tar ``shards`` (headers streamed, JSON read); bad samples
+    are rows with ``bad`` set, unreadable, cut or damaged shards are reported skips."""
     rows: list[Row] = []
     keys = KeyMaker()
     seen: set[str] = set()
     index = 0
     for shard in shards:
         sname = printable(os.path.basename(shard))
-        # (webdataset key, {extension: member}, why the sample is cut off by the end of the file)
-        groups: list[tuple[str, dict[str, tarfile.TarInfo], str]] = []
-        problem = None
         try:
             fh = open(shard, "rb")
         except OSError as e:
             report.skip(index, sname, "unreadable shard", str(e))
             continue
         with fh:
-            size = os.fstat(fh.fileno()).st_size
-            end = 0
-            try:
-                with tarfile.open(fileobj=fh, mode="r:") as tf:
-                    for m in tf:  # streams headers only
-                        end = tf.offset  # where the next header starts: the end of this member
-                        if not m.isfile():
-                            continue
-                        split = _split_member(m.name)
-                        if split is None:
-                            continue
-                        k, ext = split
-                        if not groups or groups[-1][0] != k:
-                            groups.append((k, {}, ""))
-                        groups[-1][1].setdefault(ext.lower(), m)
-                        if m.offset_data + m.size > size:
-                            groups[-1] = (k, groups[-1][1], f"member {printable(m.name)!r} is cut off by the end "
-                                                            f"of the file at byte {size}")
-                    end = tf.offset
-                problem = _tar_end_problem(fh, end, size)
-                if problem is not None and groups and not groups[-1][2]:
-                    k, members, _ = groups[-1]
-                    if "json" not in members or not any(e in IMAGE_EXTENSIONS for e in members):
-                        where = "ends" if problem[0] == "truncated shard" else "is damaged"
-                        groups[-1] = (k, members, f"the shard {where} inside this sample (members of it are missing)")
-            except (tarfile.TarError, OSError, EOFError) as e:
-                if not groups:
-                    report.skip(index, sname, "unreadable shard", f"not a readable uncompressed .tar shard: {e}")
-                    continue
-                if any(g[2] for g in groups):
-                    problem = _tar_end_problem(fh, size + 1, size)
-                else:
-                    problem = ("damaged shard", f"unreadable after {len(groups)} samples: {e}")
+            groups, problem, unreadable = _shard_groups(fh, os.fstat(fh.fileno()).st_size)
+            if unreadable is not None:
+                report.skip(index, sname, "unreadable shard", unreadable)
+                continue
             for wkey, members, cut in groups:
                 report.rows_read += 1
                 row = Row(index, f"{sname}:{printable(wkey)}")
                 rows.append(row)
                 index += 1
                 try:
-                    if lone_surrogate(wkey) is not None:
-                        raise BadRow("invalid UTF-8 member name", printable(wkey))
-                    if cut:
-                        raise BadRow("truncated shard", cut)
-                    jm = members.get("json")
-                    if jm is None:
-                        raise BadRow("missing .json member")
-                    img_ext = next((e for e in members if e in IMAGE_EXTENSIONS), None)
-                    if img_ext is None:
-                        raise BadRow("missing image member")
-                    im = members[img_ext]
-                    fh.seek(jm.offset_data)
-                    try:
-                        obj = json.loads(fh.read(jm.size).decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        raise BadRow("malformed JSON", str(e)) from None
-                    simple, complex_ = check_fields(obj, fields, file_name=False)
-                    if wkey in seen:
-                        raise BadRow("duplicate key", printable(wkey))
-                    seen.add(wkey)
-                    row.sample = Sample(keys(wkey), simple, complex_, im.name, os.path.abspath(shard),
-                                        im.offset_data, im.size, max_pixels, category=read_category(obj, fields))
+                    row.sample = _shard_sample(fh, shard, wkey, members, cut, fields, seen, keys, max_pixels)
                 except BadRow as b:
                     row.bad = b
             if problem is not None:

@@ -8,6 +8,8 @@ Members carry mtime 0 and fixed owners, so the same input gives byte-identical s
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import posixpath
@@ -19,6 +21,7 @@ from surpipe.data.images import FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, ImageProble
 from surpipe.data.rows import DEFAULT_CATEGORY_FIELD
 from surpipe.data.surd import Sample, SurdDataset
 from surpipe.errors import SurpipeError
+from surpipe.progress import progress_bar
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -89,9 +92,6 @@ def _clean_stale_tmp(out: str) -> None:
 
 def _exchange(a: str, b: str) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    import ctypes
-    import errno
-
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -133,8 +133,6 @@ def publish_folder(tmp: str, out: str, overwrite: bool) -> None:
     """Move the finished folder ``tmp`` to ``out`` in one step: a rename when ``out`` is absent or
     empty, an atomic exchange with a previous pack (``overwrite``), which is then deleted. (Folders,
     so not surpipe.config.atomic_path, which publishes one file.)"""
-    import errno
-
     try:
         os.rename(tmp, out)
         return
@@ -172,8 +170,7 @@ def write_shards(dataset: SurdDataset, out: str, *, samples_per_shard: int = 100
     killed or failed pack never leaves a folder that looks finished, and a previous pack stays
     whole until it is replaced. A failure to write (a full disk) raises SurpipeError.
     """
-    import webdataset as wds
-    from surpipe.progress import progress_bar
+    import webdataset as wds  # heavy: only pack writes shards
 
     if samples_per_shard < 1:
         raise SurpipeError(f"samples_per_shard must be at least 1, not {samples_per_shard}")

@@ -22,6 +22,7 @@ from surpipe.data.rows import (DEFAULT_CATEGORY_FIELD, DEFAULT_COMPLEX_FIELD, DE
                                Fields, Row, Sample, ScanReport, base_key, is_blank_prompt)
 from surpipe.data.scan import scan_imagefolder, scan_shards
 from surpipe.errors import SurpipeError
+from surpipe.progress import progress_bar
 
 __all__ = ["DEFAULT_CATEGORY_FIELD", "DEFAULT_COMPLEX_FIELD", "DEFAULT_SIMPLE_FIELD", "CheckImages", "Sample",
            "ScanReport", "SurdDataset", "base_key", "is_blank_prompt", "open_dataset"]
@@ -79,7 +80,7 @@ def _resolve(path: str) -> tuple[str, str, list[str]]:
     """-> (kind, root_or_source, shard list)."""
     p = os.fspath(path)
     if "{" in p and "}" in p and not os.path.exists(p):
-        from braceexpand import braceexpand
+        from braceexpand import braceexpand  # webdataset's dependency, not ours: only patterns need it
 
         shards = list(braceexpand(p))
         missing = [s for s in shards if not os.path.isfile(s)]
@@ -103,6 +104,59 @@ def _resolve(path: str) -> tuple[str, str, list[str]]:
     raise SurpipeError(f"{p} is not a SURD imagefolder, a .tar shard, a folder of shards or a brace pattern")
 
 
+def _check_arguments(check_images: str, max_pixels: int, simple_field: str, complex_field: str,
+                     category_field: str) -> Fields:
+    """Refuse bad open_dataset arguments; returns the metadata fields to read."""
+    if check_images not in ("full", "header", "none"):
+        raise SurpipeError(f"check_images must be 'full', 'header' or 'none', not {check_images!r}")
+    if max_pixels < 1:
+        raise SurpipeError(f"max_pixels must be positive, not {max_pixels}")
+    for flag, name in (("--simple-field", simple_field), ("--complex-field", complex_field),
+                       ("--category-field", category_field)):
+        if not isinstance(name, str) or not name.strip():
+            raise SurpipeError(f"{flag} must name a metadata field, not {name!r}")
+    return Fields(simple_field, complex_field, category_field)
+
+
+def _usable_samples(rows: list[Row], report: ScanReport, check_images: str, progress: bool, strict: bool,
+                    where: str) -> list[Sample]:
+    """The samples of the good rows, their images checked in threads (``check_images``); bad rows are
+    counted skips (with ``strict`` the first raises, ``where`` starting its message)."""
+    candidates = [r for r in rows if r.sample is not None]
+    results: Iterator[ImageProblem | None]
+    pool = None
+    bar = None
+    if check_images != "none" and candidates:
+        pool = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)))
+        results = pool.map(lambda r: _check_one(r.sample, check_images), candidates)
+        bar = progress_bar(total=len(candidates), desc=f"checking images ({check_images})", unit="img",
+                           disable=not progress, leave=False)
+    else:
+        results = iter([None] * len(candidates))
+    samples: list[Sample] = []
+    try:
+        for row in rows:
+            if row.sample is not None:
+                problem = next(results)
+                if bar is not None:
+                    bar.update(1)
+                if problem is not None:
+                    row.bad = BadRow(problem.reason, problem.detail)
+            if row.bad is not None:
+                if strict:
+                    reason = f"{row.bad.reason}: {row.bad.detail}" if row.bad.detail else row.bad.reason
+                    raise SurpipeError(f"{where} {row.line} ({row.where}): {reason}")
+                report.skip(row.line, row.where, row.bad.reason, row.bad.detail)
+            else:
+                samples.append(row.sample)
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return samples
+
+
 def open_dataset(
     path: str,
     *,
@@ -124,15 +178,7 @@ def open_dataset(
     label (``Sample.category``; missing, null or blank gives None, never a bad row). A shard that
     is cut short or damaged is reported like a bad row.
     """
-    if check_images not in ("full", "header", "none"):
-        raise SurpipeError(f"check_images must be 'full', 'header' or 'none', not {check_images!r}")
-    if max_pixels < 1:
-        raise SurpipeError(f"max_pixels must be positive, not {max_pixels}")
-    for flag, name in (("--simple-field", simple_field), ("--complex-field", complex_field),
-                       ("--category-field", category_field)):
-        if not isinstance(name, str) or not name.strip():
-            raise SurpipeError(f"{flag} must name a metadata field, not {name!r}")
-    fields = Fields(simple_field, complex_field, category_field)
+    fields = _check_arguments(check_images, max_pixels, simple_field, complex_field, category_field)
     kind, source, shards = _resolve(os.fspath(path))
     report = ScanReport(source=str(source), kind=kind)
     if kind == "imagefolder":
@@ -140,10 +186,6 @@ def open_dataset(
     else:
         rows = scan_shards(shards, report, max_pixels, fields)
     unit = "line" if kind == "imagefolder" else "sample"
-
-    def fail(row: Row, reason: str):
-        raise SurpipeError(f"{source}: {unit} {row.line} ({row.where}): {reason}")
-
     if strict:
         if report.skipped:  # a truncated or unreadable shard
             line, where, reason = report.skipped[0]
@@ -151,40 +193,7 @@ def open_dataset(
         first_bad = next((r for r in rows if r.bad is not None), None)
         if first_bad is not None:  # only images before it need checking
             rows = rows[: rows.index(first_bad) + 1]
-
-    candidates = [r for r in rows if r.sample is not None]
-    results: Iterator[ImageProblem | None]
-    pool = None
-    bar = None
-    if check_images != "none" and candidates:
-        from surpipe.progress import progress_bar
-
-        pool = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)))
-        results = pool.map(lambda r: _check_one(r.sample, check_images), candidates)
-        bar = progress_bar(total=len(candidates), desc=f"checking images ({check_images})", unit="img",
-                           disable=not progress, leave=False)
-    else:
-        results = iter([None] * len(candidates))
-    samples: list[Sample] = []
-    try:
-        for row in rows:
-            if row.sample is not None:
-                problem = next(results)
-                if bar is not None:
-                    bar.update(1)
-                if problem is not None:
-                    row.bad = BadRow(problem.reason, problem.detail)
-            if row.bad is not None:
-                if strict:
-                    fail(row, f"{row.bad.reason}: {row.bad.detail}" if row.bad.detail else row.bad.reason)
-                report.skip(row.line, row.where, row.bad.reason, row.bad.detail)
-            else:
-                samples.append(row.sample)
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    samples = _usable_samples(rows, report, check_images, progress, strict, f"{source}: {unit}")
     report.kept = len(samples)
     report.skipped.sort(key=lambda t: t[0])  # shard-level problems among the rows, in dataset order
     if not samples:

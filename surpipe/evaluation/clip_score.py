@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from PIL import Image
+
+from surpipe.config import read_json_object
 from surpipe.errors import SurpipeError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,9 +50,7 @@ class Preprocess:
     @classmethod
     def from_config(cls, cfg: dict | None, image_size: int, source: str = "preprocessor_config.json") -> "Preprocess":
         """From a ``preprocessor_config.json`` dict (``None``: CLIP defaults at ``image_size``)."""
-        from transformers import CLIPImageProcessorPil
-
-        from PIL import Image
+        from transformers import CLIPImageProcessorPil  # heavy: keeps --help torch-free
 
         if not cfg:
             return cls(CLIPImageProcessorPil(size={"shortest_edge": image_size},
@@ -65,10 +69,8 @@ class Preprocess:
                 "do_resize": bool(p.do_resize), "do_center_crop": bool(p.do_center_crop),
                 "do_normalize": bool(p.do_normalize), "source": self.source}
 
-    def __call__(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
+    def __call__(self, images: Sequence) -> "torch.Tensor":
         """PIL images (or HWC uint8 arrays) -> float32 tensor [N, 3, crop_height, crop_width]."""
-        from PIL import Image
-
         # PIL's own RGB conversion first: transformers would composite RGBA onto white, which
         # changes the scores of transparent images from what surpipe has always computed.
         images = [im.convert("RGB") if isinstance(im, Image.Image) else im for im in images]
@@ -77,8 +79,6 @@ class Preprocess:
 
 def _read_preprocessor_config(model: str, revision: str | None) -> tuple[dict | None, str]:
     """(the model's preprocessor_config.json, where it was read); (None, why) when it has none."""
-    from surpipe.config import read_json_object
-
     local = Path(model).expanduser()
     if local.is_dir():
         p = local / "preprocessor_config.json"
@@ -86,7 +86,7 @@ def _read_preprocessor_config(model: str, revision: str | None) -> tuple[dict | 
             return None, "CLIP defaults (no preprocessor_config.json)"
     else:
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # heavy (its HTTP stack): only hub ids need it
 
             p = Path(hf_hub_download(model, "preprocessor_config.json", revision=revision))
         except Exception:
@@ -98,7 +98,7 @@ class CLIPScorer:
     """``CLIPScorer(model).score(images, texts)`` -> one CLIP score per (image, text) pair."""
 
     def __init__(self, model: str, *, revision: str | None = None, device="cpu", batch_size: int = 32):
-        import torch
+        import torch  # heavy: keeps --help torch-free
         from transformers import AutoTokenizer, CLIPModel
 
         local = Path(model).expanduser()
@@ -120,9 +120,9 @@ class CLIPScorer:
         self.preprocess = Preprocess.from_config(cfg, self.model.config.vision_config.image_size, source)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
 
-    def image_embeddings(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
+    def image_embeddings(self, images: Sequence) -> "torch.Tensor":
         """Projected image embeddings [N, P] (not normalised)."""
-        import torch
+        import torch  # heavy: keeps --help torch-free
 
         feats = []
         with torch.no_grad():
@@ -132,9 +132,9 @@ class CLIPScorer:
                 feats.append(self.model.visual_projection(pooled).float().cpu())
         return torch.cat(feats)
 
-    def text_embeddings(self, texts: Sequence[str]) -> "torch.Tensor":  # noqa: F821
+    def text_embeddings(self, texts: Sequence[str]) -> "torch.Tensor":
         """Projected text embeddings [N, P] (not normalised); texts truncated to the model's window."""
-        import torch
+        import torch  # heavy: keeps --help torch-free
 
         feats = []
         with torch.no_grad():
@@ -148,7 +148,7 @@ class CLIPScorer:
 
     def score(self, images: Sequence, texts: Sequence[str]) -> list[float]:
         """``100 * max(cos(image_i, text_i), 0)`` for each pair."""
-        import torch
+        import torch  # heavy: keeps --help torch-free
 
         if len(images) != len(texts):
             raise ValueError("one text per image")

@@ -12,15 +12,24 @@ Importing this module loads no torch (the CLI's ``--help`` stays fast).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from surpipe.config import read_json_object
+from surpipe import config as cfgmod
+from surpipe.config import opt, read_json_object
+from surpipe.devices import resolve_device, resolve_dtype, torch_dtype
 from surpipe.errors import SurpipeError
+from surpipe.evaluation import render
 from surpipe.evaluation.render import SCHEDULERS
+from surpipe.hub import check_model_source, is_local_model, read_model_config
+from surpipe.safeload import file_sha256
+from surpipe.sd import check_pipeline_class
+from surpipe.store import library_versions
 
 SchedulerName = Literal[SCHEDULERS]  # the choices of surpipe.evaluation.render, never a copy
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -59,8 +68,6 @@ def size_problems(size) -> list[str]:
 
 def option(name: str):
     """The config field ``name`` as ``surpipe generate`` and ``surpipe eval`` both declare it."""
-    from surpipe.config import opt
-
     return opt(**_OPTIONS[name])
 
 
@@ -135,10 +142,6 @@ def refuse_bad_lines(what: str, path: Path, problems: list[str], found) -> None:
 
 def versions() -> dict:
     """Python's version and those of the libraries that shape results (the store's list: one home)."""
-    import platform
-
-    from surpipe.store import library_versions
-
     return {"python": platform.python_version(), **library_versions()}
 
 
@@ -147,7 +150,7 @@ def versions() -> dict:
 
 def check_adapter_finite(adapter, folder: Path) -> None:
     """Refuse an adapter with NaN/Inf weights, naming the file and the first bad tensors."""
-    import torch
+    import torch  # heavy: keeps --help torch-free (surpipe.adapter imports torch too)
 
     from surpipe.adapter import WEIGHTS_NAME
 
@@ -160,9 +163,7 @@ def check_adapter_finite(adapter, folder: Path) -> None:
 
 def load_adapter(path: str, device, adapter_weight: Optional[float] = None):
     """(adapter in float32 on ``device``, its folder, its config.json as a dict)."""
-    import dataclasses
-
-    from surpipe.adapter import CONFIG_NAME, SURAdapter, resolve_adapter_dir
+    from surpipe.adapter import CONFIG_NAME, SURAdapter, resolve_adapter_dir  # heavy: imports torch
 
     folder = resolve_adapter_dir(path)
     adapter = SURAdapter.from_pretrained(folder, device=device)
@@ -177,9 +178,6 @@ def load_adapter(path: str, device, adapter_weight: Optional[float] = None):
 def check_sd_model(model: str, revision: Optional[str] = None) -> Optional[int]:
     """Refuse early a local folder that is not a diffusers Stable Diffusion model; return the text
     encoder's width when it can be read without loading weights."""
-    from surpipe.hub import check_model_source, is_local_model, read_model_config
-    from surpipe.sd.components import check_pipeline_class
-
     check_model_source(model)
     local = Path(model).expanduser()
     if is_local_model(model):
@@ -229,9 +227,6 @@ def open_models(model: str, adapter: str, *, revision, device: str, dtype: str, 
                 adapter_weight: Optional[float] = None) -> Models:
     """Load and check everything before rendering. Errors are SurpipeError with one clear message;
     the adapter and the model's config are checked before the pipeline's weights load."""
-    from surpipe.evaluation import render
-    from surpipe.devices import resolve_device, resolve_dtype, torch_dtype
-
     dev = resolve_device(device, mps=True)
     tdtype = torch_dtype(resolve_dtype(dtype, dev, cuda="float16"))  # SD pipelines run in float16 on GPUs
     ad, folder, saved = load_adapter(adapter, dev, adapter_weight)  # cheap: fail before the big load
@@ -248,8 +243,6 @@ def render_arms(models: Models, prompts: Sequence[str], *, arms: Sequence[str], 
     """{arm: images} for each arm of ``arms``: ``"without"`` renders without the adapter, any other
     name (``"with"``, ``""``) with it; the same seeds in every arm, so the pairs differ by the
     adapter only. Everything is rendered before anything is written: a failure leaves no partial set."""
-    from surpipe.evaluation import render
-
     return {arm: render.render(models.pipe, prompts, adapter=None if arm == "without" else models.adapter,
                                desc=label + (f": {arm} adapter" if arm else ""), **kw) for arm in arms}
 
@@ -291,8 +284,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 def adapter_sha256(adapter: str | Path) -> str:
     """sha256 of the adapter's weights file (``adapter``: a run folder or an adapter folder)."""
-    from surpipe.adapter import WEIGHTS_NAME, resolve_adapter_dir
-    from surpipe.safeload import file_sha256
+    from surpipe.adapter import WEIGHTS_NAME, resolve_adapter_dir  # heavy: imports torch
 
     return file_sha256(resolve_adapter_dir(adapter) / WEIGHTS_NAME)
 
@@ -300,8 +292,6 @@ def adapter_sha256(adapter: str | Path) -> str:
 def finished_run(out: Path, cfg) -> Optional[dict]:
     """The record of an earlier run into ``out`` with the same settings, the same adapter weights
     (sha256) and every image still present; None otherwise (a rerun of it has nothing to do)."""
-    from surpipe import config as cfgmod
-
     try:
         rec = json.loads((out / "generate.json").read_text(encoding="utf-8"))
         old = json.loads((out / "config.json").read_text(encoding="utf-8"))

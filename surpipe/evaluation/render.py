@@ -10,9 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from surpipe.errors import SurpipeError, first_line
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-TINY_MARKER = "surpipe_tiny.json"  # written by surpipe.tiny / surpipe.tiny_clip
+from surpipe.errors import SurpipeError, first_line
+from surpipe.progress import progress_bar
+from surpipe.sd import check_pipeline_class
+from surpipe.tiny import TINY_MARKER
+
 SCHEDULERS = ("default", "ddim", "dpm++", "euler", "euler-a", "pndm", "ddpm")
 
 
@@ -21,10 +26,8 @@ def load_pipeline(model: str, *, revision: str | None = None, unet=None, device=
     """Load the stock pipeline of a checkpoint by hub id or folder: StableDiffusionPipeline (no
     safety checker) or, when model_index.json names it, StableDiffusionXLPipeline; optionally
     reusing an already loaded UNet."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from surpipe.sd.components import check_pipeline_class
 
     dtype = dtype or torch.float32
     xl = check_pipeline_class(model, revision, accept=("sd", "sdxl")) == "sdxl"
@@ -44,7 +47,7 @@ def load_pipeline(model: str, *, revision: str | None = None, unet=None, device=
 
 def make_scheduler(name: str, config):
     """A diffusers scheduler by short name, built from the checkpoint's scheduler config."""
-    import diffusers as d
+    import diffusers as d  # heavy: keeps --help torch-free
 
     table = {
         "ddim": d.DDIMScheduler, "dpm++": d.DPMSolverMultistepScheduler, "euler": d.EulerDiscreteScheduler,
@@ -90,7 +93,7 @@ def encode_args(pipe, prompts: Sequence[str], adapter=None, negative_prompt: str
 
     Raises SurpipeError when the adapter's output is not finite (a NaN adapter would otherwise
     render blank images)."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
 
     neg = [negative_prompt] * len(prompts)
     extra = {}
@@ -132,9 +135,7 @@ def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], 
     returning an image whose pixels are not finite. ``desc`` shows a progress bar (images/s and
     ETA) under that name.
     """
-    import numpy as np
-    import torch
-    from surpipe.progress import progress_bar
+    import torch  # heavy: keeps --help torch-free
 
     if len(seeds) != len(prompts):
         raise ValueError("one seed per prompt")
@@ -169,8 +170,6 @@ def render(pipe, prompts: Sequence[str], *, adapter=None, seeds: Sequence[int], 
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one fixed bitmap font
@@ -247,8 +246,6 @@ def caption_grid(rows: Sequence[tuple[str, Sequence]], headers: Sequence[str], c
     the grid's width, and the header band grows with them, so nothing overlaps even for tiny
     images. ``note`` (e.g. :func:`tiny_model_note`) is printed in red above the headers.
     """
-    from PIL import Image, ImageDraw
-
     if not rows:
         raise ValueError("no rows")
     cell = cell or max(rows[0][1][0].size)

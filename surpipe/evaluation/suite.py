@@ -13,9 +13,12 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from surpipe.config import atomic_write_text
 from surpipe.errors import SurpipeError
+from surpipe.evaluation.generate import image_name, json_lines, read_prompts, refuse_bad_lines, text_lines
+from surpipe.evaluation.render import arms_grid, grid_cell
 
-DEFAULT_SUITE = Path(__file__).resolve().parents[1] / "data" / "eval_prompts" / "suite.jsonl"
+DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "data" / "eval_prompts" / "suite.jsonl"  # the repository's data/
 ARMS = ("without", "with")
 
 
@@ -54,8 +57,6 @@ def parse_seeds(seeds: Union[str, list[int], int]) -> list[int]:
 def read_suite(path: Optional[str]) -> dict[str, list[str]]:
     """{category: prompts} from a JSONL suite (``category`` + ``prompt`` per line) or a folder of
     ``CATEGORY.txt`` / ``CATEGORY.jsonl`` files; categories in file order."""
-    from surpipe.evaluation.generate import json_lines, read_prompts, refuse_bad_lines, text_lines
-
     p = Path(path) if path else DEFAULT_SUITE
     if not p.exists():
         raise SurpipeError(f"prompt suite not found: {p}")
@@ -99,8 +100,6 @@ def eval_items(suite: dict[str, list[str]], seeds: Sequence[int]) -> list[tuple[
 def score_rows(items, scores: dict, images: Optional[dict] = None, out: Optional[Path] = None) -> list[dict]:
     """One record per image and arm (``scores.jsonl``); with ``images`` and ``out``, each image is
     saved under ``out/images/CATEGORY/`` and its record names the file."""
-    from surpipe.evaluation.generate import image_name
-
     rows = []
     for k, (cat, i, prompt, seed) in enumerate(items):
         for arm in ARMS:
@@ -118,8 +117,6 @@ def score_rows(items, scores: dict, images: Optional[dict] = None, out: Optional
 def category_grids(out: Path, items, images: dict, scores: dict, seed: int, note: Optional[str] = None) -> dict:
     """``out/grids/CATEGORY.png``: each prompt of the category at ``seed``, without and with the
     adapter, captioned with both scores; returns {category: relative path}."""
-    from surpipe.evaluation.render import arms_grid, grid_cell
-
     (out / "grids").mkdir(exist_ok=True)
     grids = {}
     for cat in dict.fromkeys(it[0] for it in items):
@@ -134,8 +131,6 @@ def category_grids(out: Path, items, images: dict, scores: dict, seed: int, note
 
 def write_results(out: Path, result: dict, rows: list[dict], header: dict, note: Optional[str] = None) -> None:
     """``results.json`` (``result``), ``scores.jsonl`` (``rows``) and ``results.md`` (the table)."""
-    from surpipe.config import atomic_write_text
-
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_text(out / "results.md", markdown(result["categories"], result["overall"], header, note))
@@ -222,7 +217,7 @@ def chart_limits(rows: list[dict]) -> tuple[float, float, bool]:
 def chart(table: dict, overall: dict, path: Path, title: str) -> dict:
     """Both arms per category (mean ± standard error over the images), the difference written
     above; returns the y limits used."""
-    import matplotlib
+    import matplotlib  # heavy: only the chart needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

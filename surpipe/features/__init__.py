@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from surpipe.features.base import FeatureKind, Problems
-from surpipe.features.clip import ClipFeatures
-from surpipe.features.clip_xl import ClipXLFeatures
+from surpipe.features.clip import ClipFeatures, ClipXLFeatures
 from surpipe.features.llm import LLMFeatures
+from surpipe.features.spec import ArraySpec
 from surpipe.features.vae import LatentParams, VaeFeatures
 
-__all__ = ["KINDS", "ClipFeatures", "ClipXLFeatures", "FeatureKind", "LLMFeatures", "LatentParams", "Problems",
+__all__ = ["KINDS", "ArraySpec", "ClipFeatures", "ClipXLFeatures", "FeatureKind", "LLMFeatures", "LatentParams", "Problems",
            "VaeFeatures", "clip_features", "feature_kind", "group_features", "layout_problems"]
 
 KINDS: dict[str, type[FeatureKind]] = {k.kind: k for k in (LLMFeatures, ClipFeatures, VaeFeatures)}
@@ -41,13 +41,12 @@ def feature_kind(kind: str) -> type[FeatureKind]:
 def clip_features(settings: Mapping[str, Any] | None) -> type[ClipFeatures]:
     """The class of a ``clip`` group with ``settings``: ``ClipXLFeatures`` for an SDXL group
     (settings ``pipeline: "sdxl"``), else ``ClipFeatures`` (SD 1.x/2.x)."""
-    sdxl = isinstance(settings, Mapping) and settings.get("pipeline") == ClipXLFeatures.PIPELINE
-    return ClipXLFeatures if sdxl else ClipFeatures
+    return ClipFeatures.for_settings(settings)
 
 
 def group_features(kind: str, settings: Mapping[str, Any] | None) -> type[FeatureKind]:
     """The class of a group of kind ``kind`` with ``settings`` (a ``clip`` group: ``clip_features``)."""
-    return clip_features(settings) if kind == ClipFeatures.kind else KINDS[kind]
+    return KINDS[kind].for_settings(settings)
 
 
 def layout_problems(kind: str, settings: Mapping[str, Any], present: Mapping[str, Any],

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import numpy as np
 
-from surpipe.store import ArraySpec
+from surpipe.features.spec import ArraySpec
 
 Problems = list[tuple[str | None, str]]  # (array name or None for the group, message)
 
@@ -28,6 +28,12 @@ class FeatureKind:
     @classmethod
     def arrays(cls, settings: Mapping[str, Any], codec: str = "zstd") -> dict[str, ArraySpec]:
         raise NotImplementedError
+
+    @classmethod
+    def for_settings(cls, settings: Mapping[str, Any] | None) -> type["FeatureKind"]:
+        """The class describing a group of this kind with ``settings`` (a variant of the kind
+        overrides this: ``ClipFeatures`` answers ``ClipXLFeatures`` for an SDXL group)."""
+        return cls
 
     @classmethod
     def required(cls, settings: Mapping[str, Any]) -> list[str]:
@@ -87,9 +93,7 @@ class FeatureKind:
                 problems.append(f"{name}: missing")
             except Exception as e:  # garbage zarr.json
                 problems.append(f"{name}: metadata (zarr.json) cannot be read ({type(e).__name__})")
-        from surpipe.features import group_features  # the group's own class (an SDXL clip group's)
-
-        k = group_features(cls.kind, settings)
+        k = cls.for_settings(settings)  # the group's own class (an SDXL clip group's)
         return problems + [f"{n}: {m}" if n else m for n, m in k.layout_problems(settings, present, listed)]
 
     @staticmethod

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from surpipe.features.base import FeatureKind, all_ints
-from surpipe.store import ArraySpec
+from surpipe.features.spec import ArraySpec
 
 
 class LLMFeatures(FeatureKind):

@@ -3,6 +3,7 @@ mistakes, the causal-LM check, layer indices and the truncated config."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ def quiet_libraries() -> None:
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        import transformers
+        import transformers  # heavy: keeps --help torch-free
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
@@ -31,7 +32,7 @@ def quiet_libraries() -> None:
 def read_config(model: str, revision: str | None = None, trust_remote_code: bool = False):
     """The model's ``PretrainedConfig`` (no weights), with clear errors for the usual mistakes."""
     quiet_libraries()
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: keeps --help torch-free
 
     if is_local(model):
         p = Path(model).expanduser()
@@ -66,7 +67,7 @@ def num_layers_of(config) -> int:
 def check_causal_lm(config, model: str) -> None:
     """Refuse configs that are not decoder-only causal LMs, judged from the config (its class and
     its ``architectures``), never from the model's name."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # heavy: keeps --help torch-free
 
     kind = getattr(config, "model_type", type(config).__name__)
     if getattr(config, "is_encoder_decoder", False):
@@ -112,8 +113,6 @@ def resolve_layers(layers: Sequence[int], num_hidden_layers: int) -> list[int]:
 def truncated_config(config, keep: int):
     """A copy of ``config`` with only the first ``keep`` decoder layers (per-layer lists such as
     ``layer_types`` cut too), so deeper layers are never built nor loaded."""
-    import copy
-
     cfg = copy.deepcopy(config)
     n = num_layers_of(config)
     if keep >= n:

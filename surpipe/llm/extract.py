@@ -55,7 +55,7 @@ def padding_stats(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> t
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"):
     """(input_ids [B, T], attention_mask [B, T]) as int64 tensors, padded on ``side``."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
 
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
@@ -82,7 +82,7 @@ def _pad_id(tok) -> int:
 
 def layer_states(llm: LoadedLLM, ids, mask, layers: Sequence[int]) -> dict[int, Any]:
     """Raw outputs [B, T, H] of decoder ``layers`` (hooked; before the final norm) for one padded batch."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
 
     got: dict[int, Any] = {}
     hooks = []
@@ -115,7 +115,7 @@ def pool(h, mask, pooling: str):
     """Pool hidden states ``h`` [B, T, H] over real tokens (``mask`` [B, T]) in float32.
 
     Padded positions are excluded by selection (never multiplied: they may hold NaN)."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
 
     m = mask.to(h.device).bool()
     h32 = h.float()

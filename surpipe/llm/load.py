@@ -4,6 +4,7 @@ structurally (never from model-name strings)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -52,7 +53,7 @@ def check_cpu_nf4_shapes(model, model_id: str) -> None:
 def find_decoder_layers(model, n: int):
     """The ``nn.ModuleList`` holding the ``n`` decoder layers of ``model`` (found structurally: the
     first ModuleList of ``n`` modules of one class, looked up in the decoder if the model has one)."""
-    import torch.nn as nn
+    import torch.nn as nn  # heavy: keeps --help torch-free
 
     roots = []
     get_dec = getattr(model, "get_decoder", None)
@@ -73,7 +74,7 @@ def find_decoder_layers(model, n: int):
 
 
 def _bnb_config(quant: str, double_quant: bool, compute_dtype):
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # heavy: keeps --help torch-free
 
     if quant == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -86,7 +87,7 @@ def _bnb_config(quant: str, double_quant: bool, compute_dtype):
 
 def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
     quiet_libraries()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: keeps --help torch-free
 
     try:
         return AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
@@ -105,6 +106,54 @@ def default_max_tokens(config, tok) -> int:
     if isinstance(mml, int) and 0 < mml < 10**7:
         limits.append(mml)
     return min(limits) if limits else 4096
+
+
+def _load_kwargs(config, keep: int, quant: str, dtype: str, device: str, revision, trust_remote_code: bool,
+                 double_quant: bool) -> tuple[dict[str, Any], str, Any]:
+    """``from_pretrained`` keyword arguments of the truncated model, the compute dtype's name and the
+    4-bit compute dtype: bitsandbytes quantization when asked for (refused with advice when missing)."""
+    import torch  # heavy: keeps --help torch-free
+
+    dt = resolve_dtype(dtype, device)
+    tdt = torch_dtype(dt)
+    on_cuda = str(device).startswith("cuda")
+    compute = tdt if on_cuda else torch.float32
+    kwargs: dict[str, Any] = dict(config=truncated_config(config, keep), revision=revision,
+                                  trust_remote_code=trust_remote_code, dtype=tdt)
+    if quant != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:
+            raise SurpipeError(f"--quant {quant} needs bitsandbytes ({first_line(e)}); "
+                               "pip install bitsandbytes, or use --quant none") from None
+        quiet_libraries()
+        kwargs["quantization_config"] = _bnb_config(quant, double_quant, compute)
+        kwargs["device_map"] = {"": device}
+        if not on_cuda:
+            kwargs["dtype"] = torch.float32  # non-quantized parts (embeddings, norms) in fp32 on CPU
+            dt = "float32"
+    return kwargs, dt, compute
+
+
+def _load_info(m, config, n: int, keep: int, hidden: int, quant: str, double_quant: bool, compute, dt: str,
+               device: str) -> dict:
+    """What a loaded model records in provenance: classes, sizes, quantization, dtype, attention."""
+    return {
+        "model_class": type(m).__name__,
+        "config_class": type(config).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "architectures": list(getattr(config, "architectures", None) or []),
+        "num_hidden_layers": n,
+        "layers_loaded": keep,
+        "hidden_size": hidden,
+        "quantization": quant,
+        "double_quant": bool(double_quant) if quant == "4bit" else None,
+        "bnb_4bit_compute_dtype": str(compute).replace("torch.", "") if quant == "4bit" else None,
+        "dtype": dt,
+        "device": str(device),
+        "attn_implementation": getattr(m.config, "_attn_implementation", None),
+        "commit_hash": getattr(config, "_commit_hash", None),
+    }
 
 
 def load_llm(
@@ -132,34 +181,14 @@ def load_llm(
     if dtype not in DTYPES:
         raise SurpipeError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
     quiet_libraries()
-    import inspect
-
-    import torch
-    from transformers import AutoModel
+    from transformers import AutoModel  # heavy: keeps --help torch-free
 
     config = config if config is not None else read_config(model, revision, trust_remote_code)
     check_causal_lm(config, model)
     n = num_layers_of(config)
     wanted = resolve_layers(layers, n)
     keep = wanted[-1] + 1 if truncate else n
-    dt = resolve_dtype(dtype, device)
-    tdt = torch_dtype(dt)
-    on_cuda = str(device).startswith("cuda")
-    compute = tdt if on_cuda else torch.float32
-    kwargs: dict[str, Any] = dict(config=truncated_config(config, keep), revision=revision,
-                                  trust_remote_code=trust_remote_code, dtype=tdt)
-    if quant != "none":
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as e:
-            raise SurpipeError(f"--quant {quant} needs bitsandbytes ({first_line(e)}); "
-                               "pip install bitsandbytes, or use --quant none") from None
-        quiet_libraries()
-        kwargs["quantization_config"] = _bnb_config(quant, double_quant, compute)
-        kwargs["device_map"] = {"": device}
-        if not on_cuda:
-            kwargs["dtype"] = torch.float32  # non-quantized parts (embeddings, norms) in fp32 on CPU
-            dt = "float32"
+    kwargs, dt, compute = _load_kwargs(config, keep, quant, dtype, device, revision, trust_remote_code, double_quant)
     tok = tokenizer if tokenizer is not None else load_tokenizer(model, revision, trust_remote_code)
     try:
         m = AutoModel.from_pretrained(model, **kwargs)
@@ -180,22 +209,7 @@ def load_llm(
     except (TypeError, ValueError):
         accepts_pos = False
     hidden = int(getattr(config, "hidden_size", 0) or 0)
-    info = {
-        "model_class": type(m).__name__,
-        "config_class": type(config).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "architectures": list(getattr(config, "architectures", None) or []),
-        "num_hidden_layers": n,
-        "layers_loaded": keep,
-        "hidden_size": hidden,
-        "quantization": quant,
-        "double_quant": bool(double_quant) if quant == "4bit" else None,
-        "bnb_4bit_compute_dtype": str(compute).replace("torch.", "") if quant == "4bit" else None,
-        "dtype": dt,
-        "device": str(device),
-        "attn_implementation": getattr(m.config, "_attn_implementation", None),
-        "commit_hash": getattr(config, "_commit_hash", None),
-    }
+    info = _load_info(m, config, n, keep, hidden, quant, double_quant, compute, dt, device)
     return LoadedLLM(model=m, tokenizer=tok, layers=lay, config=config, model_id=model, num_hidden_layers=n,
                      hidden_size=hidden, device=str(device), dtype=dt, quant=quant,
                      accepts_position_ids=accepts_pos, info=info)

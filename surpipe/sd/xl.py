@@ -1,6 +1,6 @@
 """SDXL components for stage one: both tokenizers and text encoders, loaded from a diffusers
 ``StableDiffusionXLPipeline`` checkpoint (hub id or local folder). The VAE and the image side are
-SD's (``surpipe.sd.components``); SDXL adds the micro-conditioning each row's image needs (``micro_conditioning``).
+SD's (``surpipe.sd.vae``, ``surpipe.sd.image``); SDXL adds the micro-conditioning each row's image needs (``micro_conditioning``).
 
 Exactness rules (tests/test_sdxl_encode.py checks each against ``StableDiffusionXLPipeline.encode_prompt``):
 
@@ -26,7 +26,9 @@ import numpy as np
 
 from surpipe.devices import torch_dtype
 from surpipe.errors import SurpipeError
-from surpipe.sd.components import center_crop_box, is_local, load_clip_component, resized_size, validate_folder
+from surpipe.sd.checkpoint import is_local, validate_folder
+from surpipe.sd.image import center_crop_box, resized_size
+from surpipe.sd.text import load_clip_component
 
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
@@ -73,7 +75,7 @@ def load_text_encoders_xl(model: str, revision: str | None = None, dtype: str = 
 def encode_prompts_xl(te: TextEncodersXL, prompts: Sequence[str], device: str = "cpu"):
     """(embeddings [B, L, D1+D2], pooled [B, P]), float32 on CPU, exactly as
     ``StableDiffusionXLPipeline.encode_prompt`` computes them for ``prompts`` (``clip_skip=None``)."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
 
     hidden, pooled = [], None
     with torch.inference_mode():

@@ -11,23 +11,33 @@ random ``generation`` id and ``done[b]`` records the generation that completed b
 written into a group that was since replaced (``--overwrite``) is never taken for valid data.
 Groups are created and deleted only under the group's exclusive lock (:mod:`surpipe.store.locks`).
 
-Modules: ``core`` (the store object), ``rows`` (creating a store, matching it to a dataset),
-``opening`` (the one step a stage-one command calls), ``group`` (feature groups and their blocks),
-``integrity`` (checksums, generations, chunk files), ``sidecar`` (locks and configs beside a store).
+Modules, bottom up (none imports one above it): ``core`` (the format's names and numbers),
+``errors`` (typed failures), ``remote`` / ``location`` (object storage, store paths and URLs),
+``sharding``, ``integrity`` (checksums, generations, chunk files), ``sidecar`` / ``lease`` / ``locks``
+(what lives beside a store; leases on object storage), ``creation`` (a new store's files),
+``matching`` (a store's rows against a dataset), ``group_layout`` / ``group`` (feature groups and
+their blocks), ``growth`` (appending rows), ``feature_store`` (the store object, create / open /
+grow), ``opening`` (the one step a stage-one command calls), ``verify`` (whole-store checks),
+``blockjob`` and ``cache``. Each kind's contract (which arrays, what their settings imply) is
+:mod:`surpipe.features`, which the store reads and which never imports the store.
 """
 
-from surpipe.store.core import (DEFAULT_BLOCK_ROWS, FORMAT_VERSION, KINDS, READABLE_FORMATS, FeatureStore,
-                                StoreNotFound, check_writable, library_versions, settings_hash)
-from surpipe.store.group import ArraySpec, FeatureGroup
+from surpipe.features import ArraySpec
+from surpipe.store.feature_store import FeatureStore, create_store, open_or_create
+from surpipe.store.creation import check_writable
+from surpipe.store.errors import ChecksumError, DatasetMismatch, StoreExists, StoreNotFound
+from surpipe.store.core import (DEFAULT_BLOCK_ROWS, FORMAT_VERSION, KINDS, READABLE_FORMATS, library_versions,
+                                  settings_hash)
+from surpipe.store.group import FeatureGroup
 from surpipe.store.integrity import (CODECS, _codecs, chunk_files, codec_chain, describe_codecs, fresh_attrs,
                                      generation_id, has_checksums, missing_chunk, read_failure, recorded_layout,
                                      to_storage)
-from surpipe.store.rows import DatasetMismatch, StoreExists, StoreMatch, create_store, match_store, open_or_create
+from surpipe.store.matching import StoreMatch, match_store
 from surpipe.store.sidecar import config_file, sidecar_dir
 
 __all__ = [
     "CODECS", "DEFAULT_BLOCK_ROWS", "FORMAT_VERSION", "KINDS", "READABLE_FORMATS",
-    "ArraySpec", "DatasetMismatch", "FeatureGroup", "FeatureStore", "StoreExists", "StoreMatch", "StoreNotFound",
+    "ArraySpec", "ChecksumError", "DatasetMismatch", "FeatureGroup", "FeatureStore", "StoreExists", "StoreMatch", "StoreNotFound",
     "check_writable", "chunk_files", "codec_chain", "config_file", "create_store", "describe_codecs",
     "fresh_attrs", "generation_id", "has_checksums", "library_versions", "match_store", "missing_chunk",
     "open_or_create", "read_failure", "recorded_layout", "settings_hash", "sidecar_dir", "to_storage",

@@ -14,6 +14,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from surpipe.errors import SurpipeError
+from surpipe.progress import progress_bar
+from surpipe.store.locks import writer_lock
+from surpipe.store.sharding import shard_runs
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ def init_distributed(env: DistEnv, device: str = "cpu") -> None:
     """Join the launcher's process group (gloo on CPU, nccl on CUDA) when there is more than one rank."""
     if env.world_size == 1:
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy (torch): this module serves torch-free stages too
 
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
@@ -58,7 +61,7 @@ def init_distributed(env: DistEnv, device: str = "cpu") -> None:
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (no-op when alone)."""
     if env.world_size > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # heavy (torch): only with several ranks
 
         if dist.is_initialized():
             dist.barrier()
@@ -88,11 +91,6 @@ def run_block_job(*, store, kind: str, name: str, settings: Mapping[str, Any], a
     stored object of a group this job creates (:mod:`surpipe.store.sharding`); a sharded group's
     ranks own whole shards, and each shard's pending blocks are written in one piece.
     """
-    from surpipe.store.sharding import shard_runs
-
-    from surpipe.store.locks import writer_lock
-    from surpipe.progress import progress_bar
-
     t0 = time.perf_counter()
     if env.is_main:
         group = store.require_group(kind, name, settings, arrays, provenance=provenance, overwrite=overwrite,

@@ -28,9 +28,14 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+import zarr
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from surpipe.store.location import CACHE_DIR_ENV, CACHE_GB_ENV, DEFAULT_CACHE_GB
+from surpipe.store.remote import zarr_store
 
 
 def default_cache_dir() -> Path:
@@ -197,16 +202,11 @@ class CachedStore(WrapperStore):
         ns = self._ns(key)
         if ns is not None and self.cache.path(ns, key).is_file():
             return True
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-
         return sync(self.get(key, default_buffer_prototype())) is not None
 
 
 def _byte_range(data: bytes, byte_range) -> bytes:
     """``data`` cut to a zarr byte request (None: all of it)."""
-    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-
     if byte_range is None:
         return data
     if isinstance(byte_range, RangeByteRequest):
@@ -221,10 +221,6 @@ def _byte_range(data: bytes, byte_range) -> bytes:
 def cached_root(store, groups: Mapping[str, Any], arrays: Mapping[str, list[str]]):
     """(zarr root group reading ``arrays`` ({group path: [array names]}) of remote ``store``
     through the local cache, the :class:`CachedStore`); (None, None) when the cache is off."""
-    import zarr
-
-    from surpipe.store.location import zarr_store
-
     cap = default_cache_bytes()
     if cap <= 0:
         return None, None

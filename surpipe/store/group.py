@@ -4,40 +4,26 @@ records, written in whole blocks and read back with checks (docs/store-format.md
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from surpipe.errors import SurpipeError, first_line
-from surpipe.store.integrity import (fresh_attrs, missing_block_file, generation_id, missing_chunk, read_failure,
-                                     recorded_layout, to_storage)
-
-if TYPE_CHECKING:
-    from surpipe.store.core import FeatureStore
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """An array of a feature group: ``row_shape`` per sample, stored dtype and codec.
-
-    ``block_capacity`` (optional) makes a *block-ragged* array for variable-length rows (e.g.
-    per-token states): shape ``[num_blocks * block_capacity, *row_shape]``, chunked by
-    ``block_capacity``, so block b owns exactly rows ``[b * cap, (b + 1) * cap)`` (one chunk file)
-    and writes its flat rows there, zero-padded to ``cap``; readers locate rows with offsets stored
-    in a row-aligned array. Without it (the default) the array is row-aligned ``[N, *row_shape]``.
-    """
-
-    row_shape: tuple[int, ...]
-    dtype: str = "float16"
-    codec: str = "zstd"
-    block_capacity: int | None = None
+from surpipe.logs import get_logger
+from surpipe.store.errors import ChecksumError
+from surpipe.store.core import parse_format
+from surpipe.store.group_layout import layout_problems
+from surpipe.store.integrity import (checksum_typed, fresh_attrs, generation_id, missing_block_file, missing_chunk,
+                                     read_failure, to_storage)
+from surpipe.store.remote import remote_failure
+from surpipe.store.sharding import owner
 
 
 class FeatureGroup:
-    """A group of row-aligned arrays (e.g. ``clip/sd15``) with per-block completion records."""
+    """A group of row-aligned arrays (e.g. ``clip/sd15``) with per-block completion records, of
+    ``store`` (a :class:`~surpipe.store.feature_store.FeatureStore`, which opens and creates groups)."""
 
-    def __init__(self, store: "FeatureStore", path: str):
+    def __init__(self, store, path: str):
         self.store = store
         self.path = path
         try:
@@ -95,8 +81,6 @@ class FeatureGroup:
     def check_generation(self, block: int | None = None) -> None:
         """Refuse to go on when the group on disk is no longer the one this object opened (another
         job replaced it with ``--overwrite``): its blocks must not land in the new group."""
-        from surpipe.store.growth import parse_format
-
         now = fresh_attrs(self.store.path, self.path)
         at = f" before block {block} was marked done" if block is not None else ""
         if now is None or now.get("generation") != self.generation:
@@ -136,8 +120,6 @@ class FeatureGroup:
         blocks at different moments still get disjoint sets; a resumed job may use another
         world size.
         """
-        from surpipe.store.sharding import owner
-
         k = self.shard_blocks
         pending = np.flatnonzero(~self.done_mask()).tolist()
         return [b for b in pending if owner(b, k, world_size) == rank]
@@ -159,7 +141,7 @@ class FeatureGroup:
         try:
             self._write_blocks(list(blocks), list(values), fence)
         except ValueError as e:
-            if self.shard_blocks > 1 and "checksum" in str(e).lower():  # zarr re-reads a shard it writes into
+            if self.shard_blocks > 1 and isinstance(checksum_typed(e), ChecksumError):  # zarr re-reads the shard
                 span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
                 raise SurpipeError(
                     f"store {self.store.path}: the shard of {self.path} holding {span} is damaged (checksum "
@@ -175,8 +157,6 @@ class FeatureGroup:
                 if isinstance(e, OSError):
                     return self._failed(span, e)
                 raise
-            from surpipe.store.location import remote_failure
-
             raise SurpipeError(f"writing {self.path} {span} of store {self.store.path} failed: "
                                f"{remote_failure(e, self.store.path)}; {span} not marked done: "
                                "rerun the same command (finished blocks are kept)") from None
@@ -279,8 +259,6 @@ class FeatureGroup:
                 x[: row - start] = np.asarray(arr[start:row])
                 out[name] = x
         except Exception as e:  # a damaged chunk: the computed values are as valid
-            from surpipe.logs import get_logger
-
             get_logger().info(f"store {self.store.path}: {self.path} block {block}: its stored rows {start}-{row - 1} "
                               f"cannot be read ({type(e).__name__}: {first_line(e)[:120]}); writing them as recomputed")
             return dict(values)
@@ -318,59 +296,9 @@ class FeatureGroup:
             raise read_failure(self.store.path, f"{self.path}/{name}", start // c, None, e) from None
 
     def layout_problems(self) -> list[str]:
-        """Problems of the group's metadata that make its data unreadable or misread: arrays
-        missing or unreadable, rows not aligned with the store, chunks that are not blocks, a
-        dtype or shape other than what the settings imply or what was recorded at creation."""
-        st = self.store
-        problems = []
-        attrs = self.attrs
-        kind = self.path.split("/")[0]
-        settings, listed = attrs.get("settings"), attrs.get("arrays")
-        if attrs.get("kind") != kind:
-            problems.append(f"attribute kind is {attrs.get('kind')!r}, expected {kind!r}")
-        if not isinstance(settings, dict):
-            problems.append("attribute settings missing or not a mapping")
-            settings = {}
-        if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
-            problems.append("attribute arrays missing or not a list of names")
-            listed = []
-        present = {}
-        for name in listed:
-            try:
-                a = self.group[name]
-            except KeyError:
-                problems.append(f"array {name} is missing")
-                continue
-            except Exception as e:
-                problems.append(f"array {name}: metadata (zarr.json) cannot be read ({type(e).__name__}: "
-                                f"{first_line(e)[:120]})")
-                continue
-            if not hasattr(a, "dtype"):
-                problems.append(f"{name} is a group, expected an array")
-                continue
-            present[name] = a
-            cap = a.attrs.get("block_capacity")
-            if cap:
-                rows, chunk = st.num_blocks * int(cap), int(cap)
-            else:
-                rows, chunk = st.num_samples, min(st.block_rows, max(st.num_samples, 1))
-            if a.shape[0] != rows:
-                problems.append(f"array {name} has {a.shape[0]} rows, expected {rows}")
-            elif a.chunks[0] != chunk:
-                problems.append(f"array {name} is chunked by {a.chunks[0]} rows, expected {chunk}")
-        try:
-            d = self.group["done"]
-            want = np.dtype(bool) if self.gen_id is None else np.dtype("int64")
-            if tuple(d.shape) != (st.num_blocks,) or d.dtype != want or tuple(d.chunks) != (1,):
-                problems.append(f"done record has shape {tuple(d.shape)} dtype {d.dtype} chunks {tuple(d.chunks)}; "
-                                f"expected ({st.num_blocks},) {want} chunks (1,)")
-        except Exception as e:
-            problems.append(f"done record unreadable ({type(e).__name__})")
-        from surpipe.features import layout_problems  # each kind's contract lives there
-
-        for name, msg in recorded_layout(attrs, present) + layout_problems(kind, settings, present, listed):
-            problems.append(f"{name}: {msg}" if name else msg)
-        return problems
+        """Problems of the group's metadata that make its data unreadable or misread
+        (:func:`surpipe.store.group_layout.layout_problems`)."""
+        return layout_problems(self)
 
     def require_complete(self) -> None:
         """Refuse unless every block is done in this generation (extract-llm checks both groups

@@ -1,8 +1,9 @@
 """Growing a store: a stage-one command given the store's dataset plus rows after its last row
 appends those rows instead of refusing the dataset (docs/store-format.md, "Growth").
 
-Under the store's growth lock (``<store>.locks/store.grow.lock``; each group also under its group
-lock held exclusively, so no job writes a block meanwhile):
+:func:`surpipe.store.feature_store.grow_store` runs it. Under the store's growth lock
+(``<store>.locks/store.grow.lock``, :func:`surpipe.store.locks.growth_lock`; each group also under
+its group lock held exclusively, so no job writes a block meanwhile):
 
 1. the root's ``surpipe_format`` becomes ``"<format>+growing"`` and ``growing`` names the target:
    older surpipe versions refuse the store (unknown format), this one completes the growth before
@@ -25,73 +26,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from surpipe.errors import SurpipeError
-
-if TYPE_CHECKING:
-    from surpipe.store.core import FeatureStore
-
-GROWING = "+growing"  # suffix of surpipe_format while a growth is under way
-
-
-def parse_format(value):
-    """``(format, growing)`` of a root ``surpipe_format`` attribute (``2`` or ``"2+growing"``)."""
-    if isinstance(value, str) and value.endswith(GROWING):
-        try:
-            return int(value[: -len(GROWING)]), True
-        except ValueError:
-            pass
-    return value, False
+from surpipe.store.core import CATEGORY_ARRAY, GROWING, KEYS_ARRAY, PROMPT_ARRAYS
+from surpipe.store.integrity import codec_chain, generation_id
+from surpipe.store.locks import _holders, group_lock
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-@contextlib.contextmanager
-def growth_lock(store_path, wait_s: float = 600.0):
-    """The store-level lock of growths: of several processes (data-parallel ranks) growing one
-    store, one grows it while the others wait, then find it grown."""
-    from surpipe.store.locks import _flock, _lease_dir, _remote, lock_dir
-
-    if _remote(store_path):
-        from surpipe.store.lease import Lease
-
-        fs, d = _lease_dir(store_path)
-        with Lease(fs, f"{d}/store.grow", f"growth of feature store {store_path}", wait_s=wait_s):
-            yield
-        return
-    f = lock_dir(store_path) / "store.grow.lock"
-
-    def refuse():
-        return SurpipeError(f"feature store {store_path} has been being grown by another job for over "
-                            f"{wait_s:.0f} s; if no other job runs, delete {f} and retry")
-
-    with _flock(f, fcntl.LOCK_EX, wait_s, refuse):
-        yield
-
-
-def grow_store(path, dataset, left_out=None, new_rows=None) -> "FeatureStore":
-    """Append ``dataset``'s rows after the store's last row (those passing ``new_rows``) to the
-    store at ``path``, or complete an interrupted growth; returns the store reopened. Changed or
-    removed store rows raise :class:`~surpipe.store.rows.DatasetMismatch` (nothing is changed)."""
-    from surpipe.store.core import FeatureStore
-    from surpipe.store.rows import plan_rows
-
-    with growth_lock(path):
-        store = FeatureStore(path, mode="a", allow_growing=True)  # as on disk now, under the lock
-        plan = plan_rows(store, dataset, left_out, new_rows)
-        if plan.appended or store.growing:
-            samples = list(dataset.samples)
-            grow_rows(store, dataset, [samples[j] for j in plan.picked + plan.appended])
-    return FeatureStore(path, mode="a")
 
 
 def fingerprint_of(dataset, rows: list) -> str:
@@ -101,12 +50,9 @@ def fingerprint_of(dataset, rows: list) -> str:
     return d.fingerprint()
 
 
-def grow_rows(store: "FeatureStore", dataset, rows: list) -> None:
-    """Grow ``store`` (opened with ``allow_growing``, under :func:`growth_lock`) to ``rows``, whose
-    first ``store.num_samples`` rows are the store's rows."""
-    from surpipe.store.core import CATEGORY_ARRAY, KEYS_ARRAY, PROMPT_ARRAYS
-    from surpipe.store.integrity import codec_chain
-
+def grow_rows(store, dataset, rows: list) -> None:
+    """Grow ``store`` (opened with ``allow_growing``, under :func:`~surpipe.store.locks.growth_lock`)
+    to ``rows``, whose first ``store.num_samples`` rows are the store's rows."""
     root = store.root
     n, m = store.num_samples, len(rows)
     attrs = dict(root.attrs)
@@ -137,11 +83,9 @@ def grow_rows(store: "FeatureStore", dataset, rows: list) -> None:
         "grown": grown})
 
 
-def grow_group(store: "FeatureStore", path: str, n: int, m: int) -> None:
+def grow_group(store, path: str, n: int, m: int) -> None:
     """Resize group ``path`` from ``n`` to ``m`` rows (see the module docstring, step 2), holding
     its group lock exclusively: a job writing the group meanwhile makes this refuse."""
-    from surpipe.store.locks import _holders, group_lock
-
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(group_lock(store.path, path, exclusive=True, wait_s=60.0))
@@ -153,9 +97,7 @@ def grow_group(store: "FeatureStore", path: str, n: int, m: int) -> None:
         _grow_group(store, path, n, m)
 
 
-def _grow_group(store: "FeatureStore", path: str, n: int, m: int) -> None:
-    from surpipe.store.integrity import generation_id
-
+def _grow_group(store, path: str, n: int, m: int) -> None:
     g = store.root[path]
     attrs = dict(g.attrs)
     if "settings" not in attrs:
@@ -210,12 +152,10 @@ def _grow_group(store: "FeatureStore", path: str, n: int, m: int) -> None:
     g.update_attributes(update)
 
 
-def _rechunk(store: "FeatureStore", a, m: int, chunk: int) -> None:
+def _rechunk(store, a, m: int, chunk: int) -> None:
     """Give array ``a`` (of a store smaller than one block: one chunk, block 0 already marked not
     done) ``m`` rows chunked by ``chunk``: its chunk files are deleted, then its zarr.json rewritten
     (atomically), so a kill in between leaves an array this step redoes."""
-    import shutil
-
     if getattr(store, "remote", False):
         # object storage: each chunk object deleted, then zarr.json replaced by one PUT (atomic)
         folder = store.path / a.path

@@ -3,6 +3,7 @@ the layout recorded at creation, and clear errors for reads that fail (docs/stor
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import uuid
@@ -12,6 +13,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from surpipe.errors import SurpipeError, first_line
+from surpipe.store.errors import ChecksumError
+from surpipe.store.location import is_url, store_path as _sp
+from surpipe.store.sharding import index_bytes, inner_chunk_missing, read_tail
 
 CODECS = ("zstd", "blosc-lz4", "gzip", "none")
 
@@ -19,7 +23,7 @@ CODECS = ("zstd", "blosc-lz4", "gzip", "none")
 def codec_chain(name: str):
     """The bytes-to-bytes codec chain of ``name``, always ending with the crc32c checksum (it must
     be last: it covers the stored bytes, so any flipped byte of a chunk file fails the read)."""
-    import zarr.codecs as zc
+    import zarr.codecs as zc  # heavy (zarr): the store package stays zarr-free on import (surpipe --help)
 
     if name == "zstd":
         chain = (zc.ZstdCodec(level=3),)
@@ -63,8 +67,6 @@ def chunk_files(store_path: str | os.PathLike, arr, first: int) -> list[Path]:
 def chunk_keys(arr, first: int) -> list[str]:
     """The keys (relative to the array) of the objects holding ``arr``'s chunks whose first index
     is ``first``: the chunk objects, or in a sharded array the shards that hold them."""
-    import itertools
-
     grid = arr.shards or arr.chunks
     first //= max(1, grid[0] // max(1, arr.chunks[0]))  # the shard holding inner chunk `first`
     rest = [range(-(-s // max(c, 1))) for s, c in zip(arr.shape[1:], grid[1:])]
@@ -75,22 +77,48 @@ def chunk_keys(arr, first: int) -> list[str]:
 def missing_block_file(store_path, arr, block: int):
     """The file (or object) holding ``block`` of ``arr`` when the block's chunk is absent, else None:
     a chunk file that does not exist, or in a sharded array an existing shard whose index has no
-    entry for the block (zarr would read it as fill values). A damaged shard index raises ValueError."""
-    from surpipe.store.sharding import index_bytes, inner_chunk_missing, read_tail
+    entry for the block (zarr would read it as fill values). A damaged shard index raises ValueError
+    (:class:`~surpipe.store.errors.ChecksumError` when its checksum fails)."""
+    found = missing_block(store_path, arr, block)
+    return None if found is None else found[1]
 
-    for f in chunk_files(store_path, arr, block):
+
+def missing_block(store_path, arr, block: int) -> tuple[str, Any, bool] | None:
+    """``(key, file, in_shard)`` of the first object of ``block`` of ``arr`` whose chunk is absent
+    (``key`` relative to the array; ``in_shard``: the shard exists but its index has no entry for
+    the block), else None. A damaged shard index raises ValueError, as :func:`missing_block_file`."""
+    for key in chunk_keys(arr, block):
+        f = _base(store_path) / arr.path / key
         if not f.is_file():
-            return f
+            return key, f, False
         if arr.shards and inner_chunk_missing(read_tail(f, index_bytes(arr)), arr, block):
-            return f
+            return key, f, True
     return None
 
 
 def _base(store_path):
     """``store_path`` as a Path, or a RemotePath for a store at a URL."""
-    from surpipe.store.location import is_url, store_path as _sp
-
     return _sp(store_path) if is_url(store_path) else Path(store_path)
+
+
+def checksum_typed(exc: BaseException) -> BaseException:
+    """``exc`` as a :class:`~surpipe.store.errors.ChecksumError` when it reports a crc32c mismatch,
+    else ``exc``. The zarr boundary, and the one place that reads an exception's text: zarr's
+    ``Crc32cCodec`` raises a plain ValueError ("Stored and computed checksum do not match")."""
+    if isinstance(exc, ValueError) and not isinstance(exc, ChecksumError) and "checksum" in str(exc).lower():
+        return ChecksumError(str(exc))
+    return exc
+
+
+def read_rows(arr, sel):
+    """``arr[sel]``; a chunk failing its crc32c checksum raises :class:`~surpipe.store.errors.ChecksumError`."""
+    try:
+        return arr[sel]
+    except ValueError as e:
+        typed = checksum_typed(e)
+        if typed is e:
+            raise
+        raise typed from e
 
 
 def read_failure(store_path, array_path: str, block: int, rows: tuple[int, int] | None,
@@ -98,7 +126,7 @@ def read_failure(store_path, array_path: str, block: int, rows: tuple[int, int] 
     """A read of a block that failed in zarr (checksum mismatch, undecodable chunk) as a clear error."""
     text = first_line(exc)[:200]
     what = ("checksum mismatch (crc32c): the chunk file was altered after it was written"
-            if "checksum" in text.lower() else
+            if isinstance(checksum_typed(exc), ChecksumError) else
             f"chunk cannot be decoded ({type(exc).__name__}: {text}): the chunk file is truncated or overwritten")
     span = f" (rows {rows[0]}-{rows[1] - 1})" if rows else ""
     return SurpipeError(f"store {store_path}: {array_path} block {block}{span}: {what}; run "

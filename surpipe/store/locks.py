@@ -6,7 +6,7 @@ holds the lock (its pid and host are written into the lock file), and the kernel
 when its holder dies, so a killed job never leaves a stale lock behind. A store's lock files live
 beside it, in ``<store>.locks/`` (docs/store-format.md, "Locks"), never inside the Zarr hierarchy.
 
-A store on object storage (:class:`~surpipe.store.location.RemotePath`) has no file locks: the same
+A store on object storage (:class:`~surpipe.store.remote.RemotePath`) has no file locks: the same
 functions hold leases there instead (:mod:`surpipe.store.lease`: objects written with a conditional
 put, renewed while held, taken over when their holder died or expired). ``writer_lock`` yields an
 object whose ``check()`` a writer calls before marking a block done (fencing: a writer whose lease
@@ -19,11 +19,15 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import Callable
 
 from surpipe.errors import SurpipeError
+from surpipe.store.lease import Lease, describe, exclusive_lease, live_holders, shared_lease
+from surpipe.store.location import is_remote, is_url, store_path as _sp
+from surpipe.store.sidecar import sidecar_dir
 
 
 @contextlib.contextmanager
@@ -53,24 +57,17 @@ def exclusive_lock(lock_file: str | os.PathLike, what: str, note: str = ""):
 
 def lock_dir(store_path: str | os.PathLike) -> Path:
     """The folder of a store's lock files, ``<store>.locks`` beside it (created when absent)."""
-    from surpipe.store.sidecar import sidecar_dir
-
     d = sidecar_dir(store_path, "locks")
     d.mkdir(exist_ok=True)
     return d
 
 
 def _remote(store_path) -> bool:
-    from surpipe.store.location import is_remote, is_url
-
     return is_remote(store_path) or is_url(store_path)
 
 
 def _lease_dir(store_path):
     """(fs, folder path) of a remote store's lease objects, ``<store>.locks``."""
-    from surpipe.store.location import store_path as _sp
-    from surpipe.store.sidecar import sidecar_dir
-
     d = sidecar_dir(_sp(store_path), "locks")
     return d.fs, d.path
 
@@ -93,8 +90,6 @@ def _lock_file(store_path, group_path: str, what: str) -> Path:
 def _holders(store_path, group_path: str) -> str:
     """Who writes ``group_path`` now, from the rank lock files' contents (best effort)."""
     if _remote(store_path):
-        from surpipe.store.lease import describe, live_holders
-
         try:
             fs, d = _lease_dir(store_path)
             return ", ".join(describe(r) for r in live_holders(fs, d, f"{_lease_name(group_path)}.rank*")) \
@@ -149,15 +144,11 @@ def group_lock(store_path: str | os.PathLike, group_path: str, *, exclusive: boo
             + "wait for it to finish (or stop it) and retry")
 
     if _remote(store_path):
-        from surpipe.store.lease import exclusive_lease, shared_lease
-
         fs, d = _lease_dir(store_path)
         what = f"group {group_path} of store {store_path}"
         if exclusive:
             ctx = exclusive_lease(fs, d, _lease_name(group_path), what, wait_s=wait_s)
         else:  # a shared holder that is no writer: named like one, so a deleter sees it
-            import secrets
-
             ctx = shared_lease(fs, d, _lease_name(group_path), f"rank-shared-{os.getpid()}-{secrets.token_hex(4)}",
                                what, wait_s=wait_s)
         with ctx:  # the leases' refusals name the holders (lease.describe)
@@ -181,8 +172,6 @@ def creation_lock(store_path: str | os.PathLike, group_path: str, wait_s: float 
                             f"{_lock_file(store_path, group_path, 'create')} and retry")
 
     if _remote(store_path):
-        from surpipe.store.lease import Lease
-
         fs, d = _lease_dir(store_path)
         with Lease(fs, f"{d}/{_lease_name(group_path)}.create", f"creation of group {group_path} of store {store_path}",
                    wait_s=wait_s):
@@ -190,6 +179,25 @@ def creation_lock(store_path: str | os.PathLike, group_path: str, wait_s: float 
         return
 
     with _flock(_lock_file(store_path, group_path, "create"), fcntl.LOCK_EX, wait_s, refuse):
+        yield
+
+
+@contextlib.contextmanager
+def growth_lock(store_path, wait_s: float = 600.0):
+    """The store-level lock of growths (:mod:`surpipe.store.growth`): of several processes
+    (data-parallel ranks) growing one store, one grows it while the others wait, then find it grown."""
+    if _remote(store_path):
+        fs, d = _lease_dir(store_path)
+        with Lease(fs, f"{d}/store.grow", f"growth of feature store {store_path}", wait_s=wait_s):
+            yield
+        return
+    f = lock_dir(store_path) / "store.grow.lock"
+
+    def refuse():
+        return SurpipeError(f"feature store {store_path} has been being grown by another job for over "
+                            f"{wait_s:.0f} s; if no other job runs, delete {f} and retry")
+
+    with _flock(f, fcntl.LOCK_EX, wait_s, refuse):
         yield
 
 
@@ -221,8 +229,6 @@ def writer_lock(store_path: str | os.PathLike, group_path: str, rank: int, world
     ``check()`` before marking a block done (a remote lease taken over raises there)."""
     note = f" (rank {rank} of {world_size})"
     if _remote(store_path):
-        from surpipe.store.lease import Lease, describe, live_holders
-
         fs, d = _lease_dir(store_path)
         what = f"group {group_path} of store {store_path}"
         name = _lease_name(group_path)

@@ -1,5 +1,5 @@
 """Opening the store of a stage-one command (extract-llm, encode-latents): the dataset is scanned,
-the store created from its rows or matched to them (:mod:`surpipe.store.rows`), in one step.
+the store created from its rows or matched to them (:func:`surpipe.store.feature_store.open_or_create`), in one step.
 
 Images: a NEW store's rows are the dataset rows whose images pass ``check_images`` (auto: a full
 decode), so that encode-latents can encode every row whichever command runs first. Matching an
@@ -12,14 +12,19 @@ the rows that fail, by key, before any model work.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 
 from surpipe.errors import SurpipeError, first_line
 from surpipe.logs import get_logger
+from surpipe.progress import progress_bar
+from surpipe.store.feature_store import local_store_path, open_or_create
 from surpipe.store.core import DEFAULT_BLOCK_ROWS
-from surpipe.store.rows import open_or_create
+from surpipe.store.sidecar import remove_sidecars
 
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
@@ -30,11 +35,7 @@ def image_problems(samples: Sequence, mode: str, progress: bool = False, desc: s
     pixel limit from the header; ``full``: a full decode), checked on a few threads."""
     if mode == "none" or not samples:
         return {}
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from surpipe.data.images import ImageProblem, probe
-    from surpipe.progress import progress_bar
+    from surpipe.data.images import ImageProblem, probe  # heavy (PIL): kept out of `surpipe --help`
 
     def one(s) -> str | None:
         try:
@@ -69,12 +70,10 @@ def open_store(data: str, store_path: str, *, block_rows: int | None = None, che
     full) and, with ``images`` (the command reads them), the check of an existing store's rows
     (auto: header). A dataset that is the store's rows plus rows after its last row grows the store
     (:mod:`surpipe.store.growth`: those rows are appended). A store made from another dataset raises
-    :class:`~surpipe.store.rows.DatasetMismatch` naming the first differing row. ``simple_field`` /
+    :class:`~surpipe.store.errors.DatasetMismatch` naming the first differing row. ``simple_field`` /
     ``complex_field`` name the metadata fields of the two prompts.
     """
-    from surpipe.data import SurdDataset, open_dataset
-
-    from surpipe.store.core import local_store_path
+    from surpipe.data import SurdDataset, open_dataset  # heavy (PIL, webdataset): kept out of `surpipe --help`
 
     where = local_store_path(store_path)
     exists = where.joinpath("zarr.json").is_file()
@@ -152,10 +151,6 @@ def discard_new_store_on_error(store, is_main: bool = True):
             except Exception:
                 used = True  # cannot tell: keep it
             if not used:
-                import shutil
-
-                from surpipe.store.sidecar import remove_sidecars
-
                 if getattr(store, "remote", False):
                     try:
                         store.path.rmtree()

@@ -14,6 +14,11 @@ in one piece (:func:`shard_runs`), one object upload instead of K growing rewrit
 from __future__ import annotations
 
 import re
+import struct
+
+import google_crc32c
+
+from surpipe.store.errors import ChecksumError
 
 # object stores: fewer, larger objects; a local folder keeps one file per chunk (no rewrite cost)
 REMOTE_DEFAULT = 4
@@ -86,17 +91,14 @@ def inner_chunk_missing(tail: bytes, arr, block: int) -> bool:
     """Whether the shard whose index ends ``tail`` holds no inner chunk for ``block``. A shard keeps
     one index for all its chunks: an inner chunk absent from it reads back as fill values, so a
     done block must be looked up there, not only its shard object (:func:`index_bytes` bytes).
-    A damaged index raises ValueError (a checksum mismatch, as zarr reports it)."""
-    import struct
-
-    import google_crc32c
-
+    A damaged index raises ValueError (:class:`~surpipe.store.errors.ChecksumError` for a checksum
+    mismatch)."""
     n = index_bytes(arr)
     if len(tail) < n:
         raise ValueError(f"shard index truncated ({len(tail)} of {n} bytes)")
     idx, crc = tail[-n:-4], tail[-4:]
     if google_crc32c.value(idx) != int.from_bytes(crc, "little"):
-        raise ValueError("Stored and computed checksum do not match (shard index)")
+        raise ChecksumError("Stored and computed checksum do not match (shard index)")
     # rows are the only sharded axis: the other axes hold one chunk per shard
     off, nbytes = struct.unpack_from("<QQ", idx, 16 * (block % inner_chunks_per_shard(arr)))
     return off == _EMPTY and nbytes == _EMPTY

@@ -14,14 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
+from surpipe.store.location import is_url, store_path as _sp
+
 SIDECARS = ("locks", "configs", "adding-layers")  # adding-layers: extract-llm --layers scratch
 
 
 def sidecar_dir(store_path: str | os.PathLike, what: str) -> Path:
     """``<store>.<what>``: the folder beside the store holding its ``what`` (locks, configs); for a
     store at a URL, the prefix ``<store>.<what>`` on the same filesystem (a RemotePath)."""
-    from surpipe.store.location import is_url, store_path as _sp
-
     if is_url(store_path):
         p = _sp(store_path)
         return p.with_name(f"{p.name}.{what}")

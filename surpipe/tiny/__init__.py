@@ -35,7 +35,7 @@ from pathlib import Path
 from surpipe.errors import SurpipeError
 from surpipe.logs import get_logger
 from surpipe.tiny.clip import build_tiny_clip, tiny_clip_config
-from surpipe.tiny.common import PIP_HINT, clip_bpe_file, llama_sentencepiece_file, wheel_file
+from surpipe.tiny.common import PIP_HINT, TINY_MARKER, clip_bpe_file, llama_sentencepiece_file, wheel_file
 from surpipe.tiny.llm import build_tiny_llm, tiny_llm_config
 from surpipe.tiny.sd import build_tiny_sd, tiny_sd_configs
 from surpipe.tiny.sdxl import build_tiny_sdxl, tiny_sdxl_configs
@@ -43,8 +43,8 @@ from surpipe.tiny.tokenizers import (CLIP_BOS, CLIP_EOS, CLIP_VOCAB_SIZE, clip_v
                                      load_llama_sentencepiece, train_llama_bpe, write_clip_tokenizer)
 
 __all__ = [
-    "CLIP_BOS", "CLIP_EOS", "CLIP_VOCAB_SIZE", "PIP_HINT", "build_tiny_clip", "build_tiny_llm", "build_tiny_sd",
-    "build_tiny_sdxl",
+    "CLIP_BOS", "CLIP_EOS", "CLIP_VOCAB_SIZE", "PIP_HINT", "TINY_MARKER", "build_tiny_clip", "build_tiny_llm",
+    "build_tiny_sd", "build_tiny_sdxl",
     "clip_bpe_file", "clip_vocab_and_merges", "llama_sentencepiece_file", "load_llama_sentencepiece",
     "make_tiny_models", "tiny_clip_config", "tiny_llm_config", "tiny_sd_configs", "tiny_sdxl_configs",
     "train_llama_bpe", "wheel_file",

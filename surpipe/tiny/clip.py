@@ -24,7 +24,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def tiny_clip_config(width: int = 32, layers: int = 2, heads: int = 4, image_size: int = 32, patch_size: int = 8,
                      projection_dim: int = 16):
     """A ``CLIPConfig`` with tiny text and vision towers."""
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig  # heavy: keeps --help torch-free
 
     text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                 num_attention_heads=heads, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -58,7 +58,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> P
 
     ``overrides`` go to :func:`tiny_clip_config`. The same seed gives the same weights.
     """
-    import torch
+    import torch  # heavy: keeps --help torch-free
     from transformers import CLIPModel
 
     out = Path(out_dir)

@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from surpipe.errors import SurpipeError
-from surpipe.evaluation.render import TINY_MARKER
+from surpipe.store import library_versions  # the one list of versions that shape stored values
+
+# The marker file in every folder make-tiny-models writes: generate and eval warn that such
+# models' pictures and scores are noise (surpipe.evaluation.render.tiny_model_note).
+TINY_MARKER = "surpipe_tiny.json"
 
 PIP_HINT = "pip install --no-deps open_clip_torch mistral-common"
 
@@ -65,7 +69,5 @@ def clean_tokenizer_config(folder: Path) -> None:
 
 def write_marker(out: str | os.PathLike, info: dict[str, Any]) -> None:
     """Write the ``surpipe_tiny.json`` marker (what was built, from what) with the library versions."""
-    from surpipe.store import library_versions  # the one list of versions that shape stored values
-
     info = {**info, "versions": library_versions()}
     (Path(out) / TINY_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

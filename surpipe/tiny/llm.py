@@ -14,7 +14,7 @@ from surpipe.tiny.tokenizers import load_llama_sentencepiece, train_llama_bpe
 
 def tiny_llm_config(vocab_size: int = 32000, **overrides: Any):
     """LlamaConfig of the tiny LM: 64 wide, 4 layers, 4 heads, 2 KV heads (GQA), MLP 128."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: keeps --help torch-free
 
     kw: dict[str, Any] = dict(
         vocab_size=vocab_size,
@@ -43,7 +43,7 @@ def build_tiny_llm(out_dir: str | os.PathLike, seed: int = 0, tokenizer: str = "
     ``"bpe"`` (small BPE trained here; no wheel needed). ``overrides`` go to ``LlamaConfig``.
     Returns ``Path(out_dir)``.
     """
-    import torch
+    import torch  # heavy: keeps --help torch-free
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)

@@ -99,7 +99,7 @@ def tiny_sd_configs(
 def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny random Stable Diffusion in the diffusers layout to ``out_dir``; ``overrides``
     go to :func:`tiny_sd_configs`. Loads with ``StableDiffusionPipeline.from_pretrained(out_dir)``."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -84,7 +84,7 @@ def tiny_sdxl_configs(
 def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny random SDXL in the diffusers layout to ``out_dir``; ``overrides`` go to
     :func:`tiny_sdxl_configs`. Loads with ``StableDiffusionXLPipeline.from_pretrained(out_dir)``."""
-    import torch
+    import torch  # heavy: keeps --help torch-free
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

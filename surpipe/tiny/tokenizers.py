@@ -71,7 +71,7 @@ def write_clip_tokenizer(out_dir: str | os.PathLike, pad_token: str = CLIP_EOS, 
 
     ``pad_token``: ``<|endoftext|>`` as in SD 1.x; SD 2.x uses ``"!"``.
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # heavy: keeps --help torch-free
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def _bpe_corpus() -> list[str]:
 def train_llama_bpe(vocab_size: int = 1000):
     """A small LLaMA-shaped BPE (SentencePiece-style '▁' pieces, byte fallback, BOS added),
     trained on a built-in prompt corpus. Needs no extra wheel."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # heavy: keeps --help torch-free
     from transformers import LlamaTokenizer
 
     specials = ["<unk>", "<s>", "</s>"]
@@ -131,7 +131,7 @@ def train_llama_bpe(vocab_size: int = 1000):
 
 def load_llama_sentencepiece():
     """The real LLaMA-style SentencePiece tokenizer (32,000 pieces, adds BOS) from the mistral-common wheel."""
-    from transformers import LlamaTokenizer
+    from transformers import LlamaTokenizer  # heavy: keeps --help torch-free
 
     sp = llama_sentencepiece_file()
     with tempfile.TemporaryDirectory(prefix="surpipe-sp-") as d:

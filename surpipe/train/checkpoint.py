@@ -1,10 +1,10 @@
-"""Training checkpoints: written atomically, pruned, found, and loaded with every damage check.
+"""What a training checkpoint holds, written and loaded with every damage check.
 
-A checkpoint is ``OUT/checkpoints/step-<8 digits>/`` holding ``adapter/`` (save_pretrained layout),
-``projection.safetensors``, ``optimizer.pt`` (optimizer, LR schedule, fp16 scaler), ``rng.safetensors``
-(torch CPU/CUDA and the recipe's generator) and ``state.json`` (step, data position). It is written
-under ``.tmp-step-*`` and appears by one rename, so a folder named ``step-*`` is complete unless
-something outside surpipe damaged it; loading reports such damage, never falls back silently.
+A checkpoint folder (its place in the run folder, its name and its atomic publication are
+:class:`surpipe.train.run_folder.RunFolder`'s) holds ``adapter/`` (save_pretrained layout),
+``projection.safetensors``, ``optimizer.pt`` (optimizer, LR schedule, fp16 scaler),
+``rng.safetensors`` (torch CPU/CUDA and the recipe's generator) and ``state.json`` (step, data
+position). Loading reports damage (:class:`Damaged`), never falls back silently.
 Hand-written rather than ``accelerator.save_state``: that one neither renames atomically nor
 checks what it loads (shapes, finiteness, the step of every part).
 """
@@ -13,191 +13,99 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shutil
 from pathlib import Path
 from typing import Optional
 
 from surpipe.errors import SurpipeError, first_line
+from surpipe.safeload import load_torch_file
+from surpipe.train.run_layout import CK_ADAPTER, CK_OPTIMIZER, CK_PROJECTION, CK_RNG, CK_STATE, step_name
 
 
 class Damaged(Exception):
     """A checkpoint file that is not what surpipe wrote (the caller words the message)."""
 
 
-def checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The checkpoint folders (``step-<8 digits>``), oldest first. They appear by one atomic
-    rename, so a damaged one (even without state.json) is reported at load, never skipped."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if re.fullmatch(r"step-\d{8}", p.name) and p.is_dir())
-
-
-def latest(ckpt_dir: Path) -> Optional[Path]:
-    """The newest checkpoint folder, or None."""
-    done = checkpoints(ckpt_dir)
-    return done[-1] if done else None
-
-
-def clean_stale_tmp(ckpt_dir: Path) -> list[Path]:
-    """Delete the ``.tmp-step-*`` folders that killed runs left in the checkpoint folder (only
-    those; call it only with the run folder's lock held, so no live writer owns one)."""
-    if not ckpt_dir.is_dir():
-        return []
-    stale = [p for p in ckpt_dir.iterdir() if p.name.startswith(".tmp-step-") and p.is_dir() and not p.is_symlink()]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
-
-
-def write_failure(out: Path, what: str, e: Exception) -> str:
-    """The message of a failed write into run folder ``out``: what failed, what is kept, what to do."""
-    import errno as _errno
-
-    full = getattr(e, "errno", None) == _errno.ENOSPC or "No space left" in str(e)
-    why = "no space left on device" if full else f"write failed: {getattr(e, 'strerror', None) or e}"
-    prev = latest(out / "checkpoints")
-    kept = (f"the previous checkpoint {prev.name} (step {prev.name[5:].lstrip('0') or 0}) is intact"
-            if prev else "no earlier checkpoint exists")
-    return (f"{why} while writing the {what} of run folder {out}; nothing of it was kept and {kept}. "
-            f"{'Free space' if full else 'Fix the disk'}, then rerun the same command: it resumes from the "
-            "latest checkpoint")
-
-
-def save_checkpoint(out: Path, step: int, *, adapter, projection, optimizer, lr_scheduler, scaler, gen,
-                    position: Optional[dict], max_steps: int, keep: int) -> Path:
-    """Write checkpoint ``step`` of run folder ``out`` (unwrapped ``adapter`` and ``projection``)
-    under a temporary name, rename it, then prune all but the newest ``keep``.
-
-    A failed write (full disk, I/O error) raises SurpipeError; the earlier checkpoints are kept."""
+def write_parts(folder: Path, step: int, *, adapter, projection, optimizer, lr_scheduler, scaler, gen,
+                position: Optional[dict], max_steps: int) -> None:
+    """Write every part of checkpoint ``step`` into the (new, empty) ``folder``: unwrapped
+    ``adapter`` and ``projection``, optimizer, schedule, scaler, RNG states and data position."""
+    # heavy: torch and safetensors (the train stage imports this module torch-free)
     import torch
     from safetensors.torch import save_file
 
-    ckpt_dir = out / "checkpoints"
-    final = ckpt_dir / f"step-{step:08d}"
-    tmp = ckpt_dir / f".tmp-step-{step:08d}-{os.getpid()}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        adapter.save_pretrained(tmp / "adapter")
-        projection.save(tmp / "projection.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None}, tmp / "optimizer.pt")
-        rng = {"torch_cpu": torch.get_rng_state(), "generator": gen.get_state()}
-        if torch.cuda.is_available():
-            rng["torch_cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(tmp / "rng.safetensors"))
-        # no Python `random` state: nothing in training draws from it (older checkpoints that hold
-        # "python_random" still load; the key is ignored)
-        state = {"step": step, "position": position, "max_steps": max_steps}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SurpipeError(write_failure(out, f"checkpoint step-{step:08d}", e)) from None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)  # publishes a whole folder: one rename, not a file write
-    for old in checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    adapter.save_pretrained(folder / CK_ADAPTER)
+    projection.save(folder / CK_PROJECTION)
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None}, folder / CK_OPTIMIZER)
+    rng = {"torch_cpu": torch.get_rng_state(), "generator": gen.get_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(folder / CK_RNG))
+    # no Python `random` state: nothing in training draws from it (older checkpoints that hold
+    # "python_random" still load; the key is ignored)
+    state = {"step": step, "position": position, "max_steps": max_steps}
+    (folder / CK_STATE).write_text(json.dumps(state, indent=2))
 
 
-def save_final(out: Path, adapter, projection, name: str = "adapter", note: Optional[dict] = None) -> None:
-    """The final adapter in ``OUT/<name>`` (save_pretrained layout) with ``llm_projection.safetensors``
-    (and ``note`` as ``<name>.json`` inside), replaced by one rename."""
-    tmp = out / f".tmp-{name}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        adapter.save_pretrained(tmp)
-        projection.save(tmp / "llm_projection.safetensors")
-        if note is not None:
-            (tmp / f"{name}.json").write_text(json.dumps(note, indent=2) + "\n")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SurpipeError(write_failure(out, "final adapter" if name == "adapter" else f"{name} adapter", e)) from None
-    final = out / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def best_score(out: Path) -> Optional[float]:
-    """The ``--keep-best`` score recorded in ``OUT/best/best.json`` (None when there is none)."""
-    try:
-        score = json.loads((out / "best" / "best.json").read_text())["score"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
-
-
-def final_adapter_stale(out: Path) -> bool:
-    """True when OUT/adapter is missing or older than the latest checkpoint (killed in between)."""
-    from surpipe.adapter import WEIGHTS_NAME
-
-    final = out / "adapter" / WEIGHTS_NAME
-    last = latest(out / "checkpoints")
-    if not final.is_file():
-        return True
-    return last is not None and final.stat().st_mtime_ns < (last / "state.json").stat().st_mtime_ns
-
-
-def load_checkpoint(path: Path, *, adapter, projection, optimizer, lr_scheduler, scaler, gen, num_blocks: int,
-                    block_rows: int) -> tuple[int, dict]:
+def load_parts(path: Path, *, adapter, projection, optimizer, lr_scheduler, scaler, gen, num_blocks: int,
+               block_rows: int) -> tuple[int, dict]:
     """Restore checkpoint ``path`` into the given (unwrapped) modules, optimizer, schedule, scaler and
-    generator; returns ``(step, data position)``. A damaged one raises SurpipeError naming the file
-    and the previous checkpoint (deleting the damaged folder is the user's choice)."""
-    try:
-        return _load(path, adapter, projection, optimizer, lr_scheduler, scaler, gen, num_blocks, block_rows)
-    except Damaged as e:
-        earlier = [p for p in checkpoints(path.parent) if p.name < path.name]
-        todo = (f"delete {path} to resume from the previous checkpoint {earlier[-1].name}" if earlier
-                else f"it is the only checkpoint: delete {path} to start the run over from step 0")
-        raise SurpipeError(f"checkpoint {path} cannot be loaded, it is damaged: {e}; {todo}") from None
-
-
-def _load(path, adapter, projection, optimizer, lr_scheduler, scaler, gen, num_blocks, block_rows):
-    import torch
-
-    from surpipe.safeload import load_torch_file
+    generator; returns ``(step, data position)``. Raises :class:`Damaged` saying what is wrong."""
+    from surpipe.adapter_io import WEIGHTS_NAME  # heavy: torch (the adapter's file names live there)
 
     # state.json first: cheap, and it says which step the rest must belong to
+    step, pos = _read_state(path, num_blocks, block_rows)
+    _check_adapter_config(path, adapter)
+    _load_weights(adapter, path / CK_ADAPTER / WEIGHTS_NAME, f"{CK_ADAPTER}/{WEIGHTS_NAME}")
+    _load_weights(projection, path / CK_PROJECTION, CK_PROJECTION)
+    _load_optimizer(path, step, optimizer, lr_scheduler, scaler)
+    _load_rng(path, gen)
+    return step, pos
+
+
+def _read_state(path: Path, num_blocks: int, block_rows: int) -> tuple[int, dict]:
+    """The step and data position that state.json records, checked against the folder's name and
+    the store's blocks."""
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((path / CK_STATE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Damaged(f"state.json is missing, unreadable or truncated ({e})") from None
+        raise Damaged(f"{CK_STATE} is missing, unreadable or truncated ({e})") from None
     step, pos = (state.get("step"), state.get("position")) if isinstance(state, dict) else (None, None)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or f"step-{step:08d}" != path.name:
-        raise Damaged(f"state.json has step {step!r}, not the step of {path.name}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or step_name(step) != path.name:
+        raise Damaged(f"{CK_STATE} has step {step!r}, not the step of {path.name}")
     if not (isinstance(pos, dict) and set(pos) == {"epoch", "block_idx", "row_idx"}
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos.values())
             and pos["block_idx"] <= num_blocks and pos["row_idx"] < block_rows):
-        raise Damaged(f"state.json has an invalid data position {pos!r}")
+        raise Damaged(f"{CK_STATE} has an invalid data position {pos!r}")
+    return step, pos
 
-    # weights: shapes checked against this run's modules before any tensor is read
+
+def _check_adapter_config(path: Path, adapter) -> None:
+    """The saved adapter's settings must be this run's: checked before any tensor is read."""
+    from surpipe.adapter_io import CONFIG_NAME  # heavy: torch
+
+    name = f"{CK_ADAPTER}/{CONFIG_NAME}"
     try:
-        acfg = json.loads((path / "adapter" / "config.json").read_text(encoding="utf-8"))
+        acfg = json.loads((path / name).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Damaged(f"adapter/config.json is unreadable ({e})") from None
+        raise Damaged(f"{name} is unreadable ({e})") from None
     if not isinstance(acfg, dict):
-        raise Damaged("adapter/config.json does not hold a JSON object")
+        raise Damaged(f"{name} does not hold a JSON object")
     for k in ("width", "nhead", "dim_feedforward", "num_layers", "token_mixing", "adapter_weight"):
         if acfg.get(k) != getattr(adapter.config, k):
-            raise Damaged(f"adapter/config.json has {k} {acfg.get(k)!r} where this run's adapter has "
+            raise Damaged(f"{name} has {k} {acfg.get(k)!r} where this run's adapter has "
                           f"{getattr(adapter.config, k)!r}")
-    _load_weights(adapter, path / "adapter" / "model.safetensors", "adapter/model.safetensors")
-    _load_weights(projection, path / "projection.safetensors", "projection.safetensors")
 
-    # optimizer and schedule: read with weights_only (no pickled code runs), then checked
+
+def _load_optimizer(path: Path, step: int, optimizer, lr_scheduler, scaler) -> None:
+    """Optimizer, schedule and scaler: read with weights_only (no pickled code runs), then checked."""
     try:
-        opt = load_torch_file(path / "optimizer.pt", "optimizer state")
+        opt = load_torch_file(path / CK_OPTIMIZER, "optimizer state")
     except SurpipeError as e:
         raise Damaged(str(e)) from None
     if not (isinstance(opt, dict) and isinstance(opt.get("optimizer"), dict)
             and isinstance(opt.get("lr_scheduler"), dict)):
-        raise Damaged("optimizer.pt does not hold an optimizer state (a dict with 'optimizer' and "
+        raise Damaged(f"{CK_OPTIMIZER} does not hold an optimizer state (a dict with 'optimizer' and "
                       "'lr_scheduler')")
     try:
         optimizer.load_state_dict(opt["optimizer"])
@@ -212,32 +120,36 @@ def _load(path, adapter, projection, optimizer, lr_scheduler, scaler, gen, num_b
     except Damaged:
         raise
     except Exception as e:  # torch raises ValueError, KeyError, TypeError ... for a wrong state
-        raise Damaged(f"optimizer.pt does not match this run's optimizer ({first_line(e)})") from None
+        raise Damaged(f"{CK_OPTIMIZER} does not match this run's optimizer ({first_line(e)})") from None
 
-    # RNG states
+
+def _load_rng(path: Path, gen) -> None:
+    """The torch CPU (and CUDA) RNG states and the recipe's generator."""
+    # heavy: torch and safetensors
+    import torch
+    from safetensors.torch import load_file
+
     try:
-        from safetensors.torch import load_file
-
-        rng = load_file(str(path / "rng.safetensors"))
+        rng = load_file(str(path / CK_RNG))
     except Exception as e:
-        raise Damaged(f"rng.safetensors is unreadable ({first_line(e)})") from None
+        raise Damaged(f"{CK_RNG} is unreadable ({first_line(e)})") from None
     missing = [k for k in ("torch_cpu", "generator") if k not in rng]
     if missing:
-        raise Damaged(f"rng.safetensors lacks {', '.join(missing)}")
+        raise Damaged(f"{CK_RNG} lacks {', '.join(missing)}")
     try:
         torch.set_rng_state(rng["torch_cpu"])
         gen.set_state(rng["generator"])
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["torch_cuda"])
     except Exception as e:
-        raise Damaged(f"rng.safetensors holds an invalid RNG state ({type(e).__name__}: "
+        raise Damaged(f"{CK_RNG} holds an invalid RNG state ({type(e).__name__}: "
                       f"{(str(e).strip().splitlines() or [''])[0]})") from None
-    return step, pos
 
 
 def _load_weights(module, path: Path, name: str) -> None:
     """Load a safetensors file into ``module`` strictly, checking names, shapes and finiteness
     before reading any tensor (a damaged header cannot make us allocate)."""
+    # heavy: torch and safetensors
     import torch
     from safetensors import safe_open
 
@@ -266,7 +178,7 @@ def _load_weights(module, path: Path, name: str) -> None:
 def _check_optimizer(optimizer) -> None:
     """Raise Damaged when the loaded AdamW state does not fit its parameters (torch checks only the
     group sizes: a moment of another shape would fail at the next step)."""
-    import torch
+    import torch  # heavy
 
     for group in optimizer.param_groups:
         for k in ("lr", "eps", "weight_decay"):

@@ -13,9 +13,15 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
+import google_crc32c
 import numpy as np
 
 from surpipe.errors import SurpipeError
+from surpipe.features import LLMFeatures, VaeFeatures, clip_features
+from surpipe.store import FeatureStore, chunk_files, missing_chunk, read_failure
+from surpipe.store.integrity import chunk_keys, missing_block_file
+from surpipe.store.location import store_path
+from surpipe.store.sharding import index_bytes, inner_chunk_missing
 
 if TYPE_CHECKING:
     from surpipe.train.groups import StoreGroups
@@ -46,9 +52,6 @@ class BlockReader:
         self._open()
 
     def _open(self):
-        from surpipe.features import LLMFeatures, VaeFeatures, clip_features
-        from surpipe.store import FeatureStore
-
         store = FeatureStore(self.store_path)  # format, root attributes: clear errors
         g = self.groups
         llm, clip, vae = store.group(g.llm_group), store.group(g.clip_group), store.group(g.vae_group)
@@ -69,7 +72,7 @@ class BlockReader:
         if store.remote:
             # chunks of a store on object storage are read through a bounded local cache, so later
             # epochs read no chunk data remotely (the done records are always read fresh)
-            from surpipe.store.cache import cached_root
+            from surpipe.store.cache import cached_root  # heavy: zarr
 
             names: dict[str, list[str]] = {}
             for gpath, name, _ in arrays.values():
@@ -94,7 +97,6 @@ class BlockReader:
     @property
     def store_location(self):
         """The store's location (a local Path or a RemotePath)."""
-        from surpipe.store.location import store_path
 
         return store_path(self.store_path)
 
@@ -108,7 +110,6 @@ class BlockReader:
     def _refuse_if_grown(self) -> None:
         """A store that stage one grew while this reader used it (its last block reopened for the new
         rows) is no damage: say so, instead of pointing at verify --repair."""
-        from surpipe.store import FeatureStore
 
         try:
             now = FeatureStore(self.store_path, allow_growing=True).num_samples
@@ -125,8 +126,6 @@ class BlockReader:
                             "to mark the damaged block for recomputation, then rerun the stage that wrote it")
 
     def __getitem__(self, block: int) -> dict[str, np.ndarray]:
-        from surpipe.store import read_failure
-
         if self._pid != os.getpid() and getattr(self.store_location, "protocol", None):
             self._open()  # a forked DataLoader worker: the parent's object-store connections are not usable here
         start = block * self.block_rows
@@ -171,8 +170,6 @@ class BlockReader:
         cut short or overwritten by a crash or a bad disk) is the cache's damage, not the store's:
         it is dropped and fetched once more, and only a failure of the freshly fetched object is
         reported as store damage (else every rerun fails the same way while verify finds nothing)."""
-        from surpipe.store import missing_chunk, read_failure
-        from surpipe.store.integrity import chunk_keys, missing_block_file
 
         where, span = f"{gpath}/{name}", (start, stop)
         if self._cache is None:
@@ -204,9 +201,6 @@ class BlockReader:
     def _check_cached(self, arr, block: int, where: str, span: tuple[int, int], objs: list[str]) -> None:
         """Fetch ``objs`` into the cache (if not there) and refuse a chunk the store does not hold; a
         damaged shard index raises ValueError."""
-        from surpipe.store import missing_chunk
-        from surpipe.store.integrity import missing_block_file
-        from surpipe.store.sharding import index_bytes, inner_chunk_missing
 
         for obj in objs:
             gone = not self._cache.ensure(obj)  # present = fetched into the cache (no extra request)
@@ -224,10 +218,6 @@ def _done_value(store_path: str, done, block: int, gen: int | None):
     if gen is not None and done.shards is None and len(done.compressors) == 1 \
             and getattr(done.serializer, "endian", None) is not None \
             and str(done.serializer.endian.value) == "little":
-        import google_crc32c
-
-        from surpipe.store import chunk_files
-
         f = chunk_files(store_path, done, block)[0]
         try:
             raw = f.read_bytes()
@@ -298,6 +288,7 @@ class SampleStream:
         self.position = position or Position()
 
     def _blocks(self, epoch: int, first: int) -> Iterator[tuple[int, dict]]:
+        # heavy: torch (the DataLoader that reads blocks in workers)
         import torch
         import torch.utils.data as tud
 

@@ -3,7 +3,12 @@ the one that fits the UNet (embedding width, latent channels) and the model that
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from surpipe import sd
+from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures, clip_features
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,6 @@ def _describe_group(store, path: str) -> str:
 
 def model_id(model: str) -> str:
     """How stage one records a model: a local folder as its resolved absolute path, a hub id as is."""
-    from pathlib import Path
-
-    from surpipe.sd import components as sd
-
     return str(Path(model).expanduser().resolve()) if sd.is_local(model) else model
 
 
@@ -65,17 +66,13 @@ def _text_encoder_fingerprint(model: str, revision: str | None, with_weights: bo
     """The hashes encode-latents records for a text encoder (config hash, and with ``with_weights``
     the weights hash), computed from the files of a local folder without building the model;
     None when ``model`` is no local folder with text_encoder/ (a UNet-only folder, a hub id)."""
-    from pathlib import Path
-
-    from surpipe.sd import components as sd
-
     if not sd.is_local(model):
         return None
     sub = Path(model).expanduser() / "text_encoder"
     if not (sub / "config.json").is_file():
         return None
     try:
-        import transformers
+        import transformers  # heavy: only for a local folder's text encoder
 
         cfg = transformers.AutoConfig.from_pretrained(str(sub))
         out = {"text_encoder_config_hash": sd.config_hash(cfg.to_dict())}
@@ -86,8 +83,6 @@ def _text_encoder_fingerprint(model: str, revision: str | None, with_weights: bo
         index = sub / "model.safetensors.index.json"
         if not files and index.is_file():
             try:
-                import json
-
                 files = sorted({sub / f for f in json.loads(index.read_text())["weight_map"].values()})
             except Exception:
                 files = []
@@ -95,7 +90,7 @@ def _text_encoder_fingerprint(model: str, revision: str | None, with_weights: bo
             files = [sub / "model.fp16.safetensors"]
         if files:  # .bin files are pickles: never read here
             try:
-                from safetensors.torch import load_file
+                from safetensors.torch import load_file  # heavy: torch
 
                 tensors = {}
                 for f in files:
@@ -122,8 +117,6 @@ def clip_matcher(model: str | None, revision: str | None = None, width: int | No
     """The rule that picks a CLIP group among several: the embedding width the UNet expects, then
     the text encoder of ``model`` (its config and weights hashes when ``model`` is a local folder
     with text_encoder/, else the model id recorded by encode-latents)."""
-    from surpipe.features import ClipFeatures
-
     def match(store, paths):
         cands, decided = _fitting(store, paths, lambda g: (ClipFeatures.embedding_shape(g) or (0, None))[1], width)
         if decided:
@@ -155,8 +148,6 @@ def clip_matcher(model: str | None, revision: str | None = None, width: int | No
 def vae_matcher(model: str | None, in_channels: int | None = None):
     """The rule that picks a VAE group among several: the latent channels the UNet expects, then
     the model id recorded by encode-latents."""
-    from surpipe.features import VaeFeatures
-
     def match(store, paths):
         cands, decided = _fitting(store, paths, lambda g: (VaeFeatures.latent_shape(g) or (None,))[0], in_channels)
         if decided:
@@ -183,8 +174,6 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
     ``unet_config`` (clip_matcher, vae_matcher). A negative ``llm_layer`` counts from the end of
     the stored layers (-1: the last); the returned StoreGroups holds the resolved layer.
     A group that could not be resolved is None in the returned StoreGroups."""
-    from surpipe.features import LLMFeatures, VaeFeatures, clip_features
-
     problems: list[str] = []
     paths = {}
     unet_config = unet_config or {}

@@ -4,10 +4,19 @@ together; ``TrainingInputs`` holds the result that ``TrainRecipe.setup`` needs."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 from surpipe.errors import SurpipeError
+from surpipe.features import LLMFeatures, VaeFeatures, clip_features
+from surpipe.hub import read_model_config
+from surpipe.sd import check_pipeline_class
+from surpipe.store import FeatureStore
+from surpipe.train.groups import resolve_groups
+from surpipe.train.validation.split import held_out_rows, split_record
 
 
 @dataclass(frozen=True)
@@ -26,16 +35,13 @@ class TrainingInputs:
     shift_factor: float
     prediction_type: str  # epsilon or v_prediction
     held_out: Any = None  # sorted row indices of the validation rows (numpy int64; empty: no split)
-    split: Optional[dict] = None  # surpipe.train.validation.metrics.split_record of the split, recorded in the run folder
+    split: Optional[dict] = None  # surpipe.train.validation.split.split_record of the split, recorded in the run folder
     resolution: Optional[int] = None  # pixels of the stored latents' square crops (SDXL's target size)
     pooled_width: Optional[int] = None  # SDXL: width of the pooled text embedding (None: SD 1.x/2.x)
 
 
 def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[dict]]:
     """The UNet and scheduler configs of ``cfg.model`` (None where unreadable, the problem noted)."""
-    from surpipe.hub import read_model_config
-    from surpipe.sd.components import check_pipeline_class
-
     unet_cfg = sched_cfg = None
     family = None
     try:
@@ -64,11 +70,7 @@ def _model_configs(cfg, problems: list[str]) -> tuple[Optional[dict], Optional[d
 
 def _split(cfg, store, found: dict, problems: list[str]) -> None:
     """The held-out validation rows of ``--val-rows``/``--val-fraction`` (chosen from the sample
-    keys, surpipe.train.validation.metrics.held_out_rows) and their record, into ``found``."""
-    import numpy as np
-
-    from surpipe.train.validation.metrics import held_out_rows, split_record
-
+    keys, surpipe.train.validation.split.held_out_rows) and their record, into ``found``."""
     rows, fraction, seed = cfg.val_rows, cfg.val_fraction, cfg.val_seed
     try:
         keys = store.keys() if (rows or fraction) else np.zeros(0, dtype=object)
@@ -83,10 +85,6 @@ def _split(cfg, store, found: dict, problems: list[str]) -> None:
 def gather(cfg) -> tuple[dict, list[str]]:
     """Read and check everything ``cfg`` (a TrainConfig) trains on. Returns the fields of
     ``TrainingInputs`` found (possibly partial) and every problem, without raising."""
-    from surpipe.features import LLMFeatures, VaeFeatures, clip_features
-    from surpipe.store import FeatureStore
-    from surpipe.train.groups import resolve_groups
-
     problems: list[str] = []
     found: dict = {"store": None, "groups": None}
     try:
@@ -153,10 +151,6 @@ def _other_vae(cfg, group: str, lat) -> list[str]:
     wrong thing (as a text-encoder group must match the model: store_groups.clip_matcher). Only
     the numbers that define the latent space are compared, not the VAE's config hash: a fine-tuned
     VAE given to encode-latents with --vae (sd-vae-ft-mse for SD 1.5) shares the latent space."""
-    import math
-
-    from surpipe.hub import read_model_config
-
     try:
         vae = read_model_config(cfg.model, "vae", cfg.revision)
         want = {"scaling_factor": float(vae.get("scaling_factor", 0.18215)),  # diffusers' defaults
@@ -178,8 +172,6 @@ def _sdxl(cfg, clip, vae, unet_cfg: Optional[dict], found: dict, problems: list[
     """SDXL's extra inputs (the pooled width, the training resolution) and their agreement with the
     UNet: a text_time UNet needs the pooled embeddings and the micro-conditioning, and takes
     6 time ids plus the pooled width; an SD 1.x/2.x UNet takes neither."""
-    from surpipe.features import VaeFeatures, clip_features
-
     found["resolution"] = vae.settings.get("resolution")
     kind = clip_features(clip.settings)
     pooled = kind.pooled_size(clip) if hasattr(kind, "pooled_size") else None

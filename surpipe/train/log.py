@@ -4,11 +4,13 @@ Torch-free at import (the CLI's ``--help`` reads the train stage module, which i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
 from typing import Optional
 
+from surpipe.config import atomic_write_text
 from surpipe.errors import SurpipeError, first_line
 
 # --report-to choice -> the packages that provide it (any one suffices), as accelerate looks for them
@@ -19,8 +21,6 @@ LOSS_TERMS = ("loss", "denoise", "llm", "prompt")
 
 def tracker_problem(report_to: str) -> Optional[str]:
     """Why ``report_to`` cannot be used here (its package is missing), or None."""
-    import importlib.util
-
     if report_to == "none":
         return None
     for mod in TRACKER_PACKAGES[report_to]:
@@ -59,9 +59,9 @@ class RunLogger:
     """metrics.jsonl + a human train.log + the accelerate trackers of ``--report-to``, which also
     receive the validation grids."""
 
-    def __init__(self, out: Path, accelerator=None):
-        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-        self.human = open(out / "train.log", "a", encoding="utf-8")
+    def __init__(self, metrics: Path, human: Path, accelerator=None):
+        self.metrics = open(metrics, "a", encoding="utf-8")
+        self.human = open(human, "a", encoding="utf-8")
         self.accelerator = accelerator if accelerator is not None and accelerator.trackers else None
 
     def log_text(self, msg: str) -> None:
@@ -94,6 +94,7 @@ class RunLogger:
         """Send a picture (the validation grid) to the trackers: TensorBoard add_image, W&B wandb.Image."""
         if self.accelerator is None:
             return
+        # heavy: PIL, only when a tracker takes the pictures
         import numpy as np
         from PIL import Image
 
@@ -136,8 +137,6 @@ def validation_summary(m: dict, rows: int, first: Optional[dict] = None) -> str:
 def drop_metrics_after(metrics: Path, step: int) -> None:
     """Keep only the rows of metrics.jsonl up to ``step`` (atomically): a resumed run replays the
     steps a killed run logged after its last checkpoint."""
-    from surpipe.config import atomic_write_text
-
     if not metrics.is_file():
         return
     keep = []
@@ -168,7 +167,7 @@ def smoothing_weight(n: int) -> float:
 def loss_curve(metrics: Path, png: Path, note: Optional[str] = None) -> None:
     """The four loss terms per logged step (thin) with their smoothed line; ``note`` (e.g. that the
     models are random tiny ones) goes into the title."""
-    import matplotlib
+    import matplotlib  # heavy: only for the curve
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -25,6 +25,8 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from surpipe.errors import SurpipeError
@@ -114,8 +116,6 @@ class LLMProjection(nn.Module):
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the weights and settings to a safetensors file (atomically)."""
-        from safetensors.torch import save_file
-
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp")
@@ -129,8 +129,6 @@ class LLMProjection(nn.Module):
     @classmethod
     def load(cls, path: Union[str, os.PathLike], learnable: Optional[bool] = None) -> "LLMProjection":
         """Read a file written by :meth:`save` (``learnable`` overrides the stored flag)."""
-        from safetensors import safe_open
-
         p = Path(path)
         if not p.is_file():
             raise SurpipeError(f"LLM projection file not found: {p}")
@@ -173,7 +171,7 @@ def _as_scheduler(scheduler: Any):
     if hasattr(scheduler, "alphas_cumprod"):
         return scheduler
     if isinstance(scheduler, dict):
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler  # heavy: only for a scheduler given as its config
 
         # diffusers resets keys listed in "_use_default_values" to defaults: drop that list.
         return DDPMScheduler.from_config({k: v for k, v in scheduler.items() if k != "_use_default_values"})

@@ -12,7 +12,7 @@ LOSS_TERMS = ("denoise", "llm", "prompt", "loss")
 def _names(names: dict, params: list, values: Iterable, most: int = 5) -> str:
     """The names (at most ``most``) of the ``params`` whose entry in ``values`` (a tensor or its
     norm) holds a NaN or an infinity."""
-    import torch
+    import torch  # heavy: the train stage imports this module torch-free
 
     bad = [names.get(id(p), f"parameter {i}") for i, (p, t) in enumerate(zip(params, values))
            if not bool(torch.isfinite(t).all())]
@@ -37,7 +37,7 @@ def loss_problem(sums: dict) -> Optional[str]:
 def gradient_problem(params: list, names: dict) -> Optional[str]:
     """Which gradients hold a NaN or an infinity, or None. Checked before clipping, which would
     spread a NaN norm over every gradient."""
-    import torch
+    import torch  # heavy: the train stage imports this module torch-free
 
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
@@ -50,7 +50,7 @@ def gradient_problem(params: list, names: dict) -> Optional[str]:
 
 def weight_problem(params: list, names: dict) -> Optional[str]:
     """Which weights became non-finite (after an optimizer step), or None."""
-    import torch
+    import torch  # heavy: the train stage imports this module torch-free
 
     norms = torch._foreach_norm([p.detach() for p in params])
     if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
@@ -60,7 +60,7 @@ def weight_problem(params: list, names: dict) -> Optional[str]:
 
 def nonfinite_tensors(**modules) -> list[str]:
     """``prefix.name`` of every floating tensor of the modules' state dicts holding a NaN or an infinity."""
-    import torch
+    import torch  # heavy: the train stage imports this module torch-free
 
     return [f"{prefix}.{k}" for prefix, mod in modules.items() for k, v in mod.state_dict().items()
             if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -10,23 +10,34 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+import numpy as np
+
+from surpipe.config import _range_problems, to_dict
 from surpipe.errors import SurpipeError
+from surpipe.evaluation.render import tiny_model_note
+from surpipe.progress import progress_bar
+from surpipe.store.blockjob import dist_env
+from surpipe.train import inputs as train_inputs  # gather looked up at call time: tests count its calls
+from surpipe.train import log as train_log
+from surpipe.train import numerics as N
+from surpipe.train.config import TrainConfig
+from surpipe.train.data import BlockReader, Position, SampleStream, rank_rows
+from surpipe.train.identity import run_identity
+from surpipe.train.inputs import TrainingInputs
 # torch-free at import; the names are this module's so tests can replace them
 from surpipe.train.log import loss_curve as _loss_curve
 from surpipe.train.log import tracker_problem as _tracker_problem
-from surpipe.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from surpipe.train.inputs import TrainingInputs
+from surpipe.train.run_folder import RunFolder
+from surpipe.train.validation import during
+from surpipe.train.validation.metrics import evaluate
+from surpipe.train.validation.split import keep_mask
 
 
 def _validate_numbers(cfg: TrainConfig) -> list[str]:
     """Every declared range (for configs built in Python, which skip ``from_dict``) and the checks
     that involve several options."""
-    from surpipe.config import _range_problems
-
     p = []
     for f in dataclasses.fields(cfg):
         p += _range_problems(f, getattr(cfg, f.name), f.name)
@@ -41,11 +52,10 @@ def _validate_numbers(cfg: TrainConfig) -> list[str]:
         p.append(problem)
     return p
 
+
 def _log_with(report_to: str):
     """The ``log_with`` argument of ``Accelerator`` for ``report_to`` (tests replace this)."""
     return None if report_to == "none" else [report_to]
-
-
 
 
 class TrainRecipe:
@@ -55,6 +65,7 @@ class TrainRecipe:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
+        self.run = RunFolder(self.out)  # every path of the run folder comes from here
         self.lock_held = False  # set by run() while it holds the run folder's lock
         self.inputs: Optional[TrainingInputs] = None
         self.vset = None  # the held-out ValidationSet (setup), None without a split
@@ -73,15 +84,10 @@ class TrainRecipe:
     def check(self) -> TrainingInputs:
         """Find every problem of the setup at once (options, store, groups, UNet width, run folder)
         and return what ``setup`` needs; raises SurpipeError listing them all."""
-        from surpipe.train.run_folder import check_run_folder
-        from surpipe.train.inputs import TrainingInputs, gather
-
-        found, problems = gather(self.cfg)
+        found, problems = train_inputs.gather(self.cfg)
         problems = _validate_numbers(self.cfg) + problems
-        from surpipe.store.blockjob import dist_env
-
-        problems += check_run_folder(self.cfg, found["store"], found["groups"], split=found.get("split"),
-                                     world=dist_env().world_size)
+        problems += self.run.resume_problems(self.cfg, found["store"], found["groups"], split=found.get("split"),
+                                             world=dist_env().world_size)
         if self.cfg.pooled == "aligned" and found.get("store") is not None and found.get("pooled_width") is None:
             problems.append("--pooled aligned: the store has no SDXL pooled embeddings (an SD 1.x/2.x store); "
                             "use --pooled simple")
@@ -94,14 +100,10 @@ class TrainRecipe:
     def setup(self, inputs: Optional[TrainingInputs] = None) -> None:
         """Load the frozen UNet, build the adapter, projection, optimizer and schedule, and resume
         from the latest checkpoint of the run folder (``check`` runs first unless given its result)."""
-        import numpy as np
+        # heavy: torch, diffusers (train --help stays torch-free)
         import torch
         from diffusers import DDPMScheduler
 
-        from surpipe.train import checkpoint as C
-        from surpipe.config import save
-        from surpipe.train.numerics import param_names
-        from surpipe.train.run_folder import run_identity
         from surpipe.train.setup import build_trainables, load_unet, unet_for_loss
 
         inputs = inputs or self.inputs or self.check()
@@ -115,28 +117,24 @@ class TrainRecipe:
         self.loss_unet = unet_for_loss(self.unet, cfg)
         self.noise_scheduler = DDPMScheduler.from_config(inputs.sched_config)
         self.adapter, self.projection, self.optimizer, self.lr_scheduler = build_trainables(cfg, inputs, self.runtime)
-        self.param_names = param_names(adapter=self._unwrapped("adapter"), projection=self._unwrapped("projection"))
+        self.param_names = N.param_names(adapter=self._unwrapped("adapter"), projection=self._unwrapped("projection"))
         self.step, self.position = 0, None
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.lock_held:  # only then can no live writer own a .tmp-step-* folder
-            C.clean_stale_tmp(self.out / "checkpoints")
-        latest = C.latest(self.out / "checkpoints")
+        if self.lock_held:  # only then can no live writer own a half-written checkpoint
+            self.run.clean_stale_tmp()
+        latest = self.run.latest_checkpoint()
         if latest is not None:
             self.load_checkpoint(latest)
-        self.vset = self._validation_set() if self.main else None  # held-out numbers: computed once
+        # held-out numbers: the set is read once
+        self.vset = during.validation_set(cfg, inputs, self.noise_scheduler) if self.main else None
         if self.main:
-            try:
-                # world_size: the global batch of the run is batch_size x world_size x grad_accum
-                save(cfg, self.out / "config.json", extra={"store_fingerprint": inputs.store.fingerprint,
-                                                           "world_size": self.world,
-                                                           "run": run_identity(cfg, inputs.store, inputs.groups,
-                                                                               split=inputs.split)})
-            except OSError as e:
-                raise SurpipeError(C.write_failure(self.out, "config.json", e)) from None
+            # world_size: the global batch of the run is batch_size x world_size x grad_accum
+            self.run.save_config(cfg, {"store_fingerprint": inputs.store.fingerprint, "world_size": self.world,
+                                       "run": run_identity(cfg, inputs.store, inputs.groups, split=inputs.split)})
         self.accelerator.wait_for_everyone()
 
     def _start_accelerator(self) -> None:
-        from surpipe.train.setup import start_accelerator
+        from surpipe.train.setup import start_accelerator  # heavy: torch, accelerate
 
         rt = start_accelerator(self.cfg, self.out, log_with=_log_with(self.cfg.report_to))
         self.accelerator, self.device = rt.accelerator, rt.device
@@ -151,9 +149,6 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------ data
     def _stream(self):
-        from surpipe.train.data import BlockReader, Position, SampleStream
-        from surpipe.train.validation.metrics import keep_mask
-
         reader = BlockReader(self.cfg.store, self.inputs.groups, self.inputs.store.block_rows)
         pos = Position(**self.position) if self.position else None
         workers = self.cfg.workers
@@ -167,9 +162,7 @@ class TrainRecipe:
                             keep=keep_mask(self.inputs.store.num_samples, self.inputs.held_out))
 
     def _batch_to_tensors(self, batch):
-        from surpipe.train.setup import batch_tensors
-
-        from surpipe.train.data import rank_rows
+        from surpipe.train.setup import batch_tensors  # heavy: torch
 
         b = self.cfg.batch_size
         share = (b * self.world, b * self.rank) if self.world > 1 else None
@@ -178,7 +171,7 @@ class TrainRecipe:
     def loss(self, b, denoise: bool = True):
         """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors
         (``denoise=False``: the UNet term skipped, see surpipe.train.losses.composed_loss)."""
-        from surpipe.train.losses import composed_loss
+        from surpipe.train.losses import composed_loss  # heavy: torch
 
         return composed_loss(b, adapter=self.adapter, projection=self.projection, unet=self.loss_unet,
                              scheduler=self.noise_scheduler, generator=self.gen, cfg=self.cfg,
@@ -194,14 +187,9 @@ class TrainRecipe:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         """Train (or resume) to max_steps, then write the final adapter and the loss curve."""
-        from surpipe.train import checkpoint as C
-        from surpipe.train import log as train_log
-        from surpipe.config import to_dict
-        from surpipe.progress import progress_bar
-
         cfg = self.cfg
         if self.step >= cfg.max_steps:
-            if C.final_adapter_stale(self.out):  # killed after the last checkpoint, before the adapter was written
+            if self.run.final_adapter_stale():  # killed after the last checkpoint, before the adapter was written
                 self.save_final()
             if self.main:
                 print(f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps")
@@ -210,9 +198,10 @@ class TrainRecipe:
         it = iter(stream)  # loader workers start here, before the trackers
         start_step = self.step
         if self.main:  # rows a killed run logged after its last checkpoint (all, without one) are replayed: drop them
-            train_log.drop_metrics_after(self.out / "metrics.jsonl", start_step if start_step else -1)
+            train_log.drop_metrics_after(self.run.metrics, start_step if start_step else -1)
         train_log.init_trackers(self.accelerator, cfg.report_to, to_dict(cfg), self.out)
-        logger = train_log.RunLogger(self.out, self.accelerator) if self.main else train_log.QuietLogger()
+        logger = (train_log.RunLogger(self.run.metrics, self.run.log, self.accelerator) if self.main
+                  else train_log.QuietLogger())
         bar = progress_bar(total=cfg.max_steps, initial=self.step, unit="step", desc="train",
                            disable=not (cfg.progress and self.main))
         if start_step:
@@ -233,27 +222,21 @@ class TrainRecipe:
         if not self.main:
             return {"step": self.step, "rank": self.rank}
         if cfg.loss_curve:
-            from surpipe.evaluation.render import tiny_model_note
-
-            _loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png", note=tiny_model_note(cfg.model))
+            _loss_curve(self.run.metrics, self.run.loss_curve, note=tiny_model_note(cfg.model))
         elapsed, n = time.perf_counter() - t_run, self.step - start_step
         print(f"trained {n} steps in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.2f} steps/s); last loss "
-              f"{last.get('loss', float('nan')):.5f}; adapter: {self.out / 'adapter'}")
+              f"{last.get('loss', float('nan')):.5f}; adapter: {self.run.adapter}")
         if self.last_val:
             print(train_log.validation_summary(self.last_val, len(self.vset), self.first_val))
-        if cfg.keep_best and (self.out / "best").is_dir():
-            from surpipe.train.checkpoint import best_score
-
-            print(f"best held-out adapter (val/prompt + val/llm {best_score(self.out):.5f}): {self.out / 'best'}")
+        if cfg.keep_best and self.run.best.is_dir():
+            print(f"best held-out adapter (val/prompt + val/llm {self.run.best_score():.5f}): {self.run.best}")
         return {"step": self.step, "steps_run": n, "seconds": round(elapsed, 2), "final": last,
-                "adapter": str(self.out / "adapter")}
+                "adapter": str(self.run.adapter)}
 
     def _loop(self, stream, it, logger, bar) -> dict:
         """Steps until max_steps; stops with a SurpipeError (before anything is saved) on a
         non-finite loss, gradient or weight."""
-        import torch
-
-        from surpipe.train import numerics as N
+        import torch  # heavy
 
         cfg = self.cfg
         last: dict = {}
@@ -328,18 +311,17 @@ class TrainRecipe:
                 if sums[k] is not None:
                     sums[k] += float(losses[k].detach()) / cfg.grad_accum
         if self.world > 1:  # the logged terms are the global batch's means, as one process would log them
-            from surpipe.train.setup import global_means
+            from surpipe.train.setup import global_means  # heavy: torch
 
             sums = global_means(self.accelerator, sums)
         return sums, times
 
     def _stop_if(self, what: Optional[str]) -> None:
         """Stop the run on a non-finite number (``what`` says where), keeping the last checkpoint."""
-        from surpipe.train.checkpoint import latest
-        from surpipe.train.setup import stopped_message
+        from surpipe.train.setup import stopped_message  # heavy: torch
 
         if what is not None:
-            raise SurpipeError(stopped_message(self.step + 1, what, latest(self.out / "checkpoints")))
+            raise SurpipeError(stopped_message(self.step + 1, what, self.run.latest_checkpoint()))
 
     # ------------------------------------------------------------------ checkpoints and the final adapter
     def _modules(self) -> dict:
@@ -347,28 +329,23 @@ class TrainRecipe:
 
     def _refuse_nonfinite_weights(self, what: str) -> None:
         """Never write a NaN/Inf adapter or projection: raise naming the tensors instead."""
-        from surpipe.train.numerics import listing, nonfinite_tensors
-
-        bad = nonfinite_tensors(**self._modules())
+        bad = N.nonfinite_tensors(**self._modules())
         if bad:
             raise SurpipeError(f"refusing to write a {what} of {self.out} at step {self.step}: non-finite "
-                               f"values in {listing(bad)}")
+                               f"values in {N.listing(bad)}")
 
     def save_checkpoint(self) -> Path:
         """Adapter, projection, optimizer, LR schedule, step, RNG states and data position (atomic;
         older checkpoints pruned to keep_checkpoints)."""
-        from surpipe.train.checkpoint import save_checkpoint
-
         self._refuse_nonfinite_weights("checkpoint")
-        return save_checkpoint(self.out, self.step, **self._modules(), optimizer=self.optimizer,
-                               lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler, gen=self.gen,
-                               position=self.position, max_steps=self.cfg.max_steps, keep=self.cfg.keep_checkpoints)
+        return self.run.save_checkpoint(self.step, **self._modules(), optimizer=self.optimizer,
+                                        lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler, gen=self.gen,
+                                        position=self.position, max_steps=self.cfg.max_steps,
+                                        keep=self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore a checkpoint (a damaged one raises SurpipeError naming it and the previous one)."""
-        from surpipe.train.checkpoint import load_checkpoint
-
-        self.step, self.position = load_checkpoint(
+        self.step, self.position = self.run.load_checkpoint(
             path, **self._modules(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             scaler=self.accelerator.scaler, gen=self.gen, num_blocks=self.inputs.store.num_blocks,
             block_rows=self.inputs.store.block_rows)
@@ -377,32 +354,22 @@ class TrainRecipe:
 
     def save_final(self) -> None:
         """The final adapter in ``OUT/adapter`` (save_pretrained layout) and the projection."""
-        from surpipe.train.checkpoint import save_final
-
         self._refuse_nonfinite_weights("final adapter")
         if self.main:
-            save_final(self.out, **self._modules())
+            self.run.save_adapter(**self._modules())
         self.accelerator.wait_for_everyone()
 
     def _keep_if_best(self, logger) -> None:
-        from surpipe.train.validation.during import keep_if_best
-
         self._refuse_nonfinite_weights("best adapter")
-        score = keep_if_best(self.out, self.last_val, self.step, self._modules())
+        score = during.keep_if_best(self.run, self.last_val, self.step, self._modules())
         if score is not None:
-            logger.log_text(f"best held-out score {score:.5f} at step {self.step}: {self.out / 'best'}")
+            logger.log_text(f"best held-out score {score:.5f} at step {self.step}: {self.run.best}")
 
     # ------------------------------------------------------------------ held-out validation, pictures
-    def _validation_set(self):
-        from surpipe.train.validation.during import validation_set
-
-        return validation_set(self.cfg, self.inputs, self.noise_scheduler)
 
     def evaluate_held_out(self) -> dict:
-        """The held-out metrics (surpipe.train.validation.metrics.METRICS) of the adapter as it is now, under the
-        training autocast; draws nothing from the training random generators."""
-        from surpipe.train.validation.metrics import evaluate
-
+        """The held-out metrics (surpipe.train.validation.metrics.METRICS) of the adapter as it is now, under
+        the training autocast; draws nothing from the training random generators."""
         if self.vset is None:
             raise SurpipeError("no held-out rows: give --val-rows or --val-fraction")
         with self.accelerator.autocast():
@@ -413,7 +380,5 @@ class TrainRecipe:
 
     def validate(self) -> Path:
         """Render the validation prompts without and with the adapter (same seeds) into a grid."""
-        from surpipe.train.validation.during import validation_grid
-
-        return validation_grid(self.cfg, self.inputs, self._unwrapped("adapter"), self.unet, self.out, self.step,
-                               self.device, self.weight_dtype)
+        return during.validation_grid(self.cfg, self.inputs, self._unwrapped("adapter"), self.unet, self.run,
+                                      self.step, self.device, self.weight_dtype)

@@ -1,228 +1,282 @@
-"""A training run folder's identity: what it was trained on, recorded in ``config.json`` and
-compared at every resume, so a resume never silently mixes two stores, models, groups or settings."""
+"""A training run folder (``surpipe train --out``): the one object that knows its layout.
+
+    OUT/config.json        the TrainConfig and its _surpipe record (identity, held-out split, world size)
+    OUT/checkpoints/step-<8 digits>/   written under .tmp-step-*, published by one rename, pruned
+    OUT/adapter/           the final adapter (save_pretrained layout + llm_projection.safetensors)
+    OUT/best/              --keep-best: the adapter of the best held-out score, with best.json
+    OUT/metrics.jsonl, OUT/train.log, OUT/loss_curve.png, OUT/validation/step-<8 digits>.png
+    OUT/.lock              held by the one job training into the folder
+
+The names are spelled in :mod:`surpipe.train.run_layout`; what a checkpoint holds is
+:mod:`surpipe.train.checkpoint`; what a resume must share with its run is
+:mod:`surpipe.train.identity`. Torch-free at import.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import json
+import math
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-# Settings that may change between a run and its resume: they do not change what is learned.
-RESUMABLE_CHANGES = {
-    "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "report_to", "workers",
-    "progress", "device", "validation_every", "validation_prompts", "validation_steps",
-    "validation_size", "validation_seed", "loss_curve", "validation_images", "keep_best",
-    "log_denoise_every", "storage_options", "cache_dir", "cache_gb",
-    # how the same computation runs (advice in train's messages says to change these and rerun)
-    "compile_unet", "gradient_checkpointing", "mixed_precision",
-    # an override of a check: the group it lets through is recorded in the identity
-    "allow_other_vae",
-}
-
-# Settings compared resolved at a resume (``run_identity``), not as typed: the same store or model
-# given by a relative path, a symlink or with a trailing slash is the same.
-IDENTITY_KEYS = {"store", "out", "model", "llm_group", "clip_group", "vae_group", "llm_layer"}
-
-KINDS = ("llm", "clip", "vae")
-
-# The held-out split's settings: compared through the recorded split (``check_same_split``), which
-# also notices when the same settings pick other rows (the store's keys changed).
-SPLIT_KEYS = {"val_rows", "val_fraction", "val_seed"}
-
-# The batch options: compared as the run's global batch (``batch_problem``), with the number of
-# processes recorded in ``_surpipe.world_size``, not one by one.
-BATCH_KEYS = {"batch_size", "grad_accum"}
+from surpipe.config import save
+from surpipe.errors import SurpipeError
+from surpipe.train import checkpoint, identity
+from surpipe.train import run_layout as L
 
 
-def resume_settings(cfg: Any) -> dict:
-    """The settings a resume must share with the run, with the identity keys (store, model,
-    groups, layer, out) left out: those are compared resolved, through ``run_identity``."""
-    from surpipe.config import to_dict
+class RunFolder:
+    """The run folder ``out``: its parts' paths, its checkpoints, its atomic saves and the check
+    that a resume in it trains what the run began to train."""
 
-    return {k: v for k, v in to_dict(cfg).items()
-            if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS and k not in BATCH_KEYS}
+    def __init__(self, out: Union[str, os.PathLike]):
+        self.out = Path(out)
 
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.out)!r})"
 
-def batch_problem(old: dict, meta: dict, cfg: Any, world: int) -> Optional[str]:
-    """Why a resume with ``cfg``'s batch options on ``world`` processes would train another global
-    batch than the run ``old`` (its saved options, ``meta`` its ``_surpipe`` record); None: the same.
+    # ------------------------------------------------------------------ the parts
+    @property
+    def config(self) -> Path:
+        return self.out / L.CONFIG
 
-    The global batch, batch-size x processes x grad-accum, is the run's identity; how it is split
-    is not: the sample stream is one row sequence cut into steps of that many rows
-    (surpipe.train.data.SampleStream), so every split reads the same rows at every step and a
-    checkpoint's data position is exact for all of them (only the noise draws and dropout masks
-    fall otherwise, as on another device). A folder from before ``world_size`` was recorded ran on
-    one process."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    bs, ga = old.get("batch_size", defaults["batch_size"]), old.get("grad_accum", defaults["grad_accum"])
-    w = meta.get("world_size", 1)
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (bs, ga, w)):
-        return (f"{Path(cfg.out) / 'config.json'} is damaged: batch_size {bs!r}, grad_accum {ga!r}, world_size "
-                f"{w!r} are not all positive integers; restore it, or choose another --out")
-    then, now = bs * w * ga, cfg.batch_size * world * cfg.grad_accum
-    if then == now:
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / L.CHECKPOINTS
+
+    @property
+    def adapter(self) -> Path:
+        return self.out / L.ADAPTER
+
+    @property
+    def best(self) -> Path:
+        return self.out / L.BEST
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / L.METRICS
+
+    @property
+    def log(self) -> Path:
+        return self.out / L.LOG
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.out / L.LOSS_CURVE
+
+    @property
+    def lock(self) -> Path:
+        return self.out / L.LOCK
+
+    def validation_image(self, step: int) -> Path:
+        """Where the with/without picture grid of ``step`` goes."""
+        return self.out / L.VALIDATION / f"{L.step_name(step)}.png"
+
+    def has_parts(self) -> bool:
+        """Whether the folder holds what a training run writes."""
+        return L.has_run_parts(self.out)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_list(self) -> list[Path]:
+        """The checkpoint folders (``step-<8 digits>``), oldest first. They appear by one atomic
+        rename, so a damaged one (even without state.json) is reported at load, never skipped."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if L.STEP_NAME.fullmatch(p.name) and p.is_dir())
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        """The newest checkpoint folder, or None."""
+        done = self.checkpoint_list()
+        return done[-1] if done else None
+
+    def clean_stale_tmp(self) -> list[Path]:
+        """Delete the ``.tmp-step-*`` folders that killed runs left in the checkpoint folder (only
+        those; call it only with the run folder's lock held, so no live writer owns one)."""
+        if not self.checkpoints.is_dir():
+            return []
+        stale = [p for p in self.checkpoints.iterdir()
+                 if p.name.startswith(L.TMP_PREFIX) and p.is_dir() and not p.is_symlink()]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return stale
+
+    def save_checkpoint(self, step: int, *, keep: int, **parts: Any) -> Path:
+        """Write checkpoint ``step`` (``parts``: see :func:`surpipe.train.checkpoint.write_parts`)
+        under a temporary name, rename it, then prune all but the newest ``keep``.
+
+        A failed write (full disk, I/O error) raises SurpipeError; the earlier checkpoints are kept."""
+        final = self.checkpoints / L.step_name(step)
+        tmp = self.checkpoints / f"{L.TMP_PREFIX}{step:08d}-{os.getpid()}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            checkpoint.write_parts(tmp, step, **parts)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SurpipeError(self.write_failure(f"checkpoint {L.step_name(step)}", e)) from None
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # publishes a whole folder: one rename, not a file write
+        for old in self.checkpoint_list()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path, **into: Any) -> tuple[int, dict]:
+        """Restore checkpoint ``path`` (``into``: see :func:`surpipe.train.checkpoint.load_parts`);
+        returns ``(step, data position)``. A damaged one raises SurpipeError naming the file and the
+        previous checkpoint (deleting the damaged folder is the user's choice)."""
+        try:
+            return checkpoint.load_parts(path, **into)
+        except checkpoint.Damaged as e:
+            earlier = [p for p in self.checkpoint_list() if p.name < path.name]
+            todo = (f"delete {path} to resume from the previous checkpoint {earlier[-1].name}" if earlier
+                    else f"it is the only checkpoint: delete {path} to start the run over from step 0")
+            raise SurpipeError(f"checkpoint {path} cannot be loaded, it is damaged: {e}; {todo}") from None
+
+    def write_failure(self, what: str, e: Exception) -> str:
+        """The message of a failed write into the folder: what failed, what is kept, what to do."""
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        why = "no space left on device" if full else f"write failed: {getattr(e, 'strerror', None) or e}"
+        prev = self.latest_checkpoint()
+        kept = (f"the previous checkpoint {prev.name} (step {prev.name[len(L.STEP_PREFIX):].lstrip('0') or 0}) "
+                "is intact" if prev else "no earlier checkpoint exists")
+        return (f"{why} while writing the {what} of run folder {self.out}; nothing of it was kept and {kept}. "
+                f"{'Free space' if full else 'Fix the disk'}, then rerun the same command: it resumes from the "
+                "latest checkpoint")
+
+    # ------------------------------------------------------------------ the final and the best adapter
+    def save_adapter(self, adapter, projection, name: str = L.ADAPTER, note: Optional[dict] = None) -> None:
+        """The adapter in ``OUT/<name>`` (``adapter``, or ``best``; save_pretrained layout) with
+        ``llm_projection.safetensors`` (and ``note`` as ``<name>.json`` inside), replaced by one rename."""
+        tmp = self.out / f"{L.TMP}{name}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            adapter.save_pretrained(tmp)
+            projection.save(tmp / L.FINAL_PROJECTION)
+            if note is not None:
+                (tmp / L.note_name(name)).write_text(json.dumps(note, indent=2) + "\n")
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SurpipeError(self.write_failure("final adapter" if name == L.ADAPTER else f"{name} adapter",
+                                                  e)) from None
+        final = self.out / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def save_best(self, adapter, projection, note: dict) -> None:
+        """The ``--keep-best`` adapter in ``OUT/best`` with its score in ``best.json``."""
+        self.save_adapter(adapter, projection, name=L.BEST, note=note)
+
+    def best_score(self) -> Optional[float]:
+        """The ``--keep-best`` score recorded in ``OUT/best/best.json`` (None when there is none)."""
+        try:
+            score = json.loads((self.best / L.note_name(L.BEST)).read_text())["score"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
+
+    def final_adapter_stale(self) -> bool:
+        """True when OUT/adapter is missing or older than the latest checkpoint (killed in between)."""
+        from surpipe.adapter_io import WEIGHTS_NAME  # heavy: torch (the adapter's file names live there)
+
+        final = self.adapter / WEIGHTS_NAME
+        last = self.latest_checkpoint()
+        if not final.is_file():
+            return True
+        return last is not None and final.stat().st_mtime_ns < (last / L.CK_STATE).stat().st_mtime_ns
+
+    # ------------------------------------------------------------------ config.json and the resume check
+    def save_config(self, cfg: Any, record: dict) -> None:
+        """The run's config with its ``_surpipe`` ``record`` (identity, split, world size)."""
+        try:
+            save(cfg, self.config, extra=record)
+        except OSError as e:
+            raise SurpipeError(self.write_failure(L.CONFIG, e)) from None
+
+    def saved_config(self) -> dict:
+        """The training config saved in the folder, ``_surpipe`` record included. A damaged one is
+        refused: which rows the run trained on cannot be told."""
+        f = self.config
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise SurpipeError(f"{f}: the training run's config is unreadable ({e}); without it the rows the "
+                               "adapter trained on are unknown") from None
+        if not isinstance(data, dict) or (data.get("_surpipe") or {}).get("config") != "TrainConfig":
+            raise SurpipeError(f"{f} is not a surpipe training config: the rows the adapter trained on are unknown")
+        return data
+
+    def recorded_split(self) -> Optional[dict]:
+        """The held-out split recorded in config.json (None: none, or no readable config)."""
+        try:
+            meta = json.loads(self.config.read_text())["_surpipe"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return identity.recorded_split(meta) if isinstance(meta, dict) else None
+
+    def resume_problems(self, cfg: Any, store, groups, split: Optional[dict] = None, world: int = 1) -> list[str]:
+        """Problems with resuming (or starting) in this folder (``cfg.out``) on ``world`` processes: a
+        file in the way, a foreign folder, a damaged config.json, or what
+        :func:`surpipe.train.identity.settings_problems` finds (every one at once)."""
+        out = self.out
+        for folder in (out, *out.parents):  # a file where the run folder (or a folder above it) goes
+            if folder.exists() or folder.is_symlink():
+                if not folder.is_dir():
+                    return [f"--out {out}: {folder} is a file, not a folder; choose another --out"]
+                break
+        saved = self.config
+        if not saved.exists():
+            if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+                return [f"{out} exists and is not a surpipe run folder (no {L.CONFIG}); choose another --out"]
+            return []
+        damaged = f"; restore it, or choose another --out (deleting {out} starts the run over)"
+        ck = self.checkpoints
+        if (ck.exists() or ck.is_symlink()) and not ck.is_dir():
+            return [f"{ck} is not a folder (a run folder keeps its checkpoints there){damaged}"]
+        try:
+            old = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return [f"{saved} is damaged, not the JSON surpipe wrote ({e}){damaged}"]
+        meta = old.pop("_surpipe", None) if isinstance(old, dict) else None
+        if not isinstance(old, dict) or not isinstance(meta, dict):
+            return [f"{saved} is damaged: it does not hold a surpipe training config (a JSON object with "
+                    f"its _surpipe record){damaged}"]
+        return identity.settings_problems(cfg, old, meta, store, groups, split=split, world=world)
+
+    # ------------------------------------------------------------------ the run of an adapter
+    @classmethod
+    def of_adapter(cls, adapter: Union[str, os.PathLike]) -> Optional["RunFolder"]:
+        """The training run an adapter argument belongs to (a run folder, its adapter/, best/ or a
+        checkpoint's adapter/), or None (a hub id, an adapter folder without its run)."""
+        from surpipe.adapter_io import WEIGHTS_NAME  # heavy: torch (the adapter's file names live there)
+
+        p = Path(adapter).expanduser()
+        if (p / L.ADAPTER).is_dir():
+            p = p / L.ADAPTER
+        if not p.exists():  # a hub id: no run beside it (and never the working directory by accident)
+            return None
+        for folder in (p, *list(p.parents)[:3]):
+            if (folder / L.CONFIG).is_file() and L.has_run_parts(folder) and not (folder / WEIGHTS_NAME).is_file():
+                return cls(folder)
         return None
 
-    def procs(n):
-        return f"{n} process" + ("es" if n != 1 else "")
 
-    # the run's global batch on this many processes: keep this run's accumulation, else the run's,
-    # else micro-batches of one row; on one process when this many do not divide it
-    way = next((f"--batch-size {then // (world * g)} --grad-accum {g} on {procs(world)}"
-                for g in (cfg.grad_accum, ga, then // world) if g and then % (world * g) == 0),
-               f"--batch-size {bs * w} --grad-accum {ga} on 1 process")
-    return (f"run folder {cfg.out} trains a global batch of {then} rows per step (batch-size {bs} x {procs(w)} "
-            f"x grad-accum {ga}), this run would take {now} (batch-size {cfg.batch_size} x {procs(world)} x "
-            f"grad-accum {cfg.grad_accum}); resume with {way} (any split of {then} rows resumes), "
-            "or choose another --out")
+def run_config(adapter: Union[str, os.PathLike]) -> Optional[dict]:
+    """The training config saved in the run folder of ``adapter`` (a run folder, its adapter/,
+    best/ or a checkpoint); None for an adapter folder that came without its run. A run whose
+    config.json is damaged is refused: which rows it trained on cannot be told."""
+    run = RunFolder.of_adapter(adapter)
+    return None if run is None else run.saved_config()
 
 
-def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optional[dict]:
-    """What this run trains on, resolved: the store (path, dataset fingerprint, rows, blocks),
-    the model, the LLM layer, each group with its settings and the held-out ``split``
-    (``surpipe.train.validation.metrics.split_record``, when given); None when the store or a group could not be
-    resolved."""
-    from surpipe.store import settings_hash
-    from surpipe.train.groups import model_id
-
-    g = groups
-    if store is None or g is None or None in (g.llm_group, g.clip_group, g.vae_group):
-        return None
-    recorded = {}
-    for kind in KINDS:
-        path, req = getattr(g, f"{kind}_group"), getattr(cfg, f"{kind}_group")
-        s = store.group(path).settings
-        if kind == "llm":  # layers added to the group later leave the stored ones unchanged
-            s = {k: v for k, v in s.items() if k != "layers"}
-        recorded[kind] = {"path": path, "picked": "auto" if req is None else "option",
-                          "settings_hash": settings_hash(s), "settings": s}
-    from surpipe.store.location import canonical
-
-    return {"store": canonical(cfg.store),  # a URL as given, a local path resolved
-            "dataset_fingerprint": store.fingerprint, "num_samples": store.num_samples,
-            "block_rows": store.block_rows, "model": model_id(cfg.model), "llm_layer": g.llm_layer,
-            "groups": recorded, **({"split": split} if split is not None else {})}
-
-
-def _legacy_changes(old: dict, meta: dict, new: dict) -> list[str]:
-    """Changes against a run folder from before identities were recorded (typed options only)."""
-    from surpipe.train.groups import model_id
-
-    fp = meta.get("store_fingerprint")
-    changes = []
-    if fp is not None and fp != new["dataset_fingerprint"]:
-        changes.append(f"the store's dataset changed: fingerprint {str(fp)[:12]} then, "
-                       f"{new['dataset_fingerprint'][:12]} now")
-    for k, now in (("llm_layer", new["llm_layer"]), ("model", new["model"])):
-        then = old.get(k)
-        if k == "model" and isinstance(then, str):
-            then = model_id(then)
-        if then != now:
-            changes.append(f"{k}: {then!r} then, {now!r} now")
-    for kind in KINDS:
-        then = old.get(f"{kind}_group")
-        if isinstance(then, str) and not then.startswith(kind + "/"):
-            then = f"{kind}/{then}"
-        if then is not None and then != new["groups"][kind]["path"]:
-            changes.append(f"{kind} group: {then!r} then, {new['groups'][kind]['path']!r} now")
-    return changes
-
-
-def identity_changes(cfg: Any, store, groups, old: dict, meta: dict) -> list[str]:
-    """What differs between the run folder's recorded identity (``meta["run"]``, or the typed
-    options ``old`` of an older folder) and this run's, one line each."""
-    new = run_identity(cfg, store, groups)
-    if new is None:
-        return []  # the store or a group is unusable: reported by the checks already
-    rec = meta.get("run")
-    if not isinstance(rec, dict):
-        return _legacy_changes(old, meta, new)
-    changes = []
-    if rec.get("dataset_fingerprint") != new["dataset_fingerprint"]:
-        changes.append(
-            f"the store's dataset changed: {rec.get('store')} held {rec.get('num_samples')} rows (dataset "
-            f"fingerprint {str(rec.get('dataset_fingerprint'))[:12]}), {new['store']} holds "
-            f"{new['num_samples']} rows (fingerprint {new['dataset_fingerprint'][:12]})"
-            + (" (the store grew: dataset rows were appended to it since)"
-               if isinstance(rec.get("num_samples"), int) and new["num_samples"] > rec["num_samples"] else ""))
-    else:
-        for k in ("num_samples", "block_rows"):
-            if rec.get(k) != new[k]:
-                changes.append(f"store {k}: {rec.get(k)!r} then, {new[k]!r} now")
-    if rec.get("model") != new["model"]:
-        changes.append(f"model: {rec.get('model')!r} then, {new['model']!r} now")
-    if rec.get("llm_layer") != new["llm_layer"]:
-        hint = " (--llm-layer -1 means the last stored layer, and the group's layers changed)" \
-            if cfg.llm_layer < 0 else ""
-        changes.append(f"llm layer: {rec.get('llm_layer')!r} then, {new['llm_layer']!r} now{hint}")
-    old_groups = rec.get("groups") if isinstance(rec.get("groups"), dict) else {}
-    for kind in KINDS:
-        was, now = old_groups.get(kind), new["groups"][kind]
-        if not isinstance(was, dict):
-            changes.append(f"{kind} group: not recorded then, {now['path']} now")
-            continue
-        if was.get("path") != now["path"]:
-            how = "picked automatically" if now["picked"] == "auto" else f"given by --{kind}-group"
-            changes.append(f"{kind} group: {was.get('path')} then, {now['path']} now ({how})")
-        elif was.get("settings_hash") != now["settings_hash"]:
-            ws = was.get("settings") if isinstance(was.get("settings"), dict) else {}
-            diff = sorted(k for k in set(ws) | set(now["settings"]) if ws.get(k) != now["settings"].get(k))
-            what = "; ".join(f"{k}: {ws.get(k)!r} then, {now['settings'].get(k)!r} now" for k in diff[:6])
-            changes.append(f"{now['path']} was rewritten with other settings since the run began "
-                           f"({what or 'settings hash ' + str(was.get('settings_hash')) + ' then, ' + now['settings_hash'] + ' now'})")
-    return changes
-
-
-def check_run_folder(cfg: Any, store, groups, split: Optional[dict] = None, world: int = 1) -> list[str]:
-    """Problems with resuming (or starting) in ``cfg.out`` on ``world`` processes: a file in the way,
-    a foreign folder, a damaged config.json, other settings, another global batch, other data than
-    recorded, or another held-out ``split`` (every one at once)."""
-    out = Path(cfg.out)
-    for folder in (out, *out.parents):  # a file where the run folder (or a folder above it) goes
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                return [f"--out {out}: {folder} is a file, not a folder; choose another --out"]
-            break
-    saved = out / "config.json"
-    if not saved.exists():
-        if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
-            return [f"{out} exists and is not a surpipe run folder (no config.json); choose another --out"]
-        return []
-    damaged = f"; restore it, or choose another --out (deleting {out} starts the run over)"
-    ck = out / "checkpoints"
-    if (ck.exists() or ck.is_symlink()) and not ck.is_dir():
-        return [f"{ck} is not a folder (a run folder keeps its checkpoints there){damaged}"]
-    try:
-        old = json.loads(saved.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [f"{saved} is damaged, not the JSON surpipe wrote ({e}){damaged}"]
-    meta = old.pop("_surpipe", None) if isinstance(old, dict) else None
-    if not isinstance(old, dict) or not isinstance(meta, dict):
-        return [f"{saved} is damaged: it does not hold a surpipe training config (a JSON object with "
-                f"its _surpipe record){damaged}"]
-    identity = {k: v for k, v in old.items() if k in IDENTITY_KEYS}
-    batch = batch_problem(old, meta, cfg, world)
-    new = resume_settings(cfg)
-    # a key missing from an older run folder holds its default (options added since keep it)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    old = {k: v for k, v in old.items()
-           if k not in RESUMABLE_CHANGES and k not in IDENTITY_KEYS and k not in SPLIT_KEYS and k not in BATCH_KEYS}
-    diff = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
-    problems = [f"run folder {out} was started with other settings ({k}: {old.get(k, defaults.get(k))!r} "
-                f"there, {new.get(k)!r} now); resume with the same settings or choose another --out"
-                for k in diff]
-    if batch:
-        problems.append(batch)
-    changes = identity_changes(cfg, store, groups, identity, meta)
-    if changes:
-        problems.append(f"run folder {out} was trained on other data than this run would read; a resume "
-                        "must see the same store, groups and layer (restore them, or choose another --out "
-                        "for a new run). Changed since the run began: " + "; ".join(changes))
-    if split is not None:  # a folder from before splits existed recorded none: the split was off
-        from surpipe.train.validation.metrics import check_same_split
-
-        rec = meta.get("run") if isinstance(meta.get("run"), dict) else {}
-        saved_split = rec.get("split") if isinstance(rec.get("split"), dict) else None
-        problems += [f"run folder {out}: {p}" for p in check_same_split(saved_split, split)]
-    return problems
+def projection_file(adapter_folder: Path) -> Optional[Path]:
+    """The LLM projection saved with an adapter folder: inside a final or best adapter, beside a
+    checkpoint's adapter/ (None: not saved with it)."""
+    return next((f for f in (adapter_folder / L.FINAL_PROJECTION, adapter_folder.parent / L.CK_PROJECTION)
+                 if f.is_file()), None)

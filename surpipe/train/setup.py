@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from surpipe.adapter import SURAdapter, SURAdapterConfig
 from surpipe.errors import SurpipeError, first_line
+from surpipe.train.losses import LLMProjection, sample_latents, sdxl_time_ids
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Runtime:
 def start_accelerator(cfg, out, log_with=None) -> Runtime:
     """An ``Accelerator`` for ``cfg.device`` / ``cfg.mixed_precision`` (auto: fp16 on CUDA, as the
     authors trained; fp32 on CPU, which has no fast fp16)."""
+    # heavy: accelerate (imports every tracker it finds)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -44,7 +47,7 @@ def start_accelerator(cfg, out, log_with=None) -> Runtime:
 
 def load_unet(cfg, rt: Runtime):
     """The frozen UNet of ``cfg.model`` on the run's device and precision."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy: diffusers
 
     try:
         unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", revision=cfg.revision,
@@ -68,18 +71,13 @@ def unet_for_loss(unet, cfg):
     grids keep the plain module (other shapes, no gradient: compiling them would buy nothing)."""
     if not getattr(cfg, "compile_unet", False):
         return unet
-    import torch
-
     return torch.compile(unet, backend=COMPILE_BACKEND)
 
 
 def build_trainables(cfg, inputs, rt: Runtime):
     """The adapter and the LLM projection (seeded by cfg.seed / projection_seed), AdamW and the LR
     schedule; returns (adapter, projection, optimizer, lr_scheduler), prepared by accelerate."""
-    from diffusers.optimization import get_scheduler
-
-    from surpipe.adapter import SURAdapter, SURAdapterConfig
-    from surpipe.train.losses import LLMProjection
+    from diffusers.optimization import get_scheduler  # heavy: diffusers
 
     adapter = SURAdapter(SURAdapterConfig(
         width=inputs.width, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward, num_layers=cfg.num_layers,
@@ -104,8 +102,6 @@ def build_trainables(cfg, inputs, rt: Runtime):
 def batch_tensors(batch: dict, inputs, device, generator: torch.Generator, share=None) -> dict:
     """A loaded batch as tensors on ``device``, the latents sampled from the stored distributions
     (``share = (global batch, first row)`` on data-parallel ranks: surpipe.train.losses._rows)."""
-    from surpipe.train.losses import sample_latents
-
     latents, flip = sample_latents(batch, use_flip=inputs.groups.use_flip, scaling_factor=inputs.scaling_factor,
                                    shift_factor=inputs.shift_factor, generator=generator, return_flip=True,
                                    share=share)
@@ -126,8 +122,6 @@ def sdxl_conditioning(batch: dict, flip, resolution: int) -> dict:
     """SDXL's added conditioning of a batch: the simple prompt's pooled embedding (docs/method-decisions.md),
     the complex prompt's (for ``--pooled aligned``), and the time ids from each row's original size
     and crop (for flipped rows, the crop as diffusers' SDXL example records it)."""
-    from surpipe.train.losses import sdxl_time_ids
-
     crop = torch.from_numpy(np.asarray(batch["crop_top_left"])).long()
     if flip is not None:
         # diffusers' SDXL training example records a flipped crop's left offset as resolution - left

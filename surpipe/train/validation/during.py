@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from surpipe.evaluation.render import compare_grid
+from surpipe.train.run_folder import RunFolder
+from surpipe.train.validation.metrics import ValidationSet, selection_score
 
-def validation_set(cfg, inputs, scheduler):
+
+def validation_set(cfg, inputs, scheduler) -> Optional[ValidationSet]:
     """The held-out rows with their fixed latents, noise and timesteps (None without a split)."""
-    from surpipe.train.validation.metrics import ValidationSet
-
     if inputs.held_out is None or not len(inputs.held_out):
         return None
     return ValidationSet.from_store(cfg.store, inputs.groups, inputs.held_out, scaling_factor=inputs.scaling_factor,
@@ -19,29 +21,23 @@ def validation_set(cfg, inputs, scheduler):
                                     seed=cfg.val_seed, resolution=inputs.resolution)
 
 
-def keep_if_best(out: Path, metrics: dict, step: int, modules: dict) -> Optional[float]:
+def keep_if_best(run: RunFolder, metrics: dict, step: int, modules: dict) -> Optional[float]:
     """Write ``OUT/best`` when ``metrics``' score (val/prompt + val/llm) beats the kept one; returns
     the score when it did. Checkpoints and resume are untouched."""
-    from surpipe.train.checkpoint import best_score, save_final
-    from surpipe.train.validation.metrics import selection_score
-
     score = selection_score(metrics)
-    kept = best_score(out)
+    kept = run.best_score()
     if kept is not None and score >= kept:
         return None
-    save_final(out, **modules, name="best", note={"step": step, "score": score,
-                                                  "selection": "val/prompt + val/llm", **metrics})
+    run.save_best(**modules, note={"step": step, "score": score, "selection": "val/prompt + val/llm", **metrics})
     return score
 
 
-def validation_grid(cfg, inputs, adapter, unet, out: Path, step: int, device, dtype) -> Path:
+def validation_grid(cfg, inputs, adapter, unet, run: RunFolder, step: int, device, dtype) -> Path:
     """Render the validation prompts without and with the adapter (same seeds) into a grid."""
-    from surpipe.evaluation.render import compare_grid
-
     prompts = cfg.validation_prompts or [str(p) for p in inputs.store.prompts("simple")[:4]]
     was_training = adapter.training
     adapter.eval()
-    path = out / "validation" / f"step-{step:08d}.png"
+    path = run.validation_image(step)
     try:
         compare_grid(cfg.model, adapter, prompts, path, unet=unet, steps=cfg.validation_steps,
                      seed=cfg.validation_seed, size=cfg.validation_size, revision=cfg.revision,

@@ -1,8 +1,6 @@
-"""Held-out validation: a deterministic split of the store's rows, and the training losses plus an
-alignment score measured on those rows with fixed noise.
+"""Held-out metrics: the training losses plus an alignment score, measured with fixed noise on the
+rows the split (:mod:`surpipe.train.validation.split`) keeps out of training.
 
-- :func:`held_out_rows` picks rows from their sample keys only (``sha256(f"{seed}:{key}")``), so
-  the split does not depend on row order, batch size, training seed or machine.
 - :class:`ValidationSet` holds the held-out rows' stored arrays together with latent samples,
   noise and timesteps drawn once per row from ``(seed, key)``: every evaluation of every run sees
   the same inputs, so values are comparable across steps and runs.
@@ -11,141 +9,23 @@ alignment score measured on those rows with fixed noise.
   simple-prompt embedding, what SD sees without the adapter) and the token-averaged cosine
   similarity to the complex prompt's embedding with and without the adapter.
 
-Torch is imported inside the functions that need it.
+Torch is imported inside the functions that need it (the train stage imports this module).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from surpipe.errors import SurpipeError
+from surpipe.store import FeatureStore
+from surpipe.train.data import BlockReader
 
 METRICS = ("val/denoise", "val/llm", "val/prompt", "val/prompt_baseline", "val/cos_adapter", "val/cos_baseline")
-
-
-# --------------------------------------------------------------------------- the split
-def _key_hashes(keys: Sequence, salt: str) -> np.ndarray:
-    """uint64 of the first 8 bytes of ``sha256(f"{salt}:{key}")`` for every key."""
-    out = np.empty(len(keys), dtype=np.uint64)
-    for i, k in enumerate(keys):
-        out[i] = int.from_bytes(hashlib.sha256(f"{salt}:{k}".encode("utf-8")).digest()[:8], "big")
-    return out
-
-
-def _check_split_args(total: int, rows: Any, fraction: Any) -> None:
-    if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 0:
-        raise SurpipeError(f"--val-rows must be a whole number >= 0, got {rows!r}")
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not math.isfinite(fraction) \
-            or not (fraction == 0 or 0 < fraction <= 0.5):
-        raise SurpipeError(f"--val-fraction must be in (0, 0.5] (0: off), got {fraction!r}")
-    if rows and fraction:
-        raise SurpipeError(f"give --val-rows or --val-fraction, not both (got --val-rows {rows} "
-                           f"and --val-fraction {fraction:g})")
-    if rows and rows >= total:
-        raise SurpipeError(f"--val-rows {rows} leaves no row to train on: the store has {total} rows; "
-                           "hold out fewer")
-
-
-def held_out_rows(keys: Sequence, *, rows: int = 0, fraction: float = 0.0, seed: int = 0) -> np.ndarray:
-    """Sorted row indices of the held-out rows, from the sample keys alone (empty when both are 0).
-
-    Each key gets ``h = sha256(f"{seed}:{key}")`` (first 8 bytes, an unsigned integer).
-
-    - ``rows=N`` (``--val-rows``): the N keys with the smallest ``h``. Exactly N rows; independent
-      of row order. When rows are appended, a row that was trained on never becomes held out; a
-      held-out row may leave the set only if a new key ranks before it (resume then refuses the
-      changed split, see :func:`check_same_split`).
-    - ``fraction=F`` (``--val-fraction``, in (0, 0.5]): every key with ``h < F * 2**64``. About
-      F of the rows; each key's membership depends on that key and the seed only, so appending
-      rows never changes it for the existing ones.
-    """
-    keys = [str(k) for k in np.asarray(keys).tolist()]
-    total = len(keys)
-    _check_split_args(total, rows, fraction)
-    if not rows and not fraction:
-        return np.zeros(0, dtype=np.int64)
-    h = _key_hashes(keys, str(seed))
-    if rows:
-        # ties (a 64-bit collision, or a repeated key) broken by the key text, then the position
-        order = sorted(range(total), key=lambda i: (int(h[i]), keys[i], i))
-        held = np.sort(np.asarray(order[:rows], dtype=np.int64))
-    else:
-        threshold = min(int(fraction * 2.0**64), 2**64 - 1)
-        held = np.flatnonzero(np.array([int(v) < threshold for v in h], dtype=bool)).astype(np.int64)
-        if len(held) == 0:
-            raise SurpipeError(f"--val-fraction {fraction:g} holds out none of the store's {total} rows; "
-                               "raise it or give --val-rows N")
-        if len(held) >= total:
-            raise SurpipeError(f"--val-fraction {fraction:g} holds out all {total} rows of the store, "
-                               "leaving none to train on; give --val-rows N")
-    return held
-
-
-def training_rows(total: int, held: np.ndarray) -> np.ndarray:
-    """The row indices not held out (sorted)."""
-    mask = np.ones(int(total), dtype=bool)
-    mask[np.asarray(held, dtype=np.int64)] = False
-    return np.flatnonzero(mask)
-
-
-def keep_mask(total: int, held) -> Optional[np.ndarray]:
-    """Bool per store row, False on the held-out rows (None without a split)."""
-    if held is None or not len(held):
-        return None
-    keep = np.ones(total, dtype=bool)
-    keep[np.asarray(held, dtype=np.int64)] = False
-    return keep
-
-
-def _keys_digest(keys: Sequence[str]) -> str:
-    """sha256 over the sorted keys, each length-prefixed (no separator can be forged by a key)."""
-    d = hashlib.sha256()
-    for k in sorted(keys):
-        b = k.encode("utf-8")
-        d.update(len(b).to_bytes(8, "big") + b)
-    return d.hexdigest()
-
-
-def split_record(keys: Sequence, held: np.ndarray, *, rows: int = 0, fraction: float = 0.0,
-                 seed: int = 0) -> dict:
-    """What the run folder records about the split (JSON-ready): mode, settings, counts and a
-    sha256 of the held-out keys, which :func:`check_same_split` compares on resume."""
-    keys = np.asarray(keys)
-    held_keys = [str(k) for k in keys[np.asarray(held, dtype=np.int64)].tolist()] if len(held) else []
-    mode = "rows" if rows else "fraction" if fraction else "off"
-    return {"mode": mode, "rows": int(rows), "fraction": float(fraction), "seed": int(seed),
-            "count": len(held_keys), "total": int(len(keys)), "keys_sha256": _keys_digest(held_keys)}
-
-
-def _describe(rec: Optional[Mapping]) -> str:
-    if not rec or rec.get("mode", "off") == "off":
-        return "no held-out split"
-    opt = f"--val-rows {rec.get('rows')}" if rec.get("mode") == "rows" else f"--val-fraction {rec.get('fraction'):g}"
-    return f"{opt} (seed {rec.get('seed')}, {rec.get('count')} rows)"
-
-
-def check_same_split(saved: Optional[Mapping], now: Mapping) -> list[str]:
-    """Problems (empty: the same split) between the split a run recorded and the one asked for
-    now. ``saved`` None (a run folder from before validation existed) equals a split that is off."""
-    was, want = _describe(saved), _describe(now)
-    saved_off = not saved or saved.get("mode", "off") == "off"
-    now_off = now.get("mode", "off") == "off"
-    if saved_off and now_off:
-        return []
-    if saved_off != now_off or any(saved.get(k) != now.get(k) for k in ("mode", "rows", "fraction", "seed")):
-        return [f"the run was trained with {was} but this command asks for {want}: a held-out split cannot "
-                "change on resume (its rows would have been trained on); use the run's split or a new --out"]
-    if saved.get("keys_sha256") != now.get("keys_sha256") or saved.get("count") != now.get("count"):
-        return [f"the held-out rows of {want} differ from the run's ({saved.get('count')} rows then, "
-                f"{now.get('count')} now; the store's keys changed): resume on the store the run started "
-                "from, or train into a new --out"]
-    return []
 
 
 # --------------------------------------------------------------------------- the held-out data
@@ -153,11 +33,6 @@ def load_rows(store_path: str, groups: Any, rows: np.ndarray) -> dict[str, np.nd
     """The training arrays (``BlockReader`` names: llm, llm_matched, clip_simple, clip_complex,
     lat_mean, lat_std) of ``rows`` in the given order, through the checked block reader (done
     flags, chunk checksums, finite values); flipped latents are not read."""
-    import dataclasses
-
-    from surpipe.store import FeatureStore
-    from surpipe.train.data import BlockReader
-
     rows = np.asarray(rows, dtype=np.int64)
     groups = dataclasses.replace(groups, use_flip=False)
     reader = BlockReader(store_path, groups, FeatureStore(store_path).block_rows)
@@ -210,7 +85,7 @@ class ValidationSet:
               seed: int = 0, resolution: Optional[int] = None) -> "ValidationSet":
         """From ``arrays`` as :func:`load_rows` returns them (``lat_mean``/``lat_std`` optional;
         SDXL's ``pooled_simple``, ``original_size`` and ``crop_top_left`` with ``resolution``)."""
-        import torch
+        import torch  # heavy: this module is imported by the torch-free train stage
 
         keys = [str(k) for k in keys]
         n = len(keys)
@@ -247,8 +122,6 @@ class ValidationSet:
                    shift_factor: Optional[float] = None, num_train_timesteps: int = 1000,
                    seed: int = 0, resolution: Optional[int] = None) -> "ValidationSet":
         """Read the held-out ``rows`` of a store (``groups``: a resolved ``StoreGroups``)."""
-        from surpipe.store import FeatureStore
-
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             raise SurpipeError("validation set: no held-out rows (give --val-rows or --val-fraction)")
@@ -277,6 +150,7 @@ def evaluate_rows(adapter, projection, unet, scheduler, vset: ValidationSet, *, 
                   batch_size: int = 8) -> dict[str, np.ndarray]:
     """Per-row values {metric: float64 [N]} (``val/llm`` NaN where a row has no LLM vector;
     ``val/denoise`` absent without ``unet`` or latents). See :func:`evaluate`."""
+    # heavy: torch (losses imports it)
     import torch
     import torch.nn.functional as F
 

@@ -17,47 +17,23 @@ from typing import Optional
 
 import numpy as np
 
-from surpipe.adapter_io import has_run_parts
+from surpipe.config import atomic_write_text, from_dict
+from surpipe.devices import resolve_device
 from surpipe.errors import SurpipeError
+from surpipe.store import FeatureStore
+from surpipe.train.config import TrainConfig
+from surpipe.train.identity import recorded_split
+from surpipe.train.inputs import gather
+from surpipe.train.run_folder import projection_file, run_config
+from surpipe.train.validation.metrics import ValidationSet, evaluate_rows, markdown_table, per_category
+from surpipe.train.validation.split import check_same_split, held_out_rows, split_record
 
+FILES = ("held_out.md", "held_out.json")  # beside eval's other results in its --out
 CHUNK_ROWS = 512  # rows evaluated at once: a whole store never sits in memory
 
 
-def run_folder(adapter_dir: Path) -> Optional[Path]:
-    """The training run an adapter folder belongs to (RUN for RUN/adapter, RUN/best and
-    RUN/checkpoints/step-N/adapter), or None."""
-    p = Path(adapter_dir).expanduser()
-    if not p.exists():  # a hub id: no run beside it (and never the working directory by accident)
-        return None
-    for folder in (p, *list(p.parents)[:3]):
-        if (folder / "config.json").is_file() and has_run_parts(folder) and not (folder / "model.safetensors").is_file():
-            return folder
-    return None
-
-
-def run_config(adapter: str) -> Optional[dict]:
-    """The training config saved in the run folder of ``adapter`` (a run folder, its adapter/,
-    best/ or a checkpoint); None for an adapter folder that came without its run. A run whose
-    config.json is damaged is refused: which rows it trained on cannot be told."""
-    p = Path(adapter).expanduser()
-    run = run_folder(p / "adapter" if (p / "adapter").is_dir() else p)
-    if run is None:
-        return None
-    f = run / "config.json"
-    try:
-        data = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise SurpipeError(f"{f}: the training run's config is unreadable ({e}); without it the rows the adapter "
-                           "trained on are unknown") from None
-    if not isinstance(data, dict) or (data.get("_surpipe") or {}).get("config") != "TrainConfig":
-        raise SurpipeError(f"{f} is not a surpipe training config: the rows the adapter trained on are unknown")
-    return data
-
-
 def _train_config(store: str, saved: Optional[dict], model: Optional[str], revision: Optional[str], same: bool):
-    from surpipe.config import from_dict
-    from surpipe.train.config import TrainConfig
-
+    """The TrainConfig the report reads the store with: the run's saved one on this ``store``."""
     if saved is None:
         if model is None:
             raise SurpipeError("give --model: the adapter comes without its training run, so the Stable Diffusion "
@@ -73,11 +49,6 @@ def _train_config(store: str, saved: Optional[dict], model: Optional[str], revis
 def _training_keys(saved: dict) -> Optional[set]:
     """The sample keys the run trained on: its recorded store's keys minus its held-out ones (None
     when that store cannot be read)."""
-    from surpipe.store import FeatureStore
-    from surpipe.train.validation.metrics import held_out_rows
-
-    from surpipe.train.validation.metrics import check_same_split, split_record
-
     run = (saved.get("_surpipe") or {}).get("run") or {}
     path = run.get("store") or saved.get("store")
     try:
@@ -90,7 +61,8 @@ def _training_keys(saved: dict) -> Optional[set]:
     split = dict(rows=saved.get("val_rows") or 0, fraction=saved.get("val_fraction") or 0.0,
                  seed=saved.get("val_seed") or 0)
     held = held_out_rows(keys, **split)
-    if run.get("split") is not None and check_same_split(run["split"], split_record(keys, held, **split)):
+    recorded = recorded_split(saved.get("_surpipe") or {})
+    if recorded is not None and check_same_split(recorded, split_record(keys, held, **split)):
         return None  # those are not the rows the run split: its store changed otherwise
     train = np.ones(len(keys), dtype=bool)
     train[np.asarray(held, dtype=np.int64)] = False
@@ -105,10 +77,8 @@ def _select_rows(adapter, store, fs, saved, meta, found, same):
             raise SurpipeError(f"{adapter} was trained on every row of {store} (no held-out split): its numbers "
                                "there would not be held out; give a store of other rows, or train with "
                                "--val-rows/--val-fraction")
-        recorded = (meta.get("run") or {}).get("split")
+        recorded = recorded_split(meta)
         if recorded is not None:
-            from surpipe.train.validation.metrics import check_same_split
-
             changed = check_same_split(recorded, found["split"])
             if changed:
                 raise SurpipeError(f"the held-out rows of {adapter} cannot be found again in {store}:", changed)
@@ -132,17 +102,14 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
                    device: str = "auto", batch_size: int = 8, adapter_weight: Optional[float] = None) -> dict:
     """The held-out metrics of ``adapter`` (run folder, adapter folder, checkpoint or hub id) on
     ``store``: ``{"scope", "rows", "categories": per_category(...), "table": markdown, ...}``."""
+    # heavy: torch, diffusers
     import torch
     from diffusers import DDPMScheduler
 
     from surpipe.adapter import SURAdapter
     from surpipe.adapter_io import resolve_adapter_dir
-    from surpipe.devices import resolve_device
     from surpipe.train.losses import LLMProjection
-    from surpipe.store import FeatureStore
-    from surpipe.train.inputs import gather
     from surpipe.train.setup import Runtime, load_unet
-    from surpipe.train.validation.metrics import ValidationSet, evaluate_rows, markdown_table, per_category
 
     folder = resolve_adapter_dir(adapter)
     saved = run_config(adapter)
@@ -165,8 +132,7 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
         raise SurpipeError(f"the adapter is {adapter_model.config.width} wide but the store's CLIP embeddings are "
                            f"{found['width']}: evaluate it on a store made with its Stable Diffusion model")
     # the projection saved with the adapter (a finished run), with its checkpoint, or the seeded one
-    pfile = next((f for f in (folder / "llm_projection.safetensors", folder.parent / "projection.safetensors")
-                  if f.is_file()), None)
+    pfile = projection_file(folder)
     if pfile is not None:
         projection = LLMProjection.load(pfile)
         where = f"{pfile.name} saved with the adapter"
@@ -198,3 +164,18 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
             "groups": {k: getattr(found["groups"], f"{k}_group") for k in ("llm", "clip", "vae")},
             "llm_layer": found["groups"].llm_layer, "projection": where, "val_seed": cfg.val_seed,
             "adapter_weight": adapter_model.config.adapter_weight, "categories": stats, "table": markdown_table(stats)}
+
+
+def markdown(held: dict) -> str:
+    """The report of :func:`evaluate_store` as a Markdown section (its title says which rows)."""
+    return (f"## Held-out alignment ({held['scope']}: {held['rows']} rows of {held['store']})\n\n"
+            "Lower is better for the prompt and llm terms; val/prompt_baseline is the prompt term without the "
+            "adapter, val/cos_* the cosine to the complex prompt's embedding with and without it.\n\n"
+            + held["table"])
+
+
+def write(out: Path, held: dict) -> None:
+    """``held_out.md`` and ``held_out.json`` in folder ``out`` (made when missing), each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / FILES[0], markdown(held))
+    atomic_write_text(out / FILES[1], json.dumps(held, indent=2) + "\n")

@@ -1,15 +1,25 @@
-"""The options extract-llm and encode-latents share: one help text and one range for both."""
+"""Options several commands share, declared once: how a command reaches ``--store`` (every command
+that takes one), the training reader's local cache, and the options both stage-one commands take.
+One help text and one range each, so ``--help`` and the checks cannot drift apart."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from surpipe.config import Config, opt
 
 _OPTIONS = {
     "data": dict(help="SURD imagefolder, folder of .tar shards or brace pattern of shards", group="data"),
     "store": dict(help="feature store (Zarr) to create or extend: a folder or an fsspec URL (s3://bucket/x.zarr)",
                   group="output"),
+    "storage_options": dict(default=None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
+                                               "profile, ...; credentials better from the environment)",
+                            group="data"),
+    "cache_dir": dict(default=None, help="Local cache of a remote store's chunks (default: "
+                                         "~/.cache/surpipe/store-cache).", group="data"),
+    "cache_gb": dict(default=20.0, help="Size cap of that cache in GB, least recently used evicted (0: no cache).",
+                     group="data", ge=0, le=1 << 20),
     "block_rows": dict(default=None, help="rows per block when this run creates the store [default: 256]",
                        group="output", ge=1, le=1 << 20),
     # auto = full decode when this run creates the store (its rows are fixed then, and encode-latents
@@ -20,9 +30,6 @@ _OPTIONS = {
                          group="data"),
     "complex_field": dict(default="prompt", help="metadata field holding the complex prompt (imagefolder)",
                           group="data"),
-    "storage_options": dict(default=None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
-                                               "profile, ...; credentials better from the environment)",
-                            group="output"),
     "shard_blocks": dict(default=None, help="blocks per stored object (zarr sharding) of the groups this run "
                                             "creates; default 1 for a folder, 4 for an object-store URL",
                          group="output", ge=1, le=4096),
@@ -32,15 +39,28 @@ _OPTIONS = {
 }
 
 
-def option(name: str):
-    """The config field ``name`` as both stage-one commands declare it."""
-    from surpipe.config import opt
-
-    return opt(**_OPTIONS[name])
+def option(name: str, **override):
+    """The config field ``name`` as every command declares it (``override``: e.g. another help group)."""
+    return opt(**{**_OPTIONS[name], **override})
 
 
 @dataclass(kw_only=True)
-class StageOneCommon:
+class StoreAccess(Config):
+    """How a command reaches its ``--store`` (a folder or an fsspec URL): the fsspec options."""
+
+    storage_options: Optional[str] = option("storage_options")
+
+
+@dataclass(kw_only=True)
+class StoreCache(StoreAccess):
+    """A reader of a remote store that keeps a bounded local copy of the chunks it fetched."""
+
+    cache_dir: Optional[str] = option("cache_dir")
+    cache_gb: float = option("cache_gb")
+
+
+@dataclass(kw_only=True)
+class StageOneCommon(StoreAccess):
     """The fields both stage-one configs end with (keyword-only, so each config keeps its own
     required fields first)."""
 
@@ -51,4 +71,3 @@ class StageOneCommon:
     complex_field: str = option("complex_field")
     overwrite: bool = option("overwrite")
     progress: bool = option("progress")
-    storage_options: Optional[str] = option("storage_options")
