@@ -28,25 +28,25 @@ folder of ``CATEGORY.txt`` files (one prompt a line).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from surpipe import config as cfgmod
 from surpipe.config import opt
-from surpipe.errors import SurpipeError
-from surpipe.evaluation.suite import DEFAULT_SUITE
+from surpipe.evaluation.clip_eval import clip_score_eval
 from surpipe.evaluation.generate import DtypeName, SchedulerName, option, size_problems
 from surpipe.logs import get_logger
-from surpipe.train.run_folder import run_config
+from surpipe.options import StoreAccess
+from surpipe.store.location import apply_store_options
 from surpipe.train.validation import report as held_out_report
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(StoreAccess):
     """Settings of ``surpipe eval``."""
 
     adapter: str = option("adapter")
@@ -57,9 +57,6 @@ class EvalConfig:
     store: Optional[str] = opt(None, help="Also report the held-out losses and alignment on this feature store, "
                                           "per category (the run's held-out rows when it trained on this store).",
                                group="data")
-    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
-                                                    "profile, ...; credentials better from the environment).",
-                                         group="data")
     clip_score: bool = opt(True, help="Render the prompt suite in both arms and score it with CLIP (off: only the "
                                       "--store report, no image generated).", group="inference")
     clip_model: str = opt("openai/clip-vit-large-patch14", help="CLIP image-text model that scores the images "
@@ -86,97 +83,27 @@ class EvalConfig:
     save_images: bool = opt(True, help="Save every image under OUT/images and per-category grids under OUT/grids.",
                             group="output")
 
-
-def _validate(cfg: EvalConfig) -> list[str]:
-    from surpipe.config import declared_problems
-
-    p = declared_problems(cfg)
-    if not cfg.clip_score and not cfg.store:
-        p.append("nothing to do: --no-clip-score without --store; give --store S for the held-out report")
-    if cfg.clip_score and not cfg.out:
-        p.append("out: give --out DIR for the CLIP-score results (or --no-clip-score with --store)")
-    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():  # before any work
-        p.append(f"--out {cfg.out} is a file, not a folder: give a folder for the results")
-    return p + size_problems(cfg.size)
+    def problems(self) -> list[str]:
+        """Declared types and ranges, something to do, an --out folder for the CLIP-score results."""
+        p = super().problems()
+        if not self.clip_score and not self.store:
+            p.append("nothing to do: --no-clip-score without --store; give --store S for the held-out report")
+        if self.clip_score and not self.out:
+            p.append("out: give --out DIR for the CLIP-score results (or --no-clip-score with --store)")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():  # before any work
+            p.append(f"--out {self.out} is a file, not a folder: give a folder for the results")
+        return p + size_problems(self.size)
 
 
 def run(cfg: EvalConfig) -> dict:
     """Render the suite without and with the adapter, score every image, write the results;
     return what ``OUT/results.json`` holds."""
-    from surpipe.store.location import apply_store_options
-
     apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
-    from surpipe import config as cfgmod
-    from surpipe.evaluation import suite as evaluate
-    from surpipe.evaluation import generate as inference
-    from surpipe.evaluation import render
-    from surpipe.evaluation.clip_score import DEFINITION, CLIPScorer
-    from surpipe.devices import resolve_device
-    from surpipe.hub import check_model_source
-
-    problems = _validate(cfg)
-    if problems:
-        raise SurpipeError("invalid eval settings:", problems)
+    cfg.raise_problems("invalid eval settings:")
     held = _held_out(cfg) if cfg.store else None
     if not cfg.clip_score:
         return {"held_out": held}
-    if cfg.model is None:
-        cfg.model = (run_config(cfg.adapter) or {}).get("model")
-        if cfg.model is None:
-            raise SurpipeError("give --model: the adapter comes without its training run")
-    seeds = evaluate.parse_seeds(cfg.seeds)
-    suite = evaluate.select(evaluate.read_suite(cfg.prompts), cfg.categories, cfg.max_prompts_per_category)
-    items = evaluate.eval_items(suite, seeds)
-
-    t0 = time.perf_counter()
-    # The CLIP model first: a wrong --clip-model fails before any image is rendered.
-    check_model_source(cfg.clip_model, option="--clip-model", what="CLIP model")
-    scorer = CLIPScorer(cfg.clip_model, revision=cfg.clip_revision, device=resolve_device(cfg.device, mps=True))
-    models = inference.open_models(cfg.model, cfg.adapter, revision=cfg.revision, device=cfg.device,
-                                   dtype=cfg.dtype, scheduler=cfg.scheduler, adapter_weight=cfg.adapter_weight)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SurpipeError(f"--out {out} is a file, not a folder: give a folder for the results")
-    out.mkdir(parents=True, exist_ok=True)
-    note = render.tiny_model_note(cfg.model, cfg.clip_model)
-    if note:
-        log.info(f"note: {note}")
-    log.info(f"eval: {len(items)} image(s) per arm in {len(suite)} categories on {models.device}")
-    texts = [it[2] for it in items]
-    images = inference.render_arms(models, texts, arms=evaluate.ARMS, label="eval", seeds=[it[3] for it in items],
-                                   steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
-                                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size)
-    scores = {arm: scorer.score(ims, texts) for arm, ims in images.items()}
-
-    rows = evaluate.score_rows(items, scores, images if cfg.save_images else None, out)
-    grids = evaluate.category_grids(out, items, images, scores, seeds[0], note) if cfg.save_images else {}
-    table, overall = evaluate.category_stats(items, scores)
-    first = images["with"][0]
-    settings = {
-        **models.describe(), "prompts": str(Path(cfg.prompts) if cfg.prompts else DEFAULT_SUITE),
-        "categories": list(suite), "prompts_per_category": {c: len(ps) for c, ps in suite.items()},
-        "seeds": seeds, "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
-        "size": [first.width, first.height], "negative_prompt": cfg.negative_prompt,
-    }
-    title = f"CLIP score ({Path(cfg.clip_model).name}), {len(seeds)} seed(s), {cfg.steps} steps"
-    chart = evaluate.chart(table, overall, out / "clip_scores.png", title + (" - RANDOM TINY MODELS" if note else ""))
-    result = {"definition": DEFINITION, "clip": scorer.describe(), "settings": settings, "categories": table,
-              "overall": overall, "grids": grids, "chart": {"file": "clip_scores.png", **chart},
-              "tiny_models": note, "seconds": round(time.perf_counter() - t0, 2), "versions": inference.versions()}
-    header = {"model": cfg.model, "adapter": str(models.folder), "CLIP model": cfg.clip_model,
-              "seeds": ", ".join(map(str, seeds)), "steps": cfg.steps, "guidance": cfg.guidance,
-              "scheduler": f"{cfg.scheduler} ({settings['scheduler_class']})",
-              "size": f"{first.width}x{first.height}", "adapter_weight": models.adapter.adapter_weight}
-    if held is not None:
-        result["held_out"] = held
-    evaluate.write_results(out, result, rows, header, note)
-    if held is not None:  # beside the CLIP-score table
-        with open(out / "results.md", "a", encoding="utf-8") as f:
-            f.write("\n" + held_out_report.markdown(held))
-    cfgmod.save(cfg, out / "config.json")
-    print(evaluate.markdown(table, overall, {}).split("\n\n", 1)[-1], file=sys.stderr)
-    log.info(f"wrote {out / 'results.md'}, results.json, clip_scores.png")
-    return result
+    return clip_score_eval(cfg, held)
 
 
 def _held_out(cfg: EvalConfig) -> dict:
@@ -191,8 +118,6 @@ def _held_out(cfg: EvalConfig) -> dict:
         out = Path(cfg.out)
         held_out_report.write(out, held)
         if not cfg.clip_score:
-            from surpipe import config as cfgmod
-
             cfgmod.save(cfg, out / "config.json")
     log.info(f"held-out report: {held['rows']} rows in {time.perf_counter() - t0:.1f}s")
     return held

@@ -6,17 +6,19 @@ CLI and ``surpipe run`` take it from ``stages.train``, which re-exports it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from surpipe.config import opt
+from surpipe.config import _range_problems, opt
 from surpipe.errors import SurpipeError
+from surpipe.options import StoreCache
 
 _SEED_MAX = 2**63 - 1
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(StoreCache):
     """Every hyper-parameter of the authors' run, with their values as defaults (method.md)."""
 
     # data
@@ -38,13 +40,6 @@ class TrainConfig:
     revision: Optional[str] = opt(None, help="Hub revision (branch, tag or commit) of --model.", group="model")
     flip: bool = opt(True, help="Use the stored horizontally flipped latents for half the samples (augmentation).",
                      group="data")
-    storage_options: Optional[str] = opt(None, help="JSON object of fsspec options for a --store URL (endpoint_url, "
-                                                    "profile, ...; credentials better from the environment).",
-                                         group="data")
-    cache_dir: Optional[str] = opt(None, help="Local cache of a remote store's chunks (default: "
-                                              "~/.cache/surpipe/store-cache).", group="data")
-    cache_gb: float = opt(20.0, help="Size cap of that cache in GB, least recently used evicted (0: no cache).",
-                          group="data", ge=0, le=1 << 20)
     # optimisation (authors: batch 1 x accumulation 4, 5000 steps, AdamW 1e-5 constant, clip 1.0)
     max_steps: int = opt(5000, help="Optimizer steps to train (raise it and rerun to continue a finished run).",
                          group="optimisation", ge=1)
@@ -159,3 +154,15 @@ class TrainConfig:
             if self.tensorboard:
                 self.report_to = "tensorboard"
             self.tensorboard = None
+
+    def problems(self) -> list[str]:
+        """Every declared range (also for configs built in Python, which skip ``from_dict``), then the
+        checks that involve several options."""
+        p = [q for f in dataclasses.fields(self) for q in _range_problems(f, getattr(self, f.name), f.name)]
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            p.append(f"lr_warmup_steps: {self.lr_warmup_steps} warm-up steps have no effect with lr_scheduler "
+                     "constant; use constant_with_warmup (or linear, cosine)")
+        if self.keep_best and not (self.val_rows or self.val_fraction):
+            p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F (a run "
+                     "keeps the split it began with: to a run folder begun without one, only in another --out)")
+        return p

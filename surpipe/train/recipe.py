@@ -7,14 +7,13 @@ recipe directly.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from surpipe.config import _range_problems, to_dict
+from surpipe.config import to_dict
 from surpipe.errors import SurpipeError
 from surpipe.evaluation.render import tiny_model_note
 from surpipe.progress import progress_bar
@@ -33,24 +32,6 @@ from surpipe.train.run_folder import RunFolder
 from surpipe.train.validation import during
 from surpipe.train.validation.metrics import evaluate
 from surpipe.train.validation.split import keep_mask
-
-
-def _validate_numbers(cfg: TrainConfig) -> list[str]:
-    """Every declared range (for configs built in Python, which skip ``from_dict``) and the checks
-    that involve several options."""
-    p = []
-    for f in dataclasses.fields(cfg):
-        p += _range_problems(f, getattr(cfg, f.name), f.name)
-    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":
-        p.append(f"lr_warmup_steps: {cfg.lr_warmup_steps} warm-up steps have no effect with lr_scheduler "
-                 "constant; use constant_with_warmup (or linear, cosine)")
-    if cfg.keep_best and not (cfg.val_rows or cfg.val_fraction):
-        p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F (a run "
-                 "keeps the split it began with: to a run folder begun without one, only in another --out)")
-    problem = _tracker_problem(cfg.report_to)
-    if problem:
-        p.append(problem)
-    return p
 
 
 def _log_with(report_to: str):
@@ -85,7 +66,8 @@ class TrainRecipe:
         """Find every problem of the setup at once (options, store, groups, UNet width, run folder)
         and return what ``setup`` needs; raises SurpipeError listing them all."""
         found, problems = train_inputs.gather(self.cfg)
-        problems = _validate_numbers(self.cfg) + problems
+        problem = _tracker_problem(self.cfg.report_to)  # an environment check (is the tracker installed?)
+        problems = self.cfg.problems() + ([problem] if problem else []) + problems
         problems += self.run.resume_problems(self.cfg, found["store"], found["groups"], split=found.get("split"),
                                              world=dist_env().world_size)
         if self.cfg.pooled == "aligned" and found.get("store") is not None and found.get("pooled_width") is None:

@@ -1,0 +1,88 @@
+"""One CLIP-score evaluation (``surpipe eval``): the prompt suite rendered without and with the
+adapter at the same seeds, every image scored against its prompt by a CLIP image-text model
+(:mod:`surpipe.evaluation.clip_score`), and the results written: ``results.md``/``results.json``
+(per category, both arms, the paired difference, its standard error, the share of pairs the adapter
+wins), ``clip_scores.png``, ``scores.jsonl``, the images and per-category grids."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from surpipe import config as cfgmod
+from surpipe.devices import resolve_device
+from surpipe.errors import SurpipeError
+from surpipe.evaluation import generate as inference
+from surpipe.evaluation import render
+from surpipe.evaluation import suite as evaluate
+from surpipe.evaluation.clip_score import DEFINITION, CLIPScorer
+from surpipe.evaluation.suite import DEFAULT_SUITE
+from surpipe.hub import check_model_source
+from surpipe.logs import get_logger
+from surpipe.train.run_folder import run_config
+from surpipe.train.validation import report as held_out_report
+
+log = get_logger()
+
+
+def clip_score_eval(cfg, held: dict | None) -> dict:
+    """Render, score and write the CLIP-score results of ``cfg`` (an ``EvalConfig``); ``held``, the
+    ``--store`` report, goes beside them. Returns what ``OUT/results.json`` holds."""
+    if cfg.model is None:
+        cfg.model = (run_config(cfg.adapter) or {}).get("model")
+        if cfg.model is None:
+            raise SurpipeError("give --model: the adapter comes without its training run")
+    seeds = evaluate.parse_seeds(cfg.seeds)
+    suite = evaluate.select(evaluate.read_suite(cfg.prompts), cfg.categories, cfg.max_prompts_per_category)
+    items = evaluate.eval_items(suite, seeds)
+
+    t0 = time.perf_counter()
+    # The CLIP model first: a wrong --clip-model fails before any image is rendered.
+    check_model_source(cfg.clip_model, option="--clip-model", what="CLIP model")
+    scorer = CLIPScorer(cfg.clip_model, revision=cfg.clip_revision, device=resolve_device(cfg.device, mps=True))
+    models = inference.open_models(cfg.model, cfg.adapter, revision=cfg.revision, device=cfg.device,
+                                   dtype=cfg.dtype, scheduler=cfg.scheduler, adapter_weight=cfg.adapter_weight)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SurpipeError(f"--out {out} is a file, not a folder: give a folder for the results")
+    out.mkdir(parents=True, exist_ok=True)
+    note = render.tiny_model_note(cfg.model, cfg.clip_model)
+    if note:
+        log.info(f"note: {note}")
+    log.info(f"eval: {len(items)} image(s) per arm in {len(suite)} categories on {models.device}")
+    texts = [it[2] for it in items]
+    images = inference.render_arms(models, texts, arms=evaluate.ARMS, label="eval", seeds=[it[3] for it in items],
+                                   steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
+                                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size)
+    scores = {arm: scorer.score(ims, texts) for arm, ims in images.items()}
+
+    rows = evaluate.score_rows(items, scores, images if cfg.save_images else None, out)
+    grids = evaluate.category_grids(out, items, images, scores, seeds[0], note) if cfg.save_images else {}
+    table, overall = evaluate.category_stats(items, scores)
+    first = images["with"][0]
+    settings = {
+        **models.describe(), "prompts": str(Path(cfg.prompts) if cfg.prompts else DEFAULT_SUITE),
+        "categories": list(suite), "prompts_per_category": {c: len(ps) for c, ps in suite.items()},
+        "seeds": seeds, "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
+        "size": [first.width, first.height], "negative_prompt": cfg.negative_prompt,
+    }
+    title = f"CLIP score ({Path(cfg.clip_model).name}), {len(seeds)} seed(s), {cfg.steps} steps"
+    chart = evaluate.chart(table, overall, out / "clip_scores.png", title + (" - RANDOM TINY MODELS" if note else ""))
+    result = {"definition": DEFINITION, "clip": scorer.describe(), "settings": settings, "categories": table,
+              "overall": overall, "grids": grids, "chart": {"file": "clip_scores.png", **chart},
+              "tiny_models": note, "seconds": round(time.perf_counter() - t0, 2), "versions": inference.versions()}
+    header = {"model": cfg.model, "adapter": str(models.folder), "CLIP model": cfg.clip_model,
+              "seeds": ", ".join(map(str, seeds)), "steps": cfg.steps, "guidance": cfg.guidance,
+              "scheduler": f"{cfg.scheduler} ({settings['scheduler_class']})",
+              "size": f"{first.width}x{first.height}", "adapter_weight": models.adapter.adapter_weight}
+    if held is not None:
+        result["held_out"] = held
+    evaluate.write_results(out, result, rows, header, note)
+    if held is not None:  # beside the CLIP-score table
+        with open(out / "results.md", "a", encoding="utf-8") as f:
+            f.write("\n" + held_out_report.markdown(held))
+    cfgmod.save(cfg, out / "config.json")
+    print(evaluate.markdown(table, overall, {}).split("\n\n", 1)[-1], file=sys.stderr)
+    log.info(f"wrote {out / 'results.md'}, results.json, clip_scores.png")
+    return result
