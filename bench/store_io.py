@@ -302,16 +302,16 @@ s.stop()
 
 
 class _Moto:
-    """tests/s3server.py's moto S3 server on 127.0.0.1, run in a child process (its own interpreter,
+    """tests/helpers/s3server.py's moto S3 server on 127.0.0.1, run in a child process (its own interpreter,
     so the server's request handling does not take this process's GIL from the loader)."""
 
     def __enter__(self):
         import subprocess
 
-        sys.path.insert(0, str(C.REPO / "tests"))
+        sys.path.insert(0, str(C.REPO / "tests" / "helpers"))
         from s3server import S3Server
 
-        self.proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD, str(C.REPO / "tests")],
+        self.proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD, str(C.REPO / "tests" / "helpers")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         endpoint = self.proc.stdout.readline().strip()
         if not endpoint.startswith("http://127.0.0.1:"):
@@ -505,7 +505,7 @@ def run_s3(tiny: bool = False, cache: Path | None = None, **over) -> dict:
                 else _predicted_rate(p["model"], p["utilisation"], p["peak_tflops"]))
         step_ms = pred["ms_per_sample"] * B
         out = {"activations": how, "resolution": r, "rows": p["loader_rows"], "batch": B, "block_rows": br,
-               "server": ("moto's S3 server (tests/s3server.py) in a child process on 127.0.0.1, sharing this "
+               "server": ("moto's S3 server (tests/helpers/s3server.py) in a child process on 127.0.0.1, sharing this "
                           "machine's cores with the loader: the figures bound the protocol and client "
                           "overhead, not a real network's latency or bandwidth"),
                "predicted_gpu_step": pred, "predicted_step_ms_per_batch": round(step_ms, 3),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import png_bytes  # noqa: F401  (fixtures below and older imports use it)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -45,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def train_store(tmp_path) -> Path:
     """A small store with every group train reads (test_train.make_store) at ``tmp_path/s.zarr``."""
-    from test_train import make_store
+    from helpers.stores import make_store
 
     make_store(tmp_path / "s.zarr")
     return tmp_path / "s.zarr"
@@ -61,14 +63,6 @@ def store(train_store) -> Path:
 def sample_dir() -> Path:
     """The bundled SURD-format sample (data/sample, made by data/make_sample.py)."""
     return REPO / "data" / "sample"
-
-
-def png_bytes(size=(8, 8), color=(10, 200, 30), mode="RGB", fmt="PNG") -> bytes:
-    from PIL import Image
-
-    b = io.BytesIO()
-    Image.new(mode, size, color).save(b, fmt)
-    return b.getvalue()
 
 
 @pytest.fixture

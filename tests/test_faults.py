@@ -22,7 +22,7 @@ import pytest
 import zarr
 
 from helpers import run_cli as _run
-from test_train import make_store
+from helpers.stores import make_store
 
 from surpipe.errors import SurpipeError
 from surpipe.store import FeatureStore
