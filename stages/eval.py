@@ -36,9 +36,9 @@ from typing import Optional, Union
 from surpipe import config as cfgmod
 from surpipe.config import opt
 from surpipe.evaluation.clip_eval import clip_score_eval
-from surpipe.evaluation.generate import DtypeName, SchedulerName, option, size_problems
+from surpipe.evaluation.generate import DtypeName, SchedulerName, size_problems
 from surpipe.logs import get_logger
-from surpipe.options import StoreAccess
+from surpipe.options import StoreAccess, option
 from surpipe.store.location import apply_store_options
 from surpipe.train.validation import report as held_out_report
 

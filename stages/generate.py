@@ -31,7 +31,8 @@ from surpipe import config as cfgmod
 from surpipe.config import Config, opt
 from surpipe.evaluation import generate as inference
 from surpipe.evaluation import render
-from surpipe.evaluation.generate import DtypeName, SchedulerName, option, size_problems
+from surpipe.evaluation.generate import DtypeName, SchedulerName, size_problems
+from surpipe.options import option
 from surpipe.logs import get_logger
 
 log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only

@@ -1,6 +1,7 @@
-"""Options several commands share, declared once: how a command reaches ``--store`` (every command
-that takes one), the training reader's local cache, and the options both stage-one commands take.
-One help text and one range each, so ``--help`` and the checks cannot drift apart."""
+"""The one table of options several commands share: how a command reaches ``--store`` (every
+command that takes one), the training reader's local cache, the options both stage-one commands
+take, and those generate and eval share. One help text and one range each, so ``--help`` and the
+checks cannot drift apart."""
 
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ _OPTIONS = {
     "overwrite": dict(default=False, help="replace groups written with other settings (their values are lost)",
                       group="output"),
     "progress": dict(default=True, help="show progress bars", group="running"),
+    # generate and eval
+    "model": dict(help="Stable Diffusion model: a diffusers folder or hub id (the one the adapter was trained "
+                       "for).", group="model"),
+    "adapter": dict(help="Training run folder (uses RUN/adapter) or adapter folder (config.json + "
+                         "model.safetensors).", group="model"),
+    "adapter_weight": dict(default=None, help="Override the adapter's mixing weight in [0, 1] (0 = no adapter "
+                                              "effect).", group="model", ge=0.0, le=1.0),
+    "revision": dict(default=None, help="Hub revision (branch, tag or commit) of --model.", group="model"),
+    "negative_prompt": dict(default="", help="Negative prompt for every image (also passed through the adapter).",
+                            group="inference"),
+    "steps": dict(default=30, help="Denoising steps per image.", group="inference", ge=1, le=1000),
+    "guidance": dict(default=7.5, help="Classifier-free guidance scale (1 = no guidance).", group="inference",
+                     ge=0.0, le=100.0),
+    "size": dict(default=None, help="Image side in pixels, a multiple of 8 (default: the model's, 512 for SD 1.5).",
+                 group="inference", ge=8, le=4096),
+    "scheduler": dict(default="default", help="Sampler; default: the model's own scheduler.", group="inference"),
+    "batch_size": dict(default=4, help="Images rendered together (lower it if memory runs out).", group="running",
+                       ge=1, le=1024),
+    "dtype": dict(default="auto", help="Pipeline dtype; auto: float16 on CUDA, float32 otherwise.", group="running"),
+    "device": dict(default="auto", help="Device: auto | cpu | cuda | cuda:I | mps.", group="running"),
 }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from surpipe import config as cfgmod
-from surpipe.config import opt, read_json_object
+from surpipe.config import read_json_object
 from surpipe.devices import resolve_device, resolve_dtype, torch_dtype
 from surpipe.errors import SurpipeError
 from surpipe.evaluation import render
@@ -37,38 +37,11 @@ DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 # Files a generate run writes at the top of --out; --overwrite deletes these and nothing else.
 OWN_FILES = ("generate.json", "config.json", "compare_grid.png")
 
-# The options generate and eval share: one help text and one range for both commands.
-_OPTIONS = {
-    "model": dict(help="Stable Diffusion model: a diffusers folder or hub id (the one the adapter was trained "
-                       "for).", group="model"),
-    "adapter": dict(help="Training run folder (uses RUN/adapter) or adapter folder (config.json + "
-                         "model.safetensors).", group="model"),
-    "adapter_weight": dict(default=None, help="Override the adapter's mixing weight in [0, 1] (0 = no adapter "
-                                              "effect).", group="model", ge=0.0, le=1.0),
-    "revision": dict(default=None, help="Hub revision (branch, tag or commit) of --model.", group="model"),
-    "negative_prompt": dict(default="", help="Negative prompt for every image (also passed through the adapter).",
-                            group="inference"),
-    "steps": dict(default=30, help="Denoising steps per image.", group="inference", ge=1, le=1000),
-    "guidance": dict(default=7.5, help="Classifier-free guidance scale (1 = no guidance).", group="inference",
-                     ge=0.0, le=100.0),
-    "size": dict(default=None, help="Image side in pixels, a multiple of 8 (default: the model's, 512 for SD 1.5).",
-                 group="inference", ge=8, le=4096),
-    "scheduler": dict(default="default", help="Sampler; default: the model's own scheduler.", group="inference"),
-    "batch_size": dict(default=4, help="Images rendered together (lower it if memory runs out).", group="running",
-                       ge=1, le=1024),
-    "dtype": dict(default="auto", help="Pipeline dtype; auto: float16 on CUDA, float32 otherwise.", group="running"),
-    "device": dict(default="auto", help="Device: auto | cpu | cuda | cuda:I | mps.", group="running"),
-}
 
 
 def size_problems(size) -> list[str]:
     """The ``--size`` rule generate and eval share beyond its range: a multiple of 8 (the VAE's)."""
     return [f"size must be a multiple of 8 (got {size})"] if size is not None and size % 8 else []
-
-
-def option(name: str):
-    """The config field ``name`` as ``surpipe generate`` and ``surpipe eval`` both declare it."""
-    return opt(**_OPTIONS[name])
 
 
 # ----------------------------------------------------------------------------------- small helpers
