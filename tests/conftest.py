@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
 import pytest
-
-from helpers import png_bytes  # noqa: F401  (fixtures below and older imports use it)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

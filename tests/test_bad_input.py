@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import png_bytes
-from helpers import run_cli as _run
+from helpers import png_bytes, run_cli as _run
 
 
 def _fails(args, phrase):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import png_bytes
+from helpers import png_bytes
 from surpipe.data import DEFAULT_MAX_PIXELS, Sample, base_key, decode_rgb, open_dataset
 from surpipe.errors import SurpipeError
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import png_bytes
-from helpers import run_cli as cli
+from helpers import png_bytes, run_cli as cli
 from surpipe.data import open_dataset
 from surpipe.errors import SurpipeError
 
