@@ -24,6 +24,10 @@ from typing import Optional
 
 import typer
 
+from surpipe import config as cfgmod
+from surpipe.errors import SurpipeError, first_line
+from surpipe.logs import setup_logging
+
 app = typer.Typer(
     name="surpipe",
     help="SUR-adapter for Stable Diffusion: cache LLM + CLIP + VAE features in a Zarr store, "
@@ -70,8 +74,6 @@ def _global(
                                  help="Show third-party warnings, log messages and loading bars (hidden by default)."),
 ):
     """SUR-adapter for Stable Diffusion."""
-    from surpipe.logs import setup_logging
-
     setup_logging(verbose=verbose)
 
 
@@ -183,8 +185,6 @@ def _split_lists(cls, opts: dict) -> dict:
 
 def _relabel(err, labels: dict[str, str]):
     """The same SurpipeError with config keys replaced by how the user wrote them (flags)."""
-    from surpipe.errors import SurpipeError
-
     if not err.problems:
         return err
     new = []
@@ -207,9 +207,6 @@ def run_stage(command: str, module: str, cls_name: str, config: Optional[Path], 
     Problems are reported with the flag names the user typed (``--llm-layer``), or the key and
     file for values that came from ``--config``.
     """
-    from surpipe import config as cfgmod
-    from surpipe.errors import SurpipeError
-
     mod = importlib.import_module(f"stages.{module}")
     cls = getattr(mod, cls_name)
     opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
@@ -303,8 +300,7 @@ def run_all(config: Path = typer.Argument(..., help="Pipeline config (JSON), e.g
 
     Rerunning continues where it stopped; finished steps are skipped.
     """
-    from stages import run_pipeline
-    from surpipe import config as cfgmod
+    from stages import run_pipeline  # the chain runner loads every stage: only when `surpipe run` runs
 
     try:
         cfg = cfgmod.load(run_pipeline.PipelineConfig, config, what=f"config {config}")
@@ -348,8 +344,6 @@ def describe_unexpected(e: BaseException, command: str = "surpipe") -> str:
         if e.errno == errno.ENOSPC:
             return f"no space left on device{where}: free space and rerun (finished work is kept)"
         return f"{e.strerror or e}{where}"
-    from surpipe.errors import first_line
-
     first = first_line(e, "")[:300]
     if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):  # without importing torch
         return (f"torch.compile failed ({type(e).__name__}: {first}); rerun without --compile-unet "
@@ -372,8 +366,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from typer._click import exceptions as click_exc
-
-    from surpipe.errors import SurpipeError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if ("--help" in argv or not argv) and not os.environ.get("TERMINAL_WIDTH") and not sys.stdout.isatty():

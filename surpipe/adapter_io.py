@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from surpipe.errors import SurpipeError, first_line
+from surpipe.hub import _cache_dir, check_model_source, looks_like_hub_id
 from surpipe.train.run_layout import ADAPTER, has_run_parts  # the run-folder names: a torch-free leaf
 
 CONFIG_NAME = "config.json"
@@ -69,8 +70,6 @@ def resolve_adapter_dir(path: Union[str, os.PathLike], **hub_kwargs) -> Path:
     ``hub_kwargs`` (``revision``, ``cache_dir``, ``token``, ``force_download``,
     ``local_files_only``) go to ``huggingface_hub.snapshot_download``.
     """
-    from surpipe.hub import looks_like_hub_id
-
     p = Path(path).expanduser()
     # Only a string shaped owner/name that is no existing path is a hub id: a bare name stays a
     # (missing) folder, so a typo in a run folder's name is reported as such.
@@ -95,8 +94,6 @@ def _download_adapter(repo_id: str, revision: Optional[str] = None, cache_dir=No
                       force_download: bool = False, local_files_only: bool = False) -> Path:
     """The snapshot folder of hub adapter ``repo_id``: config, weights and any llm projection."""
     from huggingface_hub import snapshot_download
-
-    from surpipe.hub import _cache_dir, check_model_source
 
     try:
         if not local_files_only:

@@ -86,7 +86,7 @@ class TrainRecipe:
         import torch
         from diffusers import DDPMScheduler
 
-        from surpipe.train.setup import build_trainables, load_unet, unet_for_loss
+        from surpipe.train.setup import build_trainables, load_unet, unet_for_loss  # heavy: torch, accelerate
 
         inputs = inputs or self.inputs or self.check()
         self.inputs = inputs

@@ -154,7 +154,7 @@ def evaluate_rows(adapter, projection, unet, scheduler, vset: ValidationSet, *, 
     import torch
     import torch.nn.functional as F
 
-    from surpipe.train import losses as L
+    from surpipe.train import losses as L  # heavy: imports torch
 
     if prompt_target not in ("out", "fc"):
         raise SurpipeError(f"prompt_target must be out or fc, got {prompt_target!r}")

@@ -102,7 +102,7 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
                    device: str = "auto", batch_size: int = 8, adapter_weight: Optional[float] = None) -> dict:
     """The held-out metrics of ``adapter`` (run folder, adapter folder, checkpoint or hub id) on
     ``store``: ``{"scope", "rows", "categories": per_category(...), "table": markdown, ...}``."""
-    # heavy: torch, diffusers
+    # heavy: torch, diffusers (and the adapter, losses and setup modules, which import torch)
     import torch
     from diffusers import DDPMScheduler
 
