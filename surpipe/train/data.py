@@ -184,19 +184,23 @@ class BlockReader:
             except Exception as e:
                 raise read_failure(self.store_path, where, block, span, e) from None
         objs = [f"{arr.path}/{ck}" for ck in chunk_keys(arr, block)]
-        for attempt in (1, 2):
-            try:
-                self._check_cached(arr, block, where, span, objs)
-            except ValueError as e:  # a shard index that fails its checksum
-                err = e
-            else:
-                try:
-                    return np.asarray(arr[start:stop])
-                except Exception as e:  # a chunk that fails its checksum or does not decode
-                    err = e
-            if attempt == 2 or not any([self._cache.drop(o) for o in objs]):
-                raise read_failure(self.store_path, where, block, span, err) from None
-        raise AssertionError("unreachable")
+        x, err = self._read_cached(arr, block, where, span, objs)
+        if err is not None and any([self._cache.drop(o) for o in objs]):
+            x, err = self._read_cached(arr, block, where, span, objs)  # now the store's own objects
+        if err is not None:
+            raise read_failure(self.store_path, where, block, span, err) from None
+        return x
+
+    def _read_cached(self, arr, block: int, where: str, span: tuple[int, int], objs: list[str]):
+        """(rows of ``span``, None) read through the cache, or (None, the error) when a copy fails."""
+        try:
+            self._check_cached(arr, block, where, span, objs)
+        except ValueError as e:  # a shard index that fails its checksum
+            return None, e
+        try:
+            return np.asarray(arr[span[0]:span[1]]), None
+        except Exception as e:  # a chunk that fails its checksum or does not decode
+            return None, e
 
     def _check_cached(self, arr, block: int, where: str, span: tuple[int, int], objs: list[str]) -> None:
         """Fetch ``objs`` into the cache (if not there) and refuse a chunk the store does not hold; a
