@@ -202,8 +202,14 @@ class FeatureStore:
             raise self.damaged(path, e) from None
 
     def has_group(self, path: str) -> bool:
+        """Whether group ``path`` exists and its creation finished: a group another process is
+        still creating (its attributes not yet written) counts as absent, so it is never opened
+        half-made."""
         try:
-            return path in self.root and "done" in self.root[path]
+            if path not in self.root:
+                return False
+            g = self.root[path]
+            return "settings" in g.attrs and "done" in g
         except Exception as e:
             raise self.damaged(path, e) from None
 

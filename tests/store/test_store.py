@@ -168,6 +168,22 @@ def test_group_whose_creation_was_interrupted_is_recreated(tmp_path):
     assert sorted(g.array_names) == ["layer_1/pooled", "layer_3/pooled"]
 
 
+def test_group_being_created_counts_as_absent(tmp_path):
+    """Between creating a group's arrays and its ``done`` record and publishing its attributes,
+    another process (a data-parallel rank) must see no group, not a damaged one: the race that
+    made two gloo ranks fail with "done record has dtype int64, expected bool"."""
+    st = FeatureStore.create_or_open(tmp_path / "s.zarr", FakeDataset(6), block_rows=3)
+    half = st.root.require_group("llm/tiny")
+    half.create_array("layer_1/pooled", shape=(6, 8), dtype="float16", chunks=(3, 8))
+    half.create_array("done", shape=(2,), dtype="int64", chunks=(1,))
+    other = FeatureStore(tmp_path / "s.zarr", mode="a")
+    assert not other.has_group("llm/tiny")
+    with pytest.raises(SurpipeError, match="has no feature group 'llm/tiny'"):
+        other.group("llm/tiny")
+    _group(st)  # the creator finishes: now both see it, undamaged
+    assert other.has_group("llm/tiny") and other.group("llm/tiny").completed_blocks() == 0
+
+
 def test_check_settings_refuses_before_any_work(tmp_path):
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", FakeDataset(6), block_rows=3)
     _group(st)
