@@ -14,6 +14,7 @@ import numpy as np
 
 from surpipe.config import opt
 from surpipe.errors import SurpipeError
+from surpipe.features import open_group
 from surpipe.options import StoreAccess
 from surpipe.store import FeatureStore, describe_codecs, has_checksums
 from surpipe.store.core import ROW_ARRAYS
@@ -43,7 +44,7 @@ def describe(store) -> dict:
         "groups": [],
     }
     for path in store.group_paths():
-        g = store.group(path)
+        g = open_group(store, path)
         arrays = []
         for name in g.array_names:
             a = g.array(name)

@@ -20,6 +20,7 @@ from surpipe.config import opt
 from surpipe.errors import SurpipeError
 from surpipe.options import StoreAccess
 from surpipe.store.location import apply_store_options
+from surpipe.features import RULES
 from surpipe.store.verify import verify_store
 
 
@@ -35,7 +36,7 @@ def run(cfg: VerifyConfig) -> dict:
     """Verify (and with ``repair`` mark damaged blocks incomplete); raise SurpipeError listing every
     problem left, so the CLI exits 1. Returns the report as a dict."""
     apply_store_options(cfg)  # --storage-options (a store at a URL): checked before any work
-    rep = verify_store(cfg.store, repair=cfg.repair)
+    rep = verify_store(cfg.store, repair=cfg.repair, rules=RULES)
     out = rep.to_dict()
     if cfg.json:
         print(_json.dumps(out, indent=2, ensure_ascii=False))

@@ -1,6 +1,6 @@
 """The shape of the code (docs/architecture.md): no import circle in the library or the bench,
 function-local imports included; the library never imports ``stages`` or ``bench``; no stage imports
-another; modules and functions stay small enough to read."""
+another; the store never imports the feature kinds; modules and functions stay small enough to read."""
 
 from __future__ import annotations
 
@@ -124,6 +124,17 @@ def test_the_library_never_imports_stages_or_bench_and_no_stage_imports_another(
     crossing = sorted((m, t) for m, ts in graph.items() if m.startswith("stages.") and m not in orchestrators
                       for t in ts if t.startswith("stages.") and t != m)
     assert not crossing, crossing
+
+
+def test_the_store_never_imports_the_feature_kinds():
+    """The kinds build on the store (array specs, groups); the store runs their checks when handed
+    ``surpipe.features.RULES``, so it must not reach for them itself."""
+    graph = import_graph()
+    bad = sorted((m, t) for m, ts in graph.items() if m.startswith("surpipe.store") for t in ts
+                 if t.startswith("surpipe.features"))
+    assert not bad, bad
+    from surpipe import features, store
+    assert tuple(features.KINDS) == store.KINDS  # one folder per kind, each with its contract
 
 
 def _sizes():

@@ -7,7 +7,9 @@ One class per kind (``llm``, ``clip``, ``vae``) owns the kind's whole contract:
 * ``arrays(settings)``: the arrays those settings imply, ``{name: ArraySpec}``;
 * ``block(...)``: the values of one block as the store takes them (``FeatureGroup.write_block``);
 * ``check(group)`` / ``layout_problems``: a stored group against what its settings imply (row
-  shapes, dtypes, arrays the settings require, the numbers a reader relies on);
+  shapes, dtypes, arrays the settings require, the numbers a reader relies on). The store runs
+  these checks without importing this package: ``open_group`` and ``surpipe verify`` hand it
+  ``RULES``;
 * typed reads: what a trainer needs (``LLMFeatures.layers``, ``ClipFeatures.embedding_shape``,
   ``VaeFeatures.latent_params``) and ``train_arrays``, the arrays the training reader loads.
 
@@ -24,11 +26,11 @@ from typing import Any, Iterable, Mapping
 from surpipe.features.base import FeatureKind, Problems
 from surpipe.features.clip import ClipFeatures, ClipXLFeatures
 from surpipe.features.llm import LLMFeatures
-from surpipe.features.spec import ArraySpec
+from surpipe.store.spec import ArraySpec, KindRules
 from surpipe.features.vae import LatentParams, VaeFeatures
 
 __all__ = ["KINDS", "ArraySpec", "ClipFeatures", "ClipXLFeatures", "FeatureKind", "LLMFeatures", "LatentParams", "Problems",
-           "VaeFeatures", "clip_features", "feature_kind", "group_features", "layout_problems"]
+           "VaeFeatures", "clip_features", "feature_kind", "group_features", "layout_problems", "open_group", "RULES"]
 
 KINDS: dict[str, type[FeatureKind]] = {k.kind: k for k in (LLMFeatures, ClipFeatures, VaeFeatures)}
 
@@ -55,3 +57,12 @@ def layout_problems(kind: str, settings: Mapping[str, Any], present: Mapping[str
     if kind not in KINDS:
         return []
     return group_features(kind, settings).layout_problems(settings, present, listed)
+
+
+RULES = KindRules(layout_problems=layout_problems, stage=lambda kind: KINDS[kind].stage)
+
+
+def open_group(store, path: str):
+    """Feature group ``path`` of ``store`` opened for reading after the store's layout checks and
+    its kind's (``RULES``): a group whose zarr.json disagrees with its settings is refused."""
+    return store.group(path, rules=RULES)

@@ -6,9 +6,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import numpy as np
 
-from surpipe.features.spec import ArraySpec
-
-Problems = list[tuple[str | None, str]]  # (array name or None for the group, message)
+from surpipe.store.spec import ArraySpec, Problems
 
 
 def finite_number(v) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from surpipe.features.base import FeatureKind, all_ints
-from surpipe.features.spec import ArraySpec
+from surpipe.store.spec import ArraySpec
 
 
 class ClipFeatures(FeatureKind):
@@ -19,6 +19,7 @@ class ClipFeatures(FeatureKind):
     stage = "encode-latents"
     PROMPTS = ("simple", "complex")  # one embedding array per prompt, named after it
     _LENGTHS = {"simple": "simple_len", "complex": "complex_len"}
+    _LENGTH_SETS = (_LENGTHS,)  # the token-count arrays of each tokenizer
 
     @staticmethod
     def settings(*, max_length: int, hidden_size: int, store_dtype: str, **identity) -> dict[str, Any]:
@@ -52,14 +53,15 @@ class ClipFeatures(FeatureKind):
         if all_ints(L, D):
             for name in cls.PROMPTS:
                 want(name, shape=(L, D))
-        for name in cls._LENGTHS.values():
+        for name in (n for lengths in cls._LENGTH_SETS for n in lengths.values()):
             want(name, shape=(), dtype="int32")
 
     # ---- typed reads
     @classmethod
-    def token_lengths(cls, group) -> dict[str, np.ndarray]:
-        """Each prompt's token count before truncation, by prompt (``simple``, ``complex``)."""
-        return {w: group.read(cls._LENGTHS[w]) for w in cls.PROMPTS}
+    def token_lengths(cls, group, tokenizer: int = 1) -> dict[str, np.ndarray]:
+        """Each prompt's token count before truncation, by prompt (``simple``, ``complex``), with the
+        first tokenizer or (``tokenizer=2``, SDXL) the second."""
+        return {w: group.read(cls._LENGTH_SETS[tokenizer - 1][w]) for w in cls.PROMPTS}
 
     @classmethod
     def embedding_shape(cls, group) -> tuple[int, int] | None:
@@ -90,6 +92,7 @@ class ClipXLFeatures(ClipFeatures):
               "projected output (text_embeds)")
     _POOLED = {"simple": "simple_pooled", "complex": "complex_pooled"}
     _LENGTHS_2 = {"simple": "simple_len_2", "complex": "complex_len_2"}  # second tokenizer's counts
+    _LENGTH_SETS = (ClipFeatures._LENGTHS, _LENGTHS_2)
 
     @classmethod
     def settings(cls, *, max_length: int, hidden_size: int, store_dtype: str, pooled_size: int = 0,
@@ -128,15 +131,8 @@ class ClipXLFeatures(ClipFeatures):
         P = s.get("pooled_size")
         for name in cls._POOLED.values():
             want(name, shape=(P,) if all_ints(P) else None)
-        for name in cls._LENGTHS_2.values():
-            want(name, shape=(), dtype="int32")
 
     # ---- typed reads
-    @classmethod
-    def token_lengths_2(cls, group) -> dict[str, np.ndarray]:
-        """Each prompt's token count with the second tokenizer, before truncation, by prompt."""
-        return {w: group.read(cls._LENGTHS_2[w]) for w in cls.PROMPTS}
-
     @classmethod
     def pooled_size(cls, group) -> int | None:
         """P of the stored pooled embeddings; None when there are none."""

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from surpipe.features.base import FeatureKind, all_ints
-from surpipe.features.spec import ArraySpec
+from surpipe.store.spec import ArraySpec
 
 
 class LLMFeatures(FeatureKind):

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from surpipe.features.base import FeatureKind, finite_number, all_ints
-from surpipe.features.spec import ArraySpec
+from surpipe.store.spec import ArraySpec
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from surpipe.errors import SurpipeError
-from surpipe.features import LLMFeatures
+from surpipe.features import LLMFeatures, open_group
 from surpipe.store import settings_hash
 from surpipe.store.sidecar import remove_sidecars, sidecar_dir
 
@@ -31,7 +31,7 @@ def added_layers(store, path: str, settings: dict) -> tuple[list[int], list[int]
     which ``check_settings`` then refuses)."""
     if not store.has_group(path):
         return [], []
-    old = store.group(path).settings
+    old = open_group(store, path).settings
     stored, wanted = LLMFeatures.settings_layers(old), LLMFeatures.settings_layers(settings)
     if not isinstance(stored, list) or stored == wanted or not LLMFeatures.same_but_layers(old, settings):
         return [], []
@@ -66,7 +66,7 @@ def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None
     complete group ``path`` of ``store``, then record ``settings`` (one metadata write, after the
     moves). Arrays already moved are left alone, so an interrupted call can simply be repeated.
     The caller holds the group's lock exclusively."""
-    dst = store.group(path)
+    dst = open_group(store, path)
     if (src.store.num_samples, src.store.block_rows, src.store.fingerprint) != \
             (store.num_samples, store.block_rows, store.fingerprint):
         raise SurpipeError(f"{src.store.path} does not have the rows of {store.path}; cannot adopt its arrays")
@@ -86,7 +86,7 @@ def adopt_arrays(store, path: str, src, settings: dict, note: dict | None = None
     if isinstance(specs, dict) and isinstance(src_specs, dict):  # layout recorded at creation (format 2)
         update["array_specs"] = {**specs, **{a: src_specs[a] for a in names if a in src_specs}}
     store.root[path].update_attributes(update)
-    return store.group(path)
+    return open_group(store, path)
 
 
 def remove_side_stores(side_path: Path, name: str) -> None:
@@ -110,7 +110,7 @@ def stored_capacity(store, path: str, lengths: np.ndarray, cap: int, offsets: np
     if not store.has_group(path):
         return cap, offsets
     g = store.root[path]
-    names = [LLMFeatures.tokens(layer) for layer in LLMFeatures.settings_layers(store.group(path).settings) or []]
+    names = [LLMFeatures.tokens(layer) for layer in LLMFeatures.settings_layers(open_group(store, path).settings) or []]
     stored = next((int(g[a].attrs["block_capacity"]) for a in names
                    if a in g and g[a].attrs.get("block_capacity")), None)
     if stored is None or stored == cap:

@@ -24,7 +24,7 @@ from surpipe import config as cfgmod
 from surpipe import llm as L  # through the package: tests replace L.load_llm there
 from surpipe.devices import resolve_dtype
 from surpipe.errors import SurpipeError
-from surpipe.features import LLMFeatures
+from surpipe.features import LLMFeatures, open_group
 from surpipe.llm.add_layers import added_layers, adopt_arrays, remove_side_stores, side_store, stored_capacity
 from surpipe.logs import get_logger
 from surpipe.store import FeatureStore
@@ -197,7 +197,7 @@ class _GroupWriter:
                        False, f"{p.path} (adding layers {extra})", shards)
         if self.env.is_main:
             with group_lock(store.path, p.path, exclusive=True, wait_s=30.0):  # nobody writes it meanwhile
-                adopt_arrays(store, p.path, side.group(f"llm/{p.name}"), LLMFeatures.with_layers(p.settings, all_layers),
+                adopt_arrays(store, p.path, open_group(side, f"llm/{p.name}"), LLMFeatures.with_layers(p.settings, all_layers),
                              note={"layers": extra, "by": "extract-llm --layers"})
             remove_side_stores(side_path, p.name)
             log.info(f"{p.path}: layers {extra} added; it now holds layers {all_layers}")
@@ -231,7 +231,7 @@ def write_group(cfg, env: DistEnv, store, ds, p: Plan, device: str, t_start: flo
     base_settings = LLMFeatures.with_layers(p.settings, base_layers)
     if not cfg.overwrite:
         store.check_settings("llm", p.name, base_settings)
-        if store.has_group(p.path) and store.group(p.path).is_complete() and not extra:
+        if store.has_group(p.path) and open_group(store, p.path).is_complete() and not extra:
             log.info(f"{p.path}: nothing to do, all {store.num_blocks} blocks are already done "
                      f"({store.num_samples} prompts, layers {base_layers})")
             report.update(already_complete=True, prompts_done_now=0, seconds=round(time.perf_counter() - t_start, 2))
@@ -245,7 +245,7 @@ def write_group(cfg, env: DistEnv, store, ds, p: Plan, device: str, t_start: flo
     log.info(f"{p.path}: {store.num_samples} prompts, layers {all_layers} of {p.n_layers}, H={p.hidden}, "
              f"pooling {cfg.pooling}, {cfg.store_dtype} stored (model loaded in {load_s:.1f} s)")
     # added layers are built in a side store and moved into the group: the same shard layout
-    shards = (store.group(p.path).shard_blocks if store.has_group(p.path) and not cfg.overwrite else
+    shards = (open_group(store, p.path).shard_blocks if store.has_group(p.path) and not cfg.overwrite else
               default_shard_blocks(cfg.store, cfg.shard_blocks))
     res = w.job(store, base_layers, base_settings, arrays, True, p.path, shards)
     rows_now, secs_total = res.rows_done_now, res.seconds

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from surpipe.errors import SurpipeError
-from surpipe.features import LLMFeatures
+from surpipe.features import LLMFeatures, open_group
 from surpipe.safeload import file_sha256, load_torch_file, tensor_kind_problem
 from surpipe.store.blockjob import DistEnv, run_block_job
 
@@ -158,7 +158,7 @@ def write_group(cfg, store, src: Path, vecs: dict[str, np.ndarray], m: Matching,
     path = f"llm/{cfg.name}"
     if not cfg.overwrite and store.has_group(path):
         try:
-            old = store.group(path).settings
+            old = open_group(store, path).settings
         except SurpipeError:  # half-created or damaged: run_block_job deals with it
             old = {}
         if old != settings and LLMFeatures.with_layers(old, LLMFeatures.settings_layers(old) or []) == settings:

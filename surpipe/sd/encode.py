@@ -26,7 +26,7 @@ from surpipe import sd  # the components through the package: tests replace sd.l
 from surpipe.data.image_loader import BlockFeeder, loader_error
 from surpipe.errors import SurpipeError
 from surpipe.hub import check_model_source
-from surpipe.features import ClipFeatures, ClipXLFeatures, VaeFeatures
+from surpipe.features import ClipFeatures, ClipXLFeatures, VaeFeatures, open_group
 from surpipe.logs import get_logger
 from surpipe.store import FeatureGroup
 from surpipe.store.blockjob import DistEnv, run_block_job
@@ -150,7 +150,7 @@ def _clip_block_fn(job: EncodeJob, features, encode: Callable, count: Callable, 
 
 def _clip_report(store, path: str, features, res, L: int, D: int) -> dict:
     """The clip group's report: rows complete, prompts truncated and the longest, by prompt."""
-    g = store.group(path)
+    g = open_group(store, path)
     lens = features.token_lengths(g)
     valid = np.zeros(store.num_samples, dtype=bool)
     for b in np.flatnonzero(g.done_mask()):

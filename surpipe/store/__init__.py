@@ -18,11 +18,12 @@ Modules, bottom up (none imports one above it): ``core`` (the format's names and
 ``matching`` (a store's rows against a dataset), ``group_layout`` / ``group`` (feature groups and
 their blocks), ``growth`` (appending rows), ``feature_store`` (the store object, create / open /
 grow), ``opening`` (the one step a stage-one command calls), ``verify`` (whole-store checks),
-``blockjob`` and ``cache``. Each kind's contract (which arrays, what their settings imply) is
-:mod:`surpipe.features`, which the store reads and which never imports the store.
+``blockjob`` and ``cache``; ``spec`` (a leaf) is what the store and the feature kinds tell each
+other. Each kind's contract (which arrays, what their settings imply) is :mod:`surpipe.features`,
+which builds on the store; the store never imports it, and runs its checks when handed them
+(``FeatureStore.group(path, rules=...)``, ``verify_store(..., rules=...)``).
 """
 
-from surpipe.features import ArraySpec
 from surpipe.store.feature_store import FeatureStore, create_store, open_or_create
 from surpipe.store.creation import check_writable
 from surpipe.store.errors import ChecksumError, DatasetMismatch, StoreExists, StoreNotFound
@@ -34,10 +35,11 @@ from surpipe.store.integrity import (CODECS, _codecs, chunk_files, codec_chain, 
                                      to_storage)
 from surpipe.store.matching import StoreMatch, match_store
 from surpipe.store.sidecar import config_file, sidecar_dir
+from surpipe.store.spec import ArraySpec, KindRules
 
 __all__ = [
     "CODECS", "DEFAULT_BLOCK_ROWS", "FORMAT_VERSION", "KINDS", "READABLE_FORMATS",
-    "ArraySpec", "ChecksumError", "DatasetMismatch", "FeatureGroup", "FeatureStore", "StoreExists", "StoreMatch", "StoreNotFound",
+    "ArraySpec", "ChecksumError", "KindRules", "DatasetMismatch", "FeatureGroup", "FeatureStore", "StoreExists", "StoreMatch", "StoreNotFound",
     "check_writable", "chunk_files", "codec_chain", "config_file", "create_store", "describe_codecs",
     "fresh_attrs", "generation_id", "has_checksums", "library_versions", "match_store", "missing_chunk",
     "open_or_create", "read_failure", "recorded_layout", "settings_hash", "sidecar_dir", "to_storage",

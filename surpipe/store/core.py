@@ -10,13 +10,12 @@ import json
 from importlib import metadata as _md
 from typing import Any, Mapping
 
-from surpipe.features import KINDS as _FEATURE_KINDS
-
 FORMAT_VERSION = 2
 # formats this surpipe opens: 1 (no checksums, no generations: reported as unchecked) and 2
 READABLE_FORMATS = (1, 2)
 DEFAULT_BLOCK_ROWS = 256
-KINDS = tuple(_FEATURE_KINDS)  # ("llm", "clip", "vae"): each kind's contract is surpipe.features
+# the feature kinds, one folder each; each kind's contract is surpipe.features (its KINDS, same order)
+KINDS = ("llm", "clip", "vae")
 # the root arrays of a store's rows (the only module that spells their names)
 KEYS_ARRAY = "keys"
 PROMPT_ARRAYS = {"simple": "prompts/simple", "complex": "prompts/complex"}

@@ -16,7 +16,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from surpipe.errors import SurpipeError, first_line
-from surpipe.features import ArraySpec
 from surpipe.store.creation import build_local, build_remote, building_marker, check_writable
 from surpipe.store.errors import HalfBuilt, StoreExists, StoreNotFound
 from surpipe.store.core import (CATEGORY_ARRAY, DEFAULT_BLOCK_ROWS, KEYS_ARRAY, KINDS, PROMPT_ARRAYS,
@@ -26,6 +25,7 @@ from surpipe.store.group_layout import create_group
 from surpipe.store.growth import grow_rows
 from surpipe.store.location import is_remote, store_path
 from surpipe.store.locks import creation_lock, group_lock, growth_lock
+from surpipe.store.spec import ArraySpec, KindRules
 from surpipe.store.matching import LeftOut, StoreMatch, has_rows_after, match_store, plan_rows
 from surpipe.store.remote import remote_failure, zarr_store
 
@@ -85,7 +85,7 @@ class FeatureStore:
                 f"feature store {self.path} is growing from {g.get('from')} to {g.get('to')} rows (new dataset rows "
                 "being appended): another job is doing it now, or it was interrupted. Wait for that job, or rerun "
                 "`surpipe extract-llm` or `surpipe encode-latents` with the grown dataset to complete it")
-        self._layout_ok: set[str] = set()
+        self._layout_ok: set[tuple[str, KindRules | None]] = set()  # (group, rules) checked
         self.created_now = False  # True when create_store made it in this process
         try:
             self.num_samples = int(self.root.attrs["num_samples"])
@@ -213,21 +213,22 @@ class FeatureStore:
         except Exception as e:
             raise self.damaged(path, e) from None
 
-    def group(self, path: str) -> FeatureGroup:
+    def group(self, path: str, rules: KindRules | None = None) -> FeatureGroup:
         """Open feature group ``path`` for reading, after checking its metadata (arrays present and
-        readable, row-aligned, chunked by block, dtypes and shapes as the settings imply and as
-        recorded at creation): a damaged or edited zarr.json is refused here, never misread."""
+        readable, row-aligned, chunked by block, dtypes and shapes as recorded at creation and, with
+        the kinds' ``rules``, as the settings imply): a damaged or edited zarr.json is refused here,
+        never misread. Readers call :func:`surpipe.features.open_group`, which passes the rules."""
         if not self.has_group(path):
             have = self.group_paths()
             raise SurpipeError(f"store {self.path} has no feature group {path!r} "
                                f"(it has: {', '.join(have) or 'none'})")
         g = FeatureGroup(self, path)
-        if path not in self._layout_ok:
-            problems = g.layout_problems()
+        if (path, rules) not in self._layout_ok:
+            problems = g.layout_problems(rules)
             if problems:
                 raise SurpipeError(f"store {self.path}: group {path} is damaged (its metadata was edited or "
                                    f"broken); run `surpipe verify {self.path}`:", problems)
-            self._layout_ok.add(path)
+            self._layout_ok.add((path, rules))
         return g
 
     def _half_created(self, path: str) -> bool:
@@ -304,7 +305,7 @@ class FeatureStore:
             raise SurpipeError(f"cannot create group {path} in store {self.path}: {what}"
                                + (f" ({e.filename})" if e.filename else "")
                                + "; free space (or fix the disk) and rerun the same command") from None
-        self._layout_ok.discard(path)
+        self._layout_ok = {k for k in self._layout_ok if k[0] != path}
         return FeatureGroup(self, path)
 
 

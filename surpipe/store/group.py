@@ -295,10 +295,10 @@ class FeatureGroup:
                                        eb) from None
             raise read_failure(self.store.path, f"{self.path}/{name}", start // c, None, e) from None
 
-    def layout_problems(self) -> list[str]:
-        """Problems of the group's metadata that make its data unreadable or misread
-        (:func:`surpipe.store.group_layout.layout_problems`)."""
-        return layout_problems(self)
+    def layout_problems(self, rules=None) -> list[str]:
+        """Problems of the group's metadata that make its data unreadable or misread, with the
+        kinds' checks when given ``rules`` (:func:`surpipe.store.group_layout.layout_problems`)."""
+        return layout_problems(self, rules)
 
     def require_complete(self) -> None:
         """Refuse unless every block is done in this generation (extract-llm checks both groups

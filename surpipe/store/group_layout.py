@@ -1,7 +1,8 @@
 """A feature group's layout (docs/store-format.md): creating its arrays and ``done`` record, and the
 check that opening a group runs, so a damaged or edited zarr.json is refused, never misread: arrays
 present and readable, row-aligned with the store, chunked by block, dtypes and shapes as the group's
-settings imply (each kind's contract, :mod:`surpipe.features`) and as recorded at creation."""
+settings imply (each kind's contract, handed in as ``rules`` by :mod:`surpipe.features`) and as
+recorded at creation."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from surpipe.errors import first_line
-from surpipe.features import ArraySpec, layout_problems as kind_layout_problems
 from surpipe.store.core import library_versions, settings_hash
 from surpipe.store.integrity import codec_chain, recorded_layout
 from surpipe.store.sharding import effective_shard_blocks, shard_shape
+from surpipe.store.spec import ArraySpec, KindRules
 
 
 def create_group(store, path: str, kind: str, settings: dict, arrays: Mapping[str, ArraySpec],
@@ -58,10 +59,11 @@ def create_group(store, path: str, kind: str, settings: dict, arrays: Mapping[st
     })
 
 
-def layout_problems(group) -> list[str]:
+def layout_problems(group, rules: KindRules | None = None) -> list[str]:
     """Problems of the group's metadata that make its data unreadable or misread: arrays
     missing or unreadable, rows not aligned with the store, chunks that are not blocks, a
-    dtype or shape other than what the settings imply or what was recorded at creation."""
+    dtype or shape other than what was recorded at creation or (given the kinds' ``rules``)
+    what the settings imply."""
     st = group.store
     problems = []
     attrs = group.attrs
@@ -107,6 +109,7 @@ def layout_problems(group) -> list[str]:
                             f"expected ({st.num_blocks},) {want} chunks (1,)")
     except Exception as e:
         problems.append(f"done record unreadable ({type(e).__name__})")
-    for name, msg in recorded_layout(attrs, present) + kind_layout_problems(kind, settings, present, listed):
+    kind_problems = rules.layout_problems(kind, settings, present, listed) if rules else []
+    for name, msg in recorded_layout(attrs, present) + kind_problems:
         problems.append(f"{name}: {msg}" if name else msg)
     return problems

@@ -285,6 +285,13 @@ def live_holders(fs, prefix: str, pattern: str = "*") -> list[dict]:
 
 # ---------------------------------------------------------------- shared / exclusive
 
+def _pause_or_refuse(deadline: float, refusal: str) -> None:
+    """Wait one poll before looking again, or refuse with ``refusal`` once ``deadline`` has passed."""
+    if time.monotonic() >= deadline:
+        raise SurpipeError(refusal)
+    time.sleep(_POLL_S)
+
+
 @contextlib.contextmanager
 def shared_lease(fs, folder: str, group: str, member: str, what: str, *, ttl_s: float | None = None,
                  wait_s: float = 0.0, exclusive_name: str = "delete"):
@@ -307,11 +314,8 @@ def shared_lease(fs, folder: str, group: str, member: str, what: str, *, ttl_s: 
         # a deleter holds the group: let go while waiting (never wait holding: no deadlock with
         # a deleter that waits for the writers), then take the member lease again
         lease.release()
-        if time.monotonic() >= deadline:
-            raise SurpipeError(
-                f"{what} is being replaced by {describe(others[0])}: wait for it to finish (or stop it) "
-                "and retry")
-        time.sleep(_POLL_S)
+        _pause_or_refuse(deadline, f"{what} is being replaced by {describe(others[0])}: wait for it to finish "
+                         "(or stop it) and retry")
     try:
         yield lease
     finally:
@@ -332,9 +336,7 @@ def exclusive_lease(fs, folder: str, group: str, what: str, *, ttl_s: float | No
             others = live_holders(fs, folder, f"{group}.{shared_pattern}")
             if not others:
                 break
-            if time.monotonic() >= deadline:
-                raise SurpipeError(
-                    f"{what} is being written by {', '.join(describe(o) for o in others)}; it cannot be "
-                    "replaced (--overwrite) while that job runs: wait for it to finish (or stop it) and retry")
-            time.sleep(_POLL_S)
+            _pause_or_refuse(deadline, f"{what} is being written by {', '.join(describe(o) for o in others)}; it "
+                             "cannot be replaced (--overwrite) while that job runs: wait for it to finish (or stop "
+                             "it) and retry")
         yield lease

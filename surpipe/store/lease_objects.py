@@ -71,30 +71,35 @@ def _read(fs, p: str) -> dict | None:
     return rec
 
 
-def _create(fs, p: str, data: bytes) -> None:
-    """Create object ``p`` holding ``data`` only if no object ``p`` exists (FileExistsError)."""
-    if _is_local(fs):
-        tmp = f"{os.path.dirname(p)}/.{os.path.basename(p)}.{secrets.token_hex(6)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
+def _local_tmp(p: str, data: bytes, durable: bool) -> str:
+    """A temporary file beside local ``p`` holding ``data`` (fsynced when ``durable``), to publish
+    by a link or rename: readers never see a half-written record."""
+    tmp = f"{os.path.dirname(p)}/.{os.path.basename(p)}.{secrets.token_hex(6)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, p)  # atomic, fails if p exists; readers never see a half-written record
-        finally:
-            os.unlink(tmp)
+    return tmp
+
+
+def _create(fs, p: str, data: bytes) -> None:
+    """Create object ``p`` holding ``data`` only if no object ``p`` exists (FileExistsError)."""
+    if not _is_local(fs):
+        fs.pipe_file(p, data, mode="create")
         return
-    fs.pipe_file(p, data, mode="create")
+    tmp = _local_tmp(p, data, durable=True)
+    try:
+        os.link(tmp, p)  # atomic, fails if p exists
+    finally:
+        os.unlink(tmp)
 
 
 def _overwrite(fs, p: str, data: bytes) -> None:
     if _is_local(fs):
-        tmp = f"{os.path.dirname(p)}/.{os.path.basename(p)}.{secrets.token_hex(6)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-        return
-    fs.pipe_file(p, data)
+        os.replace(_local_tmp(p, data, durable=False), p)
+    else:
+        fs.pipe_file(p, data)
 
 
 _checked: dict[tuple, bool] = {}

@@ -38,15 +38,17 @@ from surpipe.store.feature_store import FeatureStore, local_store_path
 from surpipe.store.group import FeatureGroup
 from surpipe.store.integrity import chunk_files
 from surpipe.store.locks import group_lock
+from surpipe.store.spec import KindRules
 from surpipe.store.verify_checker import Checker
 from surpipe.store.verify_groups import check_groups
 from surpipe.store.verify_report import Finding, VerifyReport  # noqa: F401  (re-exported)
 
 
-def check_store(path) -> VerifyReport:
-    """Check the store at ``path`` (read-only); see the module docstring for what is checked."""
+def check_store(path, rules: KindRules | None = None) -> VerifyReport:
+    """Check the store at ``path`` (read-only); see the module docstring for what is checked.
+    ``rules`` (``surpipe.features.RULES``) adds each group's kind checks."""
     t0 = time.perf_counter()
-    c = Checker(local_store_path(path))
+    c = Checker(local_store_path(path), rules)
     root = c.root()
     if root is not None:
         c.rows_arrays(root)
@@ -75,11 +77,11 @@ def _drop_damaged_shards(store, g, blocks: list[int]) -> list[int]:
     return out
 
 
-def verify_store(path, repair: bool = False) -> VerifyReport:
+def verify_store(path, repair: bool = False, rules: KindRules | None = None) -> VerifyReport:
     """Check the store; with ``repair``, mark every damaged done block incomplete (``done[b] = False``,
     nothing recomputed) and check again. The returned report's ``repaired`` lists what was marked;
     problems that no rerun can fix (root attributes, keys, layout) stay problems."""
-    rep = check_store(path)
+    rep = check_store(path, rules)
     damaged = rep.damaged_blocks()
     if not repair or not damaged:
         return rep
@@ -92,7 +94,7 @@ def verify_store(path, repair: bool = False) -> VerifyReport:
                 g.mark_incomplete(b)
     fixed = [p for p in rep.problems if p.group is not None and p.block is not None]
     t = rep.seconds
-    rep = check_store(path)
+    rep = check_store(path, rules)
     rep.repaired = fixed
     rep.seconds += t
     return rep

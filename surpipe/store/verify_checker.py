@@ -18,8 +18,9 @@ class Checker:
     """Collects the findings of one store's check into ``rep`` (a :class:`VerifyReport`); the root
     and its rows here, feature groups in :mod:`surpipe.store.verify_groups`."""
 
-    def __init__(self, path):  # a local Path, or a RemotePath (surpipe.store.remote)
+    def __init__(self, path, rules=None):  # a local Path, or a RemotePath (surpipe.store.remote)
         self.path = path
+        self.rules = rules  # the feature kinds' checks (a KindRules), or None: the store's own only
         self.rep = VerifyReport(str(path))
 
     def problem(self, where, message, **kw):

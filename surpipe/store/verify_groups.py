@@ -1,6 +1,6 @@
 """The check of each feature group ``<kind>/<name>`` for ``surpipe verify`` (:mod:`surpipe.store.verify`):
-provenance attributes, the layout its settings imply (each kind's contract, :mod:`surpipe.features`)
-and recorded at creation, the ``done`` record, and every done block's chunks (present, checksum,
+provenance attributes, the layout its settings imply (each kind's contract, handed in as the
+checker's ``rules`` by :mod:`surpipe.features`) and recorded at creation, the ``done`` record, and every done block's chunks (present, checksum,
 decodable, finite). Findings go to a :class:`~surpipe.store.verify_checker.Checker`."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from surpipe.errors import first_line
-from surpipe.features import feature_kind, layout_problems
 from surpipe.store.core import KINDS, settings_hash
 from surpipe.store.integrity import chunk_keys, generation_id, missing_block, recorded_layout
 
@@ -69,7 +68,7 @@ def check_group(c, kind: str, path: str, g) -> None:
     done = _done_record(c, path, g, gen_id)
     if n is None or nb is None:
         return
-    for name, msg in layout_problems(kind, settings, present, listed):
+    for name, msg in (c.rules.layout_problems(kind, settings, present, listed) if c.rules else []):
         c.problem(f"{path}/{name}" if name else path, msg)
     for name in info["arrays"]:
         if _array_layout(c, path, name, present[name]) and done is not None:
@@ -234,5 +233,6 @@ def _incomplete(c, kind: str, path: str, done: np.ndarray, info: dict) -> None:
         spans = ", ".join(f"{b} (rows {b * br}-{min((b + 1) * br, n) - 1})" for b in pend[:10])
         c.warning(path, f"{len(pend)} of {nb} blocks incomplete: {spans}"
                   + (" ..." if len(pend) > 10 else "")
-                  + f"; rerun `surpipe {feature_kind(kind).stage}` to finish them",
+                  + (f"; rerun `surpipe {c.rules.stage(kind)}` to finish them" if c.rules
+                     else "; rerun the stage that writes it to finish them"),
                   group=path)

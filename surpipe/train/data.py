@@ -17,7 +17,7 @@ import google_crc32c
 import numpy as np
 
 from surpipe.errors import SurpipeError
-from surpipe.features import LLMFeatures, VaeFeatures, clip_features
+from surpipe.features import LLMFeatures, VaeFeatures, clip_features, open_group
 from surpipe.store import FeatureStore, chunk_files, missing_chunk, read_failure
 from surpipe.store.integrity import chunk_keys, missing_block_file
 from surpipe.store.location import store_path
@@ -54,7 +54,7 @@ class BlockReader:
     def _open(self):
         store = FeatureStore(self.store_path)  # format, root attributes: clear errors
         g = self.groups
-        llm, clip, vae = store.group(g.llm_group), store.group(g.clip_group), store.group(g.vae_group)
+        llm, clip, vae = open_group(store, g.llm_group), open_group(store, g.clip_group), open_group(store, g.vae_group)
         wanted = {}  # batch key -> (group, array), as each kind says training reads it
         for gpath, names in ((g.llm_group, LLMFeatures.train_arrays(llm, g.llm_layer)),
                              (g.clip_group, clip_features(clip.settings).train_arrays()),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surpipe import sd
-from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures, clip_features
+from surpipe.features import ClipFeatures, LLMFeatures, VaeFeatures, clip_features, open_group
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _pick(store, kind: str, requested: str | None, match=None) -> tuple[str | No
 
 
 def _describe_group(store, path: str) -> str:
-    s = store.group(path).settings
+    s = open_group(store, path).settings
     bits = [f"model {s.get('model')}"]
     for k in ("revision", "resolution", "store_dtype"):
         if s.get(k) is not None:
@@ -109,7 +109,7 @@ def _text_encoder_fingerprint(model: str, revision: str | None, with_weights: bo
 def _fitting(store, paths, size_of, want) -> tuple[list[str], bool]:
     """The groups whose ``size_of(group)`` is what the UNet expects (``want``; None: unknown):
     (candidates, whether that decided it). None fitting leaves them all to the next rule."""
-    fit = [p for p in paths if want is not None and size_of(store.group(p)) == want]
+    fit = [p for p in paths if want is not None and size_of(open_group(store, p)) == want]
     return (fit, True) if len(fit) == 1 else (fit or list(paths), False)
 
 
@@ -125,18 +125,18 @@ def clip_matcher(model: str | None, revision: str | None = None, width: int | No
             return [], "no --model to match them against"
         fp = _text_encoder_fingerprint(model, revision, with_weights=False)
         if fp is not None:
-            cands = [p for p in cands if store.group(p).settings.get("text_encoder_config_hash")
+            cands = [p for p in cands if open_group(store, p).settings.get("text_encoder_config_hash")
                      == fp["text_encoder_config_hash"]]
             if len(cands) > 1:
                 fp = _text_encoder_fingerprint(model, revision, with_weights=True) or fp
                 if "text_encoder_weights_sha256" in fp:
-                    cands = [p for p in cands if store.group(p).settings.get("text_encoder_weights_sha256")
+                    cands = [p for p in cands if open_group(store, p).settings.get("text_encoder_weights_sha256")
                              == fp["text_encoder_weights_sha256"]]
             how = f"the text encoder of {model} (config hash {fp['text_encoder_config_hash']}"
             how += f", weights hash {fp['text_encoder_weights_sha256']})" if "text_encoder_weights_sha256" in fp else ")"
         else:
             mid = model_id(model)
-            cands = [p for p in cands if store.group(p).settings.get("model") == mid]
+            cands = [p for p in cands if open_group(store, p).settings.get("model") == mid]
             how = f"model {mid} (it has no text_encoder/ to compare by hash)"
         if len(cands) == 1:
             return cands, ""
@@ -155,7 +155,7 @@ def vae_matcher(model: str | None, in_channels: int | None = None):
         if model is None:
             return [], "no --model to match them against"
         mid = model_id(model)
-        cands = [p for p in cands if store.group(p).settings.get("model") == mid]
+        cands = [p for p in cands if open_group(store, p).settings.get("model") == mid]
         if len(cands) == 1:
             return cands, ""
         return cands, (f"{len(cands)} of them were encoded from model {mid}" if cands
@@ -189,7 +189,7 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
             problems.append(err)
         paths[kind] = path
     if paths["llm"]:
-        g = store.group(paths["llm"])
+        g = open_group(store, paths["llm"])
         layers = LLMFeatures.layers(g)
         if llm_layer < 0 and -len(layers) <= llm_layer:
             llm_layer = layers[llm_layer]
@@ -199,16 +199,16 @@ def resolve_groups(store, *, llm_layer: int, llm_group: str | None, clip_group: 
                             "(negative values count from the last stored layer: -1 is the last)")
     for kind in ("llm", "clip", "vae"):
         if paths[kind]:
-            g = store.group(paths[kind])
+            g = open_group(store, paths[kind])
             done, n = g.completed_blocks(), store.num_blocks
             if done < n:
                 problems.append(f"{paths[kind]} is incomplete: {done}/{n} blocks done; rerun its stage to finish it")
     if paths["clip"]:
-        clip = store.group(paths["clip"])
+        clip = open_group(store, paths["clip"])
         problems += clip_features(clip.settings).train_problems(clip, paths["clip"])
     flip = False
     if paths["vae"]:
-        vae = store.group(paths["vae"])
+        vae = open_group(store, paths["vae"])
         problems += VaeFeatures.train_problems(vae, paths["vae"])
         flip = use_flip and VaeFeatures.has_flip(vae)
     # groups that were found are returned even with problems, so callers can check more at once

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from surpipe.config import to_dict
+from surpipe.features import open_group
 from surpipe.store import settings_hash
 from surpipe.store.location import canonical
 from surpipe.train.groups import model_id
@@ -95,7 +96,7 @@ def run_identity(cfg: Any, store, groups, split: Optional[dict] = None) -> Optio
     recorded = {}
     for kind in KINDS:
         path, req = getattr(g, f"{kind}_group"), getattr(cfg, f"{kind}_group")
-        s = store.group(path).settings
+        s = open_group(store, path).settings
         if kind == "llm":  # layers added to the group later leave the stored ones unchanged
             s = {k: v for k, v in s.items() if k != "layers"}
         recorded[kind] = {"path": path, "picked": "auto" if req is None else "option",

@@ -175,7 +175,7 @@ def test_feature_classes_and_train_arrays(encoded):
     assert VaeFeatures.train_arrays(False, vae) == {"lat_mean": "mean", "lat_std": "std",
                                                     "original_size": "original_size", "crop_top_left": "crop_top_left"}
     assert VaeFeatures.train_arrays(False) == {"lat_mean": "mean", "lat_std": "std"}
-    lens2 = ClipXLFeatures.token_lengths_2(clip)
+    lens2 = ClipXLFeatures.token_lengths(clip, tokenizer=2)
     assert set(lens2) == {"simple", "complex"} and lens2["simple"].dtype == np.int32
 
 

@@ -73,6 +73,14 @@ def test_s3fs_takes_endpoint_from_environment(s3_server, s3_bucket):
     assert s3_server.fs().cat_file(f"{bucket}/from-env") == b"ok"
 
 
+def _plant_holder(fs, path, *, pid=1, host="node-b", machine=None, token="t", acquired=0.0, ttl_s=1.0, **extra):
+    """Write lease ``path``'s first record as a holder on another machine would (its pid cannot be
+    checked from here; it expires ``ttl_s`` after ``acquired`` unless renewed)."""
+    fs.pipe_file(f"{path}.lease.00000000", json.dumps(
+        {"pid": pid, "host": host, "machine": machine or host, "token": token, "what": "w",
+         "acquired": acquired, "renewed": acquired, "ttl_s": ttl_s, **extra}).encode())
+
+
 def test_second_holder_refused_then_released(where):
     fs, folder, _ = where
     a = Lease(fs, f"{folder}/llm__x.rank0", "group llm/x of store s.zarr", ttl_s=30)
@@ -132,9 +140,7 @@ def test_racing_acquirers_exactly_one_wins(where):
     fs2 = fs
     for r in range(4):
         name = f"{folder}/stale{r}"
-        fs2.pipe_file(f"{name}.lease.00000000", json.dumps(
-            {"pid": 1, "host": "elsewhere", "machine": "elsewhere", "token": "x", "what": "w",
-             "acquired": 0, "renewed": 0, "ttl_s": 1}).encode())
+        _plant_holder(fs2, name, host="elsewhere", token="x")
         barrier = threading.Barrier(n)
         won = []
 
@@ -230,9 +236,7 @@ def test_holder_dead_on_another_host_taken_over_after_expiry_not_before(where):
     now = time.time()
     # a holder on another machine (its pid cannot be checked from here) that stopped renewing
     fs.makedirs(folder, exist_ok=True)
-    fs.pipe_file(f"{path}.lease.00000000", json.dumps(
-        {"pid": os.getpid(), "host": "node-b", "machine": "node-b/boot/1", "token": "t", "what": "w",
-         "acquired": now, "renewed": now, "ttl_s": 1.5, "released": False}).encode())
+    _plant_holder(fs, path, pid=os.getpid(), machine="node-b/boot/1", acquired=now, ttl_s=1.5, released=False)
     with pytest.raises(SurpipeError, match="pid .* on node-b .* lease expires"):
         Lease(fs, path, "w", ttl_s=30).acquire()
     time.sleep(max(0.0, now + 1.6 - time.time()))
@@ -289,9 +293,7 @@ def test_slow_acquirer_recreating_a_collected_number_backs_off(where, monkeypatc
 
     path = f"{folder}/g"
     fs.makedirs(folder, exist_ok=True)
-    fs.pipe_file(f"{path}.lease.00000000", json.dumps(
-        {"pid": 1, "host": "node-b", "machine": "node-b", "token": "t", "what": "w",
-         "acquired": 0, "renewed": 0, "ttl_s": 1}).encode())
+    _plant_holder(fs, path)
     holder = Lease(fs, path, "w", ttl_s=30)
     holder.acquire()  # took .1 over the expired .0 and deleted .0
     assert holder.index == 1 and _objects(fs, folder) == ["g.lease.00000001"]

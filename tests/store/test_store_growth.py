@@ -47,6 +47,7 @@ def _train(store, sd, out, steps):
 def test_grow_7_to_12_keeps_old_rows_equals_a_fresh_store_and_trains(make_surd, tiny_models, tmp_path):
     from surpipe.data import open_dataset
     from surpipe.store import FeatureStore
+    from surpipe.features import RULES
     from surpipe.store.verify import check_store
 
     d7, d12 = _surd(make_surd, 7, "d7"), _surd(make_surd, 12, "d12")
@@ -88,7 +89,7 @@ def test_grow_7_to_12_keeps_old_rows_equals_a_fresh_store_and_trains(make_surd, 
         else:
             np.testing.assert_array_equal(after[name][7:], r[7:], err_msg=name)
 
-    rep = check_store(store)
+    rep = check_store(store, RULES)
     assert rep.problems == [] and rep.warnings == [], (rep.problems, rep.warnings)
     rc, out, err = run_cli("inspect", store, "--json")
     assert rc == 0 and json.loads(out)["num_samples"] == 12
@@ -159,6 +160,7 @@ def test_rows_whose_images_fail_are_left_out_of_the_growth(make_surd, tmp_path):
 def _check_grown(store, n_new=12):
     """The grown store after its groups are completed: old rows kept, new rows computed."""
     from surpipe.store import FeatureStore
+    from surpipe.features import RULES
     from surpipe.store.verify import check_store
 
     _fill(store, offset=100.0)  # new values differ from the old ones: a recomputed old row would show
@@ -170,7 +172,7 @@ def _check_grown(store, n_new=12):
         x = g.read("x")[:, 0]
         np.testing.assert_array_equal(x[:7], np.arange(7) + 0.5)
         np.testing.assert_array_equal(x[7:], np.arange(7, n_new) + 100.0)
-    rep = check_store(store)
+    rep = check_store(store, RULES)
     assert rep.problems == [] and rep.warnings == [], (rep.problems, rep.warnings)
 
 
@@ -179,6 +181,7 @@ def test_growth_interrupted_at_any_step_is_refused_then_completed_by_a_rerun(mak
     import surpipe.store.growth as G
     from surpipe.store import FeatureStore
     from surpipe.store.opening import open_store
+    from surpipe.features import RULES
     from surpipe.store.verify import check_store
 
     store = _plain_store(make_surd, tmp_path)
@@ -206,7 +209,7 @@ def test_growth_interrupted_at_any_step_is_refused_then_completed_by_a_rerun(mak
     assert root.attrs["surpipe_format"] == "2+growing"  # older surpipe versions refuse an unknown format
     with pytest.raises(SurpipeError, match="growing from 7 to 12 rows"):
         FeatureStore(store)
-    assert any("interrupted" in p.message for p in check_store(store).problems)
+    assert any("interrupted" in p.message for p in check_store(store, RULES).problems)
     ds, st = open_store(str(data), str(store), progress=False)  # the rerun completes the growth
     assert st.num_samples == 12 and st.growing is None and st.format == 2
     _check_grown(store)
@@ -289,6 +292,7 @@ def test_a_writer_that_opened_the_store_before_it_grew_is_refused(make_surd, tmp
 def test_a_store_smaller_than_one_block_grows(make_surd, tmp_path):
     from surpipe.store import FeatureStore
     from surpipe.store.opening import open_store
+    from surpipe.features import RULES
     from surpipe.store.verify import check_store
 
     store = _plain_store(make_surd, tmp_path, n=3)  # arrays chunked by 3 rows: re-chunked to blocks of 4
@@ -297,7 +301,7 @@ def test_a_store_smaller_than_one_block_grows(make_surd, tmp_path):
     g = FeatureStore(store).group("llm/a")
     assert g.array("x").chunks[0] == BLOCK
     np.testing.assert_array_equal(g.read("x")[:, 0], np.arange(10) + 100.0)  # block 0 recomputed whole
-    assert check_store(store).problems == []
+    assert check_store(store, RULES).problems == []
 
 
 def test_per_token_group_grows_with_its_capacity_or_refuses_rows_that_need_more(make_surd, tiny_models, tmp_path):

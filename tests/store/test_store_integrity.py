@@ -19,6 +19,7 @@ from helpers import run_cli as _run
 from helpers.stores import _DS, make_store
 
 from surpipe.errors import SurpipeError
+from surpipe.features import open_group
 from surpipe.store import ArraySpec, FeatureStore
 from surpipe.train.groups import StoreGroups
 from surpipe.train.data import BlockReader, SampleStream
@@ -264,7 +265,8 @@ def test_dtype_other_than_the_settings_say_is_refused_for_training(tmp_path):
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _DS(4), block_rows=4)
     st.require_group("llm", "x", {"layers": [0], "store_dtype": "float32"}, {"layer_0/pooled": ArraySpec((4,), "float16")})
     with pytest.raises(SurpipeError, match="layer_0/pooled: dtype float16, but the settings say float32"):
-        FeatureStore(tmp_path / "s.zarr").group("llm/x")
+        open_group(FeatureStore(tmp_path / "s.zarr"), "llm/x")  # how every reader opens a group
+    FeatureStore(tmp_path / "s.zarr").group("llm/x")  # the store alone knows no kind's contract
 
 
 # --------------------------------------------------------------------------- damaged metadata (point 9)

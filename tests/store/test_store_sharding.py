@@ -132,20 +132,21 @@ def test_a_shard_is_written_in_one_piece_and_resume_keeps_finished_shards(tmp_pa
 
 
 def test_verify_checks_a_sharded_store(tmp_path):
+    from surpipe.features import RULES
     from surpipe.store.verify import check_store as verify_store
 
     st = FeatureStore.create_or_open(tmp_path / "s.zarr", _rows(20), block_rows=4)
     _job(st, 2)
-    rep = verify_store(tmp_path / "s.zarr")
+    rep = verify_store(tmp_path / "s.zarr", RULES)
     assert rep.sound, rep.problems
     shard = tmp_path / "s.zarr/llm/g/x/c/1/0/0"  # blocks 2 and 3
     data = bytearray(shard.read_bytes())
     data[5] ^= 0xFF
     shard.write_bytes(bytes(data))
-    rep = verify_store(tmp_path / "s.zarr")
+    rep = verify_store(tmp_path / "s.zarr", RULES)
     assert not rep.sound and any("checksum" in str(p) for p in rep.problems)
     shard.unlink()
-    rep = verify_store(tmp_path / "s.zarr")
+    rep = verify_store(tmp_path / "s.zarr", RULES)
     assert not rep.sound and any("missing" in str(p) for p in rep.problems)
     with pytest.raises(SurpipeError, match="missing|chunk"):
         FeatureStore(tmp_path / "s.zarr").group("llm/g").read("x", 8, 12)
