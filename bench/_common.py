@@ -9,7 +9,6 @@ may give activations that compress differently (rerun on real checkpoints on a G
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -107,13 +106,7 @@ def timeit(fn, reps: int, warmup: int = 1) -> list[float]:
 
 def build_sd(kind: str, out: Path, seed: int = 0) -> Path:
     """An SD pipeline folder (standard diffusers layout) for ``SD_MODELS[kind]``, random weights."""
-    import tempfile
-
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
+    from surpipe.tiny import tiny_sd_configs
 
     m = SD_MODELS[kind]
     if m.get("published"):
@@ -130,16 +123,29 @@ def build_sd(kind: str, out: Path, seed: int = 0) -> Path:
     out = Path(out)
     if (out / "model_index.json").is_file():
         return out
+    return _save_sd(out, seed, cv["tokenizer"], cv["text_encoder"], cv["vae"], unet_cfg, cv["scheduler"])
+
+
+def _save_sd(out: Path, seed: int, tokenizer: dict, text: dict, vae: dict, unet: dict, scheduler: dict) -> Path:
+    """Save an SD pipeline of these component configs, random weights (one seed per component)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from surpipe.tiny import write_clip_tokenizer
+
     with tempfile.TemporaryDirectory(prefix="surpipe-bench-clip-") as d:
-        tok = write_clip_tokenizer(d, **cv["tokenizer"])
+        tok = write_clip_tokenizer(d, **tokenizer)
     torch.manual_seed(seed * 1000 + 1)
-    te = CLIPTextModel(CLIPTextConfig(**cv["text_encoder"])).eval()
+    te = CLIPTextModel(CLIPTextConfig(**text)).eval()
     torch.manual_seed(seed * 1000 + 2)
-    vae = AutoencoderKL(**cv["vae"]).eval()
+    vae_model = AutoencoderKL(**vae).eval()
     torch.manual_seed(seed * 1000 + 3)
-    unet = UNet2DConditionModel(**unet_cfg).eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=DDPMScheduler(**cv["scheduler"]), safety_checker=None,
+    unet_model = UNet2DConditionModel(**unet).eval()
+    pipe = StableDiffusionPipeline(vae=vae_model, text_encoder=te, tokenizer=tok, unet=unet_model,
+                                   scheduler=DDPMScheduler(**scheduler), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -148,12 +154,8 @@ def build_sd(kind: str, out: Path, seed: int = 0) -> Path:
 def _build_published_sd(arch: str, out: Path, seed: int) -> Path:
     """An SD pipeline folder with the published architecture of ``cost_model.ARCHS[arch]`` (SD 1.5:
     UNet 859.5 M, VAE 83.7 M, CLIP ViT-L/14 text 123.1 M), random weights, the offline CLIP tokenizer."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     import cost_model
-    from surpipe.tiny import tiny_sd_configs, write_clip_tokenizer
+    from surpipe.tiny import tiny_sd_configs
 
     if (out / "model_index.json").is_file():
         return out
@@ -164,19 +166,7 @@ def _build_published_sd(arch: str, out: Path, seed: int) -> Path:
     a = cost_model.ARCHS[arch]
     tiny = tiny_sd_configs()  # token ids and the SD scheduler; the architecture keys come from ARCHS
     text = dict(tiny["text_encoder"], **a["text"][0][1])
-    with tempfile.TemporaryDirectory(prefix="surpipe-bench-clip-") as d:
-        tok = write_clip_tokenizer(d, **tiny["tokenizer"])
-    torch.manual_seed(seed * 1000 + 1)
-    te = CLIPTextModel(CLIPTextConfig(**text)).eval()
-    torch.manual_seed(seed * 1000 + 2)
-    vae = AutoencoderKL(**a["vae"]).eval()
-    torch.manual_seed(seed * 1000 + 3)
-    unet = UNet2DConditionModel(**a["unet"]).eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=DDPMScheduler(**tiny["scheduler"]), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return _save_sd(out, seed, tiny["tokenizer"], text, a["vae"], a["unet"], tiny["scheduler"])
 
 
 def _build_published_sdxl(out: Path, seed: int) -> Path:
