@@ -21,7 +21,7 @@ from typing import Literal, Optional
 from surpipe.config import atomic_write_text, from_dict, save
 from surpipe.errors import SurpipeError
 from surpipe.tiny import build_tiny_clip, make_tiny_models
-from surpipe.train.log import validation_summary
+from surpipe.train.validation.summary import first_validation, summary
 from surpipe.train.run_folder import RunFolder
 
 STEPS = ("make_tiny_models", "pack", "extract_llm", "encode_latents", "train", "generate", "eval")
@@ -230,4 +230,4 @@ def _held_out_line(run_dir: Path) -> Optional[str]:
     split = run.recorded_split()
     if split is None:
         return None
-    return validation_summary(rows[-1], split.get("count", "?"), rows[0]) if rows else None
+    return summary(rows[-1], split.get("count", "?"), first_validation(run.metrics)) if rows else None

@@ -127,7 +127,8 @@ class TrainConfig(StoreCache):
                                          "adapter grid (0: only at the end, losses only).",
                                 group="validation", ge=0)
     validation_prompts: list[str] = opt(default_factory=list, help="Prompts of the validation grid "
-                                        "(default: the first 4 of the store).", group="validation")
+                                        "(default: the first 4 held-out rows; without a split and without "
+                                        "these, no grid: training rows would flatter it).", group="validation")
     validation_steps: int = opt(20, help="Sampling steps of each validation image.", group="validation",
                                 ge=1, le=1000)
     validation_size: Optional[int] = opt(None, help="Validation image size in pixels (default: the model's).",
@@ -136,8 +137,9 @@ class TrainConfig(StoreCache):
                                group="validation", ge=0, le=_SEED_MAX)
     validation_images: bool = opt(True, help="Render the grid at each --validation-every (off: only the held-out "
                                              "losses are computed).", group="validation")
-    keep_best: bool = opt(False, help="Also keep the adapter with the lowest held-out val/prompt + val/llm in "
-                                      "OUT/best (needs --val-rows or --val-fraction).", group="validation")
+    keep_best: bool = opt(False, group="validation", help=(
+        "Also keep the adapter of the lowest val/prompt + val/llm on half of the held-out rows in OUT/best (eval "
+        "--store reports on the other half; needs --val-rows or --val-fraction)."))
     val_rows: int = opt(0, help="Hold out this many store rows (never trained on) for validation losses "
                                 "(0: off).", group="validation", ge=0)
     val_fraction: float = opt(0.0, help="Hold out about this fraction of the store rows instead of --val-rows "

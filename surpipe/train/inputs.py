@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from surpipe.errors import SurpipeError
-from surpipe.features import LLMFeatures, VaeFeatures, clip_features
+from surpipe.features import LLMFeatures, VaeFeatures, clip_features, open_group
 from surpipe.hub import read_model_config
 from surpipe.sd import check_pipeline_class
 from surpipe.store import FeatureStore
@@ -79,7 +79,7 @@ def _split(cfg, store, found: dict, problems: list[str]) -> None:
         problems.append(str(e))
         return
     found["held_out"] = held
-    found["split"] = split_record(keys, held, rows=rows, fraction=fraction, seed=seed)
+    found["split"] = split_record(keys, held, rows=rows, fraction=fraction, seed=seed, keep_best=cfg.keep_best)
 
 
 def gather(cfg) -> tuple[dict, list[str]]:
@@ -104,7 +104,7 @@ def gather(cfg) -> tuple[dict, list[str]]:
                                unet_config=unet_cfg)
         found["groups"] = g
         problems += gp
-    clip = store.group(g.clip_group) if g is not None and g.clip_group else None
+    clip = open_group(store, g.clip_group) if g is not None and g.clip_group else None
     shape = clip_features(clip.settings).embedding_shape(clip) if clip is not None else None
     if shape is not None:
         found["seq_len"], found["width"] = seq_len, width = shape
@@ -118,10 +118,10 @@ def gather(cfg) -> tuple[dict, list[str]]:
                                 "use the SD model whose text encoder made the store")
         if width % cfg.nhead:
             problems.append(f"nhead {cfg.nhead} does not divide the embedding width {width}")
-    size = LLMFeatures.width(store.group(g.llm_group), g.llm_layer) if g is not None and g.llm_group else None
+    size = LLMFeatures.width(open_group(store, g.llm_group), g.llm_layer) if g is not None and g.llm_group else None
     if size is not None:  # g.llm_layer: --llm-layer -1 resolved
         found["llm_size"] = size
-    lat = VaeFeatures.latent_params(store.group(g.vae_group)) if g is not None and g.vae_group else None
+    lat = VaeFeatures.latent_params(open_group(store, g.vae_group)) if g is not None and g.vae_group else None
     if lat is not None:
         found["latent_shape"] = lat.shape
         if lat.scaling_factor is None:
@@ -134,7 +134,7 @@ def gather(cfg) -> tuple[dict, list[str]]:
         if unet_cfg is not None and not cfg.allow_other_vae:
             problems += _other_vae(cfg, g.vae_group, lat)
     if g is not None and clip is not None and g.vae_group:
-        _sdxl(cfg, clip, store.group(g.vae_group), unet_cfg, found, problems)
+        _sdxl(cfg, clip, open_group(store, g.vae_group), unet_cfg, found, problems)
     if sched_cfg is not None:
         pt = cfg.prediction_type or sched_cfg.get("prediction_type", "epsilon")
         if pt not in ("epsilon", "v_prediction"):

@@ -114,26 +114,6 @@ class RunLogger:
             self.accelerator.end_training()
 
 
-def validation_summary(m: dict, rows: int, first: Optional[dict] = None) -> str:
-    """One line: the held-out prompt term with vs without the adapter (and, given ``first``, the
-    step-0 row, vs the untrained adapter: the gain that is learned) and the cosines to the complex
-    prompt (``m``: surpipe.train.validation.metrics.evaluate's metrics)."""
-    p, b = m.get("val/prompt"), m.get("val/prompt_baseline")
-    line = f"held-out ({rows} rows, step {m.get('step')}):"
-    if p is not None and b is not None:
-        gain = f" ({(b - p) / b:+.1%} gain)" if b else ""
-        line += f" prompt term {p:.5f} with the adapter vs {b:.5f} without{gain}"
-        p0 = (first or {}).get("val/prompt") if (first or {}).get("step") == 0 else None
-        if p0 and m.get("step") != 0:
-            line += f", {p0:.5f} untrained ({(p0 - p) / p0:+.1%} learned)"
-        line += ";"
-    ca, cb = m.get("val/cos_adapter"), m.get("val/cos_baseline")
-    if ca is not None and cb is not None:
-        line += f" cosine to the complex prompt {ca:.4f} vs {cb:.4f};"
-    extra = [f"{k[4:]} {m[k]:.5f}" for k in ("val/llm", "val/denoise") if k in m]
-    return line + (" " + ", ".join(extra) if extra else "")
-
-
 def drop_metrics_after(metrics: Path, step: int) -> None:
     """Keep only the rows of metrics.jsonl up to ``step`` (atomically): a resumed run replays the
     steps a killed run logged after its last checkpoint."""

@@ -32,6 +32,7 @@ from surpipe.train.run_folder import RunFolder
 from surpipe.train.validation import during
 from surpipe.train.validation.metrics import evaluate
 from surpipe.train.validation.split import keep_mask
+from surpipe.train.validation.summary import first_validation, summary
 
 
 def _log_with(report_to: str):
@@ -188,9 +189,12 @@ class TrainRecipe:
                            disable=not (cfg.progress and self.main))
         if start_step:
             logger.log_text(f"resumed from step {start_step}")
+            self.first_val = first_validation(self.run.metrics) if self.main else None
         elif self.vset is not None:  # the untrained adapter: what the held-out numbers start from
             self.last_val = self.first_val = {"step": 0, **self.evaluate_held_out()}
             logger.log_validation(self.last_val)
+            if self.main:  # kept as the control eval --store compares with
+                self.run.save_adapter(**self._modules(), name=self.run.untrained.name)
         t_run = time.perf_counter()
         try:
             last = self._loop(stream, it, logger, bar)
@@ -209,7 +213,7 @@ class TrainRecipe:
         print(f"trained {n} steps in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.2f} steps/s); last loss "
               f"{last.get('loss', float('nan')):.5f}; adapter: {self.run.adapter}")
         if self.last_val:
-            print(train_log.validation_summary(self.last_val, len(self.vset), self.first_val))
+            print(summary(self.last_val, len(self.vset), self.first_val))
         if cfg.keep_best and self.run.best.is_dir():
             print(f"best held-out adapter (val/prompt + val/llm {self.run.best_score():.5f}): {self.run.best}")
         return {"step": self.step, "steps_run": n, "seconds": round(elapsed, 2), "final": last,
@@ -267,7 +271,9 @@ class TrainRecipe:
                     self._keep_if_best(logger)
             if self.main and cfg.validation_every and cfg.validation_images and (
                     self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
-                logger.log_image("validation", self.validate(), self.step)
+                grid = self.validate()
+                if grid is not None:  # None: no held-out rows and no --validation-prompt to render
+                    logger.log_image("validation", grid, self.step)
             if self.world > 1 and cfg.validation_every and self.step % cfg.validation_every == 0:
                 self.accelerator.wait_for_everyone()  # the others wait while rank 0 evaluates
         return last
@@ -358,9 +364,10 @@ class TrainRecipe:
             return evaluate(self._unwrapped("adapter"), self._unwrapped("projection"), self.unet,
                             self.noise_scheduler, self.vset, prediction_type=self.inputs.prediction_type,
                             min_snr_gamma=self.cfg.min_snr_gamma, prompt_target=self.cfg.prompt_target,
-                            weight_dtype=self.weight_dtype)
+                            weight_dtype=self.weight_dtype, control_seed=self.cfg.val_seed,
+                            select=during.selection_part(self.cfg, self.vset))
 
-    def validate(self) -> Path:
+    def validate(self) -> Optional[Path]:
         """Render the validation prompts without and with the adapter (same seeds) into a grid."""
         return during.validation_grid(self.cfg, self.inputs, self._unwrapped("adapter"), self.unet, self.run,
                                       self.step, self.device, self.weight_dtype)

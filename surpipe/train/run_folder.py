@@ -28,6 +28,16 @@ from surpipe.train import checkpoint, identity
 from surpipe.train import run_layout as L
 
 
+class _Part:
+    """A fixed part of the run folder: on a RunFolder, the path ``out / <its name>``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, folder, owner=None):
+        return self if folder is None else folder.out / self.name
+
+
 class RunFolder:
     """The run folder ``out``: its parts' paths, its checkpoints, its atomic saves and the check
     that a resume in it trains what the run began to train."""
@@ -39,37 +49,15 @@ class RunFolder:
         return f"RunFolder({str(self.out)!r})"
 
     # ------------------------------------------------------------------ the parts
-    @property
-    def config(self) -> Path:
-        return self.out / L.CONFIG
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.out / L.CHECKPOINTS
-
-    @property
-    def adapter(self) -> Path:
-        return self.out / L.ADAPTER
-
-    @property
-    def best(self) -> Path:
-        return self.out / L.BEST
-
-    @property
-    def metrics(self) -> Path:
-        return self.out / L.METRICS
-
-    @property
-    def log(self) -> Path:
-        return self.out / L.LOG
-
-    @property
-    def loss_curve(self) -> Path:
-        return self.out / L.LOSS_CURVE
-
-    @property
-    def lock(self) -> Path:
-        return self.out / L.LOCK
+    config = _Part(L.CONFIG)
+    checkpoints = _Part(L.CHECKPOINTS)
+    adapter = _Part(L.ADAPTER)
+    best = _Part(L.BEST)
+    untrained = _Part(L.UNTRAINED)
+    metrics = _Part(L.METRICS)
+    log = _Part(L.LOG)
+    loss_curve = _Part(L.LOSS_CURVE)
+    lock = _Part(L.LOCK)
 
     def validation_image(self, step: int) -> Path:
         """Where the with/without picture grid of ``step`` goes."""

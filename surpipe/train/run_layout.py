@@ -15,6 +15,7 @@ CONFIG = "config.json"  # the TrainConfig with its _surpipe record: identity, he
 CHECKPOINTS = "checkpoints"  # checkpoints/step-<8 digits>/, written under .tmp-step-* then renamed
 ADAPTER = "adapter"  # the final adapter (save_pretrained layout) with FINAL_PROJECTION
 BEST = "best"  # --keep-best: the adapter of the best held-out score, its note BEST/best.json
+UNTRAINED = "untrained"  # the adapter at step 0 (runs with a held-out split): the control eval --store compares with
 METRICS = "metrics.jsonl"  # one JSON object per logged step and per held-out evaluation
 LOG = "train.log"  # the human log
 LOSS_CURVE = "loss_curve.png"

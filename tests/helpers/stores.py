@@ -19,6 +19,17 @@ def _DS(n):
                              for i in range(n)])
 
 
+def clip_vae_groups(st, width=32, flip=False):
+    """The ``clip/sd`` and ``vae/sd-16`` groups every training store has (SD-like, 16 px latents)."""
+    clip = st.require_group("clip", "sd", {"m": 1}, {"simple": ArraySpec((77, width)), "complex": ArraySpec((77, width)),
+                                                      "simple_len": ArraySpec((), "int32"),
+                                                      "complex_len": ArraySpec((), "int32")})
+    vae_arrays = {"mean": ArraySpec(LAT), "std": ArraySpec(LAT)}
+    if flip:
+        vae_arrays |= {"flip_mean": ArraySpec(LAT), "flip_std": ArraySpec(LAT)}
+    return clip, st.require_group("vae", "sd-16", {"resolution": 16, "scaling_factor": 0.18215}, vae_arrays)
+
+
 def make_store(path, n=24, width=32, llm_size=16, layers=(1, 3), block_rows=8, flip=True, seed=0,
                complete=True):
     """A store with every group train reads, filled with structured (not pure-noise) features."""
@@ -26,13 +37,7 @@ def make_store(path, n=24, width=32, llm_size=16, layers=(1, 3), block_rows=8, f
     st = FeatureStore.create_or_open(path, _DS(n), block_rows=block_rows)
     llm = st.require_group("llm", "tiny", {"layers": list(layers)},
                            {f"layer_{L}/pooled": ArraySpec((llm_size,)) for L in layers})
-    clip = st.require_group("clip", "sd", {"m": 1}, {"simple": ArraySpec((77, width)), "complex": ArraySpec((77, width)),
-                                                      "simple_len": ArraySpec((), "int32"),
-                                                      "complex_len": ArraySpec((), "int32")})
-    vae_arrays = {"mean": ArraySpec(LAT), "std": ArraySpec(LAT)}
-    if flip:
-        vae_arrays |= {"flip_mean": ArraySpec(LAT), "flip_std": ArraySpec(LAT)}
-    vae = st.require_group("vae", "sd-16", {"resolution": 16, "scaling_factor": 0.18215}, vae_arrays)
+    clip, vae = clip_vae_groups(st, width, flip)
     base = rng.normal(size=(77, width))
     for b in range(st.num_blocks):
         if not complete and b == st.num_blocks - 1:
@@ -76,3 +81,28 @@ def make_sharded_store(url, monkeypatch, n=32, block_rows=8, shard_blocks=2):
     with monkeypatch.context() as m:
         m.setattr(FeatureStore, "require_group", lambda self, *a, **k: real(self, *a, **{**k, "shard_blocks": shard_blocks}))
         return make_store(url, n=n, block_rows=block_rows)
+
+
+def make_learnable_store(path, n=96, width=32, llm_size=16, block_rows=32, seed=0, learnable=True):
+    """A store whose complex embedding is a learnable, input-dependent function of the simple one:
+    every token of row i is ``B + s * n_i`` (simple) and ``B + s * n_i @ Q`` (complex), with ``B``
+    shared by all rows, ``n_i`` the row's own and ``Q`` a fixed rotation. Without the rotation the raw
+    embedding cannot tell the rows' complex prompts apart (retrieval at chance); an adapter that
+    learns ``Q`` can. LLM features carry the row's ``n_i`` too (projected). ``learnable=False``: the
+    complex embedding uses a fresh draw instead of ``n_i``, so nothing links it to its simple prompt."""
+    rng = np.random.default_rng(seed)
+    st = FeatureStore.create_or_open(path, _DS(n), block_rows=block_rows)
+    llm = st.require_group("llm", "tiny", {"layers": [3]}, {"layer_3/pooled": ArraySpec((llm_size,))})
+    clip, vae = clip_vae_groups(st, width)
+    base = rng.normal(size=(77, width))
+    Q, _ = np.linalg.qr(rng.normal(size=(width, width)))
+    P = rng.normal(size=(width, llm_size)) / np.sqrt(width)
+    for b in range(st.num_blocks):
+        s, e = st.block_range(b)
+        own = rng.normal(size=(e - s, 1, width)) + 0.3 * rng.normal(size=(e - s, 77, width))
+        other = own if learnable else rng.normal(size=own.shape[:2] + (width,)) + 0.3 * rng.normal(size=own.shape)
+        clip.write_block(b, {"simple": base + own, "complex": base + other @ Q,
+                             "simple_len": np.full(e - s, 9), "complex_len": np.full(e - s, 40)})
+        llm.write_block(b, {"layer_3/pooled": own.mean(1) @ P * 3})
+        vae.write_block(b, {"mean": rng.normal(size=(e - s, *LAT)), "std": np.full((e - s, *LAT), 0.01)})
+    return st

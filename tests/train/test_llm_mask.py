@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from surpipe.train import losses as L
 from surpipe.store import ArraySpec, FeatureStore
-from helpers.stores import LAT, _DS, _args
+from helpers.stores import LAT, _DS, _args, clip_vae_groups
 
 
 def _reference(p, e):  # the authors' D(x, y) on the kept rows, written out
@@ -35,11 +35,7 @@ def _store_with_unmatched_rows(path, n=16, width=32, llm_size=16):
     st = FeatureStore.create_or_open(path, _DS(n), block_rows=8)
     llm = st.require_group("llm", "prompt2vec", {"layer": 3}, {"layer_3/pooled": ArraySpec((llm_size,)),
                                                                "matched": ArraySpec((), "bool")})
-    clip = st.require_group("clip", "sd", {"m": 1}, {"simple": ArraySpec((77, width)), "complex": ArraySpec((77, width)),
-                                                      "simple_len": ArraySpec((), "int32"),
-                                                      "complex_len": ArraySpec((), "int32")})
-    vae = st.require_group("vae", "sd-16", {"resolution": 16, "scaling_factor": 0.18215},
-                           {"mean": ArraySpec(LAT), "std": ArraySpec(LAT)})
+    clip, vae = clip_vae_groups(st, width)
     for b in range(st.num_blocks):
         s, e = st.block_range(b)
         m = e - s

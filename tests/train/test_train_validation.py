@@ -117,13 +117,14 @@ def test_validation_rows_logged_split_recorded_resume_refused_and_reproducible(t
     val = [r for r in rows if "val/prompt" in r]
     assert [r["step"] for r in val] == [0, 5, 10]  # step 0: the untrained adapter
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
+    logged = set(METRICS) - {"val/prompt_fc"}  # the fc term only with --prompt-target fc
     for r in val:
-        assert set(r) == {"step", *METRICS} and all(np.isfinite(r[k]) for k in METRICS)
+        assert set(r) == {"step", *logged} and all(np.isfinite(r[k]) for k in logged)
     # the baseline (no adapter) does not depend on the training; the adapter's terms move
     assert val[0]["val/prompt_baseline"] == val[1]["val/prompt_baseline"] == val[2]["val/prompt_baseline"]
     assert val[1]["val/prompt"] != val[2]["val/prompt"] and val[1]["val/llm"] != val[2]["val/llm"]
     print("held-out:", val)
-    assert "held-out (6 rows, step 10): prompt term" in printed and "without" in printed
+    assert "held-out (6 rows, step 10):\n  retrieval of the own complex prompt: R@1" in printed and "prompt term" in printed
     saved = json.loads((out / "config.json").read_text())
     keys = FeatureStore(train_store).keys()
     assert saved["val_rows"] == 6

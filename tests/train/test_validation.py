@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from helpers import SyntheticDataset
+from helpers.stores import clip_vae_groups
 from surpipe.train import losses as L
 from surpipe.adapter import SURAdapter
 from surpipe.errors import SurpipeError
 from surpipe.store import ArraySpec, FeatureStore
 from surpipe.train.groups import StoreGroups
-from surpipe.train.validation.metrics import (ValidationSet, evaluate, evaluate_rows, load_rows, markdown_table,
-                                              per_category, selection_score)
+from surpipe.train.validation.metrics import METRICS, evaluate, evaluate_rows, markdown_table, per_category, selection_score
+from surpipe.train.validation.rows import ValidationSet, load_rows
 from surpipe.train.validation.split import check_same_split, held_out_rows, split_record, training_rows
 
 GROUPS = StoreGroups("llm/tiny", 3, "clip/sd", "vae/sd-16", False)
@@ -100,12 +101,7 @@ def _store(path, n=40, width=32, llm_size=16, block_rows=8, complex_fn=None, see
     ds = SyntheticDataset([(f"r{i:03d}", f"cube {i}", f"cube {i}, 8k") for i in range(n)])
     st = FeatureStore.create_or_open(path, ds, block_rows=block_rows)
     llm = st.require_group("llm", "tiny", {"layers": [3]}, {"layer_3/pooled": ArraySpec((llm_size,))})
-    clip = st.require_group("clip", "sd", {"m": 1}, {"simple": ArraySpec((77, width)),
-                                                      "complex": ArraySpec((77, width)),
-                                                      "simple_len": ArraySpec((), "int32"),
-                                                      "complex_len": ArraySpec((), "int32")})
-    vae = st.require_group("vae", "sd-16", {"resolution": 16, "scaling_factor": 0.18215},
-                           {"mean": ArraySpec(LAT), "std": ArraySpec(LAT)})
+    clip, vae = clip_vae_groups(st, width)
     base = rng.normal(size=(77, width))
     for b in range(st.num_blocks):
         s, e = st.block_range(b)
@@ -176,8 +172,8 @@ def test_two_evaluations_are_identical_and_modes_are_restored(tmp_path, sd_parts
     ad.eval()
     r2 = evaluate(ad, proj, unet, sched, vs, batch_size=2)
     assert not ad.training
-    assert r1 == r2 and set(r1) == {"val/denoise", "val/llm", "val/prompt", "val/prompt_baseline",
-                                    "val/cos_adapter", "val/cos_baseline"}
+    # every metric but the fc term (prompt target "out") and the constant (no training rows given)
+    assert r1 == r2 and set(r1) == set(METRICS) - {"val/prompt_fc", "val/prompt_const", "val/cos_const"}
     assert all(np.isfinite(v) for v in r1.values())
     r3 = evaluate(ad, proj, unet, sched, vs, batch_size=5)  # batching does not change the values
     assert r3.keys() == r1.keys() and all(abs(r3[k] - r1[k]) <= 1e-5 * max(1, abs(r1[k])) for k in r1)
@@ -290,5 +286,5 @@ def test_per_category_and_table():
     with pytest.raises(SurpipeError):
         per_category(vals, ["a"])
     table = markdown_table(got)
-    assert "| a | 2 | " in table and "| all | 4 | " in table and "val/prompt" in table
+    assert "| a | 2 | " in table and "| all | 4 | " in table and "| prompt |" in table and "| 2.750 |" in table
     assert selection_score({"val/prompt": 1.5, "val/llm": 2.0, "val/denoise": 9}) == 3.5

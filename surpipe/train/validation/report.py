@@ -3,7 +3,8 @@ category: the validation terms of training (surpipe.train.validation.metrics) wi
 
 Which rows: those the adapter never trained on. For a training run on this very store, the rows its
 held-out split kept out (recomputed from the recorded split settings, checked against the recorded
-keys). For another store, or this store grown since, the training rows are found from the store the
+keys); of a run with ``--keep-best``, only the report part of them: the selection part chose the
+best adapter, so its numbers would flatter it. For another store, or this store grown since, the training rows are found from the store the
 run recorded (its keys minus its held-out ones) and left out by key; when that store cannot be
 read, every row is evaluated and the report says the overlap is unknown. An adapter folder without
 its run: every row, labelled so. A run that trained on every row of this store is refused.
@@ -24,9 +25,12 @@ from surpipe.store import FeatureStore
 from surpipe.train.config import TrainConfig
 from surpipe.train.identity import recorded_split
 from surpipe.train.inputs import gather
-from surpipe.train.run_folder import projection_file, run_config
-from surpipe.train.validation.metrics import ValidationSet, evaluate_rows, markdown_table, per_category
-from surpipe.train.validation.split import check_same_split, held_out_rows, split_record
+from surpipe.train.run_folder import RunFolder, projection_file, run_config
+from surpipe.train.validation.metrics import evaluate_rows, markdown_table, per_category
+from surpipe.train.validation.rows import CONST_ROWS, ValidationSet
+from surpipe.train.validation.summary import prompt_verdict, retrieval_verdict
+from surpipe.train.validation.split import (check_same_split, held_out_rows, selection_mask, split_record,
+                                            training_rows)
 
 FILES = ("held_out.md", "held_out.json")  # beside eval's other results in its --out
 CHUNK_ROWS = 512  # rows evaluated at once: a whole store never sits in memory
@@ -82,7 +86,11 @@ def _select_rows(adapter, store, fs, saved, meta, found, same):
             changed = check_same_split(recorded, found["split"])
             if changed:
                 raise SurpipeError(f"the held-out rows of {adapter} cannot be found again in {store}:", changed)
-        return np.asarray(held, dtype=np.int64), "the run's held-out rows"
+        held = np.asarray(held, dtype=np.int64)
+        if saved.get("keep_best"):  # the selection part chose OUT/best: report on the other part only
+            held = held[~selection_mask(fs.keys()[held], saved.get("val_seed") or 0)]
+            return held, "the report part of the run's held-out rows (the other part chose --keep-best's adapter)"
+        return held, "the run's held-out rows"
     if saved is None:
         return np.arange(fs.num_samples), "every row of the store (the adapter's training rows are unknown)"
     train = _training_keys(saved)
@@ -146,16 +154,17 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     projection = projection.to(dev).eval()
     unet = load_unet(cfg, Runtime(None, dev, torch.float32, "no"))
     scheduler = DDPMScheduler.from_config(found["sched_config"])
-    per: dict = {}
-    for s in range(0, len(rows), CHUNK_ROWS):
-        vset = ValidationSet.from_store(store, found["groups"], rows[s:s + CHUNK_ROWS],
-                                        scaling_factor=found["scaling_factor"], shift_factor=found["shift_factor"],
-                                        num_train_timesteps=scheduler.config.num_train_timesteps,
-                                        seed=cfg.val_seed, resolution=found.get("resolution"))
-        part = evaluate_rows(adapter_model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
-                             min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target, batch_size=batch_size)
-        for k, v in part.items():
-            per[k] = np.concatenate([per[k], v]) if k in per else v
+    const_rows = (training_rows(fs.num_samples, found["held_out"]) if same and found.get("held_out") is not None
+                  else np.setdiff1d(np.arange(fs.num_samples), rows))
+    run = (cfg, found, rows, const_rows, batch_size)
+    per = _per_row(store, adapter_model, projection, unet, scheduler, run)
+    untrained = RunFolder.of_adapter(adapter)
+    untrained = untrained.untrained if untrained is not None and untrained.untrained.is_dir() else None
+    if untrained is not None:  # the run's step-0 adapter: what training started from
+        base = _per_row(store, SURAdapter.from_pretrained(untrained).to(dev).eval(), projection, unet, scheduler, run)
+        for k, name in UNTRAINED.items():
+            if k in base:
+                per[name] = base[k]
     cats = fs.categories() if hasattr(fs, "categories") else None
     if cats is not None:
         cats = np.where(cats[rows] == "", "(none)", cats[rows])
@@ -163,15 +172,52 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     return {"store": str(store), "adapter": str(folder), "model": cfg.model, "scope": scope, "rows": int(len(rows)),
             "groups": {k: getattr(found["groups"], f"{k}_group") for k in ("llm", "clip", "vae")},
             "llm_layer": found["groups"].llm_layer, "projection": where, "val_seed": cfg.val_seed,
-            "adapter_weight": adapter_model.config.adapter_weight, "categories": stats, "table": markdown_table(stats)}
+            "adapter_weight": adapter_model.config.adapter_weight, "untrained": str(untrained) if untrained else None,
+            "constant_rows": int(min(len(const_rows), CONST_ROWS)), "categories": stats,
+            "table": markdown_table(stats)}
+
+
+# the untrained adapter's values, beside the trained one's in the report
+UNTRAINED = {"val/prompt": "val/prompt_untrained", "val/cos_adapter": "val/cos_untrained", "val/r1": "val/r1_untrained",
+             "val/median_rank": "val/median_rank_untrained"}
+
+
+def _per_row(store, adapter_model, projection, unet, scheduler, run) -> dict:
+    """:func:`evaluate_rows` of ``adapter_model`` over the report's rows, a chunk at a time."""
+    cfg, found, rows, const_rows, batch_size = run
+    per: dict = {}
+    for s in range(0, len(rows), CHUNK_ROWS):
+        vset = ValidationSet.from_store(store, found["groups"], rows[s:s + CHUNK_ROWS],
+                                        scaling_factor=found["scaling_factor"], shift_factor=found["shift_factor"],
+                                        num_train_timesteps=scheduler.config.num_train_timesteps,
+                                        seed=cfg.val_seed, resolution=found.get("resolution"), train_rows=const_rows)
+        part = evaluate_rows(adapter_model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
+                             min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target, batch_size=batch_size,
+                             control_seed=cfg.val_seed + s)
+        for k, v in part.items():
+            per[k] = np.concatenate([per[k], v], axis=-1) if k in per else v
+    return per
 
 
 def markdown(held: dict) -> str:
     """The report of :func:`evaluate_store` as a Markdown section (its title says which rows)."""
     return (f"## Held-out alignment ({held['scope']}: {held['rows']} rows of {held['store']})\n\n"
-            "Lower is better for the prompt and llm terms; val/prompt_baseline is the prompt term without the "
-            "adapter, val/cos_* the cosine to the complex prompt's embedding with and without it.\n\n"
-            + held["table"])
+            "Each number stands beside its controls: the untrained adapter (the run's step 0), the raw simple-prompt "
+            "embedding (what SD sees without the adapter), shuffled inputs (each row given another row's simple "
+            "prompt), a constant output (the mean complex embedding of training rows), the best scaled copy of the "
+            "input and chance. Lower is better for the prompt and llm terms (scale-dependent); cos is the "
+            "token-averaged cosine to the own complex prompt; R@1 and the median rank say how often the own complex "
+            "prompt is the nearest among the evaluated rows (scale-free, and chance for any output that ignores its "
+            "input). A gain the scaled input or the constant also reaches is not learning.\n\n"
+            + verdicts(held) + "\n\n" + held["table"])
+
+
+def verdicts(held: dict) -> str:
+    """What was learned, over all rows, against the untrained adapter and the controls (one line each)."""
+    a = held["categories"]["all"]
+    untrained = {k: a[v] for k, v in UNTRAINED.items() if v in a} or None
+    return (f"- alignment: {retrieval_verdict(a, held['rows'], untrained)}\n"
+            f"- prompt term: {prompt_verdict(a, untrained)}")
 
 
 def write(out: Path, held: dict) -> None:

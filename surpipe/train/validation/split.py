@@ -87,6 +87,21 @@ def keep_mask(total: int, held) -> Optional[np.ndarray]:
     return keep
 
 
+def selection_mask(held_keys: Sequence, seed: int = 0) -> np.ndarray:
+    """Bool per held-out row: True for the *selection* part that ``--keep-best`` chooses on, False
+    for the *report* part that ``surpipe eval --store`` reports on. About half each, from the key and
+    the seed alone (``sha256(f"select:{seed}:{key}")``); with two or more rows both parts are non-empty."""
+    keys = [str(k) for k in np.asarray(held_keys).tolist()]
+    if not keys:
+        return np.zeros(0, dtype=bool)
+    h = _key_hashes(keys, f"select:{seed}")
+    mask = h < np.uint64(2**63)
+    if len(keys) >= 2 and (mask.all() or not mask.any()):  # a lopsided draw: split by rank instead
+        mask = np.zeros(len(keys), dtype=bool)
+        mask[np.argsort(h, kind="stable")[: len(keys) // 2]] = True
+    return mask
+
+
 def _keys_digest(keys: Sequence[str]) -> str:
     """sha256 over the sorted keys, each length-prefixed (no separator can be forged by a key)."""
     d = hashlib.sha256()
@@ -97,14 +112,22 @@ def _keys_digest(keys: Sequence[str]) -> str:
 
 
 def split_record(keys: Sequence, held: np.ndarray, *, rows: int = 0, fraction: float = 0.0,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, keep_best: bool = False) -> dict:
     """What the run folder records about the split (JSON-ready): mode, settings, counts and a
-    sha256 of the held-out keys, which :func:`check_same_split` compares on resume."""
+    sha256 of the held-out keys, which :func:`check_same_split` compares on resume; with
+    ``keep_best``, also its two parts (``selection`` chooses the best adapter, ``report`` is what
+    ``eval --store`` reports on), each as a count and a sha256 of its keys."""
     keys = np.asarray(keys)
     held_keys = [str(k) for k in keys[np.asarray(held, dtype=np.int64)].tolist()] if len(held) else []
     mode = "rows" if rows else "fraction" if fraction else "off"
-    return {"mode": mode, "rows": int(rows), "fraction": float(fraction), "seed": int(seed),
-            "count": len(held_keys), "total": int(len(keys)), "keys_sha256": _keys_digest(held_keys)}
+    rec = {"mode": mode, "rows": int(rows), "fraction": float(fraction), "seed": int(seed),
+           "count": len(held_keys), "total": int(len(keys)), "keys_sha256": _keys_digest(held_keys)}
+    if keep_best and held_keys:
+        sel = selection_mask(held_keys, seed)
+        for part, m in (("selection", sel), ("report", ~sel)):
+            chosen = [k for k, x in zip(held_keys, m) if x]
+            rec[part] = {"count": len(chosen), "keys_sha256": _keys_digest(chosen)}
+    return rec
 
 
 def _describe(rec: Optional[Mapping]) -> str:
