@@ -201,7 +201,7 @@ def _relabel(err, labels: dict[str, str]):
     return SurpipeError(str(err).split("\n", 1)[0], new)
 
 
-def run_stage(command: str, module: str, cls_name: str, config: Optional[Path], options: dict):
+def run_stage(command: str, module: str, cls_name: str, config: Optional[Path], options: dict, func: str = "run"):
     """Build the stage config from a file plus command-line options and run it.
 
     Problems are reported with the flag names the user typed (``--llm-layer``), or the key and
@@ -228,15 +228,17 @@ def run_stage(command: str, module: str, cls_name: str, config: Optional[Path], 
     except KeyboardInterrupt:
         raise Interrupted(command) from None
     try:
-        return mod.run(cfg)
+        return getattr(mod, func)(cfg)
     except SurpipeError as e:  # checks inside the stage name config keys: show the user's spelling
         raise _relabel(e, labels) from None
     except KeyboardInterrupt:
         raise Interrupted(command) from None
 
 
-def config_command(name: str, module: str, cls_name: str, doc: str) -> None:
-    """Register command ``name`` with options generated from ``stages.<module>.<cls_name>``."""
+def config_command(name: str, module: str, cls_name: str, doc: str, on: typer.Typer = app, func: str = "run",
+                   full_name: Optional[str] = None) -> None:
+    """Register command ``name`` (on ``on``: the app or a command group) with options generated from
+    ``stages.<module>.<cls_name>``, running ``stages.<module>.<func>``."""
     mod = importlib.import_module(f"stages.{module}")
     cls = getattr(mod, cls_name)
 
@@ -250,13 +252,13 @@ def config_command(name: str, module: str, cls_name: str, doc: str) -> None:
             from typer._click import exceptions as click_exc
 
             raise click_exc.UsageError(f"Missing argument '{missing[0]}'.", ctx=ctx)
-        run_stage(name, module, cls_name, config, kwargs)
+        run_stage(full_name or name, module, cls_name, config, kwargs, func)
 
     ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([ctx_param] + _parameters(cls))
     command.__doc__ = doc
     command.__name__ = name.replace("-", "_")
-    app.command(name)(command)
+    on.command(name)(command)
 
 
 COMMANDS = [
@@ -292,6 +294,17 @@ COMMANDS = [
 
 for _cmd in COMMANDS:
     config_command(*_cmd)
+
+study_app = typer.Typer(help="A blind A/B user-preference study of an eval's images: make the page, tally "
+                             "the answers.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+config_command("make", "study", "StudyMakeConfig",
+               "Write a self-contained HTML page of blind A/B pairs (with and without the adapter, same prompt and "
+               "seed) from an eval folder, and its answer key beside it.", on=study_app, func="run_make",
+               full_name="study make")
+config_command("tally", "study", "StudyTallyConfig",
+               "Preference for the adapter per category from the raters' exported answers: Wilson intervals and "
+               "agreement between raters.", on=study_app, func="run_tally", full_name="study tally")
 
 
 @app.command("run")
