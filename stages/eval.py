@@ -80,6 +80,8 @@ class EvalConfig(StoreAccess):
     adapter_weight: Optional[float] = option("adapter_weight")
     revision: Optional[str] = option("revision")
     clip_revision: Optional[str] = opt(None, help="Hub revision of --clip-model.", group="model")
+    iqa: bool = opt(True, help="Also score each image's quality with CLIP-IQA (the --clip-model's 'Good photo.' vs "
+                               "'Bad photo.'), per category and both arms.", group="output")
     save_images: bool = opt(True, help="Save every image under OUT/images and per-category grids under OUT/grids.",
                             group="output")
 

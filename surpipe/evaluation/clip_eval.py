@@ -16,7 +16,7 @@ from surpipe.errors import SurpipeError
 from surpipe.evaluation import generate as inference
 from surpipe.evaluation import render
 from surpipe.evaluation import suite as evaluate
-from surpipe.evaluation.clip_score import DEFINITION, CLIPScorer
+from surpipe.evaluation.clip_score import DEFINITION, IQA_DEFINITION, IQA_PAIRS, CLIPScorer
 from surpipe.evaluation.suite import DEFAULT_SUITE
 from surpipe.hub import check_model_source
 from surpipe.logs import get_logger
@@ -58,6 +58,7 @@ def clip_score_eval(cfg, held: dict | None) -> dict:
     scores = {arm: scorer.score(ims, texts) for arm, ims in images.items()}
 
     rows = evaluate.score_rows(items, scores, images if cfg.save_images else None, out)
+    quality = image_quality(scorer, items, images, rows) if cfg.iqa else None
     grids = evaluate.category_grids(out, items, images, scores, seeds[0], note) if cfg.save_images else {}
     table, overall = evaluate.category_stats(items, scores)
     first = images["with"][0]
@@ -78,7 +79,12 @@ def clip_score_eval(cfg, held: dict | None) -> dict:
               "size": f"{first.width}x{first.height}", "adapter_weight": models.adapter.adapter_weight}
     if held is not None:
         result["held_out"] = held
+    if quality is not None:
+        result["clip_iqa"] = quality
     evaluate.write_results(out, result, rows, header, note)
+    if quality is not None:
+        with open(out / "results.md", "a", encoding="utf-8") as f:
+            f.write("\n" + quality_markdown(quality))
     if held is not None:  # beside the CLIP-score table
         with open(out / "results.md", "a", encoding="utf-8") as f:
             f.write("\n" + held_out_report.markdown(held))
@@ -86,3 +92,22 @@ def clip_score_eval(cfg, held: dict | None) -> dict:
     print(evaluate.markdown(table, overall, {}).split("\n\n", 1)[-1], file=sys.stderr)
     log.info(f"wrote {out / 'results.md'}, results.json, clip_scores.png")
     return result
+
+
+def image_quality(scorer: CLIPScorer, items, images: dict, rows: list[dict]) -> dict:
+    """CLIP-IQA of every image (added to its ``scores.jsonl`` record), per category and overall, both
+    arms, with the paired difference."""
+    iqa = {arm: scorer.iqa(ims) for arm, ims in images.items()}
+    for r in rows:  # rows: one per item and arm, in the items' order
+        k = next(i for i, it in enumerate(items) if (it[0], it[2], it[3]) == (r["category"], r["prompt"], r["seed"]))
+        r["clip_iqa"] = round(iqa["with" if r["adapter"] else "without"][k], 5)
+    table, overall = evaluate.category_stats(items, iqa)
+    return {"definition": IQA_DEFINITION, "prompts": [list(p) for p in IQA_PAIRS], "categories": table,
+            "overall": overall}
+
+
+def quality_markdown(quality: dict) -> str:
+    """The image-quality section of results.md."""
+    return ("## Image quality (CLIP-IQA, no reference)\n\n"
+            + "\n".join(evaluate.table_lines(quality["categories"], quality["overall"], ".3f"))
+            + f"\n\n{quality['definition']}. Mean ± standard error over the images; difference over paired images.\n")

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFINITION = "CLIP score = 100 * max(cos(image_embedding, text_embedding), 0) (torchmetrics' CLIPScore)"
+# CLIP-IQA (Wang, Chan, Loy 2023): antonym prompts scored against each image with CLIP's trained
+# logit scale of 100; the share of the positive prompt is the quality score
+IQA_PAIRS = (("Good photo.", "Bad photo."),)
+IQA_SCALE = 100.0
+IQA_DEFINITION = ("CLIP-IQA = softmax(100 * [cos(image, 'Good photo.'), cos(image, 'Bad photo.')])[0], in [0, 1], "
+                  "higher is better (torchmetrics' CLIPImageQualityAssessment, prompts 'quality')")
 
 
 class Preprocess:
@@ -157,6 +163,21 @@ class CLIPScorer:
         img = torch.nn.functional.normalize(self.image_embeddings(images), dim=-1)
         txt = torch.nn.functional.normalize(self.text_embeddings(texts), dim=-1)
         return (100.0 * (img * txt).sum(-1)).clamp(min=0).tolist()
+
+    def iqa(self, images: Sequence, pairs: Sequence[tuple[str, str]] = IQA_PAIRS, scale: float = IQA_SCALE) -> list[float]:
+        """CLIP-IQA: per image, ``softmax(100 * [cos(image, good), cos(image, bad)])[0]`` for each
+        antonym pair (``("Good photo.", "Bad photo.")`` by default), averaged over the pairs; in [0, 1],
+        higher is better (Wang et al. 2023, as torchmetrics' CLIPImageQualityAssessment). ``scale``: the
+        logit scale (CLIP's trained 100)."""
+        import torch  # heavy: keeps --help torch-free
+
+        if not images:
+            return []
+        img = torch.nn.functional.normalize(self.image_embeddings(images), dim=-1).double()
+        txt = torch.nn.functional.normalize(self.text_embeddings([t for p in pairs for t in p]), dim=-1).double()
+        logits = scale * img @ txt.T  # [N, 2 * pairs]
+        probs = logits.reshape(len(images), len(pairs), 2).softmax(-1)[..., 0]
+        return probs.mean(-1).tolist()
 
     def describe(self) -> dict:
         return {"model": self.name, "definition": DEFINITION, "preprocessing": self.preprocess.to_dict(),

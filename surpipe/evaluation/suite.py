@@ -176,23 +176,26 @@ def markdown(table: dict, overall: dict, header: dict, note: Optional[str] = Non
     if note:
         lines += [f"> **Note: {note}.**", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", "| category | images per arm | without adapter | with adapter | difference (with - without) "
-              "| with better |", "|---|---:|---:|---:|---:|---:|"]
-
-    def pm(v):
-        return f" ± {v:.2f}" if v is not None else ""
-
-    def row(name, s):
-        return (f"| {name} | {s['n_images']} | {s['without']:.2f}{pm(s.get('without_sem'))} | "
-                f"{s['with']:.2f}{pm(s.get('with_sem'))} | {s['difference']:+.2f}{pm(s['difference_sem'])} | "
-                f"{100 * s['with_better']:.0f}% |")
-
-    lines += [row(c, s) for c, s in table.items()]
-    lines.append(row("**all**", overall))
-    lines += ["", "Each value: mean ± its standard error over the images (prompt × seed). Difference: mean over "
+    lines += ["", *table_lines(table, overall, ".2f"),
+              "", "Each value: mean ± its standard error over the images (prompt × seed). Difference: mean over "
               "paired images (same prompt and seed) ± its standard error. "
               "CLIP score = 100 * max(cos(image embedding, text embedding), 0), as torchmetrics' CLIPScore."]
     return "\n".join(lines) + "\n"
+
+
+def table_lines(table: dict, overall: dict, fmt: str) -> list[str]:
+    """Per-category rows of :func:`stats` results (both arms ± SEM, the paired difference, wins), then all."""
+    def pm(v):
+        return f" ± {v:{fmt}}" if v is not None else ""
+
+    def row(name, s):
+        return (f"| {name} | {s['n_images']} | {s['without']:{fmt}}{pm(s.get('without_sem'))} | "
+                f"{s['with']:{fmt}}{pm(s.get('with_sem'))} | {s['difference']:+{fmt}}{pm(s['difference_sem'])} | "
+                f"{100 * s['with_better']:.0f}% |")
+
+    return (["| category | images per arm | without adapter | with adapter | difference (with - without) "
+             "| with better |", "|---|---:|---:|---:|---:|---:|"]
+            + [row(c, s) for c, s in table.items()] + [row("**all**", overall)])
 
 
 # ----------------------------------------------------------------------------------- chart

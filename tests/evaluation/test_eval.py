@@ -66,6 +66,37 @@ def test_clip_score_matches_an_independent_computation(tiny_clip):
     assert len(set(np.round(got, 3))) == 5
 
 
+def test_clip_iqa_matches_an_independent_computation_of_its_formula(tiny_clip):
+    """CLIP-IQA: softmax over 100 x the cosines to 'Good photo.' and 'Bad photo.', the first share;
+    recomputed here from transformers' CLIP features in float64 and numpy's exp."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from surpipe.evaluation.clip_score import CLIPScorer
+
+    images = _images()
+    scorer = CLIPScorer(str(tiny_clip), batch_size=3)
+    got, got100 = np.array(scorer.iqa(images, scale=1.0)), np.array(scorer.iqa(images))
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    tok = CLIPTokenizer.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=scorer.preprocess(images))
+        txt = model.get_text_features(**tok(["Good photo.", "Bad photo."], padding=True, return_tensors="pt"))
+    img = (img if isinstance(img, torch.Tensor) else img.pooler_output).double().numpy()
+    txt = (txt if isinstance(txt, torch.Tensor) else txt.pooler_output).double().numpy()
+    cos = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    def share(scale):
+        return np.exp(scale * cos[:, 0]) / (np.exp(scale * cos[:, 0]) + np.exp(scale * cos[:, 1]))
+
+    # the tiny CLIP's cosines differ so much that CLIP's scale of 100 saturates the share; at scale 1
+    # it does not, so the formula is compared where the comparison means something
+    want = share(1.0)
+    assert np.all((want > 0.01) & (want < 0.99)) and len(set(np.round(want, 4))) == 5
+    # float32 features (batched) vs float64 from another batch: 1e-5 in cosine moves a share by < 1e-5
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got100, share(100.0), atol=1e-4)
+    assert scorer.iqa([]) == []
+
+
 def test_clip_score_clamps_negative_cosines_to_zero(tiny_clip, monkeypatch):
     from surpipe.evaluation.clip_score import CLIPScorer
 
@@ -232,6 +263,13 @@ def test_eval_end_to_end(tiny_models, tiny_clip, adapter_dir, tmp_path):
     with Image.open(out / "clip_scores.png") as chart:
         assert chart.format == "PNG" and chart.width > 300
     assert (out / "grids" / "color.png").is_file() and (out / "config.json").is_file()
+    # image quality (CLIP-IQA), per image in scores.jsonl and per category in results.json / .md
+    iqa = res["clip_iqa"]
+    assert "Good photo." in iqa["definition"] and all(0 <= r["clip_iqa"] <= 1 for r in rows)
+    for cat, stats in iqa["categories"].items():
+        w = [r["clip_iqa"] for r in rows if r["category"] == cat and r["adapter"]]
+        assert stats["with"] == pytest.approx(np.mean(w), abs=1e-5)
+    assert "## Image quality (CLIP-IQA" in md
 
 
 def test_eval_adapter_weight_zero_gives_zero_difference(tiny_models, tiny_clip, adapter_dir, tmp_path):
