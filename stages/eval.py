@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
@@ -84,6 +84,24 @@ class EvalConfig(StoreAccess):
                                "'Bad photo.'), per category and both arms.", group="output")
     save_images: bool = opt(True, help="Save every image under OUT/images and per-category grids under OUT/grids.",
                             group="output")
+    vqa_model: Optional[str] = opt(None, group="model", help=(
+        "Semantic accuracy: a VQA model (BLIP-VQA; folder or hub id, e.g. Salesforce/blip-vqa-base) answers each "
+        "prompt's questions about both arms' images (off when not given)."))
+    detector_model: Optional[str] = opt(None, group="model", help=(
+        "Semantic accuracy: an open-vocabulary detector (OWLv2/OWL-ViT, e.g. google/owlv2-base-patch16-ensemble) "
+        "counts the objects of counting questions."))
+    detector_threshold: float = opt(0.3, help="Score above which a detected box counts.", group="inference",
+                                    gt=0, lt=1)
+    questions: Optional[str] = opt(None, group="data", help=(
+        "Question file (JSONL: prompt, question, answer; optional kind, object); before the built-in questions "
+        "of action, color and counting prompts."))
+    question_model: Optional[str] = opt(None, group="model", help=(
+        "A local instruction-following LM (folder or hub id) that writes questions for prompts with none from "
+        "the file or the templates (narrative prompts)."))
+    question_quant: Literal["none", "8bit", "4bit"] = opt("4bit", help="Quantization of --question-model.",
+                                                          group="model")
+    bootstrap: int = opt(2000, help="Bootstrap draws (over prompts) of the accuracy intervals.", group="output",
+                         ge=100, le=1_000_000)
 
     def problems(self) -> list[str]:
         """Declared types and ranges, something to do, an --out folder for the CLIP-score results."""
@@ -92,6 +110,10 @@ class EvalConfig(StoreAccess):
             p.append("nothing to do: --no-clip-score without --store; give --store S for the held-out report")
         if self.clip_score and not self.out:
             p.append("out: give --out DIR for the CLIP-score results (or --no-clip-score with --store)")
+        if (self.questions or self.question_model) and not (self.vqa_model or self.detector_model):
+            p.append("questions: --questions/--question-model need a judge: give --vqa-model and/or --detector-model")
+        if (self.vqa_model or self.detector_model) and not self.clip_score:
+            p.append("vqa_model: semantic accuracy judges rendered images: drop --no-clip-score")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():  # before any work
             p.append(f"--out {self.out} is a file, not a folder: give a folder for the results")
         return p + size_problems(self.size)

@@ -15,8 +15,10 @@ from surpipe.devices import resolve_device
 from surpipe.errors import SurpipeError
 from surpipe.evaluation import generate as inference
 from surpipe.evaluation import render
+from surpipe.evaluation import accuracy
 from surpipe.evaluation import suite as evaluate
 from surpipe.evaluation.clip_score import DEFINITION, IQA_DEFINITION, IQA_PAIRS, CLIPScorer
+from surpipe.evaluation.semantic import semantic_accuracy, wanted
 from surpipe.evaluation.suite import DEFAULT_SUITE
 from surpipe.hub import check_model_source
 from surpipe.logs import get_logger
@@ -59,6 +61,7 @@ def clip_score_eval(cfg, held: dict | None) -> dict:
 
     rows = evaluate.score_rows(items, scores, images if cfg.save_images else None, out)
     quality = image_quality(scorer, items, images, rows) if cfg.iqa else None
+    semantic = semantic_accuracy(cfg, items, images, out) if wanted(cfg) else None
     grids = evaluate.category_grids(out, items, images, scores, seeds[0], note) if cfg.save_images else {}
     table, overall = evaluate.category_stats(items, scores)
     first = images["with"][0]
@@ -81,10 +84,13 @@ def clip_score_eval(cfg, held: dict | None) -> dict:
         result["held_out"] = held
     if quality is not None:
         result["clip_iqa"] = quality
+    if semantic is not None:
+        result["accuracy"] = semantic
     evaluate.write_results(out, result, rows, header, note)
-    if quality is not None:
-        with open(out / "results.md", "a", encoding="utf-8") as f:
-            f.write("\n" + quality_markdown(quality))
+    with open(out / "results.md", "a", encoding="utf-8") as f:
+        for section in ([accuracy.markdown(semantic)] if semantic else []) + \
+                ([quality_markdown(quality)] if quality else []):
+            f.write("\n" + section)
     if held is not None:  # beside the CLIP-score table
         with open(out / "results.md", "a", encoding="utf-8") as f:
             f.write("\n" + held_out_report.markdown(held))

@@ -213,3 +213,25 @@ def load_llm(
     return LoadedLLM(model=m, tokenizer=tok, layers=lay, config=config, model_id=model, num_hidden_layers=n,
                      hidden_size=hidden, device=str(device), dtype=dt, quant=quant,
                      accepts_position_ids=accepts_pos, info=info)
+
+
+def load_causal_lm(model: str, *, quant: str = "4bit", device: str = "cpu", revision: str | None = None,
+                   option: str = "--question-model"):
+    """(LM with its head, tokenizer) of causal LM ``model`` for generating text, quantized as
+    ``extract-llm`` quantizes (``quant``: none, 8bit, 4bit), every layer kept."""
+    if quant not in QUANTS:
+        raise SurpipeError(f"unknown quantization {quant!r}; valid choices: {', '.join(QUANTS)}")
+    quiet_libraries()
+    from transformers import AutoModelForCausalLM  # heavy: keeps --help torch-free
+
+    config = read_config(model, revision, False)
+    check_causal_lm(config, model)
+    kwargs, _, _ = _load_kwargs(config, num_layers_of(config), quant, "auto", device, revision, False, True)
+    tok = load_tokenizer(model, revision)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs).eval()
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and transformers raise many types
+        raise SurpipeError(f"{option} {model}: cannot load it as a causal LM ({first_line(e)})") from None
+    if quant == "none":
+        lm.to(device)
+    return lm, tok

@@ -1,0 +1,63 @@
+"""The semantic-accuracy part of ``surpipe eval``: questions for every prompt (the user's file first,
+then templates for action/color/counting, then the question LM for the rest), cached in
+``OUT/questions.jsonl``; the judges' answers for both arms in ``OUT/judgements.jsonl``; accuracy per
+category, judge and arm with bootstrap intervals (surpipe.evaluation.accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from surpipe.config import atomic_write_text
+from surpipe.devices import resolve_device
+from surpipe.evaluation import accuracy, questions as Q
+from surpipe.evaluation.judges import DetectorJudge, VQAJudge
+from surpipe.evaluation.question_lm import generate_questions
+from surpipe.logs import get_logger
+
+log = get_logger()
+
+
+def wanted(cfg) -> bool:
+    """Whether ``cfg`` (an EvalConfig) asks for semantic accuracy (a VQA model or a detector)."""
+    return bool(cfg.vqa_model or cfg.detector_model)
+
+
+def question_set(cfg, items, cache: Path) -> dict[str, list[Q.Question]]:
+    """{prompt: questions} of the eval's prompts, from the cache when it holds them all."""
+    from_file = Q.read_question_file(cfg.questions) if cfg.questions else {}
+
+    def make(missing):
+        out = {p: from_file.get(p) or Q.template_questions(c, p) for c, p in missing}
+        rest = [(c, p) for c, p in missing if not out[p]]
+        if rest and cfg.question_model:
+            out.update(generate_questions(cfg.question_model, rest, quant=cfg.question_quant,
+                                          device=resolve_device(cfg.device)))
+        return out
+
+    qs = Q.cached(cache, [(it[0], it[2]) for it in items], make)
+    none = sorted({it[2] for it in items if not qs.get(it[2])})
+    if none:
+        log.info(f"semantic accuracy: {len(none)} prompt(s) have no question and are not judged "
+                 f"(give --questions FILE or --question-model LM): {', '.join(none[:3])}" + (" ..." if len(none) > 3 else ""))
+    return qs
+
+
+def semantic_accuracy(cfg, items, images: dict, out: Path) -> Optional[dict]:
+    """Judge both arms' images; returns the ``accuracy`` section of results.json (None: nothing judged)."""
+    qs = question_set(cfg, items, out / "questions.jsonl")
+    device = resolve_device(cfg.device)
+    vqa = VQAJudge(cfg.vqa_model, device=device) if cfg.vqa_model else None
+    det = DetectorJudge(cfg.detector_model, device=device, threshold=cfg.detector_threshold) \
+        if cfg.detector_model else None
+    records = accuracy.judge(items, images, qs, vqa=vqa, detector=det)
+    atomic_write_text(out / "judgements.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    if not records:
+        return None
+    table = accuracy.table(records, n_boot=cfg.bootstrap, seed=0)
+    table["judges"] = {"vqa": cfg.vqa_model, "detector": cfg.detector_model,
+                       "detector_threshold": cfg.detector_threshold if det else None}
+    table["questions"] = {"file": cfg.questions, "model": cfg.question_model,
+                          "count": sum(len(v) for v in qs.values())}
+    return table
