@@ -1,33 +1,23 @@
-"""``surpipe eval``: CLIP score by prompt category, with and without the adapter, at the same seeds.
+"""``surpipe eval``: the adapter judged on prompt suites by category, with and without it, at the same
+seeds (the paper's table: semantic accuracy and CLIP score, image quality; user preference comes
+from ``surpipe study``).
 
     surpipe eval --model stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter runs/sur-13b-l39 \
-        --clip-model openai/clip-vit-large-patch14 --out out/eval --seeds 0,1,2
+        --clip-model openai/clip-vit-large-patch14 --out out/eval --seeds 0,1,2 \
+        --vqa-model Salesforce/blip-vqa-base --detector-model google/owlv2-base-patch16-ensemble
 
-The prompt suites (``data/eval_prompts/suite.jsonl``: action, color, counting and free narrative,
-simple prompts in the paper's style) are rendered by the stock diffusers pipeline without the
-adapter and with it, each (prompt, seed) in both arms with the same initial noise. Each image is
-scored against its prompt by a CLIP image-text model (``surpipe.evaluation.clip_score``:
-``100 * max(cos(image, text), 0)``, torchmetrics' CLIPScore definition). Writes:
-
-- ``OUT/results.md`` and ``OUT/results.json``: per category, both arms' mean CLIP score, the
-  difference (with - without), its standard error over the paired images, the share of pairs where
-  the adapter scores higher, and the number of images per arm; plus all categories together;
-- ``OUT/clip_scores.png``: both arms per category, mean ± standard error, on a y-axis zoomed to
-  the data when the difference would be invisible from 0 (the axis label says so);
-- ``OUT/scores.jsonl``: every image's score; ``OUT/images/CATEGORY/*.png`` the images
-  (``--no-save-images`` to skip) and ``OUT/grids/CATEGORY.png`` side-by-side grids (first seed);
-- ``OUT/config.json``: the config to repeat the run.
-
-When the Stable Diffusion or CLIP model is a random tiny test model (its folder holds the
-``surpipe_tiny.json`` marker that ``make-tiny-models`` writes), results.md, the chart and the
-grids say so: the scores then mean nothing about the method.
-
-``--prompts`` takes another suite: a JSONL file with ``category`` and ``prompt`` per line, or a
-folder of ``CATEGORY.txt`` files (one prompt a line).
+The suite (``data/eval_prompts/suite.jsonl``: action, color, counting, narrative; ``--prompts`` for
+one's own: JSONL or a folder of CATEGORY.txt) is rendered by the stock diffusers pipeline in both
+arms with the same initial noise. Writes ``OUT/results.md``/``results.json`` (CLIP score, semantic
+accuracy with ``--vqa-model``/``--detector-model``, CLIP-IQA; per category, both arms, the paired
+difference and its interval), ``clip_scores.png``, ``scores.jsonl``, ``judgements.jsonl``,
+``questions.jsonl``, the images and grids, and ``config.json``. ``--ablation RUN`` (repeat) adds
+rows to one table against the same no-adapter images. Results of random tiny models say so.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +25,7 @@ from typing import Literal, Optional, Union
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
+from surpipe.evaluation.ablation import markdown as ablation_markdown, run_ablation
 from surpipe.evaluation.clip_eval import clip_score_eval
 from surpipe.evaluation.generate import DtypeName, SchedulerName, size_problems
 from surpipe.logs import get_logger
@@ -100,6 +91,9 @@ class EvalConfig(StoreAccess):
         "the file or the templates (narrative prompts)."))
     question_quant: Literal["none", "8bit", "4bit"] = opt("4bit", help="Quantization of --question-model.",
                                                           group="model")
+    ablation: list[str] = opt(default_factory=list, group="data", help=(
+        "Ablation: more adapters (run or adapter folders; repeat) evaluated against the same no-adapter images; "
+        "writes OUT/ablation.md/json/png, one row per run, and each run's results under OUT/runs/."))
     bootstrap: int = opt(2000, help="Bootstrap draws (over prompts) of the accuracy intervals.", group="output",
                          ge=100, le=1_000_000)
 
@@ -112,6 +106,8 @@ class EvalConfig(StoreAccess):
             p.append("out: give --out DIR for the CLIP-score results (or --no-clip-score with --store)")
         if (self.questions or self.question_model) and not (self.vqa_model or self.detector_model):
             p.append("questions: --questions/--question-model need a judge: give --vqa-model and/or --detector-model")
+        if self.ablation and not self.clip_score:
+            p.append("ablation: compares rendered images: drop --no-clip-score")
         if (self.vqa_model or self.detector_model) and not self.clip_score:
             p.append("vqa_model: semantic accuracy judges rendered images: drop --no-clip-score")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():  # before any work
@@ -127,6 +123,11 @@ def run(cfg: EvalConfig) -> dict:
     held = _held_out(cfg) if cfg.store else None
     if not cfg.clip_score:
         return {"held_out": held}
+    if cfg.ablation:
+        table = run_ablation(cfg, lambda c, without, keep: clip_score_eval(c, None, without, keep))
+        print(ablation_markdown(table), file=sys.stderr)
+        cfgmod.save(cfg, Path(cfg.out) / "config.json")
+        return {"held_out": held, "ablation": table}
     return clip_score_eval(cfg, held)
 
 

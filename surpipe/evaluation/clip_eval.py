@@ -28,9 +28,12 @@ from surpipe.train.validation import report as held_out_report
 log = get_logger()
 
 
-def clip_score_eval(cfg, held: dict | None) -> dict:
+def clip_score_eval(cfg, held: dict | None, without: list | None = None, keep: dict | None = None) -> dict:
     """Render, score and write the CLIP-score results of ``cfg`` (an ``EvalConfig``); ``held``, the
-    ``--store`` report, goes beside them. Returns what ``OUT/results.json`` holds."""
+    ``--store`` report, goes beside them. Returns what ``OUT/results.json`` holds.
+
+    ``without``: the no-adapter images of the same suite and seeds, rendered before (an ablation
+    renders them once); ``keep`` receives this run's images by arm."""
     if cfg.model is None:
         cfg.model = (run_config(cfg.adapter) or {}).get("model")
         if cfg.model is None:
@@ -54,9 +57,13 @@ def clip_score_eval(cfg, held: dict | None) -> dict:
         log.info(f"note: {note}")
     log.info(f"eval: {len(items)} image(s) per arm in {len(suite)} categories on {models.device}")
     texts = [it[2] for it in items]
-    images = inference.render_arms(models, texts, arms=evaluate.ARMS, label="eval", seeds=[it[3] for it in items],
-                                   steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
-                                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size)
+    images = inference.render_arms(models, texts, arms=evaluate.ARMS if without is None else ("with",), label="eval",
+                                   seeds=[it[3] for it in items], steps=cfg.steps, guidance=cfg.guidance,
+                                   size=cfg.size, negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size)
+    if without is not None:
+        images = {"without": without, "with": images["with"]}
+    if keep is not None:
+        keep.update(images)
     scores = {arm: scorer.score(ims, texts) for arm, ims in images.items()}
 
     rows = evaluate.score_rows(items, scores, images if cfg.save_images else None, out)
