@@ -21,13 +21,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 from surpipe import config as cfgmod
 from surpipe.config import opt
 from surpipe.evaluation.ablation import markdown as ablation_markdown, run_ablation
 from surpipe.evaluation.clip_eval import clip_score_eval
 from surpipe.evaluation.generate import DtypeName, SchedulerName, size_problems
+from surpipe.evaluation.semantic import JudgeOptions
 from surpipe.logs import get_logger
 from surpipe.options import StoreAccess, option
 from surpipe.store.location import apply_store_options
@@ -37,7 +38,7 @@ log = get_logger()  # "surpipe: ..." on stderr, from rank 0 only
 
 
 @dataclass
-class EvalConfig(StoreAccess):
+class EvalConfig(StoreAccess, JudgeOptions):
     """Settings of ``surpipe eval``."""
 
     adapter: str = option("adapter")
@@ -73,29 +74,13 @@ class EvalConfig(StoreAccess):
     clip_revision: Optional[str] = opt(None, help="Hub revision of --clip-model.", group="model")
     iqa: bool = opt(True, help="Also score each image's quality with CLIP-IQA (the --clip-model's 'Good photo.' vs "
                                "'Bad photo.'), per category and both arms.", group="output")
+    extra_iqa: list[str] = opt(default_factory=list, group="output", help=(
+        "One more no-reference quality metric by pyiqa name (e.g. musiq; repeat; needs pip install pyiqa)."))
     save_images: bool = opt(True, help="Save every image under OUT/images and per-category grids under OUT/grids.",
                             group="output")
-    vqa_model: Optional[str] = opt(None, group="model", help=(
-        "Semantic accuracy: a VQA model (BLIP-VQA; folder or hub id, e.g. Salesforce/blip-vqa-base) answers each "
-        "prompt's questions about both arms' images (off when not given)."))
-    detector_model: Optional[str] = opt(None, group="model", help=(
-        "Semantic accuracy: an open-vocabulary detector (OWLv2/OWL-ViT, e.g. google/owlv2-base-patch16-ensemble) "
-        "counts the objects of counting questions."))
-    detector_threshold: float = opt(0.3, help="Score above which a detected box counts.", group="inference",
-                                    gt=0, lt=1)
-    questions: Optional[str] = opt(None, group="data", help=(
-        "Question file (JSONL: prompt, question, answer; optional kind, object); before the built-in questions "
-        "of action, color and counting prompts."))
-    question_model: Optional[str] = opt(None, group="model", help=(
-        "A local instruction-following LM (folder or hub id) that writes questions for prompts with none from "
-        "the file or the templates (narrative prompts)."))
-    question_quant: Literal["none", "8bit", "4bit"] = opt("4bit", help="Quantization of --question-model.",
-                                                          group="model")
     ablation: list[str] = opt(default_factory=list, group="data", help=(
         "Ablation: more adapters (run or adapter folders; repeat) evaluated against the same no-adapter images; "
         "writes OUT/ablation.md/json/png, one row per run, and each run's results under OUT/runs/."))
-    bootstrap: int = opt(2000, help="Bootstrap draws (over prompts) of the accuracy intervals.", group="output",
-                         ge=100, le=1_000_000)
 
     def problems(self) -> list[str]:
         """Declared types and ranges, something to do, an --out folder for the CLIP-score results."""

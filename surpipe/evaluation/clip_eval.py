@@ -67,7 +67,7 @@ def clip_score_eval(cfg, held: dict | None, without: list | None = None, keep: d
     scores = {arm: scorer.score(ims, texts) for arm, ims in images.items()}
 
     rows = evaluate.score_rows(items, scores, images if cfg.save_images else None, out)
-    quality = image_quality(scorer, items, images, rows) if cfg.iqa else None
+    quality = image_quality(scorer, items, images, rows, cfg.extra_iqa, cfg.device) if cfg.iqa else None
     semantic = semantic_accuracy(cfg, items, images, out) if wanted(cfg) else None
     grids = evaluate.category_grids(out, items, images, scores, seeds[0], note) if cfg.save_images else {}
     table, overall = evaluate.category_stats(items, scores)
@@ -107,20 +107,55 @@ def clip_score_eval(cfg, held: dict | None, without: list | None = None, keep: d
     return result
 
 
-def image_quality(scorer: CLIPScorer, items, images: dict, rows: list[dict]) -> dict:
+def image_quality(scorer: CLIPScorer, items, images: dict, rows: list[dict], extra: list[str] = (),
+                  device: str = "cpu") -> dict:
     """CLIP-IQA of every image (added to its ``scores.jsonl`` record), per category and overall, both
-    arms, with the paired difference."""
-    iqa = {arm: scorer.iqa(ims) for arm, ims in images.items()}
+    arms, with the paired difference; ``extra``: more no-reference metrics by pyiqa name (e.g. musiq),
+    each as its own section under ``extra``."""
+    metrics = {"clip_iqa": {arm: scorer.iqa(ims) for arm, ims in images.items()}}
+    for name in extra:
+        metrics[name] = pyiqa_scores(name, images, resolve_device(device))
     for r in rows:  # rows: one per item and arm, in the items' order
         k = next(i for i, it in enumerate(items) if (it[0], it[2], it[3]) == (r["category"], r["prompt"], r["seed"]))
-        r["clip_iqa"] = round(iqa["with" if r["adapter"] else "without"][k], 5)
-    table, overall = evaluate.category_stats(items, iqa)
-    return {"definition": IQA_DEFINITION, "prompts": [list(p) for p in IQA_PAIRS], "categories": table,
-            "overall": overall}
+        for name, v in metrics.items():
+            r[name] = round(v["with" if r["adapter"] else "without"][k], 5)
+    table, overall = evaluate.category_stats(items, metrics["clip_iqa"])
+    out = {"definition": IQA_DEFINITION, "prompts": [list(p) for p in IQA_PAIRS], "categories": table,
+           "overall": overall, "extra": {}}
+    for name in extra:
+        t, o = evaluate.category_stats(items, metrics[name])
+        out["extra"][name] = {"definition": f"pyiqa metric {name!r}", "categories": t, "overall": o}
+    return out
+
+
+def pyiqa_scores(name: str, images: dict, device: str) -> dict:
+    """{arm: scores} of pyiqa's no-reference metric ``name`` (pip install pyiqa; it fetches its weights)."""
+    try:
+        import pyiqa  # optional: one more no-reference metric by name
+    except ImportError:
+        raise SurpipeError(f"--extra-iqa {name}: needs pyiqa (pip install pyiqa)") from None
+    import numpy as np
+    import torch  # heavy: keeps --help torch-free
+
+    try:
+        metric = pyiqa.create_metric(name, device=device, as_loss=False)
+    except Exception as e:  # noqa: BLE001 - pyiqa raises many types for unknown names or missing weights
+        raise SurpipeError(f"--extra-iqa {name}: pyiqa cannot create it ({type(e).__name__}: {e})") from None
+    out = {}
+    with torch.no_grad():
+        for arm, ims in images.items():
+            x = [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                 for im in ims]
+            out[arm] = [float(metric(t.to(device)).reshape(-1)[0]) for t in x]
+    return out
 
 
 def quality_markdown(quality: dict) -> str:
-    """The image-quality section of results.md."""
-    return ("## Image quality (CLIP-IQA, no reference)\n\n"
+    """The image-quality section(s) of results.md."""
+    text = ("## Image quality (CLIP-IQA, no reference)\n\n"
             + "\n".join(evaluate.table_lines(quality["categories"], quality["overall"], ".3f"))
             + f"\n\n{quality['definition']}. Mean ± standard error over the images; difference over paired images.\n")
+    for name, q in quality.get("extra", {}).items():
+        text += (f"\n## Image quality ({name}, pyiqa)\n\n"
+                 + "\n".join(evaluate.table_lines(q["categories"], q["overall"], ".3f")) + "\n")
+    return text

@@ -6,10 +6,11 @@ category, judge and arm with bootstrap intervals (surpipe.evaluation.accuracy)."
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
-from surpipe.config import atomic_write_text
+from surpipe.config import atomic_write_text, opt
 from surpipe.devices import resolve_device
 from surpipe.evaluation import accuracy, questions as Q
 from surpipe.evaluation.judges import DetectorJudge, VQAJudge
@@ -17,6 +18,30 @@ from surpipe.evaluation.question_lm import generate_questions
 from surpipe.logs import get_logger
 
 log = get_logger()
+
+
+@dataclass(kw_only=True)
+class JudgeOptions:
+    """``surpipe eval``'s options for semantic accuracy (declared beside the code that reads them)."""
+
+    vqa_model: Optional[str] = opt(None, group="model", help=(
+        "Semantic accuracy: a VQA model (BLIP-VQA; folder or hub id, e.g. Salesforce/blip-vqa-base) answers each "
+        "prompt's questions about both arms' images (off when not given)."))
+    detector_model: Optional[str] = opt(None, group="model", help=(
+        "Semantic accuracy: an open-vocabulary detector (OWLv2/OWL-ViT, e.g. google/owlv2-base-patch16-ensemble) "
+        "counts the objects of counting questions."))
+    detector_threshold: float = opt(0.3, help="Score above which a detected box counts.", group="inference",
+                                    gt=0, lt=1)
+    questions: Optional[str] = opt(None, group="data", help=(
+        "Question file (JSONL: prompt, question, answer; optional kind, object); before the built-in questions "
+        "of action, color and counting prompts."))
+    question_model: Optional[str] = opt(None, group="model", help=(
+        "A local instruction-following LM (folder or hub id) that writes questions for prompts with none from "
+        "the file or the templates (narrative prompts)."))
+    question_quant: Literal["none", "8bit", "4bit"] = opt("4bit", help="Quantization of --question-model.",
+                                                          group="model")
+    bootstrap: int = opt(2000, help="Bootstrap draws (over prompts) of the accuracy intervals.", group="output",
+                         ge=100, le=1_000_000)
 
 
 def wanted(cfg) -> bool:

@@ -300,3 +300,30 @@ def test_eval_clear_errors(case, tiny_models, tiny_clip, adapter_dir, tmp_path, 
     assert main(args) == 1
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
+
+
+def test_extra_iqa_metric_by_pyiqa_name(monkeypatch):
+    """--extra-iqa NAME: pyiqa's metric on [1, 3, H, W] images in [0, 1]; a stand-in pyiqa (mean
+    brightness) checks the wiring exactly; without pyiqa, a clear message."""
+    import sys
+    import types
+
+    from surpipe.errors import SurpipeError
+    from surpipe.evaluation.clip_eval import pyiqa_scores
+
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # not installed
+    with pytest.raises(SurpipeError, match="needs pyiqa"):
+        pyiqa_scores("musiq", {"with": _images(1)}, "cpu")
+    created = []
+
+    def create_metric(name, device, as_loss):
+        created.append(name)
+        return lambda t: t.mean(dim=(1, 2, 3))
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    ims = _images(3)
+    got = pyiqa_scores("musiq", {"without": ims[:2], "with": ims[1:]}, "cpu")
+    want = [np.asarray(im.convert("RGB"), dtype=np.float64).mean() / 255.0 for im in ims]
+    assert created == ["musiq"]
+    np.testing.assert_allclose(got["without"], want[:2], rtol=1e-6)
+    np.testing.assert_allclose(got["with"], want[1:], rtol=1e-6)
