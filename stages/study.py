@@ -14,7 +14,7 @@ from typing import Optional
 
 from surpipe.config import atomic_write_text, opt, save
 from surpipe.errors import SurpipeError
-from surpipe.evaluation import study
+from surpipe.evaluation import paper, study
 
 
 @dataclass
@@ -34,6 +34,8 @@ class StudyTallyConfig:
                                                         "each rater).", group="data")
     out: Optional[str] = opt(None, help="Folder for preference.md and preference.json (default: print only).",
                              group="output")
+    eval_dir: Optional[str] = opt(None, help="The eval folder the study was made from: its results (and the "
+                                             "paper-layout table of results.md) get the preference.", group="output")
 
 
 def run_make(cfg: StudyMakeConfig) -> dict:
@@ -57,4 +59,9 @@ def run_tally(cfg: StudyTallyConfig) -> dict:
         atomic_write_text(out / "preference.md", text)
         atomic_write_text(out / "preference.json", json.dumps(result, indent=2) + "\n")
         save(cfg, out / "study_tally.config.json")
+    if cfg.eval_dir:
+        if not (Path(cfg.eval_dir) / "results.json").is_file():
+            raise SurpipeError(f"--eval-dir {cfg.eval_dir} holds no results.json: give a `surpipe eval` --out folder")
+        paper.fill_preference(Path(cfg.eval_dir), result)
+        print(f"wrote the preference into {Path(cfg.eval_dir) / 'results.md'} and results.json")
     return result

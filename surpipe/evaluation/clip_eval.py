@@ -15,7 +15,7 @@ from surpipe.devices import resolve_device
 from surpipe.errors import SurpipeError
 from surpipe.evaluation import generate as inference
 from surpipe.evaluation import render
-from surpipe.evaluation import accuracy
+from surpipe.evaluation import accuracy, paper
 from surpipe.evaluation import suite as evaluate
 from surpipe.evaluation.clip_score import DEFINITION, IQA_DEFINITION, IQA_PAIRS, CLIPScorer
 from surpipe.evaluation.semantic import semantic_accuracy, wanted
@@ -98,6 +98,7 @@ def clip_score_eval(cfg, held: dict | None, without: list | None = None, keep: d
         for section in ([accuracy.markdown(semantic)] if semantic else []) + \
                 ([quality_markdown(quality)] if quality else []):
             f.write("\n" + section)
+    paper.fill_preference(out, None)  # the paper-layout table at the top (no study tallied yet)
     if held is not None:  # beside the CLIP-score table
         with open(out / "results.md", "a", encoding="utf-8") as f:
             f.write("\n" + held_out_report.markdown(held))

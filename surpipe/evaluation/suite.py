@@ -172,11 +172,11 @@ def category_stats(items, scores: dict) -> tuple[dict, dict]:
 
 def markdown(table: dict, overall: dict, header: dict, note: Optional[str] = None) -> str:
     """results.md: the header lines, then one row per category and one for all images."""
-    lines = ["# CLIP score with and without the SUR-adapter", ""]
+    lines = ["# Stable Diffusion with and without the SUR-adapter", ""]
     if note:
         lines += [f"> **Note: {note}.**", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", *table_lines(table, overall, ".2f"),
+    lines += ["", "## CLIP score", "", *table_lines(table, overall, ".2f"),
               "", "Each value: mean ± its standard error over the images (prompt × seed). Difference: mean over "
               "paired images (same prompt and seed) ± its standard error. "
               "CLIP score = 100 * max(cos(image embedding, text embedding), 0), as torchmetrics' CLIPScore."]

@@ -270,6 +270,7 @@ def test_eval_end_to_end(tiny_models, tiny_clip, adapter_dir, tmp_path):
         w = [r["clip_iqa"] for r in rows if r["category"] == cat and r["adapter"]]
         assert stats["with"] == pytest.approx(np.mean(w), abs=1e-5)
     assert "## Image quality (CLIP-IQA" in md
+    assert md.index("## In the paper's layout") < md.index("## CLIP score")  # the paper table first
 
 
 def test_eval_adapter_weight_zero_gives_zero_difference(tiny_models, tiny_clip, adapter_dir, tmp_path):
