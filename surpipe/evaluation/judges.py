@@ -22,30 +22,31 @@ DEFAULT_VQA = "Salesforce/blip-vqa-base"
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 
 
-def _load(model: str, revision, option: str, what: str, loader):
-    check_model_source(model, option=option, what=what)
-    from transformers import AutoImageProcessor, AutoTokenizer  # heavy: keeps --help torch-free
+class _Judge:
+    """A judge model with its own tokenizer and image processor, on ``device``."""
 
-    try:
-        return (loader(model, revision), AutoTokenizer.from_pretrained(model, revision=revision),
-                AutoImageProcessor.from_pretrained(model, revision=revision))
-    except (OSError, ValueError, KeyError) as e:
-        raise SurpipeError(f"{option} {model}: cannot load it as a {what} ({type(e).__name__}: "
-                           f"{first_line(e)[:200]})") from None
+    def __init__(self, model: str, revision, device, option: str, what: str, model_class: str):
+        check_model_source(model, option=option, what=what)
+        import transformers  # heavy: keeps --help torch-free
+
+        try:
+            self.model = getattr(transformers, model_class).from_pretrained(model, revision=revision).eval()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model, revision=revision)
+            self.processor = transformers.AutoImageProcessor.from_pretrained(model, revision=revision)
+        except (OSError, ValueError, KeyError) as e:
+            raise SurpipeError(f"{option} {model}: cannot load it as a {what} ({type(e).__name__}: "
+                               f"{first_line(e)[:200]})") from None
+        self.model.to(device)
+        self.device, self.name = device, model
 
 
-class VQAJudge:
+class VQAJudge(_Judge):
     """Answers a question about each image with a BLIP-style VQA model."""
 
     def __init__(self, model: str = DEFAULT_VQA, *, revision=None, device="cpu", batch_size: int = 16,
                  max_new_tokens: int = 8):
-        from transformers import BlipForQuestionAnswering  # heavy: keeps --help torch-free
-
-        self.model, self.tokenizer, self.processor = _load(
-            model, revision, "--vqa-model", "visual question answering model (BLIP-VQA)",
-            lambda m, r: BlipForQuestionAnswering.from_pretrained(m, revision=r).eval())
-        self.model.to(device)
-        self.device, self.name = device, model
+        super().__init__(model, revision, device, "--vqa-model", "visual question answering model (BLIP-VQA)",
+                         "BlipForQuestionAnswering")
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def answer(self, images: Sequence, questions: Sequence[str]) -> list[str]:
@@ -89,18 +90,14 @@ def nms_count(boxes, scores, iou: float = 0.5) -> int:
     return len(keep)
 
 
-class DetectorJudge:
+class DetectorJudge(_Judge):
     """Counts an object in each image with an open-vocabulary detector (OWLv2 / OWL-ViT)."""
 
     def __init__(self, model: str = DEFAULT_DETECTOR, *, revision=None, device="cpu", threshold: float = 0.3,
                  batch_size: int = 8):
-        from transformers import AutoModelForZeroShotObjectDetection  # heavy: keeps --help torch-free
-
-        self.model, self.tokenizer, self.processor = _load(
-            model, revision, "--detector-model", "open-vocabulary detector (OWLv2, OWL-ViT)",
-            lambda m, r: AutoModelForZeroShotObjectDetection.from_pretrained(m, revision=r).eval())
-        self.model.to(device)
-        self.device, self.name, self.threshold, self.batch_size = device, model, threshold, batch_size
+        super().__init__(model, revision, device, "--detector-model", "open-vocabulary detector (OWLv2, OWL-ViT)",
+                         "AutoModelForZeroShotObjectDetection")
+        self.threshold, self.batch_size = threshold, batch_size
         self.max_length = int(getattr(self.model.config.text_config, "max_position_embeddings", 16))
 
     def count(self, images: Sequence, objects: Sequence[str]) -> list[int]:

@@ -20,24 +20,28 @@ from surpipe.logs import get_logger
 log = get_logger()
 
 
+_HELP = {
+    "vqa_model": "Semantic accuracy: a VQA model (BLIP-VQA; folder or hub id, e.g. Salesforce/blip-vqa-base) answers "
+                 "each prompt's questions about both arms' images (off when not given).",
+    "detector_model": "Semantic accuracy: an open-vocabulary detector (OWLv2/OWL-ViT, e.g. "
+                      "google/owlv2-base-patch16-ensemble) counts the objects of counting questions.",
+    "questions": "Question file (JSONL: prompt, question, answer; optional kind, object); before the built-in "
+                 "questions of action, color and counting prompts.",
+    "question_model": "A local instruction-following LM (folder or hub id) that writes questions for prompts with "
+                      "none from the file or the templates (narrative prompts).",
+}
+
+
 @dataclass(kw_only=True)
 class JudgeOptions:
     """``surpipe eval``'s options for semantic accuracy (declared beside the code that reads them)."""
 
-    vqa_model: Optional[str] = opt(None, group="model", help=(
-        "Semantic accuracy: a VQA model (BLIP-VQA; folder or hub id, e.g. Salesforce/blip-vqa-base) answers each "
-        "prompt's questions about both arms' images (off when not given)."))
-    detector_model: Optional[str] = opt(None, group="model", help=(
-        "Semantic accuracy: an open-vocabulary detector (OWLv2/OWL-ViT, e.g. google/owlv2-base-patch16-ensemble) "
-        "counts the objects of counting questions."))
+    vqa_model: Optional[str] = opt(None, group="model", help=_HELP["vqa_model"])
+    detector_model: Optional[str] = opt(None, group="model", help=_HELP["detector_model"])
     detector_threshold: float = opt(0.3, help="Score above which a detected box counts.", group="inference",
                                     gt=0, lt=1)
-    questions: Optional[str] = opt(None, group="data", help=(
-        "Question file (JSONL: prompt, question, answer; optional kind, object); before the built-in questions "
-        "of action, color and counting prompts."))
-    question_model: Optional[str] = opt(None, group="model", help=(
-        "A local instruction-following LM (folder or hub id) that writes questions for prompts with none from "
-        "the file or the templates (narrative prompts)."))
+    questions: Optional[str] = opt(None, group="data", help=_HELP["questions"])
+    question_model: Optional[str] = opt(None, group="model", help=_HELP["question_model"])
     question_quant: Literal["none", "8bit", "4bit"] = opt("4bit", help="Quantization of --question-model.",
                                                           group="model")
     bootstrap: int = opt(2000, help="Bootstrap draws (over prompts) of the accuracy intervals.", group="output",

@@ -40,12 +40,8 @@ class BlockReader:
     """
 
     def __init__(self, store_path: str, groups: StoreGroups, block_rows: int):
-        self.store_path = str(store_path)
-        self.groups = groups
-        self.block_rows = block_rows
-        self._arrays = None
-        self._done = None
-        self._keys = None
+        self.store_path, self.groups, self.block_rows = str(store_path), groups, block_rows
+        self._arrays = self._done = self._keys = None  # opened lazily, in each process
         self._cache = None  # a remote store's chunk cache (surpipe.store.cache), None for a local store
         self._pid = None
         self.num_rows = None
