@@ -53,11 +53,16 @@ def test_version():
 
 
 def _commands():
+    """Every command by its full name; a command group's commands as ``group sub`` (``study make``)."""
     import typer.main
 
     from stages.cli import app
 
-    return typer.main.get_command(app).commands
+    out = {}
+    for name, cmd in typer.main.get_command(app).commands.items():
+        subs = getattr(cmd, "commands", None)
+        out.update({f"{name} {s}": c for s, c in subs.items()} if subs else {name: cmd})
+    return out
 
 
 def test_every_option_of_every_command_has_a_one_line_help_and_a_panel():
