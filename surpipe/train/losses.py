@@ -192,9 +192,11 @@ def denoise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t
 
 
 def snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR_t = acp_t / (1 - acp_t), computed in float64 (returned float64 on CPU)."""
-    acp = _as_scheduler(scheduler).alphas_cumprod.detach().cpu().double()
-    a = acp[timesteps.detach().cpu().long()]
+    """SNR_t = acp_t / (1 - acp_t), computed in float64 on ``timesteps.device`` (no host sync; on
+    MPS, which has no float64, on the CPU)."""
+    dev = timesteps.device if timesteps.device.type != "mps" else torch.device("cpu")
+    acp = _as_scheduler(scheduler).alphas_cumprod.detach().to(dev, torch.float64)
+    a = acp[timesteps.detach().to(dev).long()]
     return a / (1.0 - a)
 
 

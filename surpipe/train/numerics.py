@@ -1,22 +1,13 @@
 """Guards against non-finite numbers in training: a NaN or an infinity in a loss term, a gradient
-or a weight stops the run before anything is stepped or saved, naming where it appeared."""
+or a weight stops the run before anything of its step (or after it) is logged or saved, naming the
+step and where it appeared. The checks stay on the device between sync points (PendingSteps)."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 LOSS_TERMS = ("denoise", "llm", "prompt", "loss")
-
-
-def _names(names: dict, params: list, values: Iterable, most: int = 5) -> str:
-    """The names (at most ``most``) of the ``params`` whose entry in ``values`` (a tensor or its
-    norm) holds a NaN or an infinity."""
-    import torch  # heavy: the train stage imports this module torch-free
-
-    bad = [names.get(id(p), f"parameter {i}") for i, (p, t) in enumerate(zip(params, values))
-           if not bool(torch.isfinite(t).all())]
-    return listing(bad, most) if bad else "(none found)"
 
 
 def param_names(**modules) -> dict:
@@ -34,30 +25,6 @@ def loss_problem(sums: dict) -> Optional[str]:
     return f"{what} is not finite ({sums[bad[0]]})"
 
 
-def gradient_problem(params: list, names: dict) -> Optional[str]:
-    """Which gradients hold a NaN or an infinity, or None. Checked before clipping, which would
-    spread a NaN norm over every gradient."""
-    import torch  # heavy: the train stage imports this module torch-free
-
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
-        return None
-    norms = torch._foreach_norm([p.grad for p in with_grad])
-    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-        return None
-    return f"the gradient is not finite in {_names(names, with_grad, norms)}"
-
-
-def weight_problem(params: list, names: dict) -> Optional[str]:
-    """Which weights became non-finite (after an optimizer step), or None."""
-    import torch  # heavy: the train stage imports this module torch-free
-
-    norms = torch._foreach_norm([p.detach() for p in params])
-    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-        return None
-    return f"a weight became non-finite after the optimizer step in {_names(names, params, norms)}"
-
-
 def nonfinite_tensors(**modules) -> list[str]:
     """``prefix.name`` of every floating tensor of the modules' state dicts holding a NaN or an infinity."""
     import torch  # heavy: the train stage imports this module torch-free
@@ -69,3 +36,63 @@ def nonfinite_tensors(**modules) -> list[str]:
 def listing(names: list[str], most: int = 5) -> str:
     """``a, b, c`` (at most ``most``, then how many more)."""
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def finite_flags(tensors: list):
+    """One bool per tensor on its device: all of its values finite (no host sync)."""
+    import torch  # heavy: the train stage imports this module torch-free
+
+    if not tensors:
+        return None
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).isfinite()
+
+
+class PendingSteps:
+    """The numbers of the steps since the last sync point, kept on the device (loss terms, gradient
+    and weight finiteness per parameter, the gradient norm) and read in one transfer by
+    :meth:`settle`: at every logging, checkpoint and validation step, so a non-finite value is found,
+    with its step and where it appeared, before anything after it is logged or saved."""
+
+    def __init__(self, params: list, names: dict):
+        self.params, self.names, self.steps = params, names, []
+
+    def add(self, step: int, terms: dict, grads: tuple, grad_norm, weights, host: dict) -> None:
+        """``terms``: {name: 0-d tensor or None}; ``grads``: (indices of the parameters with a
+        gradient, their finite flags); ``weights``: finite flags of every parameter after the step."""
+        self.steps.append((step, terms, grads, grad_norm, weights, host))
+
+    def settle(self, reduce=None) -> tuple[list[dict], Optional[tuple[int, str]]]:
+        """(one row of floats per pending step, the first (step, problem) or None); ``reduce``
+        averages the terms over data-parallel processes (one collective for every pending step)."""
+        import torch  # heavy: the train stage imports this module torch-free
+
+        if not self.steps:
+            return [], None
+        keys = [k for k in LOSS_TERMS if self.steps[0][1].get(k) is not None]
+        terms = torch.stack([torch.stack([s[1][k].double() for k in keys]) for s in self.steps])
+        if reduce is not None:
+            terms = reduce(terms)
+        extra = torch.stack([torch.cat([s[3].reshape(1).double(),
+                                        (s[2][1].double() if s[2][1] is not None else terms.new_zeros(0)),
+                                        (s[4].double() if s[4] is not None else terms.new_zeros(0))])
+                             for s in self.steps])
+        host_terms, host_extra = terms.cpu().tolist(), extra.cpu().tolist()  # the one transfer
+        rows, problem = [], None
+        for (step, _, (idx, gf), _, wf, host), vals, ex in zip(self.steps, host_terms, host_extra):
+            sums = dict(zip(keys, vals))
+            rows.append({"step": step, **{k: sums.get(k) for k in LOSS_TERMS}, "grad_norm": ex[0], **host})
+            if problem is None:
+                problem = self._problem(step, sums, idx, ex[1:1 + len(idx)], ex[1 + len(idx):])
+        self.steps = []
+        return rows, problem
+
+    def _problem(self, step: int, sums: dict, idx: list, gflags: list, wflags: list) -> Optional[tuple[int, str]]:
+        what = loss_problem(sums)
+        if what is None and not all(gflags):
+            bad = [self.names.get(id(self.params[i]), f"parameter {i}") for i, ok in zip(idx, gflags) if not ok]
+            what = f"the gradient is not finite in {listing(bad)}"
+        if what is None and not all(wflags):
+            bad = [self.names.get(id(p), f"parameter {i}") for i, (p, ok) in enumerate(zip(self.params, wflags))
+                   if not ok]
+            what = f"a weight became non-finite after the optimizer step in {listing(bad)}"
+        return None if what is None else (step, what)

@@ -220,66 +220,93 @@ class TrainRecipe:
                 "adapter": str(self.run.adapter)}
 
     def _loop(self, stream, it, logger, bar) -> dict:
-        """Steps until max_steps; stops with a SurpipeError (before anything is saved) on a
-        non-finite loss, gradient or weight."""
+        """Steps until max_steps; stops with a SurpipeError (before anything of the bad step or after
+        it is logged or saved) on a non-finite loss, gradient or weight. The step's numbers stay on the
+        device until the next logging, checkpoint or validation step, which reads them at once
+        (docs/reliability.md, "Non-finite numbers")."""
         import torch  # heavy
 
         cfg = self.cfg
         last: dict = {}
         skipped = 0  # consecutive optimizer steps skipped by the fp16 loss scaler
         params = list(self.optimizer.param_groups[0]["params"])
+        pending = N.PendingSteps(params, self.param_names)
+        t_sync, since = time.perf_counter(), 0
         while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
             if self.world > 1:  # dropout masks from (seed, step, rank): a resume replays them without saved states
                 torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
-            sums, times = self._accumulate(it)
-            # a non-finite term stops the run here, before the optimizer step: the weights and the
-            # last checkpoint stay as they were
-            self._stop_if(N.loss_problem(sums))
+            terms, times = self._accumulate(it)
             te = time.perf_counter()
-            if self.accelerator.scaler is None:  # with fp16 loss scaling overflows are expected (skipped steps)
-                self._stop_if(N.gradient_problem(params, self.param_names))
-            grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+            # checked before clipping, which would spread a NaN norm over every gradient
+            grads = (with_grad, N.finite_flags([params[i].grad for i in with_grad]))
+            grad_norm = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             self.optimizer.step()
-            skipped = skipped + 1 if getattr(self.optimizer, "step_was_skipped", False) else 0
-            if skipped >= 30:  # the scale fell by 2**30: the gradients overflow even unscaled
-                self._stop_if(f"the fp16 loss scaler skipped {skipped} steps in a row "
-                              "(non-finite gradients); try --mixed-precision bf16 or no")
-            self._stop_if(N.weight_problem(params, self.param_names))
+            if self.accelerator.scaler is not None:  # fp16 loss scaling: overflows skip steps (reads the scale)
+                skipped = skipped + 1 if getattr(self.optimizer, "step_was_skipped", False) else 0
+                if skipped >= 30:  # the scale fell by 2**30: the gradients overflow even unscaled
+                    self._stop_at(self.step + 1, f"the fp16 loss scaler skipped {skipped} steps in a row "
+                                  "(non-finite gradients); try --mixed-precision bf16 or no")
+            weights = N.finite_flags([p.detach() for p in params])
             self.lr_scheduler.step()
+            lr = self.lr_scheduler.get_last_lr()[0]
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            since += 1
             self.position = stream.position.to_dict()
-            step_s = time.perf_counter() - t0
-            last = {"step": self.step, **sums, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "step_s": step_s, **times, "optimizer_s": time.perf_counter() - te,
-                    "samples_per_s": cfg.batch_size * cfg.grad_accum * self.world / step_s,
-                    "epoch": stream.position.epoch}
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                logger.log(last)
+            pending.add(self.step, terms, grads, torch.as_tensor(grad_norm), weights,
+                        {"lr": lr, **times, "optimizer_s": time.perf_counter() - te, "epoch": stream.position.epoch})
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss']:.4f}", wait=f"{times['data_wait_s'] / step_s:.0%}", refresh=False)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                if self.main:
-                    self.save_checkpoint()
-                self.accelerator.wait_for_everyone()
-            if self.vset is not None and (self.step == cfg.max_steps or (
-                    cfg.validation_every and self.step % cfg.validation_every == 0)):
-                self.last_val = {"step": self.step, **self.evaluate_held_out()}
-                logger.log_validation(self.last_val)
-                if cfg.keep_best:
-                    self._keep_if_best(logger)
-            if self.main and cfg.validation_every and cfg.validation_images and (
-                    self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
-                grid = self.validate()
-                if grid is not None:  # None: no held-out rows and no --validation-prompt to render
-                    logger.log_image("validation", grid, self.step)
-            if self.world > 1 and cfg.validation_every and self.step % cfg.validation_every == 0:
-                self.accelerator.wait_for_everyone()  # the others wait while rank 0 evaluates
+            if self._sync_point():
+                rows, problem = pending.settle(self._reduce_terms if self.world > 1 else None)
+                if problem is not None:
+                    self._stop_at(*problem)
+                step_s = (time.perf_counter() - t_sync) / since  # the interval's mean: no per-step sync
+                t_sync, since = time.perf_counter(), 0
+                last = {**rows[-1], "step_s": step_s,
+                        "samples_per_s": cfg.batch_size * cfg.grad_accum * self.world / step_s}
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    logger.log(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", wait=f"{last['data_wait_s'] / step_s:.0%}", refresh=False)
+            self._after_step(logger)
         return last
 
+    def _sync_point(self) -> bool:
+        """Whether this step's numbers are read now: a logging, checkpoint, validation or last step."""
+        cfg, s = self.cfg, self.step
+        return (s % cfg.log_every == 0 or s == cfg.max_steps or s % cfg.checkpoint_every == 0
+                or bool(cfg.validation_every and s % cfg.validation_every == 0))
+
+    def _reduce_terms(self, terms):
+        """The loss terms of the pending steps averaged over the data-parallel processes (the logged
+        terms are the global batch's, as one process would log them)."""
+        return self.accelerator.reduce(terms, reduction="mean")
+
+    def _after_step(self, logger) -> None:
+        """Checkpoint, held-out evaluation and the picture grid of this step, where they are due
+        (always after the step's numbers were read and found finite)."""
+        cfg = self.cfg
+        if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+            if self.main:
+                self.save_checkpoint()
+            self.accelerator.wait_for_everyone()
+        if self.vset is not None and (self.step == cfg.max_steps or (
+                cfg.validation_every and self.step % cfg.validation_every == 0)):
+            self.last_val = {"step": self.step, **self.evaluate_held_out()}
+            logger.log_validation(self.last_val)
+            if cfg.keep_best:
+                self._keep_if_best(logger)
+        if self.main and cfg.validation_every and cfg.validation_images and (
+                self.step % cfg.validation_every == 0 or self.step == cfg.max_steps):
+            grid = self.validate()
+            if grid is not None:  # None: no held-out rows and no --validation-prompt to render
+                logger.log_image("validation", grid, self.step)
+        if self.world > 1 and cfg.validation_every and self.step % cfg.validation_every == 0:
+            self.accelerator.wait_for_everyone()  # the others wait while rank 0 evaluates
+
     def _accumulate(self, it) -> tuple[dict, dict]:
-        """Forward and backward of grad_accum micro-batches: the mean loss terms and the times spent."""
+        """Forward and backward of grad_accum micro-batches: the mean loss terms (0-d float64 tensors
+        on the device, summed as Python floats would be) and the host times spent."""
         cfg = self.cfg
         times = {"data_wait_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
         with_denoise = self._needs_denoise()
@@ -297,19 +324,14 @@ class TrainRecipe:
             times["backward_s"] += time.perf_counter() - tc
             for k in sums:
                 if sums[k] is not None:
-                    sums[k] += float(losses[k].detach()) / cfg.grad_accum
-        if self.world > 1:  # the logged terms are the global batch's means, as one process would log them
-            from surpipe.train.setup import global_means  # heavy: torch
-
-            sums = global_means(self.accelerator, sums)
+                    sums[k] = sums[k] + losses[k].detach().double() / cfg.grad_accum
         return sums, times
 
-    def _stop_if(self, what: Optional[str]) -> None:
-        """Stop the run on a non-finite number (``what`` says where), keeping the last checkpoint."""
+    def _stop_at(self, step: int, what: str) -> None:
+        """Stop the run on a non-finite number at ``step`` (``what`` says where), keeping the last checkpoint."""
         from surpipe.train.setup import stopped_message  # heavy: torch
 
-        if what is not None:
-            raise SurpipeError(stopped_message(self.step + 1, what, self.run.latest_checkpoint()))
+        raise SurpipeError(stopped_message(step, what, self.run.latest_checkpoint()))
 
     # ------------------------------------------------------------------ checkpoints and the final adapter
     def _modules(self) -> dict:

@@ -109,7 +109,9 @@ def batch_tensors(batch: dict, inputs, device, generator: torch.Generator, share
     out = {
         "latents": latents.to(device), **{k: v.float().to(device) for k, v in t.items()},
         # rows whose LLM vector is missing (zeros, matched=false) take no part in the LLM term
-        "llm_mask": torch.from_numpy(batch["llm_matched"]).bool().to(device) if "llm_matched" in batch else None,
+        # (read on the host: a batch whose rows all have one needs no mask, and no device sync)
+        "llm_mask": (torch.from_numpy(batch["llm_matched"]).bool().to(device)
+                     if "llm_matched" in batch and not batch["llm_matched"].all() else None),
         "share": share,
     }
     if "pooled_simple" in batch:  # SDXL: the pooled embedding and the micro-conditioning
@@ -132,14 +134,6 @@ def sdxl_conditioning(batch: dict, flip, resolution: int) -> dict:
     return {"pooled": torch.from_numpy(batch["pooled_simple"]).float(),
             "pooled_complex": torch.from_numpy(batch["pooled_complex"]).float(),
             "time_ids": sdxl_time_ids(orig, crop, resolution)}
-
-
-def global_means(accelerator, sums: dict) -> dict:
-    """``sums`` (floats or None) averaged over the data-parallel processes."""
-    keys = [k for k in sums if sums[k] is not None]
-    mean = accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device),
-                              reduction="mean")
-    return {**sums, **{k: float(v) for k, v in zip(keys, mean.tolist())}}
 
 
 def stopped_message(step: int, what: str, latest) -> str:

@@ -310,3 +310,58 @@ def test_loss_curve_png_with_note(tmp_path):
     _loss_curve(m, tmp_path / "b.png", note="random tiny test models (sd): ...")
     a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
     assert a.width == b.width and b.height > a.height  # room for the title line
+
+
+def test_the_loop_reads_the_device_only_at_sync_points(tmp_path, store, tiny_models, monkeypatch):
+    """Between sync points (--log-every, checkpoint, validation, last step) the train loop never
+    reads a tensor on the host: every item()/float()/bool()/int()/tolist()/numpy()/cpu() called
+    from surpipe/train/ during the loop is counted, outside the sync point's read and the step's
+    checkpoint/validation (which persist, after the check). On CUDA each would be a host sync."""
+    import inspect
+
+    from surpipe.train import numerics
+    from surpipe.train.recipe import TrainRecipe
+
+    state = {"loop": False, "sync": 0, "recipe": None}
+    reads, settled = [], []
+
+    def around(cls, name, key, note=None):
+        orig = getattr(cls, name)
+
+        def wrapped(self, *a, **k):
+            state[key] = state[key] + 1 if key == "sync" else True
+            if note is not None:
+                note.append(state["recipe"].step)
+            try:
+                return orig(self, *a, **k)
+            finally:
+                state[key] = state[key] - 1 if key == "sync" else False
+        monkeypatch.setattr(cls, name, wrapped)
+
+    orig_loop = TrainRecipe._loop
+    monkeypatch.setattr(TrainRecipe, "_loop", lambda self, *a: (state.update(recipe=self), orig_loop(self, *a))[1])
+    around(TrainRecipe, "_loop", "loop")
+    around(numerics.PendingSteps, "settle", "sync", settled)
+    around(TrainRecipe, "_after_step", "sync")
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def f(t, *a, **k):
+            if state["loop"] and not state["sync"]:
+                caller = inspect.currentframe().f_back.f_code.co_filename.replace("\\", "/")
+                if "/surpipe/train/" in caller and not caller.endswith("/data.py"):  # data.py: host arrays
+                    reads.append((name, caller.rsplit("/", 1)[-1], inspect.currentframe().f_back.f_lineno))
+            return orig(t, *a, **k)
+        return f
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    out = tmp_path / "run"
+    assert main(_args(store, tiny_models / "sd", out, "--max-steps", "7", "--log-every", "3",
+                      "--checkpoint-every", "100", "--min-snr-gamma", "5")) == 0
+    assert reads == []
+    assert settled == [3, 6, 7]  # the logging steps and the last one: one read each
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6, 7]
+    assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "denoise", "llm", "prompt", "grad_norm", "step_s"))
