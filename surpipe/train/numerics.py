@@ -72,11 +72,18 @@ class PendingSteps:
         terms = torch.stack([torch.stack([s[1][k].double() for k in keys]) for s in self.steps])
         if reduce is not None:
             terms = reduce(terms)
-        extra = torch.stack([torch.cat([s[3].reshape(1).double(),
-                                        (s[2][1].double() if s[2][1] is not None else terms.new_zeros(0)),
-                                        (s[4].double() if s[4] is not None else terms.new_zeros(0))])
-                             for s in self.steps])
-        host_terms, host_extra = terms.cpu().tolist(), extra.cpu().tolist()  # the one transfer
+        dev = terms.device  # a grad norm may come back as a CPU number (some accelerate backends)
+        parts = [torch.cat([s[3].reshape(1).to(dev, torch.float64),
+                            (s[2][1].to(dev, torch.float64) if s[2][1] is not None else terms.new_zeros(0)),
+                            (s[4].to(dev, torch.float64) if s[4] is not None else terms.new_zeros(0))])
+                 for s in self.steps]  # per step: grad norm, gradient flags, weight flags (lengths may differ)
+        flat = torch.cat([terms.reshape(-1), *parts]).cpu().tolist()  # the one transfer
+        k = len(keys) * len(self.steps)
+        host_terms = [flat[i * len(keys):(i + 1) * len(keys)] for i in range(len(self.steps))]
+        host_extra, at = [], k
+        for p in parts:
+            host_extra.append(flat[at:at + len(p)])
+            at += len(p)
         rows, problem = [], None
         for (step, _, (idx, gf), _, wf, host), vals, ex in zip(self.steps, host_terms, host_extra):
             sums = dict(zip(keys, vals))
