@@ -18,7 +18,7 @@ from surpipe.evaluation import render
 from surpipe.evaluation import accuracy, paper
 from surpipe.evaluation import suite as evaluate
 from surpipe.evaluation.clip_score import DEFINITION, IQA_DEFINITION, IQA_PAIRS, CLIPScorer
-from surpipe.evaluation.semantic import semantic_accuracy, wanted
+from surpipe.evaluation.semantic import load_judges, precheck, semantic_accuracy, wanted
 from surpipe.evaluation.suite import DEFAULT_SUITE
 from surpipe.hub import check_model_source
 from surpipe.logs import get_logger
@@ -45,6 +45,10 @@ def clip_score_eval(cfg, held: dict | None, without: list | None = None, keep: d
     t0 = time.perf_counter()
     # The CLIP model first: a wrong --clip-model fails before any image is rendered.
     check_model_source(cfg.clip_model, option="--clip-model", what="CLIP model")
+    judges = None
+    if wanted(cfg):  # judges, question LM and question file: refused before rendering too
+        precheck(cfg)
+        judges = load_judges(cfg)
     scorer = CLIPScorer(cfg.clip_model, revision=cfg.clip_revision, device=resolve_device(cfg.device, mps=True))
     models = inference.open_models(cfg.model, cfg.adapter, revision=cfg.revision, device=cfg.device,
                                    dtype=cfg.dtype, scheduler=cfg.scheduler, adapter_weight=cfg.adapter_weight)
@@ -68,7 +72,7 @@ def clip_score_eval(cfg, held: dict | None, without: list | None = None, keep: d
 
     rows = evaluate.score_rows(items, scores, images if cfg.save_images else None, out)
     quality = image_quality(scorer, items, images, rows, cfg.extra_iqa, cfg.device) if cfg.iqa else None
-    semantic = semantic_accuracy(cfg, items, images, out) if wanted(cfg) else None
+    semantic = semantic_accuracy(cfg, items, images, out, judges) if judges else None
     grids = evaluate.category_grids(out, items, images, scores, seeds[0], note) if cfg.save_images else {}
     table, overall = evaluate.category_stats(items, scores)
     first = images["with"][0]

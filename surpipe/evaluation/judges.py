@@ -25,15 +25,25 @@ DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 class _Judge:
     """A judge model with its own tokenizer and image processor, on ``device``."""
 
+    MODEL_TYPES: tuple = ()  # config model_type values the judge accepts (empty: any its class loads)
+
     def __init__(self, model: str, revision, device, option: str, what: str, model_class: str):
         check_model_source(model, option=option, what=what)
         import transformers  # heavy: keeps --help torch-free
 
         try:
+            kind = transformers.AutoConfig.from_pretrained(model, revision=revision).model_type
+        except (OSError, ValueError, KeyError) as e:
+            raise SurpipeError(f"{option} {model}: no readable config.json ({type(e).__name__}: "
+                               f"{first_line(e)[:200]})") from None
+        if self.MODEL_TYPES and kind not in self.MODEL_TYPES:
+            raise SurpipeError(f"{option} {model} is a {kind!r} model, not a {what}; valid model types: "
+                               f"{', '.join(self.MODEL_TYPES)}")
+        try:
             self.model = getattr(transformers, model_class).from_pretrained(model, revision=revision).eval()
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model, revision=revision)
             self.processor = transformers.AutoImageProcessor.from_pretrained(model, revision=revision)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: mismatched weight shapes
             raise SurpipeError(f"{option} {model}: cannot load it as a {what} ({type(e).__name__}: "
                                f"{first_line(e)[:200]})") from None
         self.model.to(device)
@@ -43,9 +53,11 @@ class _Judge:
 class VQAJudge(_Judge):
     """Answers a question about each image with a BLIP-style VQA model."""
 
+    MODEL_TYPES = ("blip",)
+
     def __init__(self, model: str = DEFAULT_VQA, *, revision=None, device="cpu", batch_size: int = 16,
                  max_new_tokens: int = 8):
-        super().__init__(model, revision, device, "--vqa-model", "visual question answering model (BLIP-VQA)",
+        super().__init__(model, revision, device, "--vqa-model", "VQA model (BLIP-VQA)",
                          "BlipForQuestionAnswering")
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
@@ -93,9 +105,11 @@ def nms_count(boxes, scores, iou: float = 0.5) -> int:
 class DetectorJudge(_Judge):
     """Counts an object in each image with an open-vocabulary detector (OWLv2 / OWL-ViT)."""
 
+    MODEL_TYPES = ("owlv2", "owlvit")
+
     def __init__(self, model: str = DEFAULT_DETECTOR, *, revision=None, device="cpu", threshold: float = 0.3,
                  batch_size: int = 8):
-        super().__init__(model, revision, device, "--detector-model", "open-vocabulary detector (OWLv2, OWL-ViT)",
+        super().__init__(model, revision, device, "--detector-model", "detector (OWLv2, OWL-ViT)",
                          "AutoModelForZeroShotObjectDetection")
         self.threshold, self.batch_size = threshold, batch_size
         self.max_length = int(getattr(self.model.config.text_config, "max_position_embeddings", 16))

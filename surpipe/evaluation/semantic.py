@@ -15,6 +15,7 @@ from surpipe.devices import resolve_device
 from surpipe.evaluation import accuracy, questions as Q
 from surpipe.evaluation.judges import DetectorJudge, VQAJudge
 from surpipe.evaluation.question_lm import generate_questions
+from surpipe.hub import check_model_source
 from surpipe.logs import get_logger
 
 log = get_logger()
@@ -53,6 +54,18 @@ def wanted(cfg) -> bool:
     return bool(cfg.vqa_model or cfg.detector_model)
 
 
+def precheck(cfg) -> None:
+    """What can be refused before any image is rendered: each judge and question model's source, and
+    the question file's lines."""
+    for value, option, what in ((cfg.vqa_model, "--vqa-model", "VQA model"),
+                                (cfg.detector_model, "--detector-model", "detector"),
+                                (cfg.question_model, "--question-model", "question LM")):
+        if value:
+            check_model_source(value, option=option, what=what)
+    if cfg.questions:
+        Q.read_question_file(cfg.questions)
+
+
 def question_set(cfg, items, cache: Path) -> dict[str, list[Q.Question]]:
     """{prompt: questions} of the eval's prompts, from the cache when it holds them all."""
     from_file = Q.read_question_file(cfg.questions) if cfg.questions else {}
@@ -73,13 +86,21 @@ def question_set(cfg, items, cache: Path) -> dict[str, list[Q.Question]]:
     return qs
 
 
-def semantic_accuracy(cfg, items, images: dict, out: Path) -> Optional[dict]:
-    """Judge both arms' images; returns the ``accuracy`` section of results.json (None: nothing judged)."""
-    qs = question_set(cfg, items, out / "questions.jsonl")
+def load_judges(cfg) -> tuple:
+    """(VQA judge or None, detector or None) of ``cfg``: loaded before any image is rendered, so a
+    wrong or mismatched model costs nothing."""
     device = resolve_device(cfg.device)
     vqa = VQAJudge(cfg.vqa_model, device=device) if cfg.vqa_model else None
     det = DetectorJudge(cfg.detector_model, device=device, threshold=cfg.detector_threshold) \
         if cfg.detector_model else None
+    return vqa, det
+
+
+def semantic_accuracy(cfg, items, images: dict, out: Path, judges: tuple) -> Optional[dict]:
+    """Judge both arms' images with ``judges`` (:func:`load_judges`); returns the ``accuracy``
+    section of results.json (None: nothing judged)."""
+    qs = question_set(cfg, items, out / "questions.jsonl")
+    vqa, det = judges
     records = accuracy.judge(items, images, qs, vqa=vqa, detector=det)
     atomic_write_text(out / "judgements.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     if not records:

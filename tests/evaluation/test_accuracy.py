@@ -194,3 +194,27 @@ def test_eval_judges_end_to_end_on_tiny_models(tiny_models, judges, tmp_path, mo
     before = (out / "questions.jsonl").read_text()
     assert main(args) == 0
     assert (out / "questions.jsonl").read_text() == before
+
+
+def test_bad_judge_or_question_file_is_refused_before_any_image(tiny_models, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from stages.cli import main
+    from surpipe.adapter import SURAdapter
+    from surpipe.evaluation import generate
+
+    torch.manual_seed(0)
+    adapter = SURAdapter(width=32, nhead=4, dim_feedforward=64).save_pretrained(tmp_path / "ad")
+    monkeypatch.setattr(generate, "render_arms", lambda *a, **k: pytest.fail("rendered before refusing"))
+    base = ["eval", "--model", str(tiny_models / "sd"), "--adapter", str(adapter), "--clip-model",
+            str(tiny_models / "clip"), "--out", str(tmp_path / "ev"), "--steps", "2", "--size", "32"]
+    assert main(base + ["--vqa-model", str(tmp_path / "no-such-vqa")]) == 1
+    assert "--vqa-model" in capsys.readouterr().err
+    bad = tmp_path / "q.jsonl"
+    bad.write_text("not json\n")
+    assert main(base + ["--vqa-model", str(tiny_models / "clip"), "--questions", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "question file" in err and "line 1" in err and "Traceback" not in err
+    assert main(base + ["--vqa-model", str(tiny_models / "clip")]) == 1  # a model, but not a VQA one
+    err = capsys.readouterr().err
+    assert "is a 'clip' model, not a VQA model (BLIP-VQA); valid model types: blip" in err and "Traceback" not in err
