@@ -25,6 +25,7 @@ def judge(items: Sequence[tuple], images: dict, questions: dict[str, list[Questi
     """One record per image, question and judge: ``items`` are (category, prompt index, prompt,
     seed) in the order of ``images[arm]``."""
     asks = [(k, q) for k, it in enumerate(items) for q in questions.get(it[2], [])]
+    index = {id(q): i for qs in questions.values() for i, q in enumerate(qs)}  # a prompt may ask one text twice
     records = []
     for arm in ARMS:
         ims = images[arm]
@@ -40,7 +41,7 @@ def judge(items: Sequence[tuple], images: dict, questions: dict[str, list[Questi
             for (k, q), reply in zip(subset, replies):
                 cat, _, prompt, seed = items[k]
                 records.append({"category": cat, "prompt": prompt, "seed": seed, "arm": arm, "judge": name,
-                                "question": q.question, "expected": q.answer, "kind": q.kind, "reply": reply,
+                                "q": index[id(q)], "question": q.question, "expected": q.answer, "kind": q.kind, "reply": reply,
                                 "correct": bool(correct(q, reply))})
     return records
 
@@ -49,9 +50,9 @@ def _paired(records: list[dict]):
     """{prompt: (without [n], with [n])}: each question on each seed, both arms, aligned."""
     by = defaultdict(dict)
     for r in records:
-        by[(r["prompt"], r["seed"], r["question"])][r["arm"]] = float(r["correct"])
+        by[(r["prompt"], r["seed"], r.get("q"), r["question"])][r["arm"]] = float(r["correct"])
     out = defaultdict(lambda: ([], []))
-    for (prompt, _, _), arms in by.items():
+    for (prompt, _, _, _), arms in by.items():
         if set(arms) == set(ARMS):
             out[prompt][0].append(arms["without"])
             out[prompt][1].append(arms["with"])

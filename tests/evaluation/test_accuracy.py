@@ -87,6 +87,19 @@ class StubDetector:
         return [self.counts.get(im.info["tag"], 0) for im in images]
 
 
+def test_the_same_question_twice_in_a_prompt_counts_twice():
+    prompt = "a red car next to a blue car"
+    qs = {prompt: Q.template_questions("color", prompt)}
+    assert [(q.question, q.answer) for q in qs[prompt]] == [("What color is the car?", "red"),
+                                                          ("What color is the car?", "blue")]
+    items = [("color", 0, prompt, 0)]
+    images = {arm: [_img(arm)] for arm in A.ARMS}
+    vqa = StubVQA({("with", "What color is the car?"): "red", ("without", "What color is the car?"): "green"})
+    t = A.table(A.judge(items, images, qs, vqa=vqa), n_boot=100)
+    row = t["rows"][0]
+    assert row["questions"] == 2 and row["with"] == 0.5 and row["without"] == 0.0
+
+
 def test_scoring_pairs_arms_and_matches_hand_counts():
     prompts = {"counting": ["two dogs", "three cats"], "color": ["a red car"]}
     items = [(c, i, p, s) for c, ps in prompts.items() for i, p in enumerate(ps) for s in (0, 1)]
