@@ -45,6 +45,10 @@ def run_ablation(cfg, evaluate_one: Callable) -> dict:
     adapters = [cfg.adapter, *cfg.ablation]
     if len(set(adapters)) != len(adapters):
         raise SurpipeError("--ablation: each adapter once (the --adapter one is the first row)")
+    from surpipe.adapter_io import resolve_adapter_dir  # heavy: torch (eval's --help stays torch-free)
+
+    for a in adapters:  # every adapter found before the first image is rendered
+        resolve_adapter_dir(a)
     out, taken, rows, without = Path(cfg.out), set(), [], None
     for a in adapters:
         name = label(a, taken)

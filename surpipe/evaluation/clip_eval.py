@@ -91,25 +91,25 @@ def clip_score_eval(cfg, held: dict | None, without: list | None = None, keep: d
               "seeds": ", ".join(map(str, seeds)), "steps": cfg.steps, "guidance": cfg.guidance,
               "scheduler": f"{cfg.scheduler} ({settings['scheduler_class']})",
               "size": f"{first.width}x{first.height}", "adapter_weight": models.adapter.adapter_weight}
-    if held is not None:
-        result["held_out"] = held
-    if quality is not None:
-        result["clip_iqa"] = quality
-    if semantic is not None:
-        result["accuracy"] = semantic
+    result.update({k: v for k, v in (("held_out", held), ("clip_iqa", quality), ("accuracy", semantic)) if v})
     evaluate.write_results(out, result, rows, header, note)
-    with open(out / "results.md", "a", encoding="utf-8") as f:
-        for section in ([accuracy.markdown(semantic)] if semantic else []) + \
-                ([quality_markdown(quality)] if quality else []):
-            f.write("\n" + section)
-    paper.fill_preference(out, None)  # the paper-layout table at the top (no study tallied yet)
-    if held is not None:  # beside the CLIP-score table
-        with open(out / "results.md", "a", encoding="utf-8") as f:
-            f.write("\n" + held_out_report.markdown(held))
+    _append_sections(out, result)
     cfgmod.save(cfg, out / "config.json")
     print(evaluate.markdown(table, overall, {}).split("\n\n", 1)[-1], file=sys.stderr)
     log.info(f"wrote {out / 'results.md'}, results.json, clip_scores.png")
     return result
+
+
+def _append_sections(out: Path, result: dict) -> None:
+    """results.md after the CLIP-score table: accuracy, image quality, the held-out report; then the
+    paper-layout table at the top (no study tallied yet)."""
+    sections = [accuracy.markdown(result["accuracy"])] if result.get("accuracy") else []
+    sections += [quality_markdown(result["clip_iqa"])] if result.get("clip_iqa") else []
+    sections += [held_out_report.markdown(result["held_out"])] if result.get("held_out") else []
+    with open(out / "results.md", "a", encoding="utf-8") as f:
+        for section in sections:
+            f.write("\n" + section)
+    paper.fill_preference(out, None)
 
 
 def image_quality(scorer: CLIPScorer, items, images: dict, rows: list[dict], extra: list[str] = (),

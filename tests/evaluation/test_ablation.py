@@ -69,3 +69,20 @@ def test_eval_ablation_end_to_end_renders_the_no_adapter_arm_once(tiny_models, t
     assert table["rows"][1]["cells"]["CLIP score | all"]["difference"] == 0.0
     assert "CLIP-IQA | all" in table["metrics"] and (out / "ablation.png").is_file()
     assert "| run0-adapter |" in (out / "ablation.md").read_text()
+
+
+def test_a_missing_ablation_adapter_is_refused_before_any_image(tiny_models, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from stages.cli import main
+    from surpipe.adapter import SURAdapter
+    from surpipe.evaluation import generate
+
+    torch.manual_seed(0)
+    ad = SURAdapter(width=32, nhead=4, dim_feedforward=64).save_pretrained(tmp_path / "run0" / "adapter")
+    monkeypatch.setattr(generate, "render_arms", lambda *a, **k: pytest.fail("rendered before refusing"))
+    assert main(["eval", "--model", str(tiny_models / "sd"), "--adapter", str(ad), "--ablation",
+                 str(tmp_path / "nope"), "--clip-model", str(tiny_models / "clip"), "--out", str(tmp_path / "abl"),
+                 "--steps", "2", "--size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
