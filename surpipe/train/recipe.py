@@ -237,8 +237,9 @@ class TrainRecipe:
                 torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
             terms, times = self._accumulate(it)
             te = time.perf_counter()
-            with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-            # checked before clipping, which would spread a NaN norm over every gradient
+            # checked before clipping, which would spread a NaN norm over every gradient; not with fp16
+            # loss scaling, where a non-finite gradient is the scaler's normal signal to skip the step
+            with_grad = [i for i, p in enumerate(params) if p.grad is not None] if self.accelerator.scaler is None else []
             grads = (with_grad, N.finite_flags([params[i].grad for i in with_grad]))
             grad_norm = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             self.optimizer.step()

@@ -365,3 +365,61 @@ def test_the_loop_reads_the_device_only_at_sync_points(tmp_path, store, tiny_mod
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [3, 6, 7]
     assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "denoise", "llm", "prompt", "grad_norm", "step_s"))
+
+
+def test_fp16_loss_scaling_skips_a_non_finite_gradient_instead_of_stopping(tmp_path, store, tiny_models, capsys,
+                                                                         monkeypatch):
+    """With a loss scaler (fp16 on CUDA) a non-finite gradient is the scaler's signal to skip the step,
+    not a reason to stop: emulated here by a scaler that scales by 1 and an AdamW step that skips
+    non-finite gradients, as torch's GradScaler does."""
+    from surpipe.train.recipe import TrainRecipe
+
+    class Scaler:  # GradScaler's interface at a scale of 1
+        def scale(self, loss):
+            return loss
+
+        def step(self, optimizer, *a, **k):
+            return optimizer.step(*a, **k)
+
+        def update(self, *a):
+            pass
+
+        def unscale_(self, optimizer):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    orig_start = TrainRecipe._start_accelerator
+    monkeypatch.setattr(TrainRecipe, "_start_accelerator",
+                        lambda self: (orig_start(self), setattr(self.accelerator, "scaler", Scaler()))[0])
+    orig_step, skipped = torch.optim.AdamW.step, []
+
+    def step(self, *a, **k):
+        if any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.param_groups[0]["params"]):
+            skipped.append(1)
+            return None
+        return orig_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+    def nan_grad_once(self, losses):
+        p = self.accelerator.unwrap_model(self.adapter).fc.weight
+        losses["loss"] = losses["loss"] + torch.sqrt(p.flatten()[0] * 0.0)  # finite loss, NaN gradient
+        return losses
+
+    orig_loss, calls = TrainRecipe.loss, {"n": 0}
+
+    def loss(self, b):
+        calls["n"] += 1
+        out = orig_loss(self, b)
+        return nan_grad_once(self, out) if calls["n"] == 1 else out
+
+    monkeypatch.setattr(TrainRecipe, "loss", loss)
+    out = tmp_path / "run"
+    assert main(_args(store, tiny_models / "sd", out, "--max-steps", "3", "--grad-accum", "1")) == 0, \
+        capsys.readouterr().err
+    assert skipped == [1] and (out / "adapter").is_dir()
