@@ -129,6 +129,10 @@ def test_eval_store_reproduces_the_runs_held_out_numbers_per_category(sample_run
             # eval recomputes what training logged, float32, other process and batch grouping: sums of
             # per-row terms in another order, ~eps x log(rows); 1e-5 leaves a wide margin
             assert math.isclose(held["categories"]["all"][k], v, rel_tol=1e-5, abs_tol=1e-6), k
+    first = _val_rows(run)[0]  # the untrained adapter (RUN/untrained) reproduces the step-0 row
+    for k in ("val/prompt", "val/cos_adapter", "val/r1", "val/median_rank"):
+        untrained = k.replace("_adapter", "") + "_untrained"
+        assert math.isclose(held["categories"]["all"][untrained], first[k], rel_tol=1e-5, abs_tol=1e-6), k
     cats = FeatureStore(store).categories()
     if cats is not None:  # per category: the rows add up, each mean inside the overall range
         per = {c: s for c, s in held["categories"].items() if c != "all"}

@@ -27,7 +27,7 @@ from surpipe.train.identity import recorded_split
 from surpipe.train.inputs import gather
 from surpipe.train.run_folder import RunFolder, projection_file, run_config
 from surpipe.train.validation.metrics import evaluate_rows, markdown_table, per_category
-from surpipe.train.validation.rows import CONST_ROWS, ValidationSet
+from surpipe.train.validation.rows import CONST_ROWS, ValidationSet, mean_complex
 from surpipe.train.validation.summary import prompt_verdict, retrieval_verdict
 from surpipe.train.validation.split import (check_same_split, held_out_rows, selection_mask, split_record,
                                             training_rows)
@@ -157,14 +157,12 @@ def evaluate_store(store: str, adapter: str, *, model: Optional[str] = None, rev
     const_rows = (training_rows(fs.num_samples, found["held_out"]) if same and found.get("held_out") is not None
                   else np.setdiff1d(np.arange(fs.num_samples), rows))
     run = (cfg, found, rows, const_rows, batch_size)
-    per = _per_row(store, adapter_model, projection, unet, scheduler, run)
     untrained = RunFolder.of_adapter(adapter)
     untrained = untrained.untrained if untrained is not None and untrained.untrained.is_dir() else None
-    if untrained is not None:  # the run's step-0 adapter: what training started from
-        base = _per_row(store, SURAdapter.from_pretrained(untrained).to(dev).eval(), projection, unet, scheduler, run)
-        for k, name in UNTRAINED.items():
-            if k in base:
-                per[name] = base[k]
+    models = [adapter_model] + ([SURAdapter.from_pretrained(untrained).to(dev).eval()] if untrained else [])
+    per, *base = _per_row(store, models, projection, unet, scheduler, run)
+    if base:  # the run's step-0 adapter: what training started from
+        per.update({name: base[0][k] for k, name in UNTRAINED.items() if k in base[0]})
     cats = fs.categories() if hasattr(fs, "categories") else None
     if cats is not None:
         cats = np.where(cats[rows] == "", "(none)", cats[rows])
@@ -182,20 +180,24 @@ UNTRAINED = {"val/prompt": "val/prompt_untrained", "val/cos_adapter": "val/cos_u
              "val/median_rank": "val/median_rank_untrained"}
 
 
-def _per_row(store, adapter_model, projection, unet, scheduler, run) -> dict:
-    """:func:`evaluate_rows` of ``adapter_model`` over the report's rows, a chunk at a time."""
+def _per_row(store, models: list, projection, unet, scheduler, run) -> list[dict]:
+    """:func:`evaluate_rows` of each of ``models`` over the report's rows, a chunk at a time: each
+    chunk (and the constant control) read once for all of them."""
     cfg, found, rows, const_rows, batch_size = run
-    per: dict = {}
+    const = mean_complex(store, found["groups"], const_rows) if len(const_rows) else (None, 0)
+    per: list[dict] = [{} for _ in models]
     for s in range(0, len(rows), CHUNK_ROWS):
         vset = ValidationSet.from_store(store, found["groups"], rows[s:s + CHUNK_ROWS],
                                         scaling_factor=found["scaling_factor"], shift_factor=found["shift_factor"],
                                         num_train_timesteps=scheduler.config.num_train_timesteps,
-                                        seed=cfg.val_seed, resolution=found.get("resolution"), train_rows=const_rows)
-        part = evaluate_rows(adapter_model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
-                             min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target, batch_size=batch_size,
-                             control_seed=cfg.val_seed + s)
-        for k, v in part.items():
-            per[k] = np.concatenate([per[k], v], axis=-1) if k in per else v
+                                        seed=cfg.val_seed, resolution=found.get("resolution"))
+        vset.const, vset.const_rows = const
+        for model, out in zip(models, per):
+            part = evaluate_rows(model, projection, unet, scheduler, vset, prediction_type=found["prediction_type"],
+                                 min_snr_gamma=cfg.min_snr_gamma, prompt_target=cfg.prompt_target,
+                                 batch_size=batch_size, control_seed=cfg.val_seed + s)
+            for k, v in part.items():
+                out[k] = np.concatenate([out[k], v], axis=-1) if k in out else v
     return per
 
 
