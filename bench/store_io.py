@@ -17,7 +17,9 @@
 * ``--real-widths`` (only this): bytes per sample (fp16; zstd and none) at SD 1.5's sizes (CLIP
   [77, 768] x 2, latents 4x64x64 mean/std/flip mean/flip std) and LLM features 4096 and 5120 wide,
   and the loader's samples/s with 0/1/2 workers against the rate bench/cost_model.py predicts for
-  one GPU step from the store (``run_real``).
+  one GPU step from the store (``run_real``), and the train loop's data-wait share against an
+  emulated GPU running that step at 35% MFU, with read-ahead and with the blocking copies it
+  replaced (``data_wait``).
 * ``--s3`` (only this): the loader over the same store (SD 1.5 widths, LLM 5120) in a local folder
   and on a local S3 server (moto, 127.0.0.1) unsharded and 4 blocks per object, through the read-through
   chunk cache: samples/s and remote GETs/bytes of epoch 1 (cold cache) and epoch 2 (warm), workers 0
@@ -117,6 +119,79 @@ def _time_batches(it, n: int) -> tuple[float, float]:
     return time.perf_counter() - t0, first
 
 
+class _EmulatedGPU:
+    """A stand-in for a GPU's queue: a thread runs each queued step for ``step_s`` (sleeping, so
+    the host's cores stay free, as they are while a GPU computes) and records its busy time."""
+
+    def __init__(self, step_s: float):
+        import queue
+        import threading
+
+        self.step_s, self.busy = step_s, 0.0
+        self._q: "queue.Queue" = queue.Queue()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while self._q.get() is not None:
+            t = time.perf_counter()
+            time.sleep(self.step_s)
+            self.busy += time.perf_counter() - t
+            self._q.task_done()
+        self._q.task_done()
+
+    def launch(self):  # queue a step and return at once, as a kernel launch does
+        self._q.put(1)
+
+    def wait(self):  # a host sync: wait until every queued step has run
+        self._q.join()
+
+    def close(self):
+        self._q.put(None)
+        self._q.join()
+
+
+def data_wait(store: Path, res: int, batch: int, workers: int, block_rows: int, step_s: float, steps: int,
+              read_ahead: bool, sync_every: int = 10) -> dict:
+    """The share of an emulated GPU's time spent idle for want of data, over ``steps`` steps of
+    ``step_s`` from the store, with the train loop's real batch work on the host: SampleStream reads
+    (``workers`` loader processes), ``stage_batch`` and ``complete_batch`` (the latent draws).
+    ``read_ahead``: today's loop (surpipe.train.prefetch: the next batch is read and staged while the
+    step runs; the host waits only at sync points, every ``sync_every`` steps). Otherwise the loop
+    before it: each batch's copies to the GPU waited for the queued steps (a copy from pageable memory
+    is a host sync), so reading and drawing the next batch could not overlap the step."""
+    import types
+
+    import torch
+
+    from surpipe.train.data import BlockReader, SampleStream
+    from surpipe.train.prefetch import DevicePrefetcher
+    from surpipe.train.setup import complete_batch, stage_batch
+
+    groups = C.store_groups(res)
+    inputs = types.SimpleNamespace(groups=groups, scaling_factor=0.18215, shift_factor=0.0, resolution=res)
+    gen = torch.Generator().manual_seed(0)
+    stream = SampleStream(BlockReader(str(store), groups, block_rows), batch, seed=0, workers=workers)
+    data = DevicePrefetcher(stream, lambda b: stage_batch(b, "cpu"), "cpu")
+    complete_batch(next(data).staged, inputs, "cpu", gen)  # loader workers started, first block read
+    gpu = _EmulatedGPU(step_s)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        fetched = next(data)
+        if not read_ahead:
+            gpu.wait()  # the blocking copies of the batch
+        complete_batch(fetched.staged, inputs, "cpu", gen)
+        gpu.launch()
+        if read_ahead:
+            data.prefetch()
+        if (i + 1) % sync_every == 0:
+            gpu.wait()
+    gpu.wait()
+    wall = time.perf_counter() - t0
+    gpu.close()
+    return {"data_wait_share": round(1 - gpu.busy / wall, 4), "wall_s": round(wall, 3), "steps": steps}
+
+
 _RSS_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[4])
@@ -187,7 +262,8 @@ def run(quick: bool = True, models=None, cache: Path | None = None, **over) -> d
 
 # ------------------------------------------------------------------ --real-widths (SD 1.5 sizes)
 REAL_QUICK = dict(model="sd15", rows=2, llm_widths=(4096, 5120), llm_prompts=64, loader_rows=256, batch=8,
-                  workers=(0, 1, 2), utilisation=0.4, peak_tflops=989.0, predicted_samples_per_s=None)
+                  workers=(0, 1, 2), utilisation=0.4, peak_tflops=989.0, predicted_samples_per_s=None,
+                  wait_batch=32, wait_steps=30, wait_step_ms_per_sample=None)
 REAL_FULL = dict(REAL_QUICK, rows=8, loader_rows=2048)
 
 
@@ -241,6 +317,14 @@ def run_real(quick: bool = True, cache: Path | None = None, **over) -> dict:
             "headroom_over_predicted": {k: round(v["samples_per_s"] / pred["samples_per_s"], 2)
                                         for k, v in rates.items()},
             "needs_2x": all(v["samples_per_s"] < 2 * pred["samples_per_s"] for v in rates.values())}
+        # the train loop's data wait against an emulated GPU at the target step time (35% MFU)
+        step_s = p["wait_batch"] * (p["wait_step_ms_per_sample"] or _predicted_rate(
+            p["model"], 0.35, p["peak_tflops"])["ms_per_sample"]) / 1e3
+        res["real_widths"]["data_wait"] = {
+            "batch": p["wait_batch"], "emulated_step_s": round(step_s, 4), "sync_every": 10,
+            "cases": {f"workers {k}, {'read-ahead' if ahead else 'blocking copies'}":
+                      data_wait(st, act.resolution, p["wait_batch"], k, 64, step_s, p["wait_steps"], ahead)
+                      for k in p["workers"] for ahead in (False, True)}}
     return res
 
 
@@ -282,6 +366,9 @@ def summary_real(d: dict) -> list[tuple[str, str]]:
     how = "given" if pr.get("given") else f"{pr['utilisation']:.0%} of {pr['peak_TFLOPs']:.0f} TFLOP/s"
     rows.append((f"predicted GPU step samples/s ({how}); loader headroom w" + "/".join(lo["workers"]),
                  f"{pr['samples_per_s']}; " + " / ".join(f"{v}x" for v in lo["headroom_over_predicted"].values())))
+    w = r["data_wait"]
+    rows += [(f"data wait, batch {w['batch']}, emulated GPU step {w['emulated_step_s'] * 1e3:.0f} ms: {k}",
+              f"{v['data_wait_share']:.1%}") for k, v in w["cases"].items()]
     return rows
 
 

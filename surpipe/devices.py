@@ -71,3 +71,18 @@ def torch_dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     return getattr(torch, dtype_name(dtype))
+
+
+def to_device(t, device):
+    """``t`` on ``device`` without stalling the host: a CPU tensor bound for a GPU is pinned and copied
+    with ``non_blocking`` (a plain copy from pageable memory waits for every kernel queued before
+    it). torch's caching host allocator keeps the pinned buffer until the copy has run; the copy is
+    ordered on the current stream, so kernels queued after it see the data."""
+    import torch
+
+    device = torch.device(device)
+    if t.device == device or (device.index is None and t.device.type == device.type):
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)

@@ -66,3 +66,40 @@ def test_stage_one_two_and_generate_on_cuda(tmp_path, tiny_models, sample_dir, c
                  "a red cube", "--out", str(gen), "--device", "cuda", "--steps", "4", "--size", "64",
                  "--compare"]) == 0
     assert (gen / "compare_grid.png").is_file()
+
+
+def test_the_train_loop_never_waits_on_the_gpu_between_sync_points(tmp_path, store, tiny_models, monkeypatch):
+    """On CUDA, from the second step on, nothing between two sync points (the logging, checkpoint and
+    last steps) blocks the host on the GPU: CUDA's sync debug mode raises on any synchronizing call
+    (item/float/bool of a device tensor, a blocking copy to or from the GPU) from the start of a
+    step's batch to its sync-point check; the sync points themselves read as they should."""
+    from helpers.stores import _args
+    from surpipe.train.recipe import TrainRecipe
+
+    acc, sync = TrainRecipe._accumulate, TrainRecipe._sync_point
+    watched, layouts = [], set()
+
+    def accumulate(self, data):
+        layouts.add(self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+        if self.step >= 1:  # step 1 warms up: lazy optimizer state, the scheduler's tables, compile
+            watched.append(self.step + 1)
+            torch.cuda.set_sync_debug_mode("error")
+        return acc(self, data)
+
+    def sync_point(self):
+        torch.cuda.set_sync_debug_mode(0)
+        return sync(self)
+
+    monkeypatch.setattr(TrainRecipe, "_accumulate", accumulate)
+    monkeypatch.setattr(TrainRecipe, "_sync_point", sync_point)
+    out = tmp_path / "run"
+    try:
+        rc = main([*_args(store, tiny_models / "sd", out, "--max-steps", "8", "--log-every", "4",
+                          "--checkpoint-every", "100", "--min-snr-gamma", "5", "--mixed-precision", "bf16",
+                          "--compile-unet", "--workers", "2"), "--device", "cuda"])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert rc == 0 and watched == list(range(2, 9))
+    assert layouts == {True}  # the frozen UNet's convolutions run channels-last on a GPU
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [4, 8]

@@ -22,6 +22,7 @@ from surpipe.store import FeatureStore, chunk_files, missing_chunk, read_failure
 from surpipe.store.integrity import chunk_keys, missing_block_file
 from surpipe.store.location import store_path
 from surpipe.store.sharding import index_bytes, inner_chunk_missing
+from surpipe.train.validation.split import keep_mask
 
 if TYPE_CHECKING:
     from surpipe.train.groups import StoreGroups
@@ -347,6 +348,22 @@ class _ReadError:
 
 def _identity(x):
     return x
+
+
+def training_stream(cfg, inputs, position: dict | None, world: int, on_gpu: bool) -> SampleStream:
+    """The sample stream of a training run (``cfg`` a TrainConfig, ``inputs`` its TrainingInputs)
+    from ``position`` (a checkpoint's; None: the start): one global batch of world x batch_size rows
+    per micro-step, in the order of a single process with that batch (each rank keeps its rows:
+    :func:`rank_rows`), the held-out rows left out."""
+    workers = cfg.workers
+    if workers is None:
+        # a block read costs ~0.2 ms against steps of hundreds of ms: on CPU, forked loader processes
+        # only compete with the step for cores (bench/store_io.py); a GPU run reads blocks in 2 of them
+        workers = min(2, (os.cpu_count() or 1) - 1) if on_gpu else 0
+    reader = BlockReader(cfg.store, inputs.groups, inputs.store.block_rows)
+    return SampleStream(reader, cfg.batch_size * world, cfg.seed, workers=max(0, workers),
+                        position=Position(**position) if position else None,
+                        keep=keep_mask(inputs.store.num_samples, inputs.held_out))
 
 
 def rank_rows(batch: dict, rank: int, world: int) -> dict:

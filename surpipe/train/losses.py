@@ -23,12 +23,14 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from surpipe.devices import to_device
 from surpipe.errors import SurpipeError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -58,18 +60,26 @@ def kl_align(x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torc
 
 
 def llm_loss(projected_llm: torch.Tensor, e: torch.Tensor, temperature: float = 1.0,
-             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             mask: Optional[Union[torch.Tensor, np.ndarray]] = None) -> torch.Tensor:
     """``D(projected_llm[:, None, :] broadcast to e's shape, e)``.
 
     ``projected_llm``: [B, D] (``LLMProjection`` of the pooled LLM feature); ``e``: [B, L, D].
     ``mask`` [B] bool keeps only rows that have an LLM feature (the mean is over those rows; a batch
-    without any gives 0, still attached to the graph).
+    without any gives 0, still attached to the graph). A numpy mask (the training batch's, read on
+    the host) selects the rows without reading the device; a tensor mask on a GPU is read once.
     """
     if projected_llm.dim() == 2:
         projected_llm = projected_llm.unsqueeze(1)
     if projected_llm.dim() != 3 or projected_llm.shape[0] != e.shape[0] or projected_llm.shape[-1] != e.shape[-1]:
         raise ValueError(f"llm_loss: projection {list(projected_llm.shape)} does not fit e {list(e.shape)}")
-    if mask is not None and not bool(mask.all()):
+    if isinstance(mask, np.ndarray):
+        rows = np.flatnonzero(mask)
+        if len(rows) == 0:
+            return e.sum() * 0.0
+        if len(rows) < len(mask):  # the same rows, in the same order, as boolean indexing picks
+            idx = to_device(torch.from_numpy(rows), e.device)
+            projected_llm, e = projected_llm.index_select(0, idx), e.index_select(0, idx)
+    elif mask is not None and not bool(mask.all()):
         if not bool(mask.any()):
             return e.sum() * 0.0
         projected_llm, e = projected_llm[mask], e[mask]
@@ -82,7 +92,7 @@ def prompt_loss(clip_complex: torch.Tensor, out: torch.Tensor, temperature: floa
     ``out`` is the adapter output (the default, ``prompt_target="out"``) or its branch ``fc(a)``
     (``prompt_target="fc"``: the authors' code until 2023-11-29, likely their released checkpoint).
     """
-    return kl_align(clip_complex.to(out.device), out, temperature)
+    return kl_align(to_device(clip_complex, out.device), out, temperature)
 
 
 # --------------------------------------------------------------------------- LLM projection
@@ -195,8 +205,8 @@ def snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     """SNR_t = acp_t / (1 - acp_t), computed in float64 on ``timesteps.device`` (no host sync; on
     MPS, which has no float64, on the CPU)."""
     dev = timesteps.device if timesteps.device.type != "mps" else torch.device("cpu")
-    acp = _as_scheduler(scheduler).alphas_cumprod.detach().to(dev, torch.float64)
-    a = acp[timesteps.detach().to(dev).long()]
+    acp = to_device(_as_scheduler(scheduler).alphas_cumprod.detach(), dev).to(torch.float64)
+    a = acp[to_device(timesteps.detach(), dev).long()]
     return a / (1.0 - a)
 
 
@@ -216,7 +226,7 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float,
         w = torch.where(s > 0, clipped / torch.where(s > 0, s, torch.ones_like(s)), torch.ones_like(s))
     else:
         w = clipped / (s + 1.0)
-    return w.to(device=timesteps.device, dtype=torch.float32)
+    return to_device(w, timesteps.device).to(torch.float32)
 
 
 def denoise_loss(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -225,7 +235,7 @@ def denoise_loss(pred: torch.Tensor, target: torch.Tensor, weights: Optional[tor
         raise ValueError(f"denoise_loss: shapes differ: {list(pred.shape)} vs {list(target.shape)}")
     per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
     if weights is not None:
-        per = per * weights.to(per.device, per.dtype)
+        per = per * to_device(weights, per.device).to(per.dtype)
     return per.mean()
 
 
@@ -252,26 +262,29 @@ def apply_noise_offset(noise: torch.Tensor, offset: float,
     dev = generator.device if generator is not None else noise.device
     extra = _rows(lambda m: torch.randn((m,) + shape[1:], generator=generator, device=dev, dtype=torch.float32),
                   b, share)
-    return noise + float(offset) * extra.to(device=noise.device, dtype=noise.dtype)
+    return noise + float(offset) * to_device(extra, noise.device).to(noise.dtype)
 
 
 # --------------------------------------------------------------------------- one training micro-batch
 def sample_latents(batch: dict, *, use_flip: bool, scaling_factor: float, shift_factor: float,
                    generator: torch.Generator, return_flip: bool = False, share: Optional[tuple] = None):
-    """Latents drawn from the stored VAE distributions (``lat_mean``/``lat_std`` numpy arrays; the
-    flipped ones for a random half of the rows when ``use_flip``), shifted and scaled as the VAE's
-    ``encode(...).sample()`` would feed the UNet. Draws the flips, then the noise, from ``generator``.
-    With ``return_flip``: ``(latents, flipped rows [B] bool or None)``."""
-    t = {k: torch.from_numpy(batch[k]).float() for k in ("lat_mean", "lat_std", "lat_flip_mean", "lat_flip_std")
+    """Latents drawn from the stored VAE distributions (``lat_mean``/``lat_std``: numpy arrays, or
+    tensors already on the training device; the flipped ones for a random half of the rows when
+    ``use_flip``), shifted and scaled as the VAE's ``encode(...).sample()`` would feed the UNet. Draws
+    the flips, then the noise, from ``generator`` (on the CPU: the same numbers on every device), and
+    computes the latents where the stored arrays are. With ``return_flip``: ``(latents, flipped rows
+    [B] bool on the CPU, or None)``."""
+    t = {k: torch.as_tensor(batch[k]).float() for k in ("lat_mean", "lat_std", "lat_flip_mean", "lat_flip_std")
          if k in batch}
     mean, std = t["lat_mean"], t["lat_std"]
     flip = None
     if use_flip:
         flip = _rows(lambda m: torch.rand(m, generator=generator), mean.shape[0], share) < 0.5
-        fm = flip.view(-1, *([1] * (mean.dim() - 1)))
+        fm = to_device(flip, mean.device).view(-1, *([1] * (mean.dim() - 1)))
         mean = torch.where(fm, t["lat_flip_mean"], mean)
         std = torch.where(fm, t["lat_flip_std"], std)
     eps = _rows(lambda m: torch.randn((m,) + tuple(mean.shape[1:]), generator=generator), mean.shape[0], share)
+    eps = to_device(eps, mean.device)
     latents = ((mean + std * eps) - shift_factor) * scaling_factor
     return (latents, flip) if return_flip else latents
 
@@ -312,11 +325,11 @@ def composed_loss(b: dict, *, adapter, projection, unet, scheduler, generator: t
     latents = b["latents"]
     dev = latents.device
     share, n = b.get("share"), latents.shape[0]  # data-parallel ranks: each keeps its rows of global draws
-    noise = _rows(lambda m: torch.randn((m,) + tuple(latents.shape[1:]), generator=generator), n, share).to(dev)
+    noise = to_device(_rows(lambda m: torch.randn((m,) + tuple(latents.shape[1:]), generator=generator), n, share), dev)
     if cfg.noise_offset:
         noise = apply_noise_offset(noise, cfg.noise_offset, generator, share)
     T = scheduler.config.num_train_timesteps
-    timesteps = _rows(lambda m: torch.randint(0, T, (m,), generator=generator), n, share).to(dev)
+    timesteps = to_device(_rows(lambda m: torch.randint(0, T, (m,), generator=generator), n, share), dev)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
     # through the (possibly wrapped) adapter's forward, which keeps accelerate's autocast hooks

@@ -22,7 +22,7 @@ from surpipe.train import inputs as train_inputs  # gather looked up at call tim
 from surpipe.train import log as train_log
 from surpipe.train import numerics as N
 from surpipe.train.config import TrainConfig
-from surpipe.train.data import BlockReader, Position, SampleStream, rank_rows
+from surpipe.train.data import rank_rows, training_stream
 from surpipe.train.identity import run_identity
 from surpipe.train.inputs import TrainingInputs
 # torch-free at import; the names are this module's so tests can replace them
@@ -31,7 +31,6 @@ from surpipe.train.log import tracker_problem as _tracker_problem
 from surpipe.train.run_folder import RunFolder
 from surpipe.train.validation import during
 from surpipe.train.validation.metrics import evaluate
-from surpipe.train.validation.split import keep_mask
 from surpipe.train.validation.summary import first_validation, summary
 
 
@@ -132,24 +131,22 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------ data
     def _stream(self):
-        reader = BlockReader(self.cfg.store, self.inputs.groups, self.inputs.store.block_rows)
-        pos = Position(**self.position) if self.position else None
-        workers = self.cfg.workers
-        if workers is None:
-            # a block read costs ~0.2 ms against steps of hundreds of ms: on CPU, forked loader
-            # processes only compete with the step for cores (bench/store_io.py, docs/performance.md)
-            workers = 2 if self.device.type == "cuda" else 0
-        # one global batch of world x batch_size rows per micro-step, the order of a single process
-        # with that batch; each rank keeps its own rows of it (surpipe.train.data.rank_rows)
-        return SampleStream(reader, self.cfg.batch_size * self.world, self.cfg.seed, workers=workers, position=pos,
-                            keep=keep_mask(self.inputs.store.num_samples, self.inputs.held_out))
+        return training_stream(self.cfg, self.inputs, self.position, self.world, on_gpu=self.device.type == "cuda")
 
-    def _batch_to_tensors(self, batch):
-        from surpipe.train.setup import batch_tensors  # heavy: torch
+    def _stage(self, batch):  # this rank's rows of a global batch, on their way to the device (read ahead)
+        from surpipe.train.setup import stage_batch  # heavy: torch
+
+        return stage_batch(rank_rows(batch, self.rank, self.world), self.device)
+
+    def _complete(self, staged):  # a staged batch with its random draws: the dict loss() takes
+        from surpipe.train.setup import complete_batch  # heavy: torch
 
         b = self.cfg.batch_size
         share = (b * self.world, b * self.rank) if self.world > 1 else None
-        return batch_tensors(rank_rows(batch, self.rank, self.world), self.inputs, self.device, self.gen, share)
+        return complete_batch(staged, self.inputs, self.device, self.gen, share)
+
+    def _batch_to_tensors(self, batch):
+        return self._complete(self._stage(batch))
 
     def loss(self, b, denoise: bool = True):
         """The three losses of one micro-batch and their weighted sum, as a dict of scalar tensors
@@ -177,8 +174,9 @@ class TrainRecipe:
             if self.main:
                 print(f"nothing to do: {self.out} already has {self.step} of {cfg.max_steps} steps")
             return {"step": self.step, "resumed": True, "nothing_to_do": True}
-        stream = self._stream()
-        it = iter(stream)  # loader workers start here, before the trackers
+        from surpipe.train.prefetch import DevicePrefetcher  # heavy: torch
+
+        data = DevicePrefetcher(self._stream(), self._stage, self.device)
         start_step = self.step
         if self.main:  # rows a killed run logged after its last checkpoint (all, without one) are replayed: drop them
             train_log.drop_metrics_after(self.run.metrics, start_step if start_step else -1)
@@ -197,7 +195,7 @@ class TrainRecipe:
                 self.run.save_adapter(**self._modules(), name=self.run.untrained.name)
         t_run = time.perf_counter()
         try:
-            last = self._loop(stream, it, logger, bar)
+            last = self._loop(data, logger, bar)
         except SurpipeError as e:
             logger.log_text(f"error: {e}")
             raise
@@ -219,7 +217,7 @@ class TrainRecipe:
         return {"step": self.step, "steps_run": n, "seconds": round(elapsed, 2), "final": last,
                 "adapter": str(self.run.adapter)}
 
-    def _loop(self, stream, it, logger, bar) -> dict:
+    def _loop(self, data, logger, bar) -> dict:
         """Steps until max_steps; stops with a SurpipeError (before anything of the bad step or after
         it is logged or saved) on a non-finite loss, gradient or weight. The step's numbers stay on the
         device until the next logging, checkpoint or validation step, which reads them at once
@@ -235,7 +233,7 @@ class TrainRecipe:
         while self.step < cfg.max_steps:
             if self.world > 1:  # dropout masks from (seed, step, rank): a resume replays them without saved states
                 torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
-            terms, times = self._accumulate(it)
+            terms, times, fetched = self._accumulate(data)
             te = time.perf_counter()
             # checked before clipping, which would spread a NaN norm over every gradient; not with fp16
             # loss scaling, where a non-finite gradient is the scaler's normal signal to skip the step
@@ -254,9 +252,9 @@ class TrainRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             since += 1
-            self.position = stream.position.to_dict()
+            self.position = fetched.position  # of the batch used, not of the one read ahead
             pending.add(self.step, terms, grads, torch.as_tensor(grad_norm), weights,
-                        {"lr": lr, **times, "optimizer_s": time.perf_counter() - te, "epoch": stream.position.epoch})
+                        {"lr": lr, **times, "optimizer_s": time.perf_counter() - te, "epoch": self.position["epoch"]})
             bar.update(1)
             if self._sync_point():
                 rows, problem = pending.settle(self._reduce_terms if self.world > 1 else None)
@@ -305,28 +303,34 @@ class TrainRecipe:
         if self.world > 1 and cfg.validation_every and self.step % cfg.validation_every == 0:
             self.accelerator.wait_for_everyone()  # the others wait while rank 0 evaluates
 
-    def _accumulate(self, it) -> tuple[dict, dict]:
+    def _accumulate(self, data) -> tuple[dict, dict, object]:
         """Forward and backward of grad_accum micro-batches: the mean loss terms (0-d float64 tensors
-        on the device, summed as Python floats would be) and the host times spent."""
+        on the device, summed as Python floats would be), the host times spent and the last batch
+        used (surpipe.train.prefetch.Fetched). The next batch is read while the device runs."""
         cfg = self.cfg
-        times = {"data_wait_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
+        times = {"data_wait_s": 0.0, "forward_s": 0.0, "backward_s": 0.0, "prefetch_s": 0.0}
         with_denoise = self._needs_denoise()
         sums = {"loss": 0.0, "denoise": 0.0 if with_denoise else None, "llm": 0.0, "prompt": 0.0}
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             ta = time.perf_counter()
-            batch = self._batch_to_tensors(next(it))
+            fetched = next(data)
+            batch = self._complete(fetched.staged)
             tb = time.perf_counter()
             with self.accelerator.autocast():
                 losses = self.loss(batch) if with_denoise else self.loss(batch, denoise=False)
             tc = time.perf_counter()
             self.accelerator.backward(losses["loss"] / cfg.grad_accum)
+            td = time.perf_counter()
+            if i + 1 < cfg.grad_accum or self.step + 1 < cfg.max_steps:  # never a read past the last step
+                data.prefetch()
             times["data_wait_s"] += tb - ta
             times["forward_s"] += tc - tb
-            times["backward_s"] += time.perf_counter() - tc
+            times["backward_s"] += td - tc
+            times["prefetch_s"] += time.perf_counter() - td
             for k in sums:
                 if sums[k] is not None:
                     sums[k] = sums[k] + losses[k].detach().double() / cfg.grad_accum
-        return sums, times
+        return sums, times, fetched
 
     def _stop_at(self, step: int, what: str) -> None:
         """Stop the run on a non-finite number at ``step`` (``what`` says where), keeping the last checkpoint."""

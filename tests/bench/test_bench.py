@@ -66,7 +66,7 @@ def test_store_io_real_widths_tiny(cache):
     import store_io
 
     d = store_io.run_real(True, cache=cache, model="tiny", rows=8, llm_widths=(64,), llm_prompts=8,
-                          loader_rows=32, batch=4, workers=(0, 1), predicted_samples_per_s=1e9)
+                          loader_rows=32, batch=4, workers=(0, 1), predicted_samples_per_s=1e9, wait_batch=4)
     r = d["real_widths"]
     a = r["arrays"]
     assert set(a) == {"clip_simple", "clip_complex", "lat_mean", "lat_std", "flip_mean", "flip_std", "llm_64"}
@@ -84,6 +84,9 @@ def test_store_io_real_widths_tiny(cache):
     zstd = sum(v["codecs"]["zstd"]["bytes_per_sample"] for v in a.values())
     assert lo["store_MB_per_row_on_disk"] * 1e6 > 0.8 * zstd
     assert lo["headroom_over_predicted"]["0"] == round(lo["workers"]["0"]["samples_per_s"] / 1e9, 2)
+    w = r["data_wait"]  # the train loop's batch work against an emulated GPU, with and without read-ahead
+    assert set(w["cases"]) == {f"workers {k}, {m}" for k in (0, 1) for m in ("read-ahead", "blocking copies")}
+    assert all(0 <= v["data_wait_share"] < 1 and v["steps"] == 30 for v in w["cases"].values())
     assert store_io.summary_real(d)
 
 

@@ -316,7 +316,9 @@ def test_the_loop_reads_the_device_only_at_sync_points(tmp_path, store, tiny_mod
     """Between sync points (--log-every, checkpoint, validation, last step) the train loop never
     reads a tensor on the host: every item()/float()/bool()/int()/tolist()/numpy()/cpu() called
     from surpipe/train/ during the loop is counted, outside the sync point's read and the step's
-    checkpoint/validation (which persist, after the check). On CUDA each would be a host sync."""
+    checkpoint/validation (which persist, after the check), and so is every .to(<device>) without
+    non_blocking=True (a copy to a GPU from pageable memory waits for the queued kernels). On CUDA
+    each would be a host sync. (tests/test_gpu.py checks the same with CUDA's sync debug mode.)"""
     import inspect
 
     from surpipe.train import numerics
@@ -344,19 +346,30 @@ def test_the_loop_reads_the_device_only_at_sync_points(tmp_path, store, tiny_mod
     around(numerics.PendingSteps, "settle", "sync", settled)
     around(TrainRecipe, "_after_step", "sync")
 
+    def note(name, frame):
+        if state["loop"] and not state["sync"]:
+            caller = frame.f_code.co_filename.replace("\\", "/")
+            if "/surpipe/train/" in caller and not caller.endswith("/data.py"):  # data.py: host arrays
+                reads.append((name, caller.rsplit("/", 1)[-1], frame.f_lineno))
+
     def spy(name):
         orig = getattr(torch.Tensor, name)
 
         def f(t, *a, **k):
-            if state["loop"] and not state["sync"]:
-                caller = inspect.currentframe().f_back.f_code.co_filename.replace("\\", "/")
-                if "/surpipe/train/" in caller and not caller.endswith("/data.py"):  # data.py: host arrays
-                    reads.append((name, caller.rsplit("/", 1)[-1], inspect.currentframe().f_back.f_lineno))
+            note(name, inspect.currentframe().f_back)
             return orig(t, *a, **k)
         return f
 
     for name in ("item", "__float__", "__bool__", "__int__", "tolist", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, spy(name))
+    to = torch.Tensor.to
+
+    def moved(t, *a, **k):  # a copy to a device that would wait for the queued kernels
+        to_device = any(isinstance(x, (torch.device, str, torch.Tensor)) for x in a) or "device" in k
+        if to_device and not (k.get("non_blocking") or any(x is True for x in a[1:])):
+            note("to(device)", inspect.currentframe().f_back)
+        return to(t, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "to", moved)
     out = tmp_path / "run"
     assert main(_args(store, tiny_models / "sd", out, "--max-steps", "7", "--log-every", "3",
                       "--checkpoint-every", "100", "--min-snr-gamma", "5")) == 0
