@@ -64,6 +64,10 @@ class TrainConfig(StoreCache):
     compile_unet: bool = opt(False, help="torch.compile the frozen UNet for the training loss (H200, SD 1.5, bf16, "
                                          "batch 8: forward+backward 1.54x faster, less memory; the first step "
                                          "compiles, about 1.5 min).", group="running")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
+        "default", help="torch.compile mode of --compile-unet: reduce-overhead and max-autotune replay CUDA "
+                        "graphs (less launch overhead, more memory); max-autotune also searches kernels "
+                        "(a longer first step).", group="running")
     seed: int = opt(0, help="Seed of the data order, noise, timesteps and adapter initialisation.",
                     group="optimisation", ge=0, le=2**32 - 1)
     # the adapter (authors: 2 encoder layers, 8 heads, FFN 2048, adapter_weight 0.1)
@@ -164,6 +168,8 @@ class TrainConfig(StoreCache):
         if self.lr_warmup_steps and self.lr_scheduler == "constant":
             p.append(f"lr_warmup_steps: {self.lr_warmup_steps} warm-up steps have no effect with lr_scheduler "
                      "constant; use constant_with_warmup (or linear, cosine)")
+        if self.compile_mode != "default" and not self.compile_unet:
+            p.append(f"compile_mode: {self.compile_mode} applies to the compiled UNet; add --compile-unet")
         if self.keep_best and not (self.val_rows or self.val_fraction):
             p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F (a run "
                      "keeps the split it began with: to a run folder begun without one, only in another --out)")

@@ -78,7 +78,10 @@ def unet_for_loss(unet, cfg):
     grids keep the plain module (other shapes, no gradient: compiling them would buy nothing)."""
     if not getattr(cfg, "compile_unet", False):
         return unet
-    return torch.compile(unet, backend=COMPILE_BACKEND)
+    mode = getattr(cfg, "compile_mode", "default")
+    # modes are inductor's: a test's backend takes none (torch.compile refuses a backend with a mode)
+    kw = {"mode": mode} if mode != "default" and COMPILE_BACKEND == "inductor" else {}
+    return torch.compile(unet, backend=COMPILE_BACKEND, **kw)
 
 
 def build_trainables(cfg, inputs, rt: Runtime):

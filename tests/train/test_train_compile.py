@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages.cli import main
+from surpipe.errors import SurpipeError
 
 ARGS = ["--llm-layer", "3", "--batch-size", "2", "--grad-accum", "1", "--workers", "0", "--no-progress",
         "--device", "cpu", "--dim-feedforward", "64", "--nhead", "4", "--max-steps", "3", "--learning-rate", "1e-3",
@@ -77,3 +78,25 @@ def test_a_failing_compiler_is_one_line_naming_the_flag(tmp_path, store, tiny_mo
     assert code == 1 and "Traceback" not in err
     assert "torch.compile failed" in err and "--compile-unet" in err, err
     assert BackendCompilerFailed.__module__.startswith("torch._dynamo")
+
+
+def test_compile_mode_reaches_torch_compile_and_needs_compile_unet(monkeypatch):
+    """--compile-mode (CUDA graphs: reduce-overhead, max-autotune) is passed to inductor's
+    torch.compile; without --compile-unet it is refused, naming the fix."""
+    from surpipe.train import setup as train_setup
+    from surpipe.train.config import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **k: seen.append(k) or m)
+    base = dict(store="s.zarr", model="m", out="o", llm_layer=3)
+    for mode, want in (("default", {"backend": "inductor"}),
+                       ("reduce-overhead", {"backend": "inductor", "mode": "reduce-overhead"})):
+        cfg = TrainConfig(**base, compile_unet=True, compile_mode=mode)
+        assert cfg.problems() == []
+        assert train_setup.unet_for_loss("unet", cfg) == "unet" and seen.pop() == want
+    problems = TrainConfig(**base, compile_mode="max-autotune").problems()
+    assert any("compile_mode" in p and "--compile-unet" in p for p in problems)
+    from surpipe.config import from_dict
+
+    with pytest.raises(SurpipeError, match="'default', 'reduce-overhead', 'max-autotune'"):
+        from_dict(TrainConfig, {**base, "compile_mode": "fast"})
