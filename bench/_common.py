@@ -254,6 +254,26 @@ class Activations:
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
+def random_activations(n: int, width: int, latent: tuple, llm_width: int, resolution: int, scaling_factor: float,
+                       pooled_width: int = 0, seed: int = 0) -> Activations:
+    """``n`` rows of random values at these widths, for speed benchmarks (a step's time does not
+    depend on the values); with ``pooled_width``, SDXL's pooled embeddings and the micro-conditioning
+    of uncropped ``resolution``-square images."""
+    rng = np.random.default_rng(seed)
+
+    def f(*shape):
+        return rng.standard_normal((n, *shape), dtype=np.float32)
+
+    def std():
+        return np.abs(f(*latent)) * 0.1 + 0.01
+
+    xl = dict(pooled_simple=f(pooled_width), pooled_complex=f(pooled_width),
+              original_size=np.full((n, 2), resolution, np.int32), crop_top_left=np.zeros((n, 2), np.int32))
+    return Activations(clip_simple=f(77, width), clip_complex=f(77, width), lat_mean=f(*latent), lat_std=std(),
+                       flip_mean=f(*latent), flip_std=std(), llm=f(llm_width), resolution=resolution,
+                       scaling_factor=scaling_factor, **(xl if pooled_width else {}))
+
+
 def llm_pooled(prompts, layer: int = 3, seed: int = 0, size: dict | None = None) -> np.ndarray:
     """Mean-pooled raw output of decoder ``layer`` of a small random LLaMA (``size``, default
     LLM_SIZE) on real prompts."""

@@ -246,16 +246,9 @@ def build_sd(arch: str, dev: Device, seed: int = 0):
 def write_store(folder: Path, arch: str, llm_width: int, rows: int, block_rows: int, seed: int = 0) -> Path:
     """A training store of ``rows`` rows at the real widths of ``arch`` (random values, fp16, zstd)."""
     a = CM.ARCHS[arch]
-    width, lat, n = a["unet"]["cross_attention_dim"], a["px"] // 8, 8
-    rng = np.random.default_rng(seed)
-
-    def f(*shape):
-        return rng.standard_normal(shape, dtype=np.float32)
-
-    act = C.Activations(clip_simple=f(n, 77, width), clip_complex=f(n, 77, width), lat_mean=f(n, 4, lat, lat),
-                        lat_std=np.abs(f(n, 4, lat, lat)) * 0.1 + 0.01, flip_mean=f(n, 4, lat, lat),
-                        flip_std=np.abs(f(n, 4, lat, lat)) * 0.1 + 0.01, llm=f(n, llm_width),
-                        resolution=a["px"], scaling_factor=a["vae"]["scaling_factor"])
+    lat = a["px"] // 8
+    act = C.random_activations(8, a["unet"]["cross_attention_dim"], (4, lat, lat), llm_width, a["px"],
+                               a["vae"]["scaling_factor"], seed=seed)
     return C.write_store(Path(folder) / "train.zarr", act, rows=rows, block_rows=block_rows)
 
 

@@ -317,11 +317,15 @@ def run_real(quick: bool = True, cache: Path | None = None, **over) -> dict:
             "headroom_over_predicted": {k: round(v["samples_per_s"] / pred["samples_per_s"], 2)
                                         for k, v in rates.items()},
             "needs_2x": all(v["samples_per_s"] < 2 * pred["samples_per_s"] for v in rates.values())}
-        # the train loop's data wait against an emulated GPU at the target step time (35% MFU)
+        # the train loop's data wait against an emulated GPU at the target step time (35% MFU), from a
+        # store that holds every step's rows: a new epoch starts new loader workers, where a real
+        # store's epoch lasts thousands of steps
+        rows = -(-p["wait_batch"] * (p["wait_steps"] + 3) // 64) * 64
+        st = C.write_store(tmp / "wait.zarr", act, rows, block_rows=64)
         step_s = p["wait_batch"] * (p["wait_step_ms_per_sample"] or _predicted_rate(
             p["model"], 0.35, p["peak_tflops"])["ms_per_sample"]) / 1e3
         res["real_widths"]["data_wait"] = {
-            "batch": p["wait_batch"], "emulated_step_s": round(step_s, 4), "sync_every": 10,
+            "batch": p["wait_batch"], "emulated_step_s": round(step_s, 4), "sync_every": 10, "store_rows": rows,
             "cases": {f"workers {k}, {'read-ahead' if ahead else 'blocking copies'}":
                       data_wait(st, act.resolution, p["wait_batch"], k, 64, step_s, p["wait_steps"], ahead)
                       for k in p["workers"] for ahead in (False, True)}}

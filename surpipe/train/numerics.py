@@ -103,3 +103,12 @@ class PendingSteps:
                    if not ok]
             what = f"a weight became non-finite after the optimizer step in {listing(bad)}"
         return None if what is None else (step, what)
+
+
+HOST_TIMES = ("data_wait_s", "forward_s", "backward_s", "prefetch_s", "optimizer_s")
+
+
+def host_means(rows: list[dict]) -> dict:
+    """The host times of a logging interval's steps (``rows`` from :meth:`PendingSteps.settle`),
+    averaged: a logged row's times then describe the interval, as its ``step_s`` does."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in HOST_TIMES if rows and all(k in r for r in rows)}

@@ -262,7 +262,7 @@ class TrainRecipe:
                     self._stop_at(*problem)
                 step_s = (time.perf_counter() - t_sync) / since  # the interval's mean: no per-step sync
                 t_sync, since = time.perf_counter(), 0
-                last = {**rows[-1], "step_s": step_s,
+                last = {**rows[-1], **N.host_means(rows), "step_s": step_s,
                         "samples_per_s": cfg.batch_size * cfg.grad_accum * self.world / step_s}
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     logger.log(last)

@@ -3,6 +3,7 @@ point, against hand-made steps."""
 
 import math
 
+import pytest
 import torch
 
 from surpipe.train.numerics import PendingSteps, finite_flags
@@ -35,3 +36,14 @@ def test_settle_reads_every_pending_step_and_finds_the_first_problem():
 def test_finite_flags():
     flags = finite_flags([torch.ones(3), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])])
     assert flags.tolist() == [True, False, False] and finite_flags([]) is None
+
+
+def test_a_logged_row_carries_the_interval_means_of_the_host_times():
+    from surpipe.train.numerics import host_means
+
+    rows = [{"step": s, "data_wait_s": w, "forward_s": 1.0, "backward_s": 2.0, "prefetch_s": 0.0,
+             "optimizer_s": 0.5, "lr": 1e-3} for s, w in ((4, 0.1), (5, 0.3), (6, 0.8))]
+    got = host_means(rows)
+    assert got == pytest.approx({"data_wait_s": 0.4, "forward_s": 1.0, "backward_s": 2.0, "prefetch_s": 0.0,
+                                 "optimizer_s": 0.5})
+    assert "lr" not in got and host_means([]) == {}
