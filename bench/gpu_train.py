@@ -98,12 +98,14 @@ DRY_CASES = _pair("tiny", (2,)) + _pair("tiny-xl", (2,))
 GPU = dict(device="cuda", mixed_precision="bf16", workers=2, llm_width=CM.LLAMA[CM.LLM_FOR_MEMORY]["hidden_size"],
            px={"sd15": 512, "sdxl": 1024}, steps={"sd15": (5, 10, 20), "sdxl": (5, 5, 15)},
            store_rows={"sd15": 1280, "sdxl": 512}, block_rows=DEFAULT_BLOCK_ROWS, threads=None,
-           case_timeout_s={False: 180, True: 300})
+           case_timeout_s={False: 180, True: 300},
+           # a profile of one more log interval after the timed steps, for the issue's target pair
+           profile=("sd15/compile/batch32/",))
 DRY = dict(device="cpu", mixed_precision="no", workers=0, llm_width=C.LLM_SIZE["hidden_size"],
            px={"tiny": 32, "tiny-xl": 32}, steps={"tiny": (2, 2, 4), "tiny-xl": (2, 2, 4)},
            store_rows={"tiny": 32, "tiny-xl": 32}, block_rows=8,
            # one torch thread: on a shared CPU OpenMP's multi-thread waits make tiny steps erratic (gpu_check)
-           threads=1, case_timeout_s={False: 120, True: 300})
+           threads=1, case_timeout_s={False: 120, True: 300}, profile=("tiny/eager/batch2/store",))
 # Rough seconds a case takes (process start, model load, warm-up, steps), to skip one that cannot
 # finish in the time left: torch.compile of the SD 1.5 UNet took 91.5 s on an H200
 # (bench/results/unet_step_h200_compile.json); SDXL may try two batches. BUILD_S: a model folder
@@ -128,6 +130,9 @@ NOTES = {
     "mfu": "cost model FLOPs of the path's step (bench/cost_model.py sd_costs, matmuls/convolutions/attention) / "
            "steady step_s / the device's dense bf16 peak (gpu_check.PEAK_BF16_TFLOPS); null without a known peak",
     "peak_memory_GB": "torch.cuda.max_memory_allocated over the loop, models included (null on CPU)",
+    "profile": "the cases named in settings.profile train one log interval more after the timed steps, under "
+               "torch.profiler (its first step a warm-up): top ops by self time (kernels on a GPU), and on a GPU the "
+               "device's busy share between its first and last kernel and the largest idle gaps",
 }
 
 
@@ -300,15 +305,64 @@ def case_main(spec: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with counter.watching() if cuda else contextlib.nullcontext():
+    with counter.watching() if cuda else contextlib.nullcontext(), profiled(recipe, spec, cuda) as prof:
         recipe.train()
     rows = [json.loads(line) for line in recipe.run.metrics.read_text().splitlines() if line.strip()]
     out["rows"] = [r for r in rows if "step_s" in r]
+    if prof is not None:
+        out["profile"] = profile_summary(prof, cuda)
     if cuda:
-        out["syncs_per_step"], out["sync_sites"] = counter.steady(spec["warm_steps"], spec["max_steps"])
+        out["syncs_per_step"], out["sync_sites"] = counter.steady(spec["warm_steps"], spec["timed_until"])
         out["peak_memory_GB"] = torch.cuda.max_memory_allocated(recipe.device) / 1e9
     if spec["path"] == "online":
         out["online_encodes"] = recipe.online.encodes
+    return out
+
+
+@contextlib.contextmanager
+def profiled(recipe, spec: dict, cuda: bool):
+    """With ``spec["profile"]``: torch's profiler over the log interval that follows the timed steps
+    (its first step a profiler warm-up), so the timed figures are not slowed by it; yields None otherwise."""
+    if not spec["profile"]:
+        yield None
+        return
+    import torch.profiler as tp
+
+    acts = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if cuda else [])
+    sched = tp.schedule(wait=spec["timed_until"], warmup=1, active=spec["max_steps"] - spec["timed_until"] - 1)
+    after = recipe._after_step
+    with tp.profile(activities=acts, schedule=sched) as prof:
+        recipe._after_step = lambda logger: (after(logger), prof.step())[0]  # one profiler step per train step
+        try:
+            yield prof
+        finally:
+            recipe._after_step = after
+
+
+def profile_summary(prof, cuda: bool, top: int = 12) -> dict:
+    """The profiled steps in short: the ops (kernels on a GPU) that took the most time, and on a GPU
+    how busy the device was between its first and last kernel, with the largest idle gaps."""
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    avgs = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in avgs) or 1.0
+    out = {"time": "device" if cuda else "cpu", "total_ms": round(total / 1e3, 3),
+           "top": [{"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, attr) / 1e3, 3),
+                    "share": round(getattr(e, attr) / total, 4)}
+                   for e in sorted(avgs, key=lambda e: getattr(e, attr), reverse=True)[:top]]}
+    if cuda:
+        from torch.autograd import DeviceType
+
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+        if spans:
+            busy, gaps, first, end = 0.0, [], spans[0][0], spans[0][0]
+            for a, b in spans:  # the union of the kernels' intervals (us) and the gaps between its parts
+                if a > end:
+                    gaps.append(a - end)
+                busy += max(0.0, b - max(a, end))
+                end = max(end, b)
+            out.update(device_busy_share=round(busy / max(end - first, 1e-9), 4),
+                       idle_ms=round((end - first - busy) / 1e3, 3),
+                       largest_gaps_ms=[round(g / 1e3, 3) for g in sorted(gaps, reverse=True)[:5]])
     return out
 
 
@@ -368,16 +422,19 @@ def spawn(spec: dict, tmp: Path, timeout_s: float) -> dict:
     return json.loads(result.read_text())
 
 
-def figures(got: dict, batch: int, warm_steps: int, flops_per_sample: float | None, peak: float | None) -> dict:
-    """A case's reported figures from its process's result (steady rows: past ``warm_steps``)."""
+def figures(got: dict, batch: int, warm_steps: int, flops_per_sample: float | None, peak: float | None,
+            timed_until: int | None = None) -> dict:
+    """A case's reported figures from its process's result (steady rows: past ``warm_steps``, up to
+    ``timed_until``; the profiled steps after it are not timed)."""
     rows = got["rows"]
-    steady = [r for r in rows if r["step"] > warm_steps]
+    timed_until = timed_until or rows[-1]["step"]
+    steady = [r for r in rows if warm_steps < r["step"] <= timed_until]
     step_s = sum(r["step_s"] for r in steady) / len(steady)  # equal intervals: the steady steps' mean
     host = sorted(k for k in steady[0] if k.endswith("_s") and k not in ("step_s", "samples_per_s"))
     flops = flops_per_sample * batch if flops_per_sample else None
     _r = gpu_check._r
     return {
-        "batch": batch, "steady_steps": rows[-1]["step"] - warm_steps,
+        "batch": batch, "steady_steps": timed_until - warm_steps,
         "step_s": _r(step_s), "samples_per_s": _r(batch / step_s),
         "step_s_rows": [_r(r["step_s"]) for r in steady],
         "model_tflops_per_step": _r(flops / 1e12) if flops else None,
@@ -391,6 +448,7 @@ def figures(got: dict, batch: int, warm_steps: int, flops_per_sample: float | No
         "metrics_rows": len(rows), "losses_finite": all(math.isfinite(r["loss"]) for r in rows),
         "loss_last": rows[-1]["loss"], "recipe": got["recipe"], "weight_dtype": got["weight_dtype"],
         **({"online_encodes": got["online_encodes"]} if "online_encodes" in got else {}),
+        **({"profile": got["profile"]} if "profile" in got else {}),
     }
 
 
@@ -427,12 +485,14 @@ class Bench:
         """What the case's process runs (``case_main``)."""
         mdir, store = self.model(case.model)
         log_every, warm, timed = self.mode["steps"][case.model]
+        profile = any(k in case.name for k in self.mode["profile"])
         m = self.mode
         return dict(name=f"{case.name}-b{batch}", kind=case.model, model=str(mdir), store=str(store),
                     out=str(self.tmp / f"run-{case.name}-b{batch}".replace("/", "-")), path=case.path, batch=batch,
                     compile=case.compile, px=m["px"][case.model], device=m["device"],
                     mixed_precision=m["mixed_precision"], workers=m["workers"], threads=m["threads"],
-                    log_every=log_every, warm_steps=warm, max_steps=warm + timed)
+                    log_every=log_every, warm_steps=warm, timed_until=warm + timed, profile=profile,
+                    max_steps=warm + timed + (log_every if profile else 0))
 
     def case(self, case: Case) -> None:
         """Measure ``case`` (at the first of its batches that fits) or record why not."""
@@ -465,7 +525,8 @@ class Bench:
             row = {"case": case.name, "model": case.model, "px": spec["px"], "path": case.path,
                    "compile": case.compile, "mixed_precision": self.mode["mixed_precision"],
                    "workers": self.mode["workers"], "log_every": spec["log_every"], "warm_up_steps": spec["warm_steps"],
-                   **figures(got, batch, spec["warm_steps"], fl and fl[case.path], dev["peak_bf16_tflops"]),
+                   **figures(got, batch, spec["warm_steps"], fl and fl[case.path], dev["peak_bf16_tflops"],
+                             spec["timed_until"]),
                    "batches_tried": tried + [f"{batch}: ran"], "seconds": round(time.perf_counter() - t0, 1)}
             self.fitted[case.pair] = batch
             self.run.res["cases"].append(row)

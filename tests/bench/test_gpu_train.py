@@ -43,7 +43,13 @@ def test_dry_run_cases_ran_the_recipe_loop(dry_run):
         assert set(c) >= CASE_KEYS, CASE_KEYS - set(c)
         log_every, warm, timed = d["settings"]["steps"][c["model"]]
         # the recipe's own metrics rows: one per log interval, the loss finite in every one
-        assert c["metrics_rows"] == (warm + timed) // log_every and c["losses_finite"]
+        profiled = any(k in name for k in d["settings"]["profile"])  # one log interval more, not timed
+        assert c["metrics_rows"] == (warm + timed) // log_every + profiled and c["losses_finite"]
+        assert ("profile" in c) == profiled
+        if profiled:  # torch's profiler over the extra interval: the ops that took the time
+            p = c["profile"]
+            assert p["time"] == "cpu" and p["top"] and p["total_ms"] > 0
+            assert any("addmm" in t["name"] or "conv" in t["name"] or "mm" in t["name"] for t in p["top"])
         assert c["steady_steps"] == timed and len(c["step_s_rows"]) == timed // log_every
         assert c["samples_per_s"] == pytest.approx(c["batch"] / c["step_s"], rel=1e-2)
         assert c["data_wait_share"] >= 0
