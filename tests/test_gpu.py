@@ -54,7 +54,7 @@ def test_stage_one_two_and_generate_on_cuda(tmp_path, tiny_models, sample_dir, c
                      "cuda-fp32", "--clip-group", "enc-cpu", "--vae-group", "enc-cpu", "--llm-layer", "3",
                      "--device", device, "--max-steps", "6", "--batch-size", "4", "--grad-accum", "1",
                      "--nhead", "4", "--dim-feedforward", "64", "--workers", "0", "--no-progress",
-                     "--validation-every", "0", "--no-loss-curve", *extra]) == 0
+                     "--validation-every", "0", "--no-loss-curve", "--log-every", "1", *extra]) == 0
         runs[device] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {d: [r["loss"] for r in rows if "loss" in r] for d, rows in runs.items()}
     assert all(np.isfinite(losses["cuda"])) and len(losses["cuda"]) == 6

@@ -118,8 +118,9 @@ class TrainConfig(StoreCache):
     checkpoint_every: int = opt(500, help="Write a resumable checkpoint every N steps (and at the end).",
                                 group="running", ge=1)
     keep_checkpoints: int = opt(3, help="Keep the newest N checkpoints, delete older ones.", group="running", ge=1)
-    log_every: int = opt(1, help="Log metrics every N steps (metrics.jsonl, train.log, tracker).",
-                         group="running", ge=1)
+    log_every: int = opt(0, help="Log metrics every N steps (metrics.jsonl, train.log, tracker); 0 (auto): every "
+                                 "step on a CPU, every 10 on a GPU, where each log waits for the device.",
+                         group="running", ge=0)
     report_to: Literal["none", "tensorboard", "wandb"] = opt(
         "none", help="Also send metrics and validation grids to TensorBoard or Weights & Biases "
                      "(pip install 'surpipe[tracking]').", group="running")
@@ -160,6 +161,10 @@ class TrainConfig(StoreCache):
             if self.tensorboard:
                 self.report_to = "tensorboard"
             self.tensorboard = None
+
+    def on_device(self, cuda: bool) -> "TrainConfig":
+        """This config with its automatic values resolved for the device (``log_every`` 0)."""
+        return dataclasses.replace(self, log_every=self.log_every or (10 if cuda else 1))
 
     def problems(self) -> list[str]:
         """Every declared range (also for configs built in Python, which skip ``from_dict``), then the

@@ -120,6 +120,7 @@ class TrainRecipe:
 
         rt = start_accelerator(self.cfg, self.out, log_with=_log_with(self.cfg.report_to))
         self.accelerator, self.device = rt.accelerator, rt.device
+        self.cfg = self.cfg.on_device(cuda=rt.device.type == "cuda")  # the saved config keeps "auto"
         self.weight_dtype, self.mixed_precision = rt.weight_dtype, rt.mixed_precision
         self.runtime = rt
         # data-parallel (torchrun / accelerate launch): rank 0 writes, every rank trains on its rows
@@ -135,7 +136,6 @@ class TrainRecipe:
 
     def _stage(self, batch):  # this rank's rows of a global batch, on their way to the device (read ahead)
         from surpipe.train.setup import stage_batch  # heavy: torch
-
         return stage_batch(rank_rows(batch, self.rank, self.world), self.device)
 
     def _complete(self, staged):  # a staged batch with its random draws: the dict loss() takes

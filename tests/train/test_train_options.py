@@ -436,3 +436,19 @@ def test_fp16_loss_scaling_skips_a_non_finite_gradient_instead_of_stopping(tmp_p
     assert main(_args(store, tiny_models / "sd", out, "--max-steps", "3", "--grad-accum", "1")) == 0, \
         capsys.readouterr().err
     assert skipped == [1] and (out / "adapter").is_dir()
+
+
+def test_log_every_auto_logs_every_step_on_a_cpu_and_every_10th_on_a_gpu(tmp_path, store, tiny_models):
+    """--log-every 0 (the default) resolves per device: each log is a sync point, which on a GPU waits
+    for the queued steps; the saved config keeps "auto" so a rerun on another device resolves again."""
+    from surpipe.train.config import TrainConfig
+
+    cfg = TrainConfig(store="s", model="m", out="o", llm_layer=3)
+    assert cfg.log_every == 0 and cfg.problems() == []
+    assert (cfg.on_device(cuda=False).log_every, cfg.on_device(cuda=True).log_every) == (1, 10)
+    assert TrainConfig(store="s", model="m", out="o", llm_layer=3, log_every=4).on_device(cuda=True).log_every == 4
+    out = tmp_path / "run"
+    assert main(_args(store, tiny_models / "sd", out, "--max-steps", "3")) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["log_every"] == 0
