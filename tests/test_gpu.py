@@ -103,3 +103,29 @@ def test_the_train_loop_never_waits_on_the_gpu_between_sync_points(tmp_path, sto
     assert layouts == {True}  # the frozen UNet's convolutions run channels-last on a GPU
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [4, 8]
+
+
+def test_read_ahead_on_a_side_stream_hands_over_the_batches_the_cpu_reads(store):
+    """DevicePrefetcher on CUDA: each batch staged on the side stream while the main stream is busy
+    (a long matmul queued first) equals the CPU's staging of the same batch, in the same order, with
+    the same positions: the main stream waited for the copies, and their memory was not reused early."""
+    from surpipe.train.data import SampleStream
+    from surpipe.train.prefetch import DevicePrefetcher
+    from surpipe.train.setup import stage_batch
+    from helpers.stores import block_reader
+
+    reader = block_reader(store)
+    cpu = DevicePrefetcher(SampleStream(reader, 5, seed=2), lambda b: stage_batch(b, "cpu"), "cpu")
+    dev = torch.device("cuda")
+    gpu = DevicePrefetcher(SampleStream(reader, 5, seed=2), lambda b: stage_batch(b, dev), dev)
+    busy = torch.randn(4096, 4096, device=dev)
+    for i in range(12):
+        want, got = next(cpu), next(gpu)
+        assert got.position == want.position
+        for k, v in want.staged.items():
+            if isinstance(v, torch.Tensor):
+                assert got.staged[k].is_cuda
+                torch.testing.assert_close(got.staged[k].cpu(), v, rtol=0, atol=0, msg=f"{k} of batch {i}")
+        busy = busy @ busy / 64  # keeps the main stream busy while the next batch is copied
+        gpu.prefetch()
+    torch.cuda.synchronize()

@@ -106,3 +106,16 @@ def make_learnable_store(path, n=96, width=32, llm_size=16, block_rows=32, seed=
         llm.write_block(b, {"layer_3/pooled": own.mean(1) @ P * 3})
         vae.write_block(b, {"mean": rng.normal(size=(e - s, *LAT)), "std": np.full((e - s, *LAT), 0.01)})
     return st
+
+
+def block_reader(store):
+    """The BlockReader training reads ``store`` with (its groups resolved as train resolves them)."""
+    from surpipe.store import FeatureStore
+    from surpipe.train.data import BlockReader
+    from surpipe.train.groups import resolve_groups
+
+    st = FeatureStore(store)
+    groups, problems = resolve_groups(st, llm_layer=-1, llm_group=None, clip_group=None, vae_group=None,
+                                      use_flip=True)
+    assert not problems
+    return BlockReader(str(store), groups, st.block_rows)

@@ -7,20 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.stores import block_reader
 from surpipe.errors import SurpipeError
-from surpipe.train.data import BlockReader, Position, SampleStream
+from surpipe.train.data import Position, SampleStream
 from surpipe.train.prefetch import DevicePrefetcher
-
-
-def _reader(store):
-    from surpipe.store import FeatureStore
-    from surpipe.train.groups import resolve_groups
-
-    st = FeatureStore(store)
-    groups, problems = resolve_groups(st, llm_layer=-1, llm_group=None, clip_group=None, vae_group=None,
-                                      use_flip=True)
-    assert not problems
-    return BlockReader(str(store), groups, st.block_rows)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -28,7 +18,7 @@ def test_read_ahead_yields_the_same_batches_in_the_same_order(store, workers):
     """Over two epochs (24 rows, batches of 5 across blocks and the epoch boundary), with held-out
     rows left out, read-ahead at every step or at none gives the plain stream's batches and, with
     each, the position the plain stream has after it."""
-    reader = _reader(store)
+    reader = block_reader(store)
     keep = np.ones(reader.num_rows, bool)
     keep[[2, 11, 17]] = False
     ref = SampleStream(reader, 5, seed=4, keep=keep)
@@ -94,7 +84,7 @@ def test_the_run_reads_no_batch_past_its_last_step_and_checkpoints_the_used_posi
     assert main(_args(store, tiny_models / "sd", out, "--max-steps", "5", "--batch-size", "3", "--seed", "7",
                       "--checkpoint-every", "2", "--keep-checkpoints", "5")) == 0
     assert len(staged) == 10
-    ref = SampleStream(_reader(store), 3, seed=7)
+    ref = SampleStream(block_reader(store), 3, seed=7)
     it = iter(ref)
     want = {}
     for i in range(1, 11):

@@ -213,15 +213,10 @@ def test_every_split_of_a_global_batch_reads_the_same_rows_at_every_step(store):
     """Why a resume with another split is exact in its data: the stream is one row sequence cut
     into batches, so k micro-batches of b rows are the rows of one batch of k*b, and the position
     recorded after each step is the same."""
-    from surpipe.store import FeatureStore
-    from surpipe.train.groups import resolve_groups
-    from surpipe.train.data import BlockReader, SampleStream
+    from helpers.stores import block_reader
+    from surpipe.train.data import SampleStream
 
-    st = FeatureStore(store)
-    groups, problems = resolve_groups(st, llm_layer=-1, llm_group=None, clip_group=None, vae_group=None,
-                                      use_flip=True)
-    assert not problems
-    reader = BlockReader(str(store), groups, st.block_rows)
+    reader = block_reader(store)
     global_batch, steps = 6, 7  # 42 rows of 24: across an epoch boundary, batches across blocks
     ref = SampleStream(reader, global_batch, seed=3)
     it = iter(ref)
