@@ -359,9 +359,9 @@ def training_stream(cfg, inputs, position: dict | None, world: int, on_gpu: bool
     if workers is None:
         # a block read costs ~0.2 ms against steps of hundreds of ms: on CPU, forked loader processes
         # only compete with the step for cores (bench/store_io.py); a GPU run reads blocks in 2 of them
-        workers = min(2, (os.cpu_count() or 1) - 1) if on_gpu else 0
+        workers = max(0, min(2, (os.cpu_count() or 1) - 1)) if on_gpu else 0
     reader = BlockReader(cfg.store, inputs.groups, inputs.store.block_rows)
-    return SampleStream(reader, cfg.batch_size * world, cfg.seed, workers=max(0, workers),
+    return SampleStream(reader, cfg.batch_size * world, cfg.seed, workers=workers,
                         position=Position(**position) if position else None,
                         keep=keep_mask(inputs.store.num_samples, inputs.held_out))
 
