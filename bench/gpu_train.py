@@ -342,17 +342,22 @@ def profiled(recipe, spec: dict, cuda: bool):
 def profile_summary(prof, cuda: bool, top: int = 12) -> dict:
     """The profiled steps in short: the ops (kernels on a GPU) that took the most time, and on a GPU
     how busy the device was between its first and last kernel, with the largest idle gaps."""
+    from torch.autograd import DeviceType
+
+    def kernel(e) -> bool:
+        # a CPU op's self device time is its kernels' again, and annotations (ProfilerStep#N, compiled
+        # regions) are device events that span whole steps: only the kernels' own rows count
+        return e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    avgs = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    avgs = [e for e in prof.key_averages() if (kernel(e) or not cuda) and getattr(e, attr, 0) > 0]
     total = sum(getattr(e, attr) for e in avgs) or 1.0
     out = {"time": "device" if cuda else "cpu", "total_ms": round(total / 1e3, 3),
            "top": [{"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, attr) / 1e3, 3),
                     "share": round(getattr(e, attr) / total, 4)}
                    for e in sorted(avgs, key=lambda e: getattr(e, attr), reverse=True)[:top]]}
     if cuda:
-        from torch.autograd import DeviceType
-
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if kernel(e))
         if spans:
             busy, gaps, first, end = 0.0, [], spans[0][0], spans[0][0]
             for a, b in spans:  # the union of the kernels' intervals (us) and the gaps between its parts

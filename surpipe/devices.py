@@ -51,7 +51,10 @@ def resolve_dtype(dtype: str, device: str, *, cuda: str = "bfloat16") -> str:
     if cuda == "bfloat16":
         import torch
 
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # without emulation: pre-Ampere GPUs "support" bf16 by emulating it, far slower than fp16
+        index = torch.device(device).index
+        with torch.cuda.device(torch.cuda.current_device() if index is None else index):
+            return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return dtype_name(cuda)
 
 
@@ -85,4 +88,6 @@ def to_device(t, device):
         return t
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device, non_blocking=True)
+    # a device-to-host copy with non_blocking returns before its data has arrived: only the host
+    # reading it could tell, so one bound for the CPU waits
+    return t.to(device, non_blocking=device.type != "cpu")

@@ -68,6 +68,9 @@ class TrainConfig(StoreCache):
         "default", help="torch.compile mode of --compile-unet: reduce-overhead and max-autotune replay CUDA "
                         "graphs (less launch overhead, more memory); max-autotune also searches kernels "
                         "(a longer first step).", group="running")
+    unet_fp8: bool = opt(False, help="float8 matmuls (torchao) in the frozen UNet's attention layers, on GPUs of "
+                                     "compute capability 8.9+ (H100, L40S, RTX 4090); needs --compile-unet and "
+                                     "--mixed-precision bf16.", group="running")
     seed: int = opt(0, help="Seed of the data order, noise, timesteps and adapter initialisation.",
                     group="optimisation", ge=0, le=2**32 - 1)
     # the adapter (authors: 2 encoder layers, 8 heads, FFN 2048, adapter_weight 0.1)
@@ -175,6 +178,9 @@ class TrainConfig(StoreCache):
                      "constant; use constant_with_warmup (or linear, cosine)")
         if self.compile_mode != "default" and not self.compile_unet:
             p.append(f"compile_mode: {self.compile_mode} applies to the compiled UNet; add --compile-unet")
+        if self.unet_fp8 and not (self.compile_unet and self.mixed_precision == "bf16"):
+            p.append("unet_fp8: float8 matmuls run in the compiled bf16 UNet (eager casts cost more than the fp8 "
+                     "matmuls save); add --compile-unet --mixed-precision bf16")
         if self.keep_best and not (self.val_rows or self.val_fraction):
             p.append("keep_best: needs a held-out split to choose by; give --val-rows N or --val-fraction F (a run "
                      "keeps the split it began with: to a run folder begun without one, only in another --out)")

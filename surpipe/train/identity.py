@@ -24,7 +24,7 @@ RESUMABLE_CHANGES = {
     "validation_size", "validation_seed", "loss_curve", "validation_images", "keep_best",
     "log_denoise_every", "storage_options", "cache_dir", "cache_gb",
     # how the same computation runs (advice in train's messages says to change these and rerun)
-    "compile_unet", "compile_mode", "gradient_checkpointing", "mixed_precision",
+    "compile_unet", "compile_mode", "unet_fp8", "gradient_checkpointing", "mixed_precision",
     # an override of a check: the group it lets through is recorded in the identity
     "allow_other_vae",
 }

@@ -26,8 +26,8 @@ from surpipe.train.data import rank_rows, training_stream
 from surpipe.train.identity import run_identity
 from surpipe.train.inputs import TrainingInputs
 # torch-free at import; the names are this module's so tests can replace them
-from surpipe.train.log import loss_curve as _loss_curve
-from surpipe.train.log import tracker_problem as _tracker_problem
+from surpipe.train.fp8 import fp8_problem as _fp8_problem
+from surpipe.train.log import loss_curve as _loss_curve, tracker_problem as _tracker_problem
 from surpipe.train.run_folder import RunFolder
 from surpipe.train.validation import during
 from surpipe.train.validation.metrics import evaluate
@@ -66,8 +66,8 @@ class TrainRecipe:
         """Find every problem of the setup at once (options, store, groups, UNet width, run folder)
         and return what ``setup`` needs; raises SurpipeError listing them all."""
         found, problems = train_inputs.gather(self.cfg)
-        problem = _tracker_problem(self.cfg.report_to)  # an environment check (is the tracker installed?)
-        problems = self.cfg.problems() + ([problem] if problem else []) + problems
+        env = [_tracker_problem(self.cfg.report_to), self.cfg.unet_fp8 and _fp8_problem(self.cfg.device)]
+        problems = self.cfg.problems() + [p for p in env if p] + problems  # env: tracker installed? fp8 GPU?
         problems += self.run.resume_problems(self.cfg, found["store"], found["groups"], split=found.get("split"),
                                              world=dist_env().world_size)
         if self.cfg.pooled == "aligned" and found.get("store") is not None and found.get("pooled_width") is None:

@@ -3,6 +3,7 @@ and projection with their optimizer and schedule, and the batch tensors of one s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,11 @@ def start_accelerator(cfg, out, log_with=None) -> Runtime:
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SurpipeError(f"device {cfg.device!r} requested but CUDA is not available")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) != local:
+        # accelerate gives each process the GPU of its local rank: another index would be ignored
+        raise SurpipeError(f"--device {cfg.device}: training runs on its process's GPU (cuda:{local}); pick the "
+                           f"GPU with CUDA_VISIBLE_DEVICES={cfg.device[5:]} and --device cuda")
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "no" if cpu else "fp16"
@@ -65,6 +71,10 @@ def load_unet(cfg, rt: Runtime):
         # CPU keeps the layout its golden values were computed in. Attention is torch's SDPA (flash or
         # memory-efficient kernels on a GPU): diffusers' default processor, checked in tests/train.
         unet = unet.to(memory_format=torch.channels_last)
+    if getattr(cfg, "unet_fp8", False):  # checked first (fp8_problem): a CPU gets here only in tests
+        from surpipe.train.fp8 import float8_unet
+
+        float8_unet(unet, emulate=rt.device.type != "cuda")
     return unet
 
 

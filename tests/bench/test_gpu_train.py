@@ -146,3 +146,23 @@ def test_a_compile_mode_case_reaches_the_train_config(tmp_path):
                              ("reduce-overhead", True, "reduce-overhead")):
         cfg = gpu_train.train_config({**spec, "compile": comp})
         assert (cfg.compile_unet, cfg.compile_mode) == (unet, mode) and cfg.problems() == []
+
+
+def test_the_device_profile_counts_each_kernel_once_and_no_annotation():
+    """On a GPU, key_averages() holds the kernels and also the CPU ops that launched them (their self
+    device time is the kernels' again), and ProfilerStep annotations are device events spanning a step."""
+    import gpu_train
+    from torch.autograd import DeviceType
+
+    def ev(name, device, us, start, end, annotation=False):
+        return SimpleNamespace(key=name, count=1, device_type=device, self_device_time_total=us,
+                               is_user_annotation=annotation, time_range=SimpleNamespace(start=start, end=end))
+
+    kernels = [ev("sm90_gemm", DeviceType.CUDA, 300, 0, 300), ev("softmax", DeviceType.CUDA, 100, 400, 500)]
+    launcher = ev("aten::mm", DeviceType.CPU, 300, 0, 0)
+    step = ev("ProfilerStep#3", DeviceType.CUDA, 600, 0, 600, annotation=True)
+    prof = SimpleNamespace(key_averages=lambda: [launcher, *kernels, step], events=lambda: [*kernels, step])
+    s = gpu_train.profile_summary(prof, cuda=True)
+    assert s["total_ms"] == 0.4 and [t["name"] for t in s["top"]] == ["sm90_gemm", "softmax"]
+    assert s["top"][0]["share"] == 0.75
+    assert s["device_busy_share"] == 0.8 and s["largest_gaps_ms"] == [0.1] and s["idle_ms"] == 0.1

@@ -452,3 +452,37 @@ def test_log_every_auto_logs_every_step_on_a_cpu_and_every_10th_on_a_gpu(tmp_pat
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert json.loads((out / "config.json").read_text())["log_every"] == 0
+
+
+def test_a_gpu_index_other_than_the_processs_is_refused_not_ignored(monkeypatch):
+    """accelerate puts a process on the GPU of its local rank: --device cuda:1 would silently train on
+    cuda:0, so it is refused with the way to pick a GPU."""
+    import torch
+
+    from surpipe.errors import SurpipeError
+    from surpipe.train.config import TrainConfig
+    from surpipe.train.setup import start_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before any CUDA call
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = TrainConfig(store="s", model="m", out="o", llm_layer=1, device="cuda:1")
+    with pytest.raises(SurpipeError, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
+        start_accelerator(cfg, "o")
+
+
+def test_auto_dtype_on_a_gpu_without_native_bf16_is_fp16(monkeypatch):
+    import contextlib
+
+    import torch
+
+    from surpipe import devices as D
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext(asked.append(i)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for native, want in ((False, "float16"), (True, "bfloat16")):
+        # emulated bf16 (a V100, a T4) counts as no bf16: only native support picks it
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: (
+            n or including_emulation))
+        assert D.resolve_dtype("auto", "cuda:1") == want
+    assert asked == [1, 1]

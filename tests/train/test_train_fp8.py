@@ -1,0 +1,105 @@
+"""`surpipe train --unet-fp8`: torchao float8 matmuls in the frozen UNet's attention layers. On a CPU
+the casts are emulated (the same float8 rounding, high-precision matmuls): these tests check the
+numerics that way; tests/test_gpu.py runs the real kernels on a GPU of compute capability 8.9+.
+
+The tolerance (docs/performance.md): after 6 steps of the denoising loss alone (learning rate 1e-3),
+the fp8 run's per-step losses are within 0.2% of the bf16 run's and its adapter update (trained
+minus initial weights) differs from bf16's by at most 35% of that update's norm. float32 against
+bf16 passes the same check, and a real change of the objective (Min-SNR weighting) fails it."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.cli import main
+
+pytest.importorskip("torchao")
+
+LOSS_RTOL, UPDATE_RTOL = 2e-3, 0.35
+ARGS = ["--llm-layer", "3", "--batch-size", "4", "--grad-accum", "1", "--workers", "0", "--no-progress",
+        "--dim-feedforward", "64", "--nhead", "4", "--max-steps", "6", "--learning-rate", "1e-3",
+        "--prompt-weight", "0", "--llm-weight", "0", "--checkpoint-every", "100", "--no-loss-curve",
+        "--validation-every", "0", "--mixed-precision", "bf16", "--compile-unet"]
+
+
+def _train(store, sd, out, *extra, device="cpu"):
+    assert main(["train", "--store", str(store), "--model", str(sd), "--out", str(out), "--device", device,
+                 *ARGS, *extra]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(str(out / "adapter" / "model.safetensors"))
+    return [r["denoise"] for r in rows if "denoise" in r], torch.cat([weights[k].flatten().float() for k in sorted(weights)])
+
+
+def distance(run, ref, init) -> tuple[float, float]:
+    """(largest relative per-step loss difference, |update - ref update| / |ref update|)."""
+    (losses, w), (ref_losses, ref_w) = run, ref
+    assert len(losses) == len(ref_losses) == 6
+    loss = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+    return loss, float((w - ref_w).norm() / (ref_w - init[1]).norm())
+
+
+def fp8_against_bf16(tmp_path, store, sd, monkeypatch, device="cpu", controls=True) -> dict:
+    """The distances to the bf16 run of: fp8, and (controls) float32 and Min-SNR weighting."""
+    from surpipe.train import recipe as R
+    from surpipe.train import setup as S
+
+    # aot_eager traces what inductor would compile, without code generation (minutes on a CPU)
+    monkeypatch.setattr(S, "COMPILE_BACKEND", "aot_eager")
+    if device == "cpu":  # emulated casts: the GPU check is what a CPU fails
+        monkeypatch.setattr(R, "_fp8_problem", lambda device: None)
+    cases = {"bf16": [], "fp8": ["--unet-fp8"], "init": ["--learning-rate", "1e-12", "--max-steps", "1"]}
+    if controls:
+        cases.update(fp32=["--mixed-precision", "no"], min_snr=["--min-snr-gamma", "5"])
+    runs = {}
+    for name, extra in cases.items():
+        torch._dynamo.reset()
+        runs[name] = _train(store, sd, tmp_path / name, *extra, device=device)
+    # the init run's single step at lr 1e-12 moves no weight by more than ~1e-12: the initial adapter
+    init = runs.pop("init")
+    return {name: distance(run, runs["bf16"], init) for name, run in runs.items() if name != "bf16"}
+
+
+def test_fp8_trains_the_bf16_adapter_within_the_stated_tolerance(tmp_path, store, tiny_models, monkeypatch):
+    d = fp8_against_bf16(tmp_path, store, tiny_models / "sd", monkeypatch)
+    print("distance to bf16 (loss, update):", d)
+    assert d["fp8"][0] > 0  # the fp8 casts really ran: not the bf16 numbers again
+    assert d["fp8"][0] <= LOSS_RTOL and d["fp8"][1] <= UPDATE_RTOL
+    assert d["fp32"][0] <= LOSS_RTOL and d["fp32"][1] <= UPDATE_RTOL  # the tolerance is precision noise...
+    assert d["min_snr"][0] > LOSS_RTOL and d["min_snr"][1] > UPDATE_RTOL  # ...and a real change fails it
+
+
+def test_float8_unet_converts_the_attention_linears_only(tiny_models):
+    from diffusers import UNet2DConditionModel
+    from torchao.float8.float8_linear import Float8Linear
+
+    from surpipe.train.fp8 import float8_unet
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd", subfolder="unet", torch_dtype=torch.bfloat16)
+    linears = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    attention = {n for n in linears if "attentions" in n.split(".")}  # widths 32..256: all multiples of 16
+    assert attention and linears - attention  # the tiny UNet has both kinds (time embedding, resnets)
+    fp8 = copy.deepcopy(unet)
+    assert float8_unet(fp8, emulate=True) == len(attention)
+    assert {n for n, m in fp8.named_modules() if isinstance(m, Float8Linear)} == attention
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g).bfloat16()
+    e = torch.randn(2, 77, c.cross_attention_dim, generator=g).bfloat16()
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        ref, out = unet(x, t, e).sample.float(), fp8(x, t, e).sample.float()
+    rel = float((out - ref).norm() / ref.norm())
+    assert 1e-4 < rel < 0.05, rel  # float8 rounding: a few percent of the output, not nothing
+
+
+def test_unet_fp8_is_refused_with_every_reason_at_once(tmp_path, store, tiny_models, capsys):
+    code = main(["train", "--store", str(store), "--model", str(tiny_models / "sd"), "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--llm-layer", "3", "--unet-fp8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "--compile-unet --mixed-precision bf16" in err  # the options it needs
+    assert "compute capability 8.9" in err and "'cpu'" in err  # and the GPU it needs
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
