@@ -62,7 +62,9 @@ from surpipe.errors import first_line  # noqa: E402
 DEFAULT_OUT = C.REPO / "bench" / "results" / "gpu_check.json"
 # Dense bf16 peak, TFLOP/s, by a piece of the device name (first match wins). H100 PCIe/NVL have
 # lower peaks (756 / 835): not listed, so no MFU is claimed for them.
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 80GB HBM3", 989.0), ("H100 SXM", 989.0), ("A100", 312.0))
+# NVIDIA's datasheets (dense: half the sparsity figure); first match wins, so each SKU before its family
+PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 80GB HBM3", 989.0), ("H100 SXM", 989.0),
+                    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("A100", 312.0))
 MFU_ANCHOR = ("MosaicML's SD-2 training at 512 px works out near 30% MFU on A100s "
               "(they report 1.4x from precomputed latents)")
 

@@ -10,7 +10,8 @@ only) and reads the loop's own figures from OUT/metrics.jsonl:
 
 * models: the published SD 1.5 architecture at 512 px (bench/cost_model.py's configs, random
   weights) at batch 32 and 8, with and without ``--compile-unet`` (and at batch 32 with
-  ``--compile-mode reduce-overhead``: CUDA graphs); SDXL base 1.0's at 1024 px at the largest batch of
+  ``--compile-mode reduce-overhead``: CUDA graphs, and compiled with ``--unet-fp8``: float8 attention
+  matmuls, GPUs of compute capability 8.9+ only, MFU still over the bf16 peak); SDXL base 1.0's at 1024 px at the largest batch of
   ``SDXL_BATCHES`` that fits (eager). bf16 mixed precision, loader workers 2,
   batch x 1 accumulation, the adapter at the authors' size, LLM features 5120 wide (LLaMA-13B's).
 * store: a store at the real widths written by the store's group writers (``_common.write_store``,
@@ -70,26 +71,28 @@ class Case:
     path: str  # store | online
     batches: tuple  # the batch, or the batches tried largest first
     compile: bool | str = False  # True: --compile-unet; a str: also that --compile-mode
+    fp8: bool = False  # --unet-fp8 (with --compile-unet)
 
     @property
     def pair(self) -> str:
         """The name of the case less its path: a store case and its online twin share it."""
         b = f"batch{self.batches[0]}" if len(self.batches) == 1 else "largest_batch"
         how = "eager" if not self.compile else "compile" if self.compile is True else f"compile-{self.compile}"
-        return f"{self.model}/{how}/{b}"
+        return f"{self.model}/{how}{'-fp8' if self.fp8 else ''}/{b}"
 
     @property
     def name(self) -> str:
         return f"{self.pair}/{self.path}"
 
 
-def _pair(model: str, batches: tuple, compile_: bool | str = False) -> list[Case]:
-    return [Case(model, path, batches, compile_) for path in ("store", "online")]
+def _pair(model: str, batches: tuple, compile_: bool | str = False, fp8: bool = False) -> list[Case]:
+    return [Case(model, path, batches, compile_, fp8) for path in ("store", "online")]
 
 
 # most important first: a run cut short by its budget or a timeout keeps these
-GPU_CASES = (_pair("sd15", (32,), True) + _pair("sd15", (32,)) + _pair("sd15", (8,)) + _pair("sdxl", SDXL_BATCHES)
-             + _pair("sd15", (8,), True) + _pair("sd15", (32,), "reduce-overhead"))
+GPU_CASES = (_pair("sd15", (32,), True) + _pair("sd15", (32,)) + _pair("sd15", (32,), True, fp8=True)
+             + _pair("sd15", (8,)) + _pair("sdxl", SDXL_BATCHES) + _pair("sd15", (8,), True)
+             + _pair("sd15", (32,), "reduce-overhead"))
 DRY_CASES = _pair("tiny", (2,)) + _pair("tiny-xl", (2,))
 
 # How each mode runs, per model: pixels, steps (log_every, warm-up steps, timed steps) and store rows,
@@ -286,7 +289,8 @@ def train_config(spec: dict):
                           spec["max_steps"])
     return dataclasses.replace(cfg, device=spec["device"], mixed_precision=spec["mixed_precision"],
                                compile_unet=bool(spec["compile"]), log_every=spec["log_every"],
-                               compile_mode=spec["compile"] if isinstance(spec["compile"], str) else "default")
+                               compile_mode=spec["compile"] if isinstance(spec["compile"], str) else "default",
+                               unet_fp8=spec.get("fp8", False))
 
 
 def case_main(spec: dict) -> dict:
@@ -494,7 +498,7 @@ class Bench:
         m = self.mode
         return dict(name=f"{case.name}-b{batch}", kind=case.model, model=str(mdir), store=str(store),
                     out=str(self.tmp / f"run-{case.name}-b{batch}".replace("/", "-")), path=case.path, batch=batch,
-                    compile=case.compile, px=m["px"][case.model], device=m["device"],
+                    compile=case.compile, fp8=case.fp8, px=m["px"][case.model], device=m["device"],
                     mixed_precision=m["mixed_precision"], workers=m["workers"], threads=m["threads"],
                     log_every=log_every, warm_steps=warm, timed_until=warm + timed, profile=profile,
                     max_steps=warm + timed + (log_every if profile else 0))
@@ -528,7 +532,7 @@ class Bench:
                 dev.update(name=got["device_name"], peak_bf16_tflops=gpu_check.peak_tflops(got["device_name"])
                            if self.mode["device"] == "cuda" else None)
             row = {"case": case.name, "model": case.model, "px": spec["px"], "path": case.path,
-                   "compile": case.compile, "mixed_precision": self.mode["mixed_precision"],
+                   "compile": case.compile, "unet_fp8": case.fp8, "mixed_precision": self.mode["mixed_precision"],
                    "workers": self.mode["workers"], "log_every": spec["log_every"], "warm_up_steps": spec["warm_steps"],
                    **figures(got, batch, spec["warm_steps"], fl and fl[case.path], dev["peak_bf16_tflops"],
                              spec["timed_until"]),

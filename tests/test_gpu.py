@@ -129,3 +129,17 @@ def test_read_ahead_on_a_side_stream_hands_over_the_batches_the_cpu_reads(store)
         busy = busy @ busy / 64  # keeps the main stream busy while the next batch is copied
         gpu.prefetch()
     torch.cuda.synchronize()
+
+
+def test_unet_fp8_trains_the_bf16_adapter_within_the_stated_tolerance(tmp_path, store, tiny_models, monkeypatch):
+    """--unet-fp8 with the real float8 kernels (torch._scaled_mm) against bf16 on the GPU, with the
+    tolerance the CPU's emulated casts are held to (tests/train/test_train_fp8.py)."""
+    pytest.importorskip("torchao")
+    from helpers.fp8 import LOSS_RTOL, UPDATE_RTOL, fp8_against_bf16
+    from surpipe.train.fp8 import FP8_CAPABILITY
+
+    if torch.cuda.get_device_capability() < FP8_CAPABILITY:
+        pytest.skip(f"float8 matmuls need compute capability {FP8_CAPABILITY}")
+    d = fp8_against_bf16(tmp_path, store, tiny_models / "sd", monkeypatch, device="cuda", controls=False)
+    print("distance to bf16 (loss, update):", d)
+    assert 0 < d["fp8"][0] <= LOSS_RTOL and d["fp8"][1] <= UPDATE_RTOL

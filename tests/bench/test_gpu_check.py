@@ -129,7 +129,8 @@ def test_an_error_in_one_case_is_recorded_and_the_run_goes_on(tmp_path):
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
                                         ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
-                                        ("NVIDIA H100 PCIe", None), ("NVIDIA GeForce RTX 4090", None)])
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                                        ("NVIDIA H200 NVL", 835.0), ("NVIDIA GeForce RTX 4090", None)])
 def test_peak_by_device_name(name, peak):
     import gpu_check
 

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-CASE_KEYS = {"case", "model", "px", "path", "compile", "mixed_precision", "workers", "log_every", "warm_up_steps",
+CASE_KEYS = {"case", "model", "px", "path", "compile", "unet_fp8", "mixed_precision", "workers", "log_every", "warm_up_steps",
              "batch", "steady_steps", "step_s", "samples_per_s", "step_s_rows", "model_tflops_per_step",
              "achieved_tflops", "mfu", "data_wait_share", "host_s_per_step", "host_syncs_per_step",
              "host_sync_sites", "peak_memory_GB", "metrics_rows", "losses_finite", "loss_last", "recipe",
