@@ -125,7 +125,8 @@ NOTES = {
                  "queueing the encoders (the recipe times its batch hooks as data wait)",
     "host_syncs": "torch.cuda.set_sync_debug_mode('warn') during the loop: its 'called a synchronizing CUDA "
                   "operation' warnings over the steady steps (each sync point's read included), divided by those "
-                  "steps; host_sync_sites: where they were raised",
+                  "steps; host_sync_sites: where they were raised. A non_blocking copy from pageable memory stalls "
+                  "without a warning: the loop's copies start from pinned memory (surpipe.devices.to_device)",
     "online": "OnlineRecipe: VAE encode of a pre-made pixel batch (JPEG decode, resize, crop excluded: loader-worker "
               "work, assumed hidden) and the text encoder(s) on the simple and the complex prompt (token ids made "
               "once), on the device, every step; LLM features from the store batch; the same loss and update",
@@ -135,7 +136,8 @@ NOTES = {
     "peak_memory_GB": "torch.cuda.max_memory_allocated over the loop, models included (null on CPU)",
     "profile": "the cases named in settings.profile train one log interval more after the timed steps, under "
                "torch.profiler (its first step a warm-up): top ops by self time (kernels on a GPU), and on a GPU the "
-               "device's busy share between its first and last kernel and the largest idle gaps",
+               "device's busy share between its first and last kernel (annotations excluded) and the largest idle "
+               "gaps; the run's final checkpoint falls in its last step",
 }
 
 

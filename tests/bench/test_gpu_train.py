@@ -166,3 +166,21 @@ def test_the_device_profile_counts_each_kernel_once_and_no_annotation():
     assert s["total_ms"] == 0.4 and [t["name"] for t in s["top"]] == ["sm90_gemm", "softmax"]
     assert s["top"][0]["share"] == 0.75
     assert s["device_busy_share"] == 0.8 and s["largest_gaps_ms"] == [0.1] and s["idle_ms"] == 0.1
+
+
+def test_the_device_scripts_name_cases_that_exist():
+    """bench/gpu_issue26.sh and gpu_all.sh select cases by name: a misspelt one would spend the GPU call
+    on nothing."""
+    import re
+
+    import gpu_train
+
+    bench = Path(gpu_train.__file__).parent
+    names = [c.name for c in gpu_train.GPU_CASES]
+    script = (bench / "gpu_issue26.sh").read_text()
+    chosen = re.search(r'\$\{CASES:-([^}]+)\}', script).group(1).split(",")
+    chosen += re.findall(r"gpu_train\.py --cases (\S+)", (bench / "gpu_all.sh").read_text())
+    assert len(chosen) == 4
+    for key in chosen:
+        assert any(key in n for n in names), key
+    assert "sd15/compile/batch32/store" in names and "sd15/compile-fp8/batch32/store" in names
