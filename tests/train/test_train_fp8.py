@@ -59,3 +59,25 @@ def test_unet_fp8_is_refused_with_every_reason_at_once(tmp_path, store, tiny_mod
     assert "--compile-unet --mixed-precision bf16" in err  # the options it needs
     assert "compute capability 8.9" in err and "'cpu'" in err  # and the GPU it needs
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_fp8_problem_names_the_gpu_and_what_it_needs(monkeypatch):
+    import importlib.util
+
+    from surpipe.train import fp8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU{i}")
+    for cap, ok in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=cap: c)
+        for device in ("auto", "cuda", "cuda:1"):
+            problem = fp8.fp8_problem(device)
+            assert (problem is None) == ok, (cap, device, problem)
+            if not ok:
+                index = 1 if device == "cuda:1" else 0
+                assert f"GPU{index} has compute capability {cap[0]}.{cap[1]}" in problem and "H100" in problem
+    assert "'cpu'" in fp8.fp8_problem("cpu")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert "pip install 'surpipe[fp8]'" in fp8.fp8_problem("cuda")
