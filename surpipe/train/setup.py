@@ -84,14 +84,26 @@ COMPILE_BACKEND = "inductor"
 
 
 def unet_for_loss(unet, cfg):
-    """The UNet the training loss calls: ``torch.compile``d with ``--compile-unet``. Validation and
+    """The UNet the training loss calls: ``torch.compile``d with ``--compile-unet``, its gradient
+    checked against the eager UNet's at the first step (surpipe.train.compile_check). Validation and
     grids keep the plain module (other shapes, no gradient: compiling them would buy nothing)."""
+    from surpipe.train.compile_check import GRAD_RTOL, GRAD_RTOL_FP8, CheckedCompiledUNet
+
     if not getattr(cfg, "compile_unet", False):
         return unet
     mode = getattr(cfg, "compile_mode", "default")
-    # modes are inductor's: a test's backend takes none (torch.compile refuses a backend with a mode)
-    kw = {"mode": mode} if mode != "default" and COMPILE_BACKEND == "inductor" else {}
-    return torch.compile(unet, backend=COMPILE_BACKEND, **kw)
+    kw = {}
+    if COMPILE_BACKEND == "inductor":  # modes are inductor's: a test's backend takes none
+        import torch._inductor as inductor
+
+        options = dict(inductor.list_mode_options(mode))
+        if unet.device.type == "cpu":
+            # the CPU's channels-last convolutions (inductor's layout optimisation) get the gradient
+            # for the adapter wrong (compile_check); the CPU UNet stays in its own layout
+            options["layout_optimization"] = False
+        kw = {"options": options}  # a mode is its options (torch.compile takes one or the other)
+    rtol = GRAD_RTOL_FP8 if getattr(cfg, "unet_fp8", False) else GRAD_RTOL
+    return CheckedCompiledUNet(torch.compile(unet, backend=COMPILE_BACKEND, **kw), unet, rtol)
 
 
 def build_trainables(cfg, inputs, rt: Runtime):

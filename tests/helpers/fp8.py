@@ -31,16 +31,17 @@ def distance(run, ref, init) -> tuple[float, float]:
     return loss, float((w - ref_w).norm() / (ref_w - init[1]).norm())
 
 
-def fp8_against_bf16(tmp_path, store, sd, monkeypatch, device="cpu", controls=True) -> dict:
-    """The distances to the bf16 run of: fp8, and (controls) float32 and Min-SNR weighting."""
+def fp8_against_bf16(tmp_path, store, sd, monkeypatch, device="cpu", controls=True, backend="aot_eager") -> dict:
+    """The distances to the bf16 run of: fp8, and (controls) float32 and Min-SNR weighting; the UNet
+    compiled with ``backend``."""
     from surpipe.train import recipe as R
     from surpipe.train import setup as S
 
     # aot_eager traces what inductor would compile, without code generation (minutes on a CPU)
-    monkeypatch.setattr(S, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(S, "COMPILE_BACKEND", backend)
     if device == "cpu":  # emulated casts: the GPU check is what a CPU fails
         monkeypatch.setattr(R, "_fp8_problem", lambda device: None)
-    cases = {"bf16": [], "fp8": ["--unet-fp8"], "init": ["--learning-rate", "1e-12", "--max-steps", "1"]}
+    cases = {"bf16": [], "fp8": ["--unet-fp8"], "init": ["--learning-rate", "1e-12", "--max-steps", "1", "--no-compile-unet"]}
     if controls:
         cases.update(fp32=["--mixed-precision", "no"], min_snr=["--min-snr-gamma", "5"])
     runs = {}

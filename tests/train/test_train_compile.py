@@ -3,6 +3,7 @@ and trains the same adapter as the eager UNet (a compiled graph that changed the
 flag that compiled nothing, fails here)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def _compare(tmp_path, store, tiny_models, monkeypatch, backend, weight_atol=1e-
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     comp_losses, comp = _train(store, tiny_models / "sd", tmp_path / "compiled", "--compile-unet")
-    assert calls == [("UNet2DConditionModel", {"backend": backend})]
+    assert [c[0] for c in calls] == ["UNet2DConditionModel"] and calls[0][1]["backend"] == backend
     # the loss really ran the compiled module: dynamo captured at least one graph of it
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert len(comp_losses) == len(eager_losses) == 3
@@ -89,14 +90,81 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile_unet(monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda m, **k: seen.append(k) or m)
     base = dict(store="s.zarr", model="m", out="o", llm_layer=3)
-    for mode, want in (("default", {"backend": "inductor"}),
-                       ("reduce-overhead", {"backend": "inductor", "mode": "reduce-overhead"})):
+    # a mode travels as its inductor options (torch.compile takes a mode or options, not both); on a
+    # CPU the layout optimisation is off (compile_check's fault)
+    for mode, device, want in (("default", "cuda", {}), ("reduce-overhead", "cuda", {"triton.cudagraphs": True}),
+                               ("default", "cpu", {"layout_optimization": False})):
         cfg = TrainConfig(**base, compile_unet=True, compile_mode=mode)
         assert cfg.problems() == []
-        assert train_setup.unet_for_loss("unet", cfg) == "unet" and seen.pop() == want
+        unet = SimpleNamespace(device=torch.device(device))
+        checked = train_setup.unet_for_loss(unet, cfg)
+        assert checked.compiled is unet and checked.eager is unet
+        assert seen.pop() == {"backend": "inductor", "options": want}
     problems = TrainConfig(**base, compile_mode="max-autotune").problems()
     assert any("compile_mode" in p and "--compile-unet" in p for p in problems)
     from surpipe.config import from_dict
 
     with pytest.raises(SurpipeError, match="'default', 'reduce-overhead', 'max-autotune'"):
         from_dict(TrainConfig, {**base, "compile_mode": "fast"})
+
+
+class _HalfGradient(torch.autograd.Function):
+    """Identity forward, half the gradient: a compiled UNet whose loss is right and gradient wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 0.5
+
+
+def test_a_compiled_unet_with_a_wrong_gradient_is_refused_at_the_first_step(tmp_path, store, tiny_models, monkeypatch,
+                                                                            capsys):
+    """The first step compares the compiled UNet's gradient for the adapter's output with the eager
+    UNet's; a compiled graph that gets it wrong stops the run before anything is trained."""
+    def miscompiled(unet, **kwargs):
+        return lambda sample, t, cond, **kw: unet(sample, t, _HalfGradient.apply(cond), **kw)
+
+    monkeypatch.setattr(torch, "compile", miscompiled)
+    out = tmp_path / "run"
+    code = main(["train", "--store", str(store), "--model", str(tiny_models / "sd"), "--out", str(out), *ARGS,
+                 "--compile-unet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "the compiled UNet's gradient for the adapter's output is 50% off the eager UNet's" in err
+    assert "Rerun without --compile-unet" in err
+    assert not list(out.glob("checkpoint*")) and not (out / "adapter").exists()
+    monkeypatch.undo()  # the advice works: the same command without --compile-unet, on the same --out
+    assert main(["train", "--store", str(store), "--model", str(tiny_models / "sd"), "--out", str(out), *ARGS]) == 0
+    assert (out / "adapter" / "model.safetensors").exists()
+
+
+def test_the_gradient_distance_refuses_what_is_not_finite():
+    from surpipe.train.compile_check import relative_distance
+
+    a = torch.ones(3)
+    assert relative_distance(a, a) == 0 and relative_distance(a * 1.1, a) == pytest.approx(0.1)
+    assert relative_distance(a * float("nan"), a) == float("inf") and relative_distance(a, a * 0) == float("inf")
+    assert relative_distance(a * 0, a * 0) == 0
+
+
+@pytest.mark.slow
+def test_inductor_gives_the_eager_gradient_for_the_adapter(tiny_models):
+    """torch 2.13's inductor on a CPU got the UNet's gradient with respect to the conditioning 53% off
+    with its channels-last layout optimisation (forward right); --compile-unet turns that off on a
+    CPU, and the check it runs measures the distance (float32: rounding only)."""
+    from diffusers import UNet2DConditionModel
+
+    from surpipe.train.setup import unet_for_loss
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd", subfolder="unet").eval().requires_grad_(False)
+    c = unet.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    e = torch.randn(4, 77, c.cross_attention_dim, generator=g)
+    torch._dynamo.reset()
+    checked = unet_for_loss(unet, SimpleNamespace(compile_unet=True, compile_mode="default"))
+    checked(x, torch.tensor([10, 300, 600, 900]), e)
+    assert checked.distance < 1e-4

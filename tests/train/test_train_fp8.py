@@ -27,6 +27,15 @@ def test_fp8_trains_the_bf16_adapter_within_the_stated_tolerance(tmp_path, store
     assert d["min_snr"][0] > LOSS_RTOL and d["min_snr"][1] > UPDATE_RTOL  # ...and a real change fails it
 
 
+@pytest.mark.slow
+def test_fp8_compiled_by_inductor_trains_the_bf16_adapter_within_the_stated_tolerance(tmp_path, store, tiny_models,
+                                                                                      monkeypatch):
+    # what --compile-unet runs on a GPU: inductor's kernels around torchao's float8 casts (3 min here)
+    d = fp8_against_bf16(tmp_path, store, tiny_models / "sd", monkeypatch, controls=False, backend="inductor")
+    print("distance to bf16 (loss, update):", d)
+    assert 0 < d["fp8"][0] <= LOSS_RTOL and d["fp8"][1] <= UPDATE_RTOL
+
+
 def test_float8_unet_converts_the_attention_linears_only(tiny_models):
     from diffusers import UNet2DConditionModel
     from torchao.float8.float8_linear import Float8Linear
