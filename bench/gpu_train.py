@@ -117,6 +117,9 @@ NEED_S = {"sd15": {False: 35, True: 150}, "sdxl": {False: 120, True: 400}}
 BUILD_S = {"sd15": 30, "sdxl": 120}
 
 NOTES = {
+    "compile_grad_distance": "--compile-unet cases: the relative distance of the compiled UNet's gradient for the "
+                             "adapter's output to the eager UNet's, measured by the run's first-step check "
+                             "(surpipe/train/compile_check.py; a run beyond its tolerance stops)",
     "timing": "steady state: the metrics.jsonl rows after the warm-up steps; a row's step_s is the mean step of its "
               "log interval (wall time between the loop's sync points), so compilation, autotuning and the final "
               "checkpoint are outside it",
@@ -315,6 +318,8 @@ def case_main(spec: dict) -> dict:
         recipe.train()
     rows = [json.loads(line) for line in recipe.run.metrics.read_text().splitlines() if line.strip()]
     out["rows"] = [r for r in rows if "step_s" in r]
+    # --compile-unet's first-step check: the compiled UNet's conditioning gradient against the eager one's
+    out["compile_grad_distance"] = getattr(recipe.loss_unet, "distance", None)
     if prof is not None:
         out["profile"] = profile_summary(prof, cuda)
     if cuda:
@@ -458,6 +463,7 @@ def figures(got: dict, batch: int, warm_steps: int, flops_per_sample: float | No
         "peak_memory_GB": _r(got["peak_memory_GB"]) if "peak_memory_GB" in got else None,
         "metrics_rows": len(rows), "losses_finite": all(math.isfinite(r["loss"]) for r in rows),
         "loss_last": rows[-1]["loss"], "recipe": got["recipe"], "weight_dtype": got["weight_dtype"],
+        "compile_grad_distance": got.get("compile_grad_distance"),
         **({"online_encodes": got["online_encodes"]} if "online_encodes" in got else {}),
         **({"profile": got["profile"]} if "profile" in got else {}),
     }

@@ -143,3 +143,25 @@ def test_unet_fp8_trains_the_bf16_adapter_within_the_stated_tolerance(tmp_path, 
     d = fp8_against_bf16(tmp_path, store, tiny_models / "sd", monkeypatch, device="cuda", controls=False)
     print("distance to bf16 (loss, update):", d)
     assert 0 < d["fp8"][0] <= LOSS_RTOL and d["fp8"][1] <= UPDATE_RTOL
+
+
+def test_inductor_gives_the_eager_gradient_for_the_adapter_on_cuda(tiny_models):
+    """torch 2.13's CPU inductor got the UNet's conditioning gradient 53% off with channels-last
+    layouts (docs/reliability.md); on CUDA the UNet is channels-last by design. float32 here: only
+    TF32 convolutions and fusion rounding separate the two."""
+    from types import SimpleNamespace
+
+    from surpipe.train.setup import Runtime, load_unet, unet_for_loss
+
+    cfg = SimpleNamespace(model=str(tiny_models / "sd"), revision=None, gradient_checkpointing=False,
+                          compile_unet=True, compile_mode="default", unet_fp8=False)
+    unet = load_unet(cfg, Runtime(None, torch.device("cuda"), torch.float32, "no"))
+    c = unet.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, c.in_channels, c.sample_size, c.sample_size, generator=g).cuda()
+    e = torch.randn(4, 77, c.cross_attention_dim, generator=g).cuda()
+    torch._dynamo.reset()
+    checked = unet_for_loss(unet, cfg)
+    checked(x, torch.tensor([10, 300, 600, 900]).cuda(), e)
+    print("compiled against eager, conditioning gradient:", checked.distance)
+    assert checked.distance < 1e-2

@@ -16,7 +16,7 @@ CASE_KEYS = {"case", "model", "px", "path", "compile", "unet_fp8", "mixed_precis
              "batch", "steady_steps", "step_s", "samples_per_s", "step_s_rows", "model_tflops_per_step",
              "achieved_tflops", "mfu", "data_wait_share", "host_s_per_step", "host_syncs_per_step",
              "host_sync_sites", "peak_memory_GB", "metrics_rows", "losses_finite", "loss_last", "recipe",
-             "weight_dtype", "batches_tried", "seconds"}
+             "weight_dtype", "batches_tried", "seconds", "compile_grad_distance"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_dry_run_cases_ran_the_recipe_loop(dry_run):
         assert {"data_wait", "forward", "backward", "optimizer"} <= set(c["host_s_per_step"])
         # CPU: no device peak, no CUDA syncs or memory to read
         assert c["mfu"] is None and c["host_syncs_per_step"] is None and c["peak_memory_GB"] is None
-        assert c["weight_dtype"] == "float32" and not c["compile"]
+        assert c["weight_dtype"] == "float32" and not c["compile"] and c["compile_grad_distance"] is None
         if c["path"] == "online":  # the online recipe encoded one batch per step, through the same loop
             assert c["recipe"] == "OnlineRecipe" and c["online_encodes"] == warm + timed
         else:
