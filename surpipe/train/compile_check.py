@@ -1,10 +1,11 @@
 """``--compile-unet``'s first step, checked: the compiled UNet must give the gradient the eager one
 gives with respect to the text conditioning, which is all the adapter learns from through the UNet.
 
-Why: torch 2.13's inductor on a CPU, with channels-last convolutions (its own layout optimisation,
-on by default, or channels-last weights) computes the UNet's forward right and that gradient 53% off
-on the tiny SD (docs/reliability.md). A compiled UNet whose loss looks right can train the adapter
-on a wrong gradient; the check costs one extra forward and backward of each UNet, once.
+Why: torch 2.13's inductor, with channels-last convolutions (its own layout optimisation, on by
+default, or channels-last weights), computes the UNet's forward right and that gradient 53% off on
+the tiny SD on a CPU; its bisector names the lowering of a view in the backward (docs/reliability.md).
+``unet_for_loss`` avoids both; a compiled UNet whose loss looks right could still train the adapter
+on a wrong gradient elsewhere, and the check costs one extra forward and backward of each UNet, once.
 """
 
 from __future__ import annotations

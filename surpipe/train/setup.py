@@ -66,10 +66,12 @@ def load_unet(cfg, rt: Runtime):
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet = unet.to(rt.device)
-    if rt.device.type == "cuda":
+    if rt.device.type == "cuda" and not getattr(cfg, "compile_unet", False):
         # channels-last convolutions: the bf16 UNet step 8% faster on an H200 (docs/performance.md); the
-        # CPU keeps the layout its golden values were computed in. Attention is torch's SDPA (flash or
-        # memory-efficient kernels on a GPU): diffusers' default processor, checked in tests/train.
+        # CPU keeps the layout its golden values were computed in, and so does a compiled UNet: torch
+        # 2.13's inductor gets its conditioning gradient wrong with channels-last strides (compile_check).
+        # Attention is torch's SDPA (flash or memory-efficient kernels on a GPU): diffusers' default
+        # processor, checked in tests/train.
         unet = unet.to(memory_format=torch.channels_last)
     if getattr(cfg, "unet_fp8", False):  # checked first (fp8_problem): a CPU gets here only in tests
         from surpipe.train.fp8 import float8_unet
@@ -96,11 +98,11 @@ def unet_for_loss(unet, cfg):
     if COMPILE_BACKEND == "inductor":  # modes are inductor's: a test's backend takes none
         import torch._inductor as inductor
 
-        options = dict(inductor.list_mode_options(mode))
-        if unet.device.type == "cpu":
-            # the CPU's channels-last convolutions (inductor's layout optimisation) get the gradient
-            # for the adapter wrong (compile_check); the CPU UNet stays in its own layout
-            options["layout_optimization"] = False
+        # inductor's layout optimisation makes convolutions channels-last, and with channels-last
+        # strides torch 2.13 lowers a view of the backward wrongly: the gradient for the adapter came
+        # out 53% off (compile_check; seen on a CPU, the lowering is the GPU's too). The UNet stays
+        # in its own layout.
+        options = {**inductor.list_mode_options(mode), "layout_optimization": False}
         kw = {"options": options}  # a mode is its options (torch.compile takes one or the other)
     rtol = GRAD_RTOL_FP8 if getattr(cfg, "unet_fp8", False) else GRAD_RTOL
     return CheckedCompiledUNet(torch.compile(unet, backend=COMPILE_BACKEND, **kw), unet, rtol)
