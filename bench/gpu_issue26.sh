@@ -21,11 +21,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, diffusers, transformers, zarr, torchao; print('torch', torch.__version__, 'diffusers', \
 diffusers.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__, 'torchao', \
 torchao.__version__)" 2>&1 | tail -1 | tee "$out/versions.txt"
-start=$SECONDS
 # stage one's GPU test needs bitsandbytes, which does not fit in the same carry (gpu_wheels.sh --bnb)
 timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "not stage_one" -rs 2>&1 \
   | tee "$out/test_gpu.log" | tail -25
-left=$(( ${DEVICE_S:-560} - (SECONDS - start) - 15 ))
+left=$(( ${DEVICE_S:-560} - SECONDS - 15 ))  # SECONDS: since this script began, the install included
+if [ "$left" -lt 60 ]; then echo "no time left for bench/gpu_train.py (${left} s)"; exit 0; fi
 timeout "$left" python3 bench/gpu_train.py --budget-s "$(( left - 10 ))" \
   --cases "${CASES:-sd15/compile/batch32,sd15/compile-fp8/batch32/store,sd15/eager/batch32}" \
   --out "$out/gpu_train.json" 2>&1 | tee "$out/gpu_train.log" | tail -40

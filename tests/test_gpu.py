@@ -162,7 +162,7 @@ def test_inductor_gives_the_eager_gradient_for_the_adapter_on_cuda(tiny_models):
     c = unet.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, c.in_channels, c.sample_size, c.sample_size, generator=g).cuda()
-    e = torch.randn(4, 77, c.cross_attention_dim, generator=g).cuda()
+    e = torch.randn(4, 77, c.cross_attention_dim, generator=g).cuda().requires_grad_(True)  # as the adapter's output
     t = torch.tensor([10, 300, 600, 900]).cuda()
     torch._dynamo.reset()
     checked = unet_for_loss(unet, cfg)

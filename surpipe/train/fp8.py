@@ -1,6 +1,7 @@
 """float8 matmuls in the frozen UNet (``surpipe train --unet-fp8``), through torchao's ``Float8Linear``.
 
-Only the UNet's attention and feed-forward linears are converted: they carry most of its matmul
+Only the UNet's attention and feed-forward linears are converted, in the loss's own copy of the
+module tree (the weights shared; validation and eval keep the bf16 UNet): they carry most of its matmul
 FLOPs at 512 px and above, and run on thousands of tokens per sample. The convolutions, the time
 embedding (a few rows per batch) and the adapter stay in bf16. Weights, inputs and gradients are
 cast with dynamic per-tensor scales; the frozen weights keep their bf16 copy, so a checkpoint and
@@ -37,10 +38,13 @@ def fp8_problem(device: str) -> str | None:
 
 def converted(module, fqn: str) -> bool:
     """Whether a UNet submodule gets float8 matmuls: an attention-block linear whose both widths are
-    multiples of 16 (what the float8 GEMM accepts)."""
+    multiples of 16, except the cross-attention keys and values. The float8 GEMM needs every inner
+    dimension a multiple of 16, and the weight-gradient GEMM's is the input's rows: batch x 77 text
+    tokens there (a negligible share of the FLOPs), batch x latent pixels elsewhere."""
     import torch
 
     return (isinstance(module, torch.nn.Linear) and ".attentions." in f".{fqn}"
+            and not fqn.endswith(("attn2.to_k", "attn2.to_v"))
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
@@ -52,3 +56,14 @@ def float8_unet(unet, *, emulate: bool = False) -> int:
 
     convert_to_float8_training(unet, config=Float8LinearConfig(emulate=emulate), module_filter_fn=converted)
     return sum(isinstance(m, Float8Linear) for m in unet.modules())
+
+
+def float8_copy(unet, *, emulate: bool = False):
+    """A copy of ``unet``'s module tree sharing its weights and buffers, with :func:`float8_unet`
+    applied: the frozen UNet stays as it was for validation, grids and eval."""
+    import copy
+
+    memo = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
+    twin = copy.deepcopy(unet, memo)
+    float8_unet(twin, emulate=emulate)
+    return twin

@@ -40,15 +40,22 @@ def test_float8_unet_converts_the_attention_linears_only(tiny_models):
     from diffusers import UNet2DConditionModel
     from torchao.float8.float8_linear import Float8Linear
 
-    from surpipe.train.fp8 import float8_unet
+    from surpipe.train.fp8 import float8_copy, float8_unet
 
     unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd", subfolder="unet", torch_dtype=torch.bfloat16)
     linears = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
-    attention = {n for n in linears if "attentions" in n.split(".")}  # widths 32..256: all multiples of 16
+    # widths 32..256, all multiples of 16; the cross-attention keys and values see batch x 77 rows
+    attention = {n for n in linears if "attentions" in n.split(".") and n.split(".")[-2:] not in (
+        ["attn2", "to_k"], ["attn2", "to_v"])}
     assert attention and linears - attention  # the tiny UNet has both kinds (time embedding, resnets)
+    assert any(n.endswith("attn2.to_q") for n in attention) and not any(n.endswith("attn2.to_k") for n in attention)
     fp8 = copy.deepcopy(unet)
     assert float8_unet(fp8, emulate=True) == len(attention)
     assert {n for n, m in fp8.named_modules() if isinstance(m, Float8Linear)} == attention
+    twin = float8_copy(unet, emulate=True)  # what the loss calls: the same weights, the UNet untouched
+    assert {n for n, m in twin.named_modules() if isinstance(m, Float8Linear)} == attention
+    assert not any(isinstance(m, Float8Linear) for m in unet.modules())
+    assert all(a is b for a, b in zip(twin.parameters(), unet.parameters()))
     g = torch.Generator().manual_seed(0)
     c = unet.config
     x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g).bfloat16()
