@@ -89,12 +89,11 @@ def unet_for_loss(unet, cfg):
 
     if not getattr(cfg, "compile_unet", False):
         return unet
-    eager = unet
     if getattr(cfg, "unet_fp8", False):  # checked first (fp8_problem): a CPU gets here only in tests
         from surpipe.train.fp8 import float8_copy
 
         # the loss's own module tree, the weights shared: validation and eval keep the bf16 UNet
-        unet = eager = float8_copy(unet, emulate=unet.device.type != "cuda")
+        unet = float8_copy(unet, emulate=unet.device.type != "cuda")
     mode = getattr(cfg, "compile_mode", "default")
     kw = {}
     if COMPILE_BACKEND == "inductor":  # modes are inductor's: a test's backend takes none
@@ -107,7 +106,7 @@ def unet_for_loss(unet, cfg):
         options = {**inductor.list_mode_options(mode), "layout_optimization": False}
         kw = {"options": options}  # a mode is its options (torch.compile takes one or the other)
     rtol = GRAD_RTOL_FP8 if getattr(cfg, "unet_fp8", False) else GRAD_RTOL
-    return CheckedCompiledUNet(torch.compile(unet, backend=COMPILE_BACKEND, **kw), eager, rtol)
+    return CheckedCompiledUNet(torch.compile(unet, backend=COMPILE_BACKEND, **kw), unet, rtol)
 
 
 def build_trainables(cfg, inputs, rt: Runtime):
