@@ -68,9 +68,9 @@ class TrainConfig(StoreCache):
         "default", help="torch.compile mode of --compile-unet: reduce-overhead and max-autotune replay CUDA "
                         "graphs (less launch overhead, more memory); max-autotune also searches kernels "
                         "(a longer first step).", group="running")
-    unet_fp8: bool = opt(False, help="float8 matmuls (torchao) in the frozen UNet's attention layers, on GPUs of "
-                                     "compute capability 8.9+ (H100, L40S, RTX 4090); needs --compile-unet and "
-                                     "--mixed-precision bf16.", group="running")
+    unet_fp8: bool = opt(False, help="float8 matmuls (torchao) in the frozen UNet's attention and feed-forward "
+                                     "linears, on GPUs of compute capability 8.9+ (H100, L40S, RTX 4090); needs "
+                                     "--compile-unet and --mixed-precision bf16.", group="running")
     seed: int = opt(0, help="Seed of the data order, noise, timesteps and adapter initialisation.",
                     group="optimisation", ge=0, le=2**32 - 1)
     # the adapter (authors: 2 encoder layers, 8 heads, FFN 2048, adapter_weight 0.1)
