@@ -61,12 +61,10 @@ class CheckedCompiledUNet:
 
         # the compiled call sees the training call's inputs as they are (no new graph to compile);
         # the gradient is taken for the adapter's output only
-        ours = _gradient(self.compiled, sample, timestep, cond, kwargs, cond)[:CHECK_ROWS]
-        rows = lambda v: v[:CHECK_ROWS] if torch.is_tensor(v) and v.ndim and len(v) == len(cond) else v  # noqa: E731
+        ours = _gradient(self.compiled, sample, timestep, cond, kwargs)[:CHECK_ROWS]
+        n = len(cond)
         head = cond[:CHECK_ROWS].detach().requires_grad_(True)
-        eager_kwargs = {k: ({n: rows(x).detach() for n, x in v.items()} if isinstance(v, dict) else rows(v))
-                        for k, v in kwargs.items()}
-        reference = _gradient(self.eager, rows(sample), rows(timestep), head, eager_kwargs, head, len(cond))
+        reference = _gradient(self.eager, _head(sample, n), _head(timestep, n), head, _head(kwargs, n), batch=n)
         d = relative_distance(ours, reference)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             worst = torch.tensor([d], dtype=torch.float64, device=cond.device)
@@ -80,8 +78,19 @@ class CheckedCompiledUNet:
         return d
 
 
-def _gradient(unet, sample, timestep, cond, kwargs, wrt, batch=None):
-    """d(sum(out * w)) / d(wrt), w a fixed random direction of the whole batch's output (its first
+def _head(value, n: int):
+    """The first ``CHECK_ROWS`` rows of each tensor of a batch of ``n`` rows (in dicts too), detached."""
+    import torch
+
+    if isinstance(value, dict):
+        return {k: _head(v, n) for k, v in value.items()}
+    if torch.is_tensor(value) and value.ndim and len(value) == n:
+        return value[:CHECK_ROWS].detach()
+    return value
+
+
+def _gradient(unet, sample, timestep, cond, kwargs, batch=None):
+    """d(sum(out * w)) / d(cond), w a fixed random direction of the whole batch's output (its first
     rows for a head of the batch): every output element weighs in, none cancels by symmetry."""
     import torch
 
@@ -89,5 +98,5 @@ def _gradient(unet, sample, timestep, cond, kwargs, wrt, batch=None):
         out = unet(sample, timestep, cond, **kwargs).sample.float()
         shape = (batch or len(out), *out.shape[1:])
         weights = torch.randn(shape, generator=torch.Generator().manual_seed(0))[:len(out)].to(out.device)
-        (grad,) = torch.autograd.grad((out * weights).sum(), wrt)
+        (grad,) = torch.autograd.grad((out * weights).sum(), cond)
     return grad
