@@ -18,9 +18,9 @@ if [ -d .whl ]; then  # the packages the device image lacks (bench/gpu_wheels.sh
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/nvidia_smi.txt"
-python3 -c "import torch, diffusers, transformers, zarr, torchao; print('torch', torch.__version__, 'diffusers', \
-diffusers.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__, 'torchao', \
-torchao.__version__)" 2>&1 | tail -1 | tee "$out/versions.txt"
+python3 -c "import torch, diffusers, transformers, typer, zarr, torchao; print('torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'transformers', transformers.__version__, 'typer', typer.__version__, 'zarr', \
+zarr.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 | tee "$out/versions.txt"
 # stage one's GPU test needs bitsandbytes, which does not fit in the same carry (gpu_wheels.sh --bnb)
 timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "not stage_one" -rs 2>&1 \
   | tee "$out/test_gpu.log" | tail -25

@@ -249,9 +249,7 @@ def config_command(name: str, module: str, cls_name: str, doc: str, on: typer.Ty
         config = kwargs.pop("config")
         missing = [a.upper() for a in required_args if kwargs.get(a) is None]
         if missing and config is None:  # a usage error (exit 2), as click reports one
-            from typer._click import exceptions as click_exc
-
-            raise click_exc.UsageError(f"Missing argument '{missing[0]}'.", ctx=ctx)
+            raise _click_exceptions().UsageError(f"Missing argument '{missing[0]}'.", ctx=ctx)
         run_stage(full_name or name, module, cls_name, config, kwargs, func)
 
     ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
@@ -371,6 +369,12 @@ def _command_of(argv: list[str]) -> str:
     return next((a for a in argv if a in names), "surpipe")
 
 
+def _click_exceptions() -> types.ModuleType:
+    """click's exceptions module as this typer uses it: typer >= 0.26 vendors click in a private
+    ``_click`` package; older releases (a GPU image's) import the ``click`` package."""
+    return sys.modules[typer.BadParameter.__module__]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point.
 
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM -> what was interrupted and what a rerun does, exit 130. No traceback for any of them.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from typer._click import exceptions as click_exc
+    click_exc = _click_exceptions()
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if ("--help" in argv or not argv) and not os.environ.get("TERMINAL_WIDTH") and not sys.stdout.isatty():

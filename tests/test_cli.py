@@ -212,3 +212,14 @@ def test_an_unanticipated_exception_is_one_message_and_verbose_shows_the_traceba
     monkeypatch.setattr(stages.inspect, "run", full)
     assert main(["inspect", str(tmp_path)]) == 1
     assert "no space left on device" in capsys.readouterr().err
+
+
+def test_the_cli_reaches_click_through_typer_s_public_names():
+    """typer < 0.26 has no ``typer._click`` (it imports the ``click`` package): a GPU image's typer
+    failed every command on it. ``.ci/run`` runs this file again at pyproject's oldest typer."""
+    from stages import cli
+
+    used = [str(p.relative_to(REPO)) for d in ("stages", "surpipe") for p in (REPO / d).rglob("*.py")
+            if "typer._click" in p.read_text()]
+    assert not used, used
+    assert cli._click_exceptions().UsageError.__module__ == type(cli.typer.BadParameter("x")).__module__
