@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
+from helpers import child_env
 from helpers import run_cli as _run
 from helpers.stores import make_store
 
@@ -32,8 +33,7 @@ SEED = int(os.environ.get("SURPIPE_FAULT_SEED", random.SystemRandom().randrange(
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return child_env(TOKENIZERS_PARALLELISM="false")
 
 
 def _verify_ok(store) -> dict:

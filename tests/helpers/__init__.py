@@ -10,10 +10,18 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def child_env(**extra) -> dict:
+    """A subprocess's environment: this one's, offline, the repository first on PYTHONPATH with what
+    was there kept (packages installed with ``pip --target``, as on the GPU machines)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 def _call_cli(args, capture_stdout: bool) -> tuple[int, str, str]:

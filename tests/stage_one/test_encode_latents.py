@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import child_env
 from helpers.images import SIZES, N, _write_surd, _zarr
 from PIL import Image
 
@@ -290,7 +291,7 @@ def test_resume_after_sigkill(encoded, surd, sd_dir, tmp_path):
     store = tmp_path / "k.zarr"
     args = ["encode-latents", "--data", str(surd), "--store", str(store), "--model", str(sd_dir),
             "--block-rows", str(BLOCK), "--batch-size", "3", "--flip", "--workers", "1", "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     p = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -5,7 +5,6 @@ and clear errors for bad input."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import run_cli_err as _run
-from helpers import sigkill_when
+from helpers import child_env, sigkill_when
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = [0, 2, 3]  # the tiny LM has 4 decoder layers: 3 is the last (its raw output is not normed)
@@ -316,7 +315,7 @@ def _free_port() -> int:
 
 
 def _env(**extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env = child_env(TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update(extra)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import child_env
 from helpers.s3server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 from surpipe.errors import SurpipeError
@@ -180,7 +181,7 @@ except SurpipeError as e:
 def test_racing_processes_exactly_one_wins(s3_server, s3_bucket):
     """Separate processes (as data-parallel ranks or two jobs are) on the S3 server."""
     folder, proto = f"{s3_bucket[len('s3://'):]}/s.zarr.locks", "s3"
-    env = {**os.environ, "PYTHONPATH": str(REPO), **s3_server.env()}
+    env = child_env(**s3_server.env())
     start = time.time() + 1.5  # all three are imported and waiting by then
     ps = [subprocess.Popen([sys.executable, "-c", _RACER, proto, f"{folder}/p", str(start)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(3)]
@@ -207,7 +208,7 @@ def _child_holder(proto, path, ttl, env):
 
 
 def _env(where, request):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     if where[2] == "s3":
         env.update(request.getfixturevalue("s3_server").env())
     return env

@@ -12,7 +12,6 @@ clear line (exit 1), never a traceback.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, SyntheticDataset, run_cli, run_cli_err, sigkill_when
+from helpers import REPO, SyntheticDataset, child_env, run_cli, run_cli_err, sigkill_when
 from helpers.s3server import s3_bucket, s3_server, use_s3_env  # noqa: F401  (pytest fixtures)
 
 pytest.importorskip("s3fs")
@@ -36,8 +35,7 @@ def _s3_env(s3_server, monkeypatch, tmp_path):
 
 
 def _env(server, **extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
-               OMP_NUM_THREADS="1", **server.env())
+    env = child_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **server.env())
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SURPIPE_STORAGE_OPTIONS"):
         env.pop(k, None)
     env.update(extra)

@@ -5,14 +5,13 @@ weights equal to float tolerance); checkpoints and logs are written once; a resu
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, child_env
 
 ARGS = ["--llm-layer", "3", "--grad-accum", "1", "--workers", "0", "--no-progress", "--device", "cpu", "--nhead",
         "4", "--dim-feedforward", "64", "--dropout", "0", "--checkpoint-every", "2", "--llm-weight", "1",
@@ -20,7 +19,7 @@ ARGS = ["--llm-layer", "3", "--grad-accum", "1", "--workers", "0", "--no-progres
 
 
 def _train(store, sd, out, batch, steps, ranks):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
                 if ranks > 1 else [sys.executable])
     cmd = [*launcher, "-m", "stages", "train", "--store", str(store), "--model", str(sd), "--out", str(out),
