@@ -150,10 +150,11 @@ def test_inductor_gives_the_eager_gradient_for_the_adapter_on_cuda(tiny_models):
     """torch 2.13's inductor got the UNet's conditioning gradient 53% off with channels-last layouts on
     a CPU (docs/reliability.md): --compile-unet compiles without them. float32: only TF32
     convolutions and fusion rounding separate the two. Also prints what channels-last with
-    inductor's defaults gives on this GPU (whether the fault is the GPU's too)."""
+    inductor's defaults gives on this GPU (whether the fault is the GPU's too), and checks the eager
+    channels-last UNet that ``load_unet`` gives a CUDA run without --compile-unet."""
     from types import SimpleNamespace
 
-    from surpipe.train.compile_check import CheckedCompiledUNet
+    from surpipe.train.compile_check import CheckedCompiledUNet, _gradient, relative_distance
     from surpipe.train.setup import Runtime, load_unet, unet_for_loss
 
     cfg = SimpleNamespace(model=str(tiny_models / "sd"), revision=None, gradient_checkpointing=False,
@@ -168,9 +169,12 @@ def test_inductor_gives_the_eager_gradient_for_the_adapter_on_cuda(tiny_models):
     checked = unet_for_loss(unet, cfg)
     checked(x, t, e)
     torch._dynamo.reset()
+    contiguous = _gradient(unet, x, t, e, {})
     channels_last = unet.to(memory_format=torch.channels_last)
+    eager_cl = relative_distance(_gradient(channels_last, x, t, e, {}), contiguous)
     raw = CheckedCompiledUNet(torch.compile(channels_last), channels_last, rtol=float("inf"))
     raw(x, t, e)
     print(f"conditioning gradient, compiled against eager: --compile-unet {checked.distance:.2e}; "
-          f"channels-last with inductor's defaults {raw.distance:.2e}")
-    assert checked.distance < 1e-2
+          f"channels-last with inductor's defaults {raw.distance:.2e}; eager channels-last against eager "
+          f"contiguous {eager_cl:.2e}")
+    assert checked.distance < 1e-2 and eager_cl < 1e-2
