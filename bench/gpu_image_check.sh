@@ -4,7 +4,7 @@
 # accelerate, safetensors, tokenizers, typer with click, no pydantic), then the wheels of
 # bench/gpu_wheels.sh installed as bench/gpu_issue26.sh installs them (pip --target, PYTHONPATH).
 # Runs the files the device call runs, plus the compiled and fp8 training tests, on the CPU.
-#     bash bench/gpu_wheels.sh && bash bench/gpu_image_check.sh      # about 10 minutes, 4 GB in /tmp
+#     bash bench/gpu_wheels.sh && bash bench/gpu_image_check.sh      # about 10 minutes, 5 GB in /tmp
 # Found: typer < 0.26 has no typer._click (every surpipe command failed; stages/cli.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
