@@ -15,9 +15,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
   "$venv/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 accelerate==1.15.0 safetensors==0.8.0 \
     tokenizers==0.23.2 huggingface_hub==1.33.0 sentencepiece==0.2.2 numpy==2.5.2 pytest pillow tqdm \
-    protobuf regex requests pyyaml 2>&1 | grep -v "^WARNING: Location" || true
+    protobuf regex requests pyyaml 2> >(grep -v "^WARNING: Location" >&2)
   "$venv/bin/pip" install -q --no-deps typer==0.24.1 click==8.5.1 rich shellingham annotated-doc \
-    2>&1 | grep -v "^WARNING: Location" || true
+    2> >(grep -v "^WARNING: Location" >&2)
 fi
 site="$venv-site"
 rm -rf "$site"
