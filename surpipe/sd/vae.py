@@ -46,7 +46,8 @@ def load_vae_encoder(model: str, revision: str | None = None, dtype: str = "floa
     kw = {} if is_local(model) else {"revision": revision}
     try:
         vae = AutoencoderKL.from_pretrained(model, **({"subfolder": subfolder} if subfolder else {}),
-                                            torch_dtype=torch.float32, **kw, **({"variant": variant} if variant else {}))
+                                            torch_dtype=torch.float32, **kw,
+                                            **({"variant": variant} if variant else {}))
     except Exception as e:
         raise load_error("VAE", model, revision, e) from None
     cfg = dict(vae.config)

@@ -19,9 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def child_env(**extra) -> dict:
     """A subprocess's environment: this one's, offline, the repository first on PYTHONPATH with what
-    was there kept (packages installed with ``pip --target``, as on the GPU machines)."""
+    was there kept (packages installed with ``pip --target``, as on the GPU machines), and no
+    torch.distributed variables (a child is not a rank of this process's job unless ``extra`` says)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 def _call_cli(args, capture_stdout: bool) -> tuple[int, str, str]:

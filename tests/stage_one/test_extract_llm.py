@@ -315,11 +315,7 @@ def _free_port() -> int:
 
 
 def _env(**extra):
-    env = child_env(TOKENIZERS_PARALLELISM="false")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
+    return child_env(TOKENIZERS_PARALLELISM="false", **extra)
 
 
 # The CLI, with every block slowed down (test-only monkeypatch), so a kill lands mid-run.

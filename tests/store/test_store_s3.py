@@ -36,8 +36,7 @@ def _s3_env(s3_server, monkeypatch, tmp_path):
 
 def _env(server, **extra):
     env = child_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **server.env())
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SURPIPE_STORAGE_OPTIONS"):
-        env.pop(k, None)
+    env.pop("SURPIPE_STORAGE_OPTIONS", None)
     env.update(extra)
     return env
 
